@@ -1,0 +1,191 @@
+"""What every converter takes and returns: input specs, settings and the conversion result.
+
+A converter turns a framework model into an ``onnx_ir`` model plus a *reference*: a callable
+that runs the source framework on the same feeds, so the pipeline can prove parity.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from onnxpipe.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+Dim = int | str
+Feeds = Mapping[str, np.ndarray]
+Reference = Callable[[Feeds], list[np.ndarray]]
+
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name)
+    for name in (
+        "float32",
+        "float16",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
+    )
+}
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.:/-]*?)\s*:\s*([a-z0-9]+)\s*\[([^\]]*)\]\s*$")
+_SYMBOL_RE = re.compile(r"^[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype name and shape (ints, or symbols for dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """Parse ``name:dtype[d0,d1,...]``, e.g. ``input:float32[batch,3,224,224]``.
+
+        Raises:
+            InputError: the text does not parse, names an unknown dtype or a bad dim.
+        """
+        match = _SPEC_RE.match(text)
+        if not match:
+            raise InputError(
+                f"--input {text!r} does not parse. Write name:dtype[dims], e.g. "
+                "input:float32[batch,3,224,224] (dims are ints or symbols such as batch, seq)."
+            )
+        name, dtype, dims_text = match.groups()
+        if dtype not in DTYPES:
+            raise InputError(
+                f"--input {text!r}: unknown dtype {dtype!r}. Use one of: {', '.join(DTYPES)}."
+            )
+        dims: list[Dim] = []
+        for raw in (d.strip() for d in dims_text.split(",")) if dims_text.strip() else ():
+            if raw.isdigit() and int(raw) > 0:
+                dims.append(int(raw))
+            elif _SYMBOL_RE.match(raw):
+                dims.append(raw)
+            else:
+                raise InputError(
+                    f"--input {text!r}: dim {raw!r} is neither a positive int nor a symbol name."
+                )
+        return cls(name=name, dtype=dtype, shape=tuple(dims))
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+    @property
+    def symbols(self) -> list[str]:
+        """The symbolic (dynamic) dims, in order."""
+        return [d for d in self.shape if isinstance(d, str)]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest form ``{name, dtype, shape}``."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+class ConvertConfig(BaseModel):
+    """Settings shared by every converter (one CLI ``convert`` call)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inputs: tuple[str, ...] = Field(
+        default=(), description="Input specs name:dtype[dims]; symbols become dynamic axes."
+    )
+    opset: int | None = Field(
+        default=None, ge=7, le=23, description="Target ONNX opset; None lets the exporter choose."
+    )
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        default="auto", description="PyTorch exporter; auto tries dynamo, then TorchScript."
+    )
+    nchw: bool = Field(default=False, description="Emit NCHW image inputs (TensorFlow sources).")
+    unsafe_load: bool = Field(
+        default=False, description="Allow full-pickle loading (torch.load, Keras lambda layers)."
+    )
+
+    def input_specs(self) -> list[InputSpec]:
+        """The parsed ``inputs``."""
+        return [InputSpec.parse(text) for text in self.inputs]
+
+
+@dataclass
+class ConversionResult:
+    """A converted model and the means to check it against its source."""
+
+    model: ir.Model
+    framework: Literal["torch", "tf", "onnx"]
+    exporter: Literal["dynamo", "torchscript", "tf2onnx", "none"]
+    inputs: list[InputSpec]
+    reference: Reference
+    reference_name: str
+    fallback_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def output_names_for(count: int, keys: Sequence[str] | None = None) -> list[str]:
+    """Output names: the source's own keys when it has them, else ``output`` / ``output_i``."""
+    if keys and len(keys) == count and len(set(keys)) == count:
+        return [str(k) for k in keys]
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]:
+    """Distinct sizes >= 2 for every symbol, avoiding the static dims of the specs.
+
+    The dynamo exporter freezes a dynamic dim whose example size is 1, and may tie two
+    symbols that share a size, so each symbol gets its own size >= 2. ``offset`` shifts to
+    other sizes (parity runs at shapes the export never saw).
+    """
+    static = {d for spec in specs for d in spec.shape if isinstance(d, int)}
+    sizes: dict[str, int] = {}
+    candidate = 2 + offset
+    for spec in specs:
+        for sym in spec.symbols:
+            if sym in sizes:
+                continue
+            while candidate in static or candidate in sizes.values():
+                candidate += 1
+            sizes[sym] = candidate
+            candidate += 1
+    return sizes
+
+
+def random_input(spec: InputSpec, sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
+    """A plausible random array for one input: normal floats, small ids, all-ones masks."""
+    shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+    dtype = DTYPES[spec.dtype]
+    lowered = spec.name.lower()
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    if "mask" in lowered:
+        return np.ones(shape, dtype=dtype)
+    if "type" in lowered or "segment" in lowered or "position" in lowered:
+        return np.zeros(shape, dtype=dtype)
+    return rng.integers(1, 100, shape).astype(dtype)
+
+
+def random_feeds(
+    specs: Sequence[InputSpec], sizes: Mapping[str, int], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """One feed dict for ``specs`` with symbols set to ``sizes``."""
+    rng = np.random.default_rng(seed)
+    return {spec.name: random_input(spec, sizes, rng) for spec in specs}
+
+
+@dataclass
+class ExportAttempt:
+    """One exporter's try: a result, or the reason it failed (naming the op where known)."""
+
+    exporter: str
+    result: ConversionResult | None = None
+    error: str | None = None
+    unsupported_ops: list[str] = field(default_factory=list)

@@ -1,0 +1,117 @@
+"""ONNX passthrough: read a ``model.onnx`` (external data allowed) into the same path.
+
+The reference is ONNX Runtime on the user's original file, so parity proves that what the
+bundle holds (re-saved, external data re-homed) computes what the input computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnxpipe.converters.base import (
+    DTYPES,
+    ConversionResult,
+    ConvertConfig,
+    ExportAttempt,
+    Feeds,
+    InputSpec,
+)
+from onnxpipe.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def load_onnx(path: Path) -> ir.Model:
+    """Load an ONNX file with its external data into memory.
+
+    Raises:
+        InputError: the file is not an ONNX model, has no graph, or its external data is missing.
+    """
+    if not path.is_file():
+        raise InputError(f"{path}: no such file.")
+    try:
+        model = ir.load(path)
+        return ir.external_data.load_to_model(model)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:160]}). Check that "
+            "the file is a complete .onnx export (not truncated, not another format)."
+        ) from e
+    except FileNotFoundError as e:
+        raise InputError(
+            f"{path}: its external data file is missing ({e.filename}). Keep model.onnx.data "
+            "next to model.onnx, as the exporter wrote them."
+        ) from e
+
+
+def signature(model: ir.Model) -> list[InputSpec]:
+    """Input specs of an ONNX graph; unnamed dynamic dims get a symbol ``<input>_d<axis>``.
+
+    Initializers listed as graph inputs (IR < 4 models) are not inputs a user feeds.
+    """
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name in model.graph.initializers:
+            continue
+        if value.dtype is None:
+            raise InputError(f"input {value.name!r} has no element type; pass --input for it.")
+        dtype = np.dtype(value.dtype.numpy()).name
+        if dtype not in DTYPES:
+            raise InputError(f"input {value.name!r} has dtype {dtype}, which onnxpipe cannot feed.")
+        dims: list[int | str] = []
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, int) and dim > 0:
+                dims.append(dim)
+            elif isinstance(dim, ir.SymbolicDim) and dim.value and dim.value.isidentifier():
+                dims.append(dim.value)
+            else:
+                dims.append(f"{value.name}_d{axis}".replace(".", "_").replace(":", "_"))
+        specs.append(InputSpec(value.name or "", dtype, tuple(dims)))
+    return specs
+
+
+def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAttempt]:
+    """Yield the one passthrough attempt for an ONNX file (``--input`` overrides shapes)."""
+    if not isinstance(source, str):
+        raise InputError("an ONNX source must be a path to a .onnx file")
+    path = Path(source)
+    model = load_onnx(path)
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise InputError(
+            f"{path}: fails the ONNX checker ({str(e).splitlines()[0][:200]}). Re-export the "
+            "model; onnxpipe will not pass on an invalid graph."
+        ) from e
+    specs = signature(model)
+    overrides = {s.name: s for s in config.input_specs()}
+    unknown = set(overrides) - {s.name for s in specs}
+    if unknown:
+        raise InputError(
+            f"{path}: --input names {sorted(unknown)} are not inputs of the model; its inputs "
+            f"are {[s.name for s in specs]}."
+        )
+    specs = [overrides.get(s.name, s) for s in specs]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def reference(feeds: Feeds) -> list[np.ndarray]:
+        return list(session.run(None, dict(feeds)))
+
+    yield ExportAttempt(
+        exporter="none",
+        result=ConversionResult(
+            model=model,
+            framework="onnx",
+            exporter="none",
+            inputs=specs,
+            reference=reference,
+            reference_name=f"onnxruntime {ort.__version__} on {path.name}",
+        ),
+    )

@@ -1,0 +1,186 @@
+"""PyTorch -> ONNX: the dynamo exporter, with the TorchScript exporter as fallback.
+
+``attempts`` loads the source once and yields one :class:`ExportAttempt` per exporter in the
+order the config asks for; the pipeline checks parity on each and keeps the first that passes,
+so an ``auto`` fallback is never shipped when it is wrong at other shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxpipe.converters.base import (
+    ConversionResult,
+    ConvertConfig,
+    ExportAttempt,
+    Feeds,
+    InputSpec,
+    example_sizes,
+    output_names_for,
+    random_feeds,
+)
+from onnxpipe.converters.source import describe
+from onnxpipe.converters.torch.export import (
+    ExportFailed,
+    call_args,
+    export_dynamo,
+    export_torchscript,
+)
+from onnxpipe.converters.torch.load import load_torch_source
+from onnxpipe.errors import InputError
+from torch.utils import _pytree as pytree
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {
+    "float32",
+    "float16",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+}
+
+
+def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAttempt]:
+    """Load ``source`` and yield an export attempt per exporter (dynamo, then TorchScript).
+
+    Raises:
+        InputError: the source cannot be loaded, no input spec is known, or the model fails
+            to run on example inputs built from the spec.
+    """
+    if not logging.getLogger("onnxpipe").isEnabledFor(logging.DEBUG):
+        # torch configures its loggers on import; its exporter warnings are noise unless debugging.
+        logging.getLogger("torch").setLevel(logging.ERROR)
+    loaded = load_torch_source(source, unsafe_load=config.unsafe_load)
+    specs = config.input_specs() or _specs_from_program(loaded)
+    if not specs:
+        raise InputError(
+            f"{describe(source)}: a PyTorch model does not record its input shapes. Pass one "
+            "--input per forward argument, e.g. --input input:float32[batch,3,224,224]."
+        )
+    runnable = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
+    example = random_feeds(specs, example_sizes(specs))
+    outputs, keys = _run(runnable, specs, example, source)
+    output_names = output_names_for(len(outputs), keys)
+
+    def reference(feeds: Feeds) -> list[np.ndarray]:
+        return _run(runnable, specs, feeds, source)[0]
+
+    exporters = ["dynamo", "torchscript"] if config.exporter == "auto" else [config.exporter]
+    tensors = {k: torch.from_numpy(v) for k, v in example.items()}
+    args, kwargs = call_args(runnable, specs, tensors)
+    for name in exporters:
+        if name == "dynamo" and isinstance(loaded, torch.jit.ScriptModule):
+            yield ExportAttempt(
+                exporter=name,
+                error="the source is a TorchScript module, which "
+                "the dynamo exporter does not take; use --exporter torchscript",
+            )
+            continue
+        export = export_dynamo if name == "dynamo" else export_torchscript
+        target = loaded if name == "dynamo" else runnable
+        try:
+            model = export(target, specs, args, kwargs, output_names, config.opset)
+            kept = _check_signature(model, specs)
+        except ExportFailed as e:
+            logger.info("%s exporter failed: %s", name, e)
+            yield ExportAttempt(exporter=name, error=str(e), unsupported_ops=e.ops)
+            continue
+        model.producer_name = "onnxpipe"
+        yield ExportAttempt(
+            exporter=name,
+            result=ConversionResult(
+                model=model,
+                framework="torch",
+                exporter=name,  # type: ignore[arg-type]
+                inputs=kept,
+                reference=reference,
+                reference_name=f"torch {torch.__version__}",
+            ),
+        )
+
+
+def _run(
+    model: Any, specs: Sequence[InputSpec], feeds: Feeds, source: str | object
+) -> tuple[list[np.ndarray], list[str] | None]:
+    """Run the PyTorch model on numpy feeds; flat numpy outputs and the output keys if a dict."""
+    missing = [s.name for s in specs if s.name not in feeds]
+    if missing:
+        # Inputs the exported graph dropped as unused still need a value in PyTorch.
+        feeds = {
+            **random_feeds([s for s in specs if s.name in missing], example_sizes(specs)),
+            **feeds,
+        }
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    args, kwargs = call_args(model, specs, tensors)
+    try:
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
+        raise InputError(
+            f"{describe(source)}: the model failed on inputs {shapes} ({type(e).__name__}: "
+            f"{str(e)[:200]}). Check that --input matches the forward arguments in order, "
+            "dtype and shape."
+        ) from e
+    keys = list(out.keys()) if isinstance(out, dict) else None
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return [x.detach().cpu().numpy() for x in leaves], keys
+
+
+def _specs_from_program(loaded: Any) -> list[InputSpec]:
+    """Input specs recorded in an ExportedProgram (user inputs, symbolic dims as symbols)."""
+    if not isinstance(loaded, torch.export.ExportedProgram):
+        return []
+    user_inputs = set(loaded.graph_signature.user_inputs)
+    specs = []
+    for node in loaded.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        dtype = str(val.dtype).removeprefix("torch.")
+        if dtype not in _TORCH_DTYPES:
+            return []
+        dims = [int(d) if isinstance(d, int) else _symbol(d) for d in val.shape]
+        specs.append(InputSpec(node.name, dtype, tuple(dims)))
+    return specs
+
+
+def _symbol(dim: Any) -> str:
+    text = str(dim)
+    return text if text.isidentifier() else "d_" + "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _check_signature(model: ir.Model, specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """Specs of the inputs the graph kept; refuse a graph that froze a dynamic dim."""
+    by_name = {s.name: s for s in specs}
+    kept = []
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name or "")
+        if spec is None:
+            raise ExportFailed(f"exported graph has unexpected input {value.name!r}", [])
+        if value.shape is not None:
+            for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=False)):
+                if isinstance(want, str) and isinstance(got, int):
+                    raise ExportFailed(
+                        f"the exporter made dim {axis} ({want!r}) of input {spec.name!r} static "
+                        f"({got}); the model specializes on that size",
+                        [],
+                    )
+        kept.append(spec)
+    dropped = [s.name for s in specs if s not in kept]
+    if dropped:
+        logger.info("exported graph dropped unused inputs %s", dropped)
+    return kept

@@ -1,0 +1,184 @@
+"""The two PyTorch exporters behind one call: dynamo (torch.export) and TorchScript."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from onnxpipe.converters.base import InputSpec
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TORCHSCRIPT_DEFAULT_OPSET = 17
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([\w.]+)'"),
+    re.compile(r"operator '([\w:.]+)'"),
+    re.compile(r"torch\.ops\.([\w]+\.[\w]+)"),
+)
+
+
+class ExportFailed(Exception):
+    """An exporter could not produce a model; carries a one-line reason and the ops it named."""
+
+    def __init__(self, reason: str, ops: list[str]) -> None:
+        super().__init__(reason)
+        self.ops = ops
+
+
+def call_args(
+    model: Any, specs: Sequence[InputSpec], tensors: dict[str, torch.Tensor]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional args, or keyword args when every spec name is a parameter of ``forward``.
+
+    Keyword passing lets ``--input input_ids:... --input attention_mask:...`` reach a
+    transformers model whatever the order of its forward parameters.
+    """
+    names = [s.name for s in specs]
+    if isinstance(model, (torch.export.ExportedProgram, torch.fx.GraphModule)):
+        # Graphs from torch.export take their user inputs positionally.
+        return tuple(tensors[n] for n in names), {}
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters if forward else {}
+    except (TypeError, ValueError):
+        params = {}
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if params and all(n in params for n in names) and not has_var_kw:
+        return (), {n: tensors[n] for n in names}
+    return tuple(tensors[n] for n in names), {}
+
+
+def _dim_objects(specs: Sequence[InputSpec]) -> dict[str, Any]:
+    return {sym: torch.export.Dim(sym) for spec in specs for sym in spec.symbols}
+
+
+def export_dynamo(
+    model: Any,
+    specs: Sequence[InputSpec],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output_names: list[str],
+    opset: int | None,
+) -> ir.Model:
+    """Export with ``torch.onnx.export(dynamo=True)``; symbols become named dynamic dims."""
+    dims = _dim_objects(specs)
+    per_input = {
+        s.name: ({i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None)
+        for s in specs
+    }
+    dynamic_shapes: Any
+    if isinstance(model, torch.export.ExportedProgram):
+        dynamic_shapes = None
+    elif kwargs:
+        dynamic_shapes = per_input
+    else:
+        dynamic_shapes = tuple(per_input[s.name] for s in specs)
+    try:
+        program = torch.onnx.export(
+            model,
+            args,
+            kwargs=kwargs or None,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=[s.name for s in specs],
+            output_names=output_names,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    except (
+        torch.onnx.errors.OnnxExporterError,
+        RuntimeError,
+        AssertionError,
+        ValueError,
+        TypeError,
+        NotImplementedError,
+    ) as e:  # the exporter's failures come in all of these
+        raise ExportFailed(summarize_error(e), unsupported_ops(e)) from e
+    if program is None:
+        raise ExportFailed("torch.onnx.export returned no program", [])
+    return program.model
+
+
+def export_torchscript(
+    model: Any,
+    specs: Sequence[InputSpec],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output_names: list[str],
+    opset: int | None,
+) -> ir.Model:
+    """Export with the TorchScript exporter (``dynamo=False``) through a temporary file."""
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    export_args: tuple[Any, ...] = (*args, kwargs) if kwargs else args
+    dynamic_axes = {
+        s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
+        for s in specs
+        if s.symbols
+    }
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-ts-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            torch.onnx.export(
+                model,
+                export_args,
+                str(path),
+                dynamo=False,
+                input_names=[s.name for s in specs],
+                output_names=output_names,
+                dynamic_axes=dynamic_axes or None,
+                opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET,
+            )
+        except (
+            torch.onnx.errors.OnnxExporterError,
+            RuntimeError,
+            AssertionError,
+            ValueError,
+            TypeError,
+            NotImplementedError,
+        ) as e:
+            raise ExportFailed(summarize_error(e), unsupported_ops(e)) from e
+        model_ir = ir.load(path)
+        # The temp dir goes away: pull any external data into memory first.
+        return ir.external_data.load_to_model(model_ir)
+
+
+def unsupported_ops(error: BaseException) -> list[str]:
+    """Op names an exporter error mentions as having no ONNX translation."""
+    text = _error_text(error)
+    found: list[str] = []
+    for pattern in _OP_PATTERNS:
+        for op in pattern.findall(text):
+            if op not in found:
+                found.append(op)
+    return found
+
+
+def summarize_error(error: BaseException) -> str:
+    """One line for an exporter error: the root cause, not the exporter's boilerplate."""
+    text = _error_text(error)
+    marker = "## Exception summary"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("⬆")]
+    first = lines[0] if lines else type(error).__name__
+    first = re.sub(r"\x1b\[[0-9;]*m", "", first)
+    return f"{type(error).__name__}: {first[:300]}"
+
+
+def _error_text(error: BaseException) -> str:
+    parts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(parts) < 5:
+        parts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)

@@ -1,0 +1,1 @@
+"""Graph passes: ONNX -> ONNX (cleanup, quantize, prune, fp16, low-rank)."""

@@ -1,0 +1,80 @@
+"""Latency benchmarks on ONNX Runtime: each configuration in its own fresh process.
+
+A fresh process per (ep, batch, threads) keeps peak RSS honest (the model's, not torch's) and
+stops one run's thread pool or arena from colouring the next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnxpipe.errors import InputError, OnnxPipeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark matrix: EPs x batch sizes x thread counts, ``runs`` timed after ``warmup``."""
+
+    eps: tuple[str, ...] = ("cpu",)
+    batches: tuple[int, ...] = (1,)
+    threads: tuple[int, ...] = (0,)
+    runs: int = 50
+    warmup: int = 5
+    max_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 0 or any(b < 1 for b in self.batches):
+            raise InputError("bench: --runs and every --batch must be >= 1, --warmup >= 0.")
+
+
+def bench_model(
+    model: Path, inputs: Sequence[dict[str, Any]], config: BenchConfig
+) -> list[dict[str, Any]]:
+    """One record per (ep, batch, threads), with the manifest ``bench`` keys."""
+    records = []
+    for ep in config.eps:
+        for batch in config.batches:
+            for threads in config.threads:
+                request = {
+                    "model": str(model),
+                    "inputs": inputs,
+                    "ep": ep,
+                    "batch": batch,
+                    "threads": threads,
+                    "runs": config.runs,
+                    "warmup": config.warmup,
+                    "max_seconds": config.max_seconds,
+                }
+                records.append(_run_worker(request))
+    return records
+
+
+def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "onnxpipe.benchworker", f.name],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise OnnxPipeError(f"benchmark of {request['model']} on {request['ep']} failed: {tail[0]}")
+    record: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return record

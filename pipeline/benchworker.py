@@ -1,0 +1,79 @@
+"""Benchmark worker, run in a fresh process so peak RSS and threads are the model's own.
+
+Usage (internal): ``python -m onnxpipe.benchworker REQUEST.json``; prints one JSON record.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from onnxpipe.converters.base import InputSpec, random_feeds
+from onnxpipe.runtime import SessionOptions, make_session
+
+
+def run(request: dict) -> dict:
+    """Time ``runs`` inferences after ``warmup``; latency percentiles, throughput, RSS."""
+    specs = [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in request["inputs"]]
+    batch = int(request["batch"])
+    sizes = {
+        sym: (batch if i == 0 else 8)
+        for i, sym in enumerate(dict.fromkeys(sym for spec in specs for sym in spec.symbols))
+    }
+    feeds = random_feeds(specs, sizes, seed=0)
+    start = time.perf_counter()
+    session = make_session(
+        Path(request["model"]), SessionOptions(ep=request["ep"], threads=request["threads"])
+    )
+    create_ms = (time.perf_counter() - start) * 1000
+    for _ in range(request["warmup"]):
+        session.run(None, feeds)
+    times = []
+    deadline = time.perf_counter() + request.get("max_seconds", 60)
+    for _ in range(request["runs"]):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+        if time.perf_counter() > deadline and len(times) >= 10:
+            break
+    lat = np.asarray(times)
+    real_batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+    return {
+        "ep": request["ep"],
+        "batch": real_batch,
+        "threads": request["threads"] or None,
+        "runs": len(times),
+        "latency_ms": {
+            "p50": float(np.percentile(lat, 50)),
+            "p90": float(np.percentile(lat, 90)),
+            "p99": float(np.percentile(lat, 99)),
+            "mean": float(lat.mean()),
+        },
+        "throughput_per_s": float(real_batch * 1000.0 / np.median(lat)),
+        "session_create_ms": create_ms,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set, in MB.
+
+    ``VmHWM`` belongs to this process image; ``ru_maxrss`` is inherited across fork+exec on
+    Linux and would report the (torch-laden) parent's peak instead.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    # Elsewhere (macOS: bytes) the rusage figure is the best there is.
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(Path(sys.argv[1]).read_text()))))

@@ -1,0 +1,184 @@
+"""Handoff bundles: written to a temp dir and renamed into place, complete or absent.
+
+Layout (contract): ``model.onnx`` (+ ``model.onnx.data`` where needed), ``manifest.json``,
+``README.md`` (the model card), and ``parity.npz``: sample inputs with the source framework's
+outputs, so ``onnxpipe validate`` can re-prove parity later without the framework installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnxpipe.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "onnxpipe.manifest/1"
+MANIFEST = "manifest.json"
+PARITY_FILE = "parity.npz"
+PARITY_MAX_BYTES = 16 << 20
+
+
+def check_out_dir(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> None:
+    """Refuse an OUT that exists non-empty (unless ``overwrite``) or that is an input.
+
+    Raises:
+        InputError: OUT cannot be written without harming something.
+    """
+    resolved = out.resolve()
+    for path in protect:
+        p = path.resolve()
+        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
+            raise InputError(
+                f"{out}: is (or contains, or is inside) the input {path}; pick a new -o."
+            )
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; pick a new -o.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty. Pick a new -o or pass --overwrite.")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; on success it replaces ``out`` in one rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file in the same directory and ``os.replace`` it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """The bundle's manifest.
+
+    Raises:
+        InputError: ``bundle`` is not an onnxpipe bundle.
+    """
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise InputError(
+            f"{bundle}: not an onnxpipe bundle (no {MANIFEST}). Create one with onnxpipe "
+            "convert SOURCE -o OUT (an .onnx file is a valid SOURCE)."
+        )
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); the bundle is damaged.") from e
+    if data.get("schema") != SCHEMA:
+        raise InputError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}.")
+    return data
+
+
+def update_manifest(bundle: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Read, change and atomically rewrite a bundle's manifest."""
+    manifest = read_manifest(bundle)
+    change(manifest)
+    write_json_atomic(bundle / MANIFEST, manifest)
+    return manifest
+
+
+def save_parity_samples(
+    directory: Path, feeds_list: list[dict[str, np.ndarray]], outputs: list[list[np.ndarray]]
+) -> int:
+    """Store sample inputs and reference outputs, as many runs as fit ``PARITY_MAX_BYTES``."""
+    arrays: dict[str, np.ndarray] = {}
+    size = 0
+    kept = 0
+    for i, (feeds, outs) in enumerate(zip(feeds_list, outputs, strict=True)):
+        run = {f"in{i}/{k}": v for k, v in feeds.items()}
+        run.update({f"out{i}/{j}": o for j, o in enumerate(outs)})
+        run_bytes = sum(a.nbytes for a in run.values())
+        if size + run_bytes > PARITY_MAX_BYTES and kept:
+            break
+        arrays.update(run)
+        size += run_bytes
+        kept += 1
+    # numpy's stubs read the first keyword as allow_pickle; the names here are array keys.
+    np.savez_compressed(directory / PARITY_FILE, **arrays)  # type: ignore[arg-type]
+    return kept
+
+
+def load_parity_samples(bundle: Path) -> list[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """The stored (feeds, reference outputs) pairs, or [] when the bundle has none."""
+    path = bundle / PARITY_FILE
+    if not path.is_file():
+        return []
+    runs: dict[int, tuple[dict[str, np.ndarray], dict[int, np.ndarray]]] = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for key in npz.files:
+            kind, _, name = key.partition("/")
+            index = int(kind[3:] if kind.startswith("out") else kind[2:])
+            feeds, outs = runs.setdefault(index, ({}, {}))
+            if kind.startswith("out"):
+                outs[int(name)] = npz[key]
+            else:
+                feeds[name] = npz[key]
+    return [(f, [o[j] for j in sorted(o)]) for _, (f, o) in sorted(runs.items())]
+
+
+_FRAMEWORK_DISTS = {"torch": ("torch", "onnxscript"), "tf": ("tensorflow", "tf2onnx", "keras")}
+
+
+def versions(framework: str | None = None) -> dict[str, str]:
+    """Versions of onnxpipe, ONNX tooling and the source framework's packages (if installed)."""
+    wanted = set(_FRAMEWORK_DISTS.get(framework or "", ()))
+    out = {"python": platform.python_version()}
+    for name, dist in (
+        ("onnxpipe", "onnxpipe"),
+        ("onnx", "onnx"),
+        ("onnxruntime", "onnxruntime"),
+        ("onnxruntime", "onnxruntime-gpu"),
+        ("onnx_ir", "onnx-ir"),
+        ("onnxscript", "onnxscript"),
+        ("torch", "torch"),
+        ("tensorflow", "tensorflow"),
+        ("tf2onnx", "tf2onnx"),
+        ("keras", "keras"),
+    ):
+        if name in _FRAMEWORK_DISTS["torch"] + _FRAMEWORK_DISTS["tf"] and name not in wanted:
+            continue
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(dist)
+    return out

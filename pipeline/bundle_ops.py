@@ -1,0 +1,78 @@
+"""Operations on an existing bundle: validate and bench, each an atomic manifest update."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxpipe.bench import BenchConfig, bench_model
+from onnxpipe.bundle import read_manifest, update_manifest
+from onnxpipe.card import render_card
+from onnxpipe.converters.base import InputSpec
+from onnxpipe.errors import GateFailed
+from onnxpipe.modelio import MODEL_FILE
+from onnxpipe.steps import raise_on_failed_validation
+from onnxpipe.validate import validate_bundle
+
+logger = logging.getLogger(__name__)
+
+
+def bundle_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
+    """Input specs from the manifest's ``inputs`` (unnamed dynamic dims get a symbol)."""
+    specs = []
+    for entry in manifest["inputs"]:
+        shape = tuple(
+            d if isinstance(d, int) else (d or f"{entry['name']}_d{i}")
+            for i, d in enumerate(entry["shape"])
+        )
+        specs.append(InputSpec(entry["name"], entry["dtype"], shape))
+    return specs
+
+
+def _rewrite_card(bundle: Path, manifest: dict[str, Any]) -> None:
+    tmp = bundle / ".README.md.tmp"
+    tmp.write_text(render_card(manifest))
+    tmp.replace(bundle / "README.md")
+
+
+def validate_existing(
+    bundle: Path, eps: Sequence[str], require: Sequence[str], data: str | None, atol: float
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Validate ``bundle`` on ``eps``; record ``validation.<ep>``; return results and failure."""
+    manifest = read_manifest(bundle)
+    if not (bundle / MODEL_FILE).is_file():
+        raise_missing(bundle)
+    results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol)
+    manifest = update_manifest(bundle, lambda m: m.setdefault("validation", {}).update(results))
+    _rewrite_card(bundle, manifest)
+    try:
+        raise_on_failed_validation(results, tuple(require))
+    except GateFailed as e:
+        return results, str(e)
+    return results, None
+
+
+def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
+    """Bench ``bundle``; ``bench`` is the first record, ``bench_records`` all of them."""
+    manifest = read_manifest(bundle)
+    if not (bundle / MODEL_FILE).is_file():
+        raise_missing(bundle)
+    records = bench_model(
+        bundle / MODEL_FILE, [s.to_json() for s in bundle_inputs(manifest)], config
+    )
+
+    def change(m: dict[str, Any]) -> None:
+        m["bench"] = records[0]
+        m["bench_records"] = records
+
+    _rewrite_card(bundle, update_manifest(bundle, change))
+    return records
+
+
+def raise_missing(bundle: Path) -> None:
+    """Raise the input error for a bundle without its model file."""
+    from onnxpipe.errors import InputError  # noqa: PLC0415
+
+    raise InputError(f"{bundle}: the bundle has no {MODEL_FILE}; it is incomplete. Re-create it.")

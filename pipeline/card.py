@@ -1,0 +1,127 @@
+"""The bundle's README.md: a model card a deployment team can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _shape(shape: list[Any]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _example_feed(inputs: list[dict[str, Any]]) -> str:
+    lines = []
+    for spec in inputs:
+        dims = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        dtype = spec["dtype"] or "float32"
+        maker = "np.random.rand" if dtype.startswith("float") else "np.ones"
+        arg = (
+            ", ".join(map(str, dims))
+            if maker == "np.random.rand"
+            else f"({', '.join(map(str, dims))},)"
+        )
+        lines.append(f'    "{spec["name"]}": {maker}({arg}).astype(np.{dtype}),')
+    return "\n".join(lines)
+
+
+def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
+    """Markdown: I/O table, a runnable ONNX Runtime snippet, parity, validation and latency."""
+    model = manifest["model"]
+    source = manifest.get("source", {})
+    out = [
+        f"# {title or 'ONNX model'}",
+        "",
+        f"`{model['file']}`: opset {model['opset']}, IR {model['ir_version']}, "
+        f"{model['bytes'] / 1e6:.2f} MB, sha256 `{model['sha256']}`.",
+        f"Source: {source.get('framework', 'n/a')} via {source.get('exporter', 'n/a')}"
+        + (f" (fallback: {source['fallback_reason']})" if source.get("fallback_reason") else "")
+        + ".",
+        "",
+        "## Inputs and outputs",
+        "",
+        "| kind | name | dtype | shape |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("inputs", "outputs"):
+        for v in manifest[kind]:
+            out.append(f"| {kind[:-1]} | `{v['name']}` | {v['dtype']} | {_shape(v['shape'])} |")
+    out += [
+        "",
+        "Symbolic dims (strings) are dynamic: any size works.",
+        "",
+        "## Run it",
+        "",
+        "```python",
+        "import numpy as np",
+        "import onnxruntime as ort",
+        "",
+        f'session = ort.InferenceSession("{model["file"]}", providers=["CPUExecutionProvider"])',
+        "feeds = {",
+        _example_feed(manifest["inputs"]),
+        "}",
+        "outputs = session.run(None, feeds)",
+        "```",
+        "",
+    ]
+    parity = manifest.get("parity")
+    if parity:
+        out += [
+            "## Parity with the source model",
+            "",
+            f"Reference: {parity.get('reference')}; {parity.get('samples')} samples at shapes the "
+            "export never saw.",
+            "",
+            "| max abs diff | max rel diff | cosine | top-1 agreement | passed |",
+            "|---|---|---|---|---|",
+            f"| {_fmt(parity.get('max_abs_diff'))} | {_fmt(parity.get('max_rel_diff'))} | "
+            f"{_fmt(parity.get('cosine'), 7)} | {_fmt(parity.get('top1_agreement'))} | "
+            f"{parity.get('passed')} |",
+            "",
+        ]
+    validation = manifest.get("validation")
+    if validation:
+        out += ["## Validation", "", "| EP | status | reason |", "|---|---|---|"]
+        out += [
+            f"| {ep} | {r['status']} | {r.get('reason') or ''} |" for ep, r in validation.items()
+        ]
+        out.append("")
+    records = manifest.get("bench_records") or (
+        [manifest["bench"]] if manifest.get("bench") else []
+    )
+    if records:
+        out += [
+            "## Latency (ONNX Runtime)",
+            "",
+            "| EP | batch | threads | p50 ms | p90 ms | p99 ms | per s | session ms "
+            "| peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in records:
+            lat = r["latency_ms"]
+            out.append(
+                f"| {r['ep']} | {r['batch']} | {r['threads'] or 'default'} | {lat['p50']:.2f} | "
+                f"{lat['p90']:.2f} | {lat['p99']:.2f} | {r['throughput_per_s']:.1f} | "
+                f"{r['session_create_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
+            )
+        out.append("")
+    out += [
+        "## Provenance",
+        "",
+        "Steps: "
+        + ", ".join(f"{s['name']} ({s['seconds']:.1f} s)" for s in manifest.get("steps", [])),
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
+        "",
+        "Check the file: `sha256sum model.onnx` must print the sha256 above. "
+        "Re-check parity on your EPs: `onnxpipe validate . --ep cpu,cuda`.",
+        "",
+    ]
+    return "\n".join(out)

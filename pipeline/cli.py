@@ -1,0 +1,299 @@
+"""The ``onnxpipe`` command line: convert, validate, bench, run, demo.
+
+Exit codes (contract): 0 done; 1 a gate failed, numbers reported; 2 bad input or usage, one
+paragraph naming the file and the fix; 3 internal error. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxpipe import __version__
+from onnxpipe.errors import InputError, OnnxPipeError
+from onnxpipe.tables import bench_table, summary_table, validation_table
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+logger = logging.getLogger(__name__)
+err = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's usage errors are exit 2, as ours
+        raise InputError(f"{self.prog}: {message}. See '{self.prog} --help'.")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and exporter logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = _Parser(prog="onnxpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"onnxpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("convert", help="framework model or ONNX file -> validated bundle")
+    p.add_argument(
+        "source",
+        help="module:callable, file.py:callable, .pt, .pt2, .keras, .h5, SavedModel dir or .onnx",
+    )
+    p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
+    p.add_argument("--framework", default="auto", choices=["auto", "torch", "tf", "onnx"])
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="name:dtype[d0,d1,...], symbols are dynamic, e.g. x:float32[batch,3,224,224]",
+    )
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"])
+    p.add_argument("--nchw", action="store_true", help="NCHW image inputs for TF models")
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="parity tolerance (scaled by magnitude)"
+    )
+    p.add_argument("--data", help="DATA for parity besides generated samples (.npz, dir, callable)")
+    p.add_argument("--unsafe-load", action="store_true", help="allow full-pickle loading")
+    p.add_argument("--no-bench", action="store_true", help="skip the batch-1 CPU benchmark")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _common(p)
+
+    p = sub.add_parser("validate", help="checker + parity per execution provider")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--ep", default="cpu", help="comma-separated: cpu,cuda,tensorrt")
+    p.add_argument("--require", default="", help="EPs whose unavailability is a failure")
+    p.add_argument("--data", help="DATA to validate on besides the bundle's stored samples")
+    p.add_argument("--atol", type=float, default=1e-4)
+    _common(p)
+
+    p = sub.add_parser("bench", help="latency matrix: EPs x batch x threads")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--ep", default="cpu")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    _common(p)
+
+    p = sub.add_parser("run", help="run a recipe YAML into a bundle")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("demo", help="the default recipe on EfficientNet-Lite0 (ImageNet weights)")
+    p.add_argument("-o", "--out", type=Path, default=Path("demo-bundle"))
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+    return parser
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise InputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8.") from e
+    if not values:
+        raise InputError(f"{flag}: give at least one value.")
+    return values
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool) -> Iterator[None]:
+    """Keep exporters' prints and warnings off stdout, which belongs to tables and --json.
+
+    The TorchScript exporter and TensorFlow print from C++ straight to file descriptor 1, so
+    the descriptor itself is pointed at a scratch file while steps run.
+    """
+    if debug:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
+        warnings.simplefilter("ignore")
+        for name in ("torch", "onnxscript", "tf2onnx", "tensorflow", "absl"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _progress_steps(
+    steps: Sequence[Any], out: Path, args: argparse.Namespace, title: str | None = None
+) -> dict[str, Any]:
+    from onnxpipe.recipe import run_steps  # noqa: PLC0415 - keeps --help fast
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.json,
+    ) as bar:
+        task = bar.add_task("starting", total=len(steps))
+
+        def progress(i: int, total: int, name: str) -> None:
+            bar.update(task, completed=i, description=f"[bold]{name}[/bold]")
+
+        with _quiet(args.debug):
+            return run_steps(steps, out, getattr(args, "overwrite", False), progress, title=title)
+
+
+def _emit(args: argparse.Namespace, payload: Any, tables: Sequence[Any]) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+        return
+    out = Console()
+    for table in tables:
+        out.print(table)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """``onnxpipe convert``."""
+    from onnxpipe.steps import BenchStep, ConvertStep, ValidateStep  # noqa: PLC0415
+
+    steps: list[Any] = [
+        ConvertStep(
+            source=args.source,
+            framework=args.framework,
+            inputs=tuple(args.input),
+            opset=args.opset,
+            exporter=args.exporter,
+            nchw=args.nchw,
+            atol=args.atol,
+            data=args.data,
+            unsafe_load=args.unsafe_load,
+        ),
+        ValidateStep(ep=("cpu",), atol=args.atol),
+    ]
+    if not args.no_bench:
+        steps.append(BenchStep(batch=(1,), runs=30))
+    manifest = _progress_steps(steps, args.out, args)
+    _emit(args, manifest, [summary_table(manifest, args.out)])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``onnxpipe demo``: the default recipe on the embedded EfficientNet-Lite0."""
+    from onnxpipe.demo import demo_steps  # noqa: PLC0415
+
+    manifest = _progress_steps(demo_steps(), args.out, args, title="EfficientNet-Lite0 (demo)")
+    _emit(
+        args, manifest, [summary_table(manifest, args.out), bench_table(manifest["bench_records"])]
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``onnxpipe run RECIPE.yaml``."""
+    from onnxpipe.recipe import load_recipe  # noqa: PLC0415
+
+    manifest = _progress_steps(load_recipe(args.recipe), args.out, args)
+    _emit(args, manifest, [summary_table(manifest, args.out)])
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``onnxpipe validate BUNDLE``: records ``validation.<ep>`` in the manifest."""
+    from onnxpipe.bundle_ops import validate_existing  # noqa: PLC0415
+    from onnxpipe.validate import parse_eps  # noqa: PLC0415
+
+    eps = parse_eps(args.ep)
+    require = tuple(parse_eps(args.require)) if args.require else ()
+    with _quiet(args.debug):
+        results, failed = validate_existing(args.bundle, eps, require, args.data, args.atol)
+    _emit(args, results, [validation_table(results)])
+    if failed:
+        err.print(f"[red]validation failed:[/red] {escape(failed)}", soft_wrap=True)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``onnxpipe bench BUNDLE``: one record per (ep, batch, threads)."""
+    from onnxpipe.bench import BenchConfig  # noqa: PLC0415
+    from onnxpipe.bundle_ops import bench_existing  # noqa: PLC0415
+    from onnxpipe.validate import parse_eps  # noqa: PLC0415
+
+    config = BenchConfig(
+        eps=tuple(parse_eps(args.ep)),
+        batches=_ints(args.batch, "--batch"),
+        threads=_ints(args.threads, "--threads"),
+        runs=args.runs,
+        warmup=args.warmup,
+    )
+    with err.status("benchmarking", spinner="dots") if not args.json else contextlib.nullcontext():
+        records = bench_existing(args.bundle, config)
+    _emit(args, records, [bench_table(records)])
+    return 0
+
+
+COMMANDS = {
+    "convert": cmd_convert,
+    "validate": cmd_validate,
+    "bench": cmd_bench,
+    "run": cmd_run,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except OnnxPipeError as e:
+        if debug:
+            traceback.print_exc()
+        label = {1: "gate failed", 2: "error"}.get(e.exit_code, "internal error")
+        err.print(
+            f"[bold red]onnxpipe: {label}:[/bold red] {escape(str(e))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("onnxpipe: interrupted; nothing was written.")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the contract's exit 3 for anything unforeseen
+        if debug:
+            traceback.print_exc()
+        err.print(
+            f"[bold red]onnxpipe: internal error:[/bold red] {type(e).__name__}: "
+            f"{escape(str(e))}. Rerun with --debug for the traceback and report it.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The convert step: pick a converter, try its exporters, keep the first that proves parity.
+
+``auto`` never ships a fallback export that is wrong at other shapes: every attempt is run
+against the source framework at unseen shapes, and one that fails is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnxpipe.converters import get_converter
+from onnxpipe.converters.base import ConversionResult, ConvertConfig
+from onnxpipe.converters.source import (
+    Loaded,
+    call_factory,
+    describe,
+    detect_framework,
+    framework_of_object,
+)
+from onnxpipe.data import load_data, parity_feeds, samples_in
+from onnxpipe.errors import ConversionError, GateFailed, InputError
+from onnxpipe.modelio import save_model
+from onnxpipe.parity import measure_parity
+from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 1e-4
+
+
+@dataclass
+class Converted:
+    """The chosen conversion, its parity record and what the other attempts did."""
+
+    result: ConversionResult
+    model_path: Path
+    parity: dict[str, Any]
+    samples: list[tuple[dict[str, np.ndarray], list[np.ndarray]]]
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_source(source: str | object, framework: str) -> tuple[str, str | object]:
+    """The framework to use and the source to hand it (a callable is called once here).
+
+    A ``module:callable`` is built here to learn its framework, and handed on as
+    :class:`Loaded` so the converter does not build it again and still names it in messages.
+    """
+    if not isinstance(source, str):
+        found = framework_of_object(source)
+        if found is None:
+            raise InputError(
+                f"convert() got a {type(source).__qualname__}; pass a torch.nn.Module, a "
+                "keras.Model, a tf.function or a path."
+            )
+        return found, source
+    if framework != "auto":
+        return framework, source
+    detected = detect_framework(source)
+    if not Path(source).exists():
+        model = call_factory(source)
+        found = framework_of_object(model)
+        if found is None:
+            raise InputError(
+                f"{source}: returned {type(model).__module__}.{type(model).__qualname__}, "
+                "expected a torch.nn.Module or a keras.Model."
+            )
+        return found, Loaded(model, source)
+    return detected, source
+
+
+def convert(
+    source: str | object,
+    config: ConvertConfig,
+    workdir: Path,
+    framework: str = "auto",
+    atol: float = DEFAULT_ATOL,
+    data: str | None = None,
+) -> Converted:
+    """Convert ``source`` and prove parity; the model is saved under ``workdir``.
+
+    Raises:
+        ConversionError: no exporter could convert the model (names the ops where known).
+        GateFailed: every converted model disagreed with the source framework.
+    """
+    started = time.perf_counter()
+    framework, loaded = resolve_source(source, framework)
+    tried: list[dict[str, Any]] = []
+    failed_parity: list[tuple[dict[str, Any], str]] = []
+    for attempt in get_converter(framework)(loaded, config):
+        record: dict[str, Any] = {"exporter": attempt.exporter}
+        tried.append(record)
+        if attempt.result is None:
+            record.update(status="export_failed", error=attempt.error, ops=attempt.unsupported_ops)
+            continue
+        candidate_dir = workdir / f"attempt-{len(tried)}"
+        candidate_dir.mkdir(parents=True, exist_ok=True)
+        path = save_model(attempt.result.model, candidate_dir)[0]
+        parity, samples = check_parity(attempt.result, path, atol, data)
+        record.update(
+            status="passed" if parity["passed"] else "parity_failed",
+            max_abs_diff=parity["max_abs_diff"],
+            errors=parity["errors"][:3],
+        )
+        if parity["passed"]:
+            first_error = next((t for t in tried if t["status"] != "passed"), None)
+            attempt.result.fallback_reason = _reason(first_error) if first_error else None
+            return Converted(
+                attempt.result, path, parity, samples, tried, time.perf_counter() - started
+            )
+        failed_parity.append((parity, attempt.exporter))
+    source_name = describe(source)
+    if failed_parity:
+        parity, exporter = failed_parity[0]
+        raise GateFailed(
+            f"{source_name}: the ONNX model does not match {framework} "
+            f"(max abs diff {parity['max_abs_diff']}, tolerance atol={atol} scaled by output "
+            f"magnitude{'; ' + parity['errors'][0] if parity['errors'] else ''}). "
+            f"Tried: {_summary(tried)}. Nothing was written as a bundle.",
+            metrics={"parity": parity, "attempts": tried},
+        )
+    ops = sorted({op for t in tried for op in t.get("ops", [])})
+    raise ConversionError(
+        f"{source_name}: no exporter could convert the model. "
+        + (f"Unsupported op(s): {', '.join(ops)}. " if ops else "")
+        + f"Tried: {_summary(tried)}. Rewrite those ops with supported ones, or wrap them so "
+        "the exporter sees supported operations."
+    )
+
+
+def _reason(record: dict[str, Any]) -> str:
+    if record["status"] == "export_failed":
+        return f"{record['exporter']} export failed: {record['error']}"
+    return (
+        f"{record['exporter']} export disagreed with the source: max abs diff "
+        f"{record['max_abs_diff']} {'; '.join(record['errors'])}".strip()
+    )
+
+
+def _summary(tried: Sequence[dict[str, Any]]) -> str:
+    return "; ".join(f"{t['exporter']}: {t.get('error') or t['status']}" for t in tried)
+
+
+def check_parity(
+    result: ConversionResult, model_path: Path, atol: float, data: str | None
+) -> tuple[dict[str, Any], list[tuple[dict[str, np.ndarray], list[np.ndarray]]]]:
+    """Parity of the saved ONNX model against ``result.reference`` on generated + user data."""
+    feeds_list = parity_feeds(result.inputs)
+    if data:
+        feeds_list += load_data(data, result.inputs)
+    session = make_session(model_path, SessionOptions(ep="cpu"))
+    names = [o.name for o in session.get_outputs()]
+    samples: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+
+    def reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = result.reference(feeds)
+        samples.append((feeds, outs))
+        return outs
+
+    def candidate(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(session.run(None, feeds))
+        except ORT_ERRORS as e:
+            raise RuntimeError(str(e).splitlines()[0]) from e
+
+    parity = measure_parity(reference, candidate, feeds_list, names, atol)
+    parity.update(reference=result.reference_name, samples=samples_in(feeds_list))
+    return parity, samples

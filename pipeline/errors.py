@@ -1,0 +1,42 @@
+"""The onnxpipe error tree; each error knows the CLI exit code it maps to.
+
+Every layer raises these so the CLI can turn them into one clear paragraph and the
+contract's exit code: 1 a gate failed, 2 bad input or usage, 3 internal error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OnnxPipeError(Exception):
+    """Base of every error onnxpipe raises on purpose."""
+
+    exit_code = 3
+
+
+class InputError(OnnxPipeError):
+    """The user's input is wrong: a file, a spec, a flag. Exit 2.
+
+    The message names the file (or argument), what is wrong and what to do.
+    """
+
+    exit_code = 2
+
+
+class ConversionError(InputError):
+    """A framework model could not be converted (unsupported op, bad signature). Exit 2."""
+
+
+class PassError(InputError):
+    """A graph pass refused the model or its settings. Exit 2."""
+
+
+class GateFailed(OnnxPipeError):
+    """A parity or accuracy gate failed. Exit 1; carries the measured numbers."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics or {}

@@ -1,0 +1,83 @@
+"""Write and describe ONNX model files: external data only where the model needs it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# A protobuf cannot exceed 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of the model's initializers (all subgraphs)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, directory: Path) -> list[Path]:
+    """Save ``model`` as ``directory/model.onnx`` (+ ``model.onnx.data`` when over 1.8 GB).
+
+    Returns:
+        The files written.
+    """
+    path = directory / MODEL_FILE
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=DATA_FILE)
+        logger.info("saved %s with external data %s", path, DATA_FILE)
+        return [path, directory / DATA_FILE]
+    ir.save(model, path)
+    return [path]
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_model(directory: Path) -> dict[str, Any]:
+    """The manifest's ``model`` section for the model files in ``directory``."""
+    path = directory / MODEL_FILE
+    proto = ir.load(path)
+    files = [path] + ([directory / DATA_FILE] if (directory / DATA_FILE).exists() else [])
+    info: dict[str, Any] = {
+        "file": MODEL_FILE,
+        "sha256": sha256(path),
+        "bytes": sum(f.stat().st_size for f in files),
+        "opset": proto.opset_imports.get("", None),
+        "ir_version": proto.ir_version,
+    }
+    if len(files) > 1:
+        info["external_data"] = {"file": DATA_FILE, "sha256": sha256(files[1])}
+    return info
+
+
+def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest's ``inputs`` and ``outputs``: ``{name, dtype, shape}``, symbols as strings."""
+    initializers = set(model.graph.initializers)
+
+    def entry(value: ir.Value) -> dict[str, Any]:
+        dtype = value.dtype.numpy().name if value.dtype is not None else None
+        shape: list[int | str | None] = []
+        for dim in value.shape or ():
+            shape.append(dim if isinstance(dim, int) else (dim.value or None))
+        return {"name": value.name, "dtype": dtype, "shape": shape}
+
+    inputs = [entry(v) for v in model.graph.inputs if v.name not in initializers]
+    return inputs, [entry(v) for v in model.graph.outputs]

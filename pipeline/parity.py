@@ -1,0 +1,119 @@
+"""Parity: per-output agreement between a reference and ONNX Runtime, as manifest numbers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds], list[np.ndarray]]
+
+
+def tolerance_for(reference: np.ndarray, atol: float) -> float:
+    """``atol`` scaled by the output's magnitude: float32 error grows with the values."""
+    peak = float(np.max(np.abs(reference))) if reference.size else 0.0
+    return atol * max(1.0, peak)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denom = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    if denom == 0.0:
+        return 1.0 if np.array_equal(a64, b64) else 0.0
+    return float(np.dot(a64, b64) / denom)
+
+
+def _is_classifier(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
+
+
+def compare_outputs(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    names: Sequence[str],
+    atol: float,
+) -> list[dict[str, Any]]:
+    """Per-output numbers for one feed: max abs/rel diff, cosine, top-1 and the verdict."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference outputs vs {len(candidate)} ONNX outputs")
+    rows = []
+    for name, ref, got in zip(names, reference, candidate, strict=True):
+        row: dict[str, Any] = {"output": name, "shape": list(got.shape)}
+        if ref.shape != got.shape:
+            row.update(passed=False, error=f"shape {list(ref.shape)} vs {list(got.shape)}")
+            rows.append(row)
+            continue
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        diff = np.abs(ref64 - got64)
+        tol = tolerance_for(ref, atol)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        finite = bool(np.isfinite(got64).all() == np.isfinite(ref64).all())
+        row.update(
+            max_abs_diff=max_abs,
+            max_rel_diff=float((diff / np.maximum(np.abs(ref64), 1e-6)).max())
+            if diff.size
+            else 0.0,
+            cosine=_cosine(ref, got),
+            tolerance=tol,
+            passed=bool(finite and max_abs <= tol),
+        )
+        if _is_classifier(ref):
+            row["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+        rows.append(row)
+    return rows
+
+
+def measure_parity(
+    reference: Runner,
+    candidate: Runner,
+    feeds_list: Sequence[Feeds],
+    output_names: Sequence[str],
+    atol: float,
+) -> dict[str, Any]:
+    """Run both on every feed and fold the per-output rows into the manifest's ``parity``.
+
+    A candidate that raises ``RuntimeError`` (for example ONNX Runtime refusing a shape the
+    export froze) is a failed parity with the error recorded, not a crash.
+    """
+    worst: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    top1: list[float] = []
+    for feeds in feeds_list:
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
+        want = reference(feeds)
+        try:
+            got = candidate(feeds)
+        except RuntimeError as e:
+            errors.append(f"at {shapes}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        try:
+            rows = compare_outputs(want, got, output_names, atol)
+        except ValueError as e:
+            errors.append(f"at {shapes}: {e}")
+            continue
+        for row in rows:
+            if "error" in row:
+                errors.append(f"at {shapes}: output {row['output']}: {row['error']}")
+                continue
+            if "top1_agreement" in row:
+                top1.append(row["top1_agreement"])
+            prev = worst.get(row["output"])
+            if prev is None or row["max_abs_diff"] > prev["max_abs_diff"]:
+                worst[row["output"]] = {**row, "at": shapes}
+    per_output = list(worst.values())
+    passed = not errors and bool(per_output) and all(r["passed"] for r in per_output)
+    return {
+        "max_abs_diff": max((r["max_abs_diff"] for r in per_output), default=None),
+        "max_rel_diff": max((r["max_rel_diff"] for r in per_output), default=None),
+        "cosine": min((r["cosine"] for r in per_output), default=None),
+        "top1_agreement": float(np.mean(top1)) if top1 else None,
+        "tolerance": {"atol": atol, "scaled_by": "max(1, max|reference|) per output"},
+        "passed": passed,
+        "outputs": per_output,
+        "errors": errors,
+    }

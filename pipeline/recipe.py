@@ -1,0 +1,128 @@
+"""Recipes: a YAML list of steps run in order into one bundle, which appears only when done.
+
+```yaml
+source: path/file.py:make
+inputs: ["input:float32[batch,3,224,224]"]
+steps:
+  - convert: {exporter: auto}
+  - validate: {ep: cpu}
+  - bench: {batch: [1, 4], runs: 50}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from onnxpipe.bundle import MANIFEST, SCHEMA, atomic_dir, check_out_dir, write_json_atomic
+from onnxpipe.card import render_card
+from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
+from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature
+from onnxpipe.steps import ConvertStep, StepConfig, Work, make_step
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+def load_recipe(path: Path) -> list[StepConfig]:
+    """Parse a recipe file into steps; top-level ``source``/``inputs``/... go to ``convert``.
+
+    Raises:
+        InputError: the file is missing, not YAML, or describes unknown or invalid steps.
+    """
+    if not path.is_file():
+        raise InputError(f"{path}: no such recipe file.")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e}).") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
+        raise InputError(f"{path}: a recipe is a mapping with a 'steps' list (see README).")
+    shared = {k: v for k, v in doc.items() if k != "steps"}
+    steps: list[StepConfig] = []
+    for entry in doc["steps"]:
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise InputError(f"{path}: each step is 'name' or 'name: {{settings}}', got {entry!r}.")
+        ((name, settings),) = entry.items()
+        settings = dict(settings or {})
+        if name == "convert":
+            settings = {**shared, **settings}
+        steps.append(make_step(name, settings))
+    if not steps or not isinstance(steps[0], ConvertStep):
+        raise InputError(f"{path}: the first step must be 'convert' (it creates the model).")
+    return steps
+
+
+def run_steps(
+    steps: Sequence[StepConfig],
+    out: Path,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    source_object: object | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Run ``steps`` into a new bundle at ``out``; return its manifest.
+
+    On a failed gate nothing is written at ``out``; the numbers go to ``<out>.failed.json``.
+    """
+    protect = tuple(
+        Path(s.source) for s in steps if isinstance(s, ConvertStep) and Path(s.source).exists()
+    )
+    check_out_dir(out, overwrite, protect)
+    done: list[str] = []
+    with atomic_dir(out) as tmp:
+        work = Work(dir=tmp)
+        for i, step in enumerate(steps):
+            if progress:
+                progress(i, len(steps), step.name)
+            try:
+                if isinstance(step, ConvertStep):
+                    step.run(work, source_object)
+                else:
+                    step.run(work)
+            except OnnxPipeError as e:
+                where = f"step {i + 1} ({step.name})" + (
+                    f", after {', '.join(done)}" if done else ""
+                )
+                if isinstance(e, GateFailed):
+                    report = out.parent / f"{out.name}.failed.json"
+                    write_json_atomic(
+                        report,
+                        {
+                            **work.manifest,
+                            "failed_step": step.name,
+                            "error": str(e),
+                            "metrics": e.metrics,
+                        },
+                    )
+                    raise GateFailed(f"{where}: {e} Numbers: {report}", e.metrics) from e
+                raise type(e)(f"{where}: {e}") from e
+            done.append(step.name)
+        if progress:
+            progress(len(steps), len(steps), "bundle")
+        manifest = finalize(work, title)
+    return manifest
+
+
+def finalize(work: Work, title: str | None = None) -> dict[str, Any]:
+    """Describe the model files, write manifest.json and the README.md card."""
+    import onnx_ir as ir  # noqa: PLC0415 - only needed once the model exists
+
+    inputs, outputs = io_signature(ir.load(work.dir / MODEL_FILE))
+    manifest = {
+        "schema": SCHEMA,
+        "model": describe_model(work.dir),
+        "inputs": inputs,
+        "outputs": outputs,
+        **work.manifest,
+    }
+    write_json_atomic(work.dir / MANIFEST, manifest)
+    (work.dir / "README.md").write_text(render_card(manifest, title))
+    return manifest

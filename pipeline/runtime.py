@@ -1,0 +1,75 @@
+"""ONNX Runtime sessions that prove which execution provider actually runs the model.
+
+ORT silently falls back to CPU when an EP's libraries are missing (ORT#24841), so every
+session here compares ``get_providers()`` with what was asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+logger = logging.getLogger(__name__)
+
+# ORT's Python errors do not share a base class beyond Exception; these are all of them.
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    _ort_state.Fail,
+    _ort_state.InvalidArgument,
+    _ort_state.RuntimeException,
+    _ort_state.InvalidGraph,
+    _ort_state.NoSuchFile,
+    _ort_state.NotImplemented,
+    _ort_state.EPFail,
+    RuntimeError,
+    ValueError,
+)
+
+EP_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class ProviderUnavailable(Exception):
+    """The EP cannot run here; the message says why (not installed, fell back to CPU)."""
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to build a session: EP short name and intra-op threads (0 = ORT's default)."""
+
+    ep: str = "cpu"
+    threads: int = 0
+
+
+def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
+    """A session on ``options.ep``; raises if ORT does not have it or quietly fell back."""
+    provider = EP_PROVIDERS.get(options.ep)
+    if provider is None:
+        raise ProviderUnavailable(f"onnxpipe has no session support for EP {options.ep!r}")
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ProviderUnavailable(
+            f"{provider} is not in this onnxruntime build ({ort.__version__}, providers: "
+            f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
+        )
+    so = ort.SessionOptions()
+    if options.threads:
+        so.intra_op_num_threads = options.threads
+    so.log_severity_level = 3
+    providers = (
+        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    )
+    session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+    used = session.get_providers()
+    if not used or used[0] != provider:
+        raise ProviderUnavailable(
+            f"asked for {provider} but the session runs on {used}: its libraries (CUDA, cuDNN, "
+            "TensorRT) are missing or no device is visible"
+        )
+    return session

@@ -1,0 +1,228 @@
+"""Recipe steps: each is a frozen config plus ``run(work)``; a recipe runs them in order.
+
+Steps build a bundle in a temp dir (:class:`Work`); the recipe renames it into place only
+after the last step, so a failed step leaves nothing behind. A failure names the step that
+failed and the steps that ran before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from onnxpipe.bench import BenchConfig, bench_model
+from onnxpipe.bundle import save_parity_samples, versions
+from onnxpipe.converters.base import ConvertConfig, InputSpec
+from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.modelio import DATA_FILE, MODEL_FILE
+from onnxpipe.validate import parse_eps, validate_bundle
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    """The bundle being built: its directory, manifest so far and input specs."""
+
+    dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    inputs: list[InputSpec] = field(default_factory=list)
+
+    def record_step(self, name: str, config: BaseModel, seconds: float, metrics: dict) -> None:
+        """Append ``{name, config, seconds, metrics}`` to the manifest's ``steps``."""
+        self.manifest.setdefault("steps", []).append(
+            {
+                "name": name,
+                "config": config.model_dump(mode="json"),
+                "seconds": round(seconds, 3),
+                "metrics": metrics,
+            }
+        )
+
+
+class StepConfig(BaseModel):
+    """Base of every step's settings: frozen, no unknown keys, JSON-serialisable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: ClassVar[str]
+
+    def run(self, work: Work) -> None:
+        """Apply the step to the bundle being built."""
+        raise NotImplementedError(type(self).__name__)
+
+
+class ConvertStep(StepConfig):
+    """Convert a framework model (or ONNX file) and prove parity against its source."""
+
+    name: ClassVar[str] = "convert"
+    source: str = Field(description="SOURCE: module:callable, file.py:callable or a model path.")
+    framework: Literal["auto", "torch", "tf", "onnx"] = Field(
+        default="auto", description="Source framework; auto detects it."
+    )
+    inputs: tuple[str, ...] = Field(default=(), description="Input specs name:dtype[dims].")
+    opset: int | None = Field(default=None, description="Target opset; None = exporter default.")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        default="auto", description="PyTorch exporter; auto = dynamo, then TorchScript."
+    )
+    nchw: bool = Field(default=False, description="NCHW image inputs for TensorFlow models.")
+    atol: float = Field(default=1e-4, gt=0, description="Parity tolerance, scaled by magnitude.")
+    data: str | None = Field(default=None, description="User DATA for parity, besides generated.")
+    unsafe_load: bool = Field(default=False, description="Allow full-pickle loading.")
+
+    def run(self, work: Work, source_object: object | None = None) -> None:
+        """Convert into ``work.dir`` and fill the model, I/O, source and parity records.
+
+        Args:
+            work: the bundle being built.
+            source_object: an in-memory model (Python API) to use instead of ``source``.
+        """
+        from onnxpipe.convert import convert  # noqa: PLC0415 - pulls in the converter registry
+
+        config = ConvertConfig(
+            inputs=self.inputs,
+            opset=self.opset,
+            exporter=self.exporter,
+            nchw=self.nchw,
+            unsafe_load=self.unsafe_load,
+        )
+        with tempfile.TemporaryDirectory(prefix="onnxpipe-convert-") as tmp:
+            done = convert(
+                source_object if source_object is not None else self.source,
+                config,
+                Path(tmp),
+                self.framework,
+                self.atol,
+                self.data,
+            )
+            for name in (MODEL_FILE, DATA_FILE):
+                if (done.model_path.parent / name).exists():
+                    shutil.move(str(done.model_path.parent / name), work.dir / name)
+        kept = save_parity_samples(
+            work.dir, [f for f, _ in done.samples], [o for _, o in done.samples]
+        )
+        result = done.result
+        work.inputs = result.inputs
+        work.manifest["source"] = {
+            "framework": result.framework,
+            "exporter": result.exporter,
+            "fallback_reason": result.fallback_reason,
+            "path": self.source,
+            "attempts": done.attempts,
+        }
+        work.manifest["parity"] = {**done.parity, "stored_samples": kept}
+        work.manifest["versions"] = versions(result.framework)
+        work.record_step(
+            self.name,
+            self,
+            done.seconds,
+            {
+                "exporter": result.exporter,
+                "max_abs_diff": done.parity["max_abs_diff"],
+                "passed": done.parity["passed"],
+            },
+        )
+
+
+class ValidateStep(StepConfig):
+    """Checker and parity on each EP; ``unavailable`` EPs fail only when required."""
+
+    name: ClassVar[str] = "validate"
+    ep: tuple[str, ...] = Field(default=("cpu",), description="EPs to validate on.")
+    require: tuple[str, ...] = Field(default=(), description="EPs whose absence is a failure.")
+    data: str | None = Field(default=None, description="User DATA for parity.")
+    atol: float = Field(default=1e-4, gt=0, description="Parity tolerance, scaled by magnitude.")
+
+    @field_validator("ep", "require", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return tuple(parse_eps(value)) if isinstance(value, str) else value
+
+    def run(self, work: Work) -> None:
+        """Fill ``validation.<ep>``; raise :class:`GateFailed` on a failed or required EP."""
+        started = time.perf_counter()
+        results = validate_bundle(work.dir, self.ep, work.inputs, self.data, self.atol)
+        work.manifest.setdefault("validation", {}).update(results)
+        work.record_step(
+            self.name,
+            self,
+            time.perf_counter() - started,
+            {ep: r["status"] for ep, r in results.items()},
+        )
+        raise_on_failed_validation(results, self.require)
+
+
+def raise_on_failed_validation(
+    results: dict[str, dict[str, Any]], require: tuple[str, ...]
+) -> None:
+    """Raise :class:`GateFailed` for failed EPs, and for ``unavailable`` ones in ``require``."""
+    bad = {
+        ep: r
+        for ep, r in results.items()
+        if r["status"] == "failed" or (r["status"] == "unavailable" and ep in require)
+    }
+    if bad:
+        detail = "; ".join(f"{ep}: {r['status']} ({r['reason']})" for ep, r in bad.items())
+        raise GateFailed(f"validation failed: {detail}", metrics={"validation": results})
+
+
+class BenchStep(StepConfig):
+    """Latency on ORT: p50/p90/p99, throughput, session-create time, peak RSS."""
+
+    name: ClassVar[str] = "bench"
+    ep: tuple[str, ...] = Field(default=("cpu",), description="EPs to time.")
+    batch: tuple[int, ...] = Field(default=(1,), description="Batch sizes (first symbolic dim).")
+    threads: tuple[int, ...] = Field(default=(0,), description="intra-op threads; 0 = ORT default.")
+    runs: int = Field(default=50, ge=1, description="Timed runs per configuration.")
+    warmup: int = Field(default=5, ge=0, description="Untimed runs first.")
+
+    @field_validator("ep", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return tuple(parse_eps(value)) if isinstance(value, str) else value
+
+    def run(self, work: Work) -> None:
+        """Fill ``bench`` (the first record) and ``bench_records`` (all of them)."""
+        started = time.perf_counter()
+        config = BenchConfig(
+            eps=self.ep,
+            batches=self.batch,
+            threads=self.threads,
+            runs=self.runs,
+            warmup=self.warmup,
+        )
+        records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
+        work.manifest["bench"] = records[0]
+        work.manifest["bench_records"] = records
+        work.record_step(
+            self.name,
+            self,
+            time.perf_counter() - started,
+            {"p50_ms": records[0]["latency_ms"]["p50"]},
+        )
+
+
+STEPS: dict[str, type[StepConfig]] = {
+    "convert": ConvertStep,
+    "validate": ValidateStep,
+    "bench": BenchStep,
+}
+
+
+def make_step(name: str, settings: dict[str, Any]) -> StepConfig:
+    """Build a step from its recipe entry.
+
+    Raises:
+        InputError: unknown step name or invalid settings.
+    """
+    if name not in STEPS:
+        raise InputError(f"unknown step {name!r}; steps are: {', '.join(STEPS)}.")
+    try:
+        return STEPS[name](**settings)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise InputError(f"step {name!r}: invalid settings: {e}") from e

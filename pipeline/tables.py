@@ -1,0 +1,107 @@
+"""Rich tables for the CLI's human output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+
+def _num(value: Any, fmt: str = ".3g") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def summary_table(manifest: dict[str, Any], out: Path) -> Table:
+    """One bundle at a glance: source, exporter, parity, validation, latency."""
+    table = Table(title=f"bundle {out}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    source = manifest.get("source", {})
+    model = manifest["model"]
+    table.add_row(
+        "model", f"{model['file']} ({model['bytes'] / 1e6:.2f} MB, opset {model['opset']})"
+    )
+    table.add_row("sha256", model["sha256"])
+    table.add_row("source", f"{source.get('framework')} via {source.get('exporter')}")
+    if source.get("fallback_reason"):
+        table.add_row("fallback", escape(str(source["fallback_reason"])))
+    for kind in ("inputs", "outputs"):
+        table.add_row(
+            kind,
+            escape(
+                ", ".join(
+                    f"{v['name']}:{v['dtype']}[{','.join(str(d) for d in v['shape'])}]"
+                    for v in manifest[kind]
+                )
+            ),
+        )
+    parity = manifest.get("parity")
+    if parity:
+        table.add_row(
+            "parity",
+            f"max abs {_num(parity['max_abs_diff'])}, cosine "
+            f"{_num(parity['cosine'], '.7f')}, top-1 {_num(parity['top1_agreement'])}, "
+            f"{parity['samples']} samples, passed={parity['passed']}",
+        )
+    for ep, result in manifest.get("validation", {}).items():
+        reason = f" ({result['reason']})" if result.get("reason") else ""
+        table.add_row(f"validation.{ep}", escape(result["status"] + reason))
+    bench = manifest.get("bench")
+    if bench:
+        lat = bench["latency_ms"]
+        table.add_row(
+            "latency",
+            f"{bench['ep']} batch {bench['batch']}: p50 {lat['p50']:.2f} ms, "
+            f"p90 {lat['p90']:.2f}, p99 {lat['p99']:.2f}",
+        )
+    return table
+
+
+def bench_table(records: list[dict[str, Any]]) -> Table:
+    """One row per (ep, batch, threads)."""
+    table = Table(title="latency (ONNX Runtime)")
+    for col in (
+        "ep",
+        "batch",
+        "threads",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "per s",
+        "session ms",
+        "peak RSS MB",
+    ):
+        table.add_column(col, justify="right")
+    for r in records:
+        lat = r["latency_ms"]
+        table.add_row(
+            r["ep"],
+            str(r["batch"]),
+            str(r["threads"] or "default"),
+            f"{lat['p50']:.2f}",
+            f"{lat['p90']:.2f}",
+            f"{lat['p99']:.2f}",
+            f"{r['throughput_per_s']:.1f}",
+            f"{r['session_create_ms']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+        )
+    return table
+
+
+def validation_table(results: dict[str, dict[str, Any]]) -> Table:
+    """One row per EP: status, numbers, reason."""
+    table = Table(title="validation")
+    for col in ("ep", "status", "max abs diff", "cosine", "reason"):
+        table.add_column(col)
+    style = {"passed": "green", "failed": "red", "unavailable": "yellow"}
+    for ep, r in results.items():
+        table.add_row(
+            ep,
+            f"[{style[r['status']]}]{r['status']}[/]",
+            _num(r.get("max_abs_diff")),
+            _num(r.get("cosine"), ".7f"),
+            escape(r.get("reason") or ""),
+        )
+    return table

@@ -1,0 +1,123 @@
+"""Validation of a bundle's model: the ONNX checker, then parity on each execution provider.
+
+The reference is what the bundle stored at conversion (``parity.npz``: the source framework's
+outputs); user data without stored outputs is compared with the model on ORT CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxpipe.bundle import load_parity_samples
+from onnxpipe.data import load_data, parity_feeds, samples_in
+from onnxpipe.errors import InputError
+from onnxpipe.modelio import MODEL_FILE
+from onnxpipe.parity import measure_parity
+from onnxpipe.runtime import (
+    EP_PROVIDERS,
+    ORT_ERRORS,
+    ProviderUnavailable,
+    SessionOptions,
+    make_session,
+)
+
+logger = logging.getLogger(__name__)
+
+VALID_EPS = tuple(EP_PROVIDERS)
+
+
+def parse_eps(text: str) -> list[str]:
+    """``cpu,cuda`` -> ``["cpu", "cuda"]``.
+
+    Raises:
+        InputError: an EP name onnxpipe does not know.
+    """
+    eps = [e.strip().lower() for e in text.split(",") if e.strip()]
+    unknown = [e for e in eps if e not in VALID_EPS]
+    if unknown or not eps:
+        raise InputError(
+            f"--ep {text!r}: unknown execution provider(s) {unknown or '(none given)'}; "
+            f"use a comma-separated list of {', '.join(VALID_EPS)}."
+        )
+    return eps
+
+
+def check_model(path: Path) -> str | None:
+    """The ONNX checker with full shape inference; the first error line, or None."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        return str(e).strip().splitlines()[0][:300]
+    return None
+
+
+def validate_bundle(
+    bundle: Path,
+    eps: Sequence[str],
+    inputs: Sequence[Any],
+    data: str | None = None,
+    atol: float = 1e-4,
+) -> dict[str, dict[str, Any]]:
+    """``validation.<ep>`` records: passed / failed / unavailable, with the reason and numbers."""
+    model = bundle / MODEL_FILE
+    checker_error = check_model(model)
+    if checker_error:
+        reason = f"ONNX checker: {checker_error}"
+        return {ep: {"status": "failed", "reason": reason} for ep in eps}
+    pairs = load_parity_samples(bundle)
+    reference_name = "stored source-framework outputs" if pairs else "onnxruntime cpu"
+    extra = load_data(data, inputs) if data else ([] if pairs else parity_feeds(inputs))
+    if extra:
+        try:
+            cpu = make_session(model, SessionOptions(ep="cpu"))
+            pairs += [(feeds, list(cpu.run(None, feeds))) for feeds in extra]
+        except ORT_ERRORS as e:
+            reason = f"cpu reference run: {str(e).splitlines()[0]}"
+            return {ep: {"status": "failed", "reason": reason} for ep in eps}
+    by_id = {id(feeds): outs for feeds, outs in pairs}
+    feeds_list = [feeds for feeds, _ in pairs]
+    results: dict[str, dict[str, Any]] = {}
+    for ep in eps:
+        try:
+            session = make_session(model, SessionOptions(ep=ep))
+        except ProviderUnavailable as e:
+            results[ep] = {"status": "unavailable", "reason": str(e)}
+            continue
+        except ORT_ERRORS as e:
+            results[ep] = {"status": "failed", "reason": f"session: {str(e).splitlines()[0]}"}
+            continue
+
+        def candidate(feeds: dict[str, np.ndarray], _s: Any = session) -> list[np.ndarray]:
+            try:
+                return list(_s.run(None, feeds))
+            except ORT_ERRORS as e:
+                raise RuntimeError(str(e).splitlines()[0]) from e
+
+        names = [o.name for o in session.get_outputs()]
+        parity = measure_parity(lambda f: by_id[id(f)], candidate, feeds_list, names, atol)
+        results[ep] = {
+            "status": "passed" if parity["passed"] else "failed",
+            "reason": None if parity["passed"] else _why(parity),
+            "providers": session.get_providers(),
+            "reference": reference_name,
+            "samples": samples_in(feeds_list),
+            "max_abs_diff": parity["max_abs_diff"],
+            "cosine": parity["cosine"],
+            "top1_agreement": parity["top1_agreement"],
+        }
+    return results
+
+
+def _why(parity: dict[str, Any]) -> str:
+    if parity["errors"]:
+        return parity["errors"][0]
+    worst = max(parity["outputs"], key=lambda r: r["max_abs_diff"] / max(r["tolerance"], 1e-30))
+    return (
+        f"output {worst['output']}: max abs diff {worst['max_abs_diff']:.3g} > tolerance "
+        f"{worst['tolerance']:.3g}"
+    )

@@ -1,0 +1,42 @@
+"""Shared test helpers: run an ONNX model with ONNX Runtime and compare with a reference."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+
+def ort_session(model: ir.Model | str | Path) -> ort.InferenceSession:
+    """A CPU session on an ir.Model (saved to a temp file) or a model path; asserts the EP."""
+    if isinstance(model, ir.Model):
+        tmp = Path(tempfile.mkdtemp()) / "model.onnx"
+        ir.save(model, tmp)
+        model = tmp
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    return session
+
+
+def ort_run(model: ir.Model | str | Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run the model once on ORT CPU."""
+    return ort_session(model).run(None, dict(feeds))
+
+
+def assert_close(
+    reference: list[np.ndarray],
+    model: ir.Model | str | Path,
+    feeds: Mapping[str, np.ndarray],
+    atol: float = 1e-4,
+) -> None:
+    """Assert ORT's outputs of ``model`` on ``feeds`` match ``reference`` within ``atol``."""
+    got = ort_run(model, feeds)
+    assert len(got) == len(reference)
+    for i, (want, have) in enumerate(zip(reference, got, strict=True)):
+        assert want.shape == have.shape, (i, want.shape, have.shape)
+        diff = float(np.max(np.abs(want.astype(np.float64) - have.astype(np.float64))))
+        assert diff <= atol, f"output {i}: max abs diff {diff} > {atol}"

@@ -1,0 +1,299 @@
+"""The CLI end to end: bundle contents, exit codes, bad input, validate/bench/run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnxpipe.modelio import sha256
+
+import torch
+from tests.conftest import model_ref, tree_hash
+from tests.fixtures import models
+from tests.helpers import ort_run
+
+IMAGE = "x:float32[batch,3,16,16]"
+STABLE_KEYS = {
+    "schema",
+    "model",
+    "inputs",
+    "outputs",
+    "source",
+    "steps",
+    "parity",
+    "bench",
+    "validation",
+    "versions",
+}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "gated"
+    from onnxpipe.cli import main
+
+    assert main(["convert", model_ref("gated"), "-o", str(out), "--input", IMAGE]) == 0
+    return out
+
+
+def test_bundle_holds_what_the_contract_says(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert STABLE_KEYS <= set(manifest)
+    assert manifest["schema"] == "onnxpipe.manifest/1"
+    assert manifest["model"]["sha256"] == sha256(bundle / "model.onnx")
+    assert manifest["model"]["bytes"] == (bundle / "model.onnx").stat().st_size
+    assert manifest["model"]["opset"] >= 17 and manifest["model"]["ir_version"] >= 8
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 16, 16]}]
+    assert manifest["outputs"][0]["shape"] == ["batch", 10]
+    assert manifest["source"] | {"attempts": None} == {
+        "framework": "torch",
+        "exporter": "dynamo",
+        "fallback_reason": None,
+        "path": model_ref("gated"),
+        "attempts": None,
+    }
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["samples"] >= 8 and parity["max_abs_diff"] < 1e-4
+    assert parity["reference"].startswith("torch ") and parity["top1_agreement"] == 1.0
+    assert 0.9999 < parity["cosine"] <= 1.0 + 1e-9
+    bench = manifest["bench"]
+    assert bench["ep"] == "cpu" and bench["batch"] == 1
+    assert (
+        0 < bench["latency_ms"]["p50"] <= bench["latency_ms"]["p90"] <= bench["latency_ms"]["p99"]
+    )
+    assert bench["throughput_per_s"] > 0 and bench["session_create_ms"] > 0
+    assert 20 < bench["peak_rss_mb"] < 2000
+    assert manifest["validation"]["cpu"]["status"] == "passed"
+    assert [s["name"] for s in manifest["steps"]] == ["convert", "validate", "bench"]
+    assert {"onnxpipe", "onnx", "onnxruntime", "torch", "python"} <= set(manifest["versions"])
+    assert "tensorflow" not in manifest["versions"]
+    assert not (bundle / "model.onnx.data").exists()
+    assert not any(p.name.startswith(".") for p in bundle.parent.iterdir())
+
+
+def test_bundle_model_matches_torch_at_unseen_batches(bundle):
+    model = models.gated()
+    for batch in (1, 6):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        got = ort_run(bundle / "model.onnx", {"x": x})[0]
+        assert np.abs(want - got).max() < 1e-4
+
+
+def test_model_card_has_io_table_snippet_and_numbers(bundle):
+    card = (bundle / "README.md").read_text()
+    assert "| input | `x` | float32 | [batch, 3, 16, 16] |" in card
+    assert "ort.InferenceSession" in card and "p50 ms" in card and "max abs diff" in card
+    snippet = card.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(
+        compile(snippet.replace('"model.onnx"', repr(str(bundle / "model.onnx"))), "card", "exec"),
+        namespace,
+    )
+    assert namespace["outputs"][0].shape == (1, 10)
+
+
+def test_validate_records_cpu_passed_and_cuda_unavailable(bundle, cli):
+    code, out, _ = cli("validate", bundle, "--ep", "cpu,cuda", "--json")
+    assert code == 0
+    results = json.loads(out)
+    assert results["cpu"]["status"] == "passed"
+    assert results["cpu"]["reference"] == "stored source-framework outputs"
+    assert (
+        results["cuda"]["status"] == "unavailable"
+        and "CUDAExecutionProvider" in results["cuda"]["reason"]
+    )
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["validation"]["cuda"]["status"] == "unavailable"
+    code, _, err = cli("validate", bundle, "--ep", "cpu,cuda", "--require", "cuda")
+    assert code == 1 and "cuda" in err
+
+
+def test_validate_on_user_data(bundle, cli, tmp_path):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32))
+    code, out, _ = cli("validate", bundle, "--data", data, "--json")
+    assert code == 0 and json.loads(out)["cpu"]["samples"] >= 5 + 8
+    np.savez(data, x=np.zeros((5, 3, 8, 8), np.float32))
+    code, _, err = cli("validate", bundle, "--data", data)
+    assert code == 2 and "shape" in err and "data.npz" in err
+
+
+def test_bench_matrix_json(bundle, cli):
+    code, out, _ = cli("bench", bundle, "--batch", "1,4", "--runs", "10", "--json")
+    assert code == 0
+    records = json.loads(out)
+    assert [r["batch"] for r in records] == [1, 4]
+    assert all(
+        set(r)
+        >= {
+            "ep",
+            "batch",
+            "threads",
+            "latency_ms",
+            "throughput_per_s",
+            "session_create_ms",
+            "peak_rss_mb",
+        }
+        for r in records
+    )
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(manifest["bench_records"]) == 2
+
+
+@pytest.mark.parametrize("args", [["--ep", "gpu"], ["--batch", "one"], ["--runs", "0"]])
+def test_bench_bad_flags(bundle, cli, args):
+    code, _, err = cli("bench", bundle, *args)
+    assert code == 2 and "Traceback" not in err
+
+
+def test_run_recipe(cli, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"source: {model_ref('gated')}\ninputs: ['{IMAGE}']\nsteps:\n"
+        "  - convert: {exporter: torchscript}\n  - validate: {ep: cpu}\n"
+        "  - bench: {batch: [2], runs: 5}\n"
+    )
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"]["exporter"] == "torchscript"
+    assert manifest["bench"]["batch"] == 2
+
+
+def test_existing_out_is_refused_then_overwritten(bundle, cli, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("convert", model_ref("gated"), "-o", out, "--input", IMAGE, "--no-bench")
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
+    code, _, _ = cli(
+        "convert", model_ref("gated"), "-o", out, "--input", IMAGE, "--no-bench", "--overwrite"
+    )
+    assert code == 0 and (out / "model.onnx").exists() and not (out / "keep.txt").exists()
+
+
+def test_parity_failure_is_exit_1_with_numbers_and_no_bundle(cli, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = cli(
+        "convert", model_ref("batch_baked"), "-o", out, "--input", "x:float32[batch,4]"
+    )
+    assert code == 1 and "max abs diff" in err and "Traceback" not in err
+    assert not out.exists()
+    report = json.loads((tmp_path / "out.failed.json").read_text())
+    assert report["failed_step"] == "convert" and report["metrics"]["parity"]["passed"] is False
+
+
+def _garbage(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x00\xffthis is not a protobuf\x13" * 40)
+    return path
+
+
+def _not_saved_model(tmp_path: Path) -> Path:
+    path = tmp_path / "some_dir"
+    path.mkdir()
+    (path / "variables.txt").write_text("x")
+    return path
+
+
+BAD_INPUTS = {
+    "garbage onnx": (_garbage, [], "not a readable ONNX model"),
+    "missing file": (lambda t: t / "nope.onnx", [], "no such file"),
+    "not a SavedModel": (_not_saved_model, [], "not a SavedModel"),
+    "wrong return type": (
+        lambda t: model_ref("not_a_model"),
+        ["--input", IMAGE],
+        "expected a torch",
+    ),
+    "factory raises": (lambda t: model_ref("raises"), ["--input", IMAGE], "cannot build"),
+    "bad spec": (lambda t: model_ref("gated"), ["--input", "x:float32[batch,3,,16]"], "--input"),
+    "unknown dtype": (lambda t: model_ref("gated"), ["--input", "x:complex[1]"], "unknown dtype"),
+    "unsupported op": (
+        lambda t: model_ref("unsupported"),
+        ["--input", "x:float32[batch,4]"],
+        "special_zeta",
+    ),
+    "unknown file type": (
+        lambda t: (t / "m.bin").write_bytes(b"x") and t / "m.bin",
+        [],
+        "unknown model file type",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_exit_2_named_no_traceback_no_bundle(case, cli, tmp_path):
+    make, extra, expected = BAD_INPUTS[case]
+    source = make(tmp_path)
+    before = tree_hash(source) if isinstance(source, Path) and source.exists() else None
+    out = tmp_path / "out"
+    code, stdout, err = cli("convert", source, "-o", out, *extra)
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err + stdout
+    name = source.name if isinstance(source, Path) else source
+    assert str(name) in err or "--input" in err
+    assert not out.exists() and not (tmp_path / "out.failed.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    if before is not None:
+        assert tree_hash(source) == before
+
+
+def test_bad_input_as_a_user_sees_it(tmp_path):
+    """A real process: exit code 2, one paragraph on stderr, nothing on stdout."""
+    garbage = _garbage(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxpipe",
+            "convert",
+            str(garbage),
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert str(garbage) in proc.stderr.replace("\n", "")
+
+
+def test_usage_errors_are_exit_2(cli):
+    code, _, err = cli("convert")
+    assert code == 2 and "--help" in err
+    code, _, err = cli("validate", "/nonexistent/bundle")
+    assert code == 2 and "not an onnxpipe bundle" in err
+
+
+def test_import_onnxpipe_pulls_in_no_framework():
+    code = (
+        "import sys, onnxpipe, onnxpipe.cli, onnxpipe.converters, onnxpipe.graphs; "
+        "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnx_checker_failure_is_reported(tmp_path, cli):
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("Relu", ["x"], ["y"]),
+                onnx.helper.make_node("Relu", ["x"], ["y"]),
+            ],
+            "dup",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        )
+    )
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, path)
+    code, _, err = cli("convert", path, "-o", tmp_path / "out")
+    assert code == 2 and "checker" in err and "dup.onnx" in err

@@ -1,0 +1,94 @@
+"""ONNX files as input: the zoo models shipped inside onnx (opset 9) and external data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.conftest import tree_hash
+from tests.helpers import ort_run
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+ZOO = sorted(p.stem.removeprefix("light_") for p in LIGHT.glob("light_*.onnx"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_onnx_zoo_models_become_bundles(name, cli, tmp_path):
+    source = LIGHT / f"light_{name}.onnx"
+    out = tmp_path / name
+    code, _, err = cli("convert", source, "-o", out, "--no-bench")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] | {"attempts": None, "path": None} == {
+        "framework": "onnx",
+        "exporter": "none",
+        "fallback_reason": None,
+        "attempts": None,
+        "path": None,
+    }
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] == 0.0
+    assert manifest["model"]["opset"] == onnx.load(source).opset_import[0].version
+    # Initializers listed as graph inputs (IR 3) are not user inputs.
+    assert [i["name"] for i in manifest["inputs"]] == [
+        i.name
+        for i in onnx.load(source).graph.input
+        if i.name not in {t.name for t in onnx.load(source).graph.initializer}
+    ]
+
+
+def test_external_data_input_is_read_and_reinlined(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 32])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        src / "mm.onnx",
+        save_as_external_data=True,
+        location="mm.onnx.data",
+        size_threshold=0,
+    )
+    assert (src / "mm.onnx.data").stat().st_size == weight.nbytes
+    before = tree_hash(src)
+    code, _, err = cli("convert", src / "mm.onnx", "-o", tmp_path / "out", "--no-bench")
+    assert code == 0, err
+    assert tree_hash(src) == before
+    out = tmp_path / "out"
+    assert not (out / "model.onnx.data").exists()  # small enough to live inline
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(
+        ort_run(out / "model.onnx", {"x": x})[0], x @ weight, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_missing_external_data_is_named(cli, tmp_path):
+    weight = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+        [weight],
+    )
+    onnx.save(
+        helper.make_model(graph),
+        tmp_path / "mm.onnx",
+        save_as_external_data=True,
+        location="mm.onnx.data",
+        size_threshold=0,
+    )
+    (tmp_path / "mm.onnx.data").unlink()
+    code, _, err = cli("convert", tmp_path / "mm.onnx", "-o", tmp_path / "out")
+    assert code == 2 and "mm.onnx" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+from onnxpipe.converters.base import InputSpec, example_sizes, random_feeds
+from onnxpipe.converters.source import is_callable_ref
+from onnxpipe.data import parity_feeds, samples_in
+from onnxpipe.errors import InputError
+
+
+def test_parse_spec_with_symbols():
+    spec = InputSpec.parse("input:float32[batch,3,224,224]")
+    assert spec == InputSpec("input", "float32", ("batch", 3, 224, 224))
+    assert spec.symbols == ["batch"]
+    assert str(spec) == "input:float32[batch,3,224,224]"
+
+
+def test_parse_scalar_and_dotted_names():
+    assert InputSpec.parse("scale:float32[]").shape == ()
+    assert InputSpec.parse("serving.x:int64[batch,seq]").name == "serving.x"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "input",
+        "input:float32",
+        "input:float99[1]",
+        "input:float32[0,3]",
+        "input:float32[b-1]",
+        "input:float32[[b]",
+        ":float32[1]",
+    ],
+)
+def test_bad_specs_are_input_errors(text):
+    with pytest.raises(InputError, match="--input"):
+        InputSpec.parse(text)
+
+
+def test_example_sizes_are_distinct_and_avoid_one_and_static_dims():
+    specs = [InputSpec.parse("a:float32[batch,2,seq]"), InputSpec.parse("b:int64[batch,seq,3]")]
+    sizes = example_sizes(specs)
+    assert set(sizes) == {"batch", "seq"}
+    assert len(set(sizes.values())) == 2
+    assert all(v >= 2 and v not in (2, 3) for v in sizes.values())
+
+
+def test_parity_feeds_use_unseen_shapes_and_enough_samples():
+    specs = [
+        InputSpec.parse("ids:int64[batch,seq]"),
+        InputSpec.parse("attention_mask:int64[batch,seq]"),
+    ]
+    export = example_sizes(specs)
+    runs = parity_feeds(specs)
+    assert samples_in(runs) >= 8
+    batches = {r["ids"].shape[0] for r in runs}
+    seqs = {r["ids"].shape[1] for r in runs}
+    assert export["batch"] not in batches and 1 in batches
+    assert export["seq"] not in seqs
+    assert all((r["attention_mask"] == 1).all() for r in runs)
+    assert all(r["ids"].dtype == np.int64 for r in runs)
+
+
+def test_static_model_still_gets_eight_samples():
+    runs = parity_feeds([InputSpec.parse("x:float32[1,4]")])
+    assert samples_in(runs) == 8
+    assert not np.array_equal(runs[0]["x"], runs[1]["x"])
+
+
+def test_random_feeds_are_deterministic():
+    specs = [InputSpec.parse("x:float32[batch,4]")]
+    a = random_feeds(specs, {"batch": 3}, seed=5)["x"]
+    b = random_feeds(specs, {"batch": 3}, seed=5)["x"]
+    assert a.shape == (3, 4) and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pkg.module:make", True),
+        ("path/to/file.py:make", True),
+        ("file.py:Model.build", True),
+        ("model.onnx", False),
+        ("no_colon", False),
+        ("pkg:1bad", False),
+    ],
+)
+def test_callable_refs(text, expected):
+    assert is_callable_ref(text) is expected
