@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.bench import BenchConfig, bench_model
-from onnxpipe.bundle import read_manifest, update_manifest
+from onnxpipe.bundle import read_manifest, update_manifest, write_text_atomic
 from onnxpipe.card import render_card
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.errors import GateFailed
@@ -32,9 +32,7 @@ def bundle_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
 
 
 def _rewrite_card(bundle: Path, manifest: dict[str, Any]) -> None:
-    tmp = bundle / ".README.md.tmp"
-    tmp.write_text(render_card(manifest))
-    tmp.replace(bundle / "README.md")
+    write_text_atomic(bundle / "README.md", render_card(manifest))
 
 
 def validate_existing(

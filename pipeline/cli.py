@@ -21,7 +21,7 @@ from typing import Any
 
 from onnxpipe import __version__
 from onnxpipe.errors import InputError, OnnxPipeError
-from onnxpipe.tables import bench_table, summary_table, validation_table
+from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    _common(p)
+
+    p = sub.add_parser("compare", help="two bundles side by side (e.g. Keras vs PyTorch)")
+    p.add_argument("bundle_a", type=Path)
+    p.add_argument("bundle_b", type=Path)
+    p.add_argument("--data", help="DATA keyed by A's input names (default: generated)")
+    p.add_argument("--html", type=Path, help="write a single-page HTML comparison here")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     _common(p)
 
     p = sub.add_parser("run", help="run a recipe YAML into a bundle")
@@ -250,10 +258,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``onnxpipe compare A B``: the contract's JSON record, a table, or an HTML page."""
+    from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415
+    from onnxpipe.compare import compare_bundles, render_html  # noqa: PLC0415
+
+    status = err.status("comparing", spinner="dots") if not args.json else contextlib.nullcontext()
+    with status, _quiet(args.debug):
+        record = compare_bundles(args.bundle_a, args.bundle_b, args.data, not args.no_bench)
+    if args.html:
+        write_text_atomic(args.html, render_html(record))
+    _emit(args, record, [compare_table(record)])
+    return 0
+
+
 COMMANDS = {
     "convert": cmd_convert,
     "validate": cmd_validate,
     "bench": cmd_bench,
+    "compare": cmd_compare,
     "run": cmd_run,
     "demo": cmd_demo,
 }

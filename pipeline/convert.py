@@ -126,11 +126,14 @@ def convert(
             metrics={"parity": parity, "attempts": tried},
         )
     ops = sorted({op for t in tried for op in t.get("ops", [])})
+    advice = (
+        f"Unsupported op(s): {', '.join(ops)}. Replace them in the model with supported ones "
+        "(or a different implementation of the same math)"
+        if ops
+        else "Rerun with --debug for the exporters' full logs, or try --exporter / --opset"
+    )
     raise ConversionError(
-        f"{source_name}: no exporter could convert the model. "
-        + (f"Unsupported op(s): {', '.join(ops)}. " if ops else "")
-        + f"Tried: {_summary(tried)}. Rewrite those ops with supported ones, or wrap them so "
-        "the exporter sees supported operations."
+        f"{source_name}: no exporter could convert the model. Tried: {_summary(tried)}. {advice}."
     )
 
 

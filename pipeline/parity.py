@@ -28,8 +28,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a64, b64) / denom)
 
 
-def _is_classifier(array: np.ndarray) -> bool:
-    return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
+def _is_classifier(array: np.ndarray, outputs: int) -> bool:
+    """A lone 2-D float output with several columns: logits or scores per class."""
+    return outputs == 1 and array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
 
 
 def compare_outputs(
@@ -62,7 +63,7 @@ def compare_outputs(
             tolerance=tol,
             passed=bool(finite and max_abs <= tol),
         )
-        if _is_classifier(ref):
+        if _is_classifier(ref, len(reference)):
             row["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
         rows.append(row)
     return rows

@@ -105,3 +105,37 @@ def validation_table(results: dict[str, dict[str, Any]]) -> Table:
             escape(r.get("reason") or ""),
         )
     return table
+
+
+def compare_table(record: dict[str, Any]) -> Table:
+    """Two bundles side by side: parameters, latency, agreement, op counts that differ."""
+    table = Table(title="compare")
+    table.add_column("")
+    table.add_column("A", overflow="fold")
+    table.add_column("B", overflow="fold")
+    table.add_row("bundle", escape(record["a"]), escape(record["b"]))
+    table.add_row(
+        "inputs",
+        *(
+            escape(
+                ", ".join(
+                    f"{v['name']}[{','.join(map(str, v['shape']))}]" for v in record["inputs"][k]
+                )
+            )
+            for k in ("a", "b")
+        ),
+    )
+    table.add_row("parameters", f"{record['params']['a']:,}", f"{record['params']['b']:,}")
+    lat = record["latency_ms"]
+    table.add_row("p50 ms (cpu, batch 1)", _num(lat["a"], ".2f"), _num(lat["b"], ".2f"))
+    out = record["outputs"]
+    table.add_row(
+        "agreement (B vs A)",
+        f"max abs {_num(out['max_abs_diff'])}",
+        f"cosine {_num(out['cosine'], '.7f')}, top-1 {_num(out['top1_agreement'])}",
+    )
+    ops_a, ops_b = record["ops"]["a"], record["ops"]["b"]
+    for op in sorted(set(ops_a) | set(ops_b)):
+        if ops_a.get(op) != ops_b.get(op):
+            table.add_row(f"op {escape(op)}", str(ops_a.get(op, 0)), str(ops_b.get(op, 0)))
+    return table

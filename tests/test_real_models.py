@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from onnxpipe.demo import efficientnet_lite0
 from onnxpipe.modelio import sha256
 
-import torch
 from tests.helpers import ort_run
 
 pytestmark = pytest.mark.slow
@@ -92,3 +92,45 @@ def _npz(tmp_path: Path) -> Path:
     path = tmp_path / "images.npz"
     np.savez(path, input=real_images())
     return path
+
+
+BERT_INPUTS = [
+    "--input",
+    "input_ids:int64[batch,seq]",
+    "--input",
+    "attention_mask:int64[batch,seq]",
+]
+
+
+def test_bert_torchscript_export_is_wrong_at_new_lengths_and_is_refused(cli, tmp_path):
+    from tests.conftest import model_ref
+
+    out = tmp_path / "ts"
+    code, _, err = cli(
+        "convert",
+        model_ref("tiny_bert"),
+        "-o",
+        out,
+        *BERT_INPUTS,
+        "--exporter",
+        "torchscript",
+        "--no-bench",
+    )
+    assert code == 1, err
+    report = json.loads((tmp_path / "ts.failed.json").read_text())
+    assert report["metrics"]["parity"]["max_abs_diff"] > 0.5  # measured: ~3.4
+    assert not out.exists()
+
+
+def test_bert_auto_ships_dynamo_with_parity_at_new_lengths(cli, tmp_path):
+    from tests.conftest import model_ref
+
+    code, _, err = cli(
+        "convert", model_ref("tiny_bert"), "-o", tmp_path / "auto", *BERT_INPUTS, "--no-bench"
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert manifest["source"]["exporter"] == "dynamo"
+    assert manifest["parity"]["max_abs_diff"] < 1e-4
+    assert [o["name"] for o in manifest["outputs"]] == ["last_hidden_state", "pooler_output"]
+    assert manifest["outputs"][0]["shape"] == ["batch", "seq", 64]

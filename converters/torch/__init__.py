@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import torch
 from onnxpipe.converters.base import (
     ConversionResult,
     ConvertConfig,
@@ -33,8 +34,6 @@ from onnxpipe.converters.torch.export import (
 from onnxpipe.converters.torch.load import load_torch_source
 from onnxpipe.errors import InputError
 from torch.utils import _pytree as pytree
-
-import torch
 
 logger = logging.getLogger(__name__)
 

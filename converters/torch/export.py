@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from onnxpipe.converters.base import InputSpec
-
 import torch
+from onnxpipe.converters.base import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +49,22 @@ def call_args(
         params = inspect.signature(forward).parameters if forward else {}
     except (TypeError, ValueError):
         params = {}
-    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if params and all(n in params for n in names) and not has_var_kw:
+    if params and all(n in params for n in names):
         return (), {n: tensors[n] for n in names}
     return tuple(tensors[n] for n in names), {}
+
+
+class KeywordAdapter(torch.nn.Module):
+    """Calls ``model(**{name: tensor})`` from positional tensors, in ``names`` order."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        """The wrapped model's outputs for positional ``tensors``."""
+        return self.model(**dict(zip(self.names, tensors, strict=True)))
 
 
 def _dim_objects(specs: Sequence[InputSpec]) -> dict[str, Any]:
@@ -116,10 +127,18 @@ def export_torchscript(
     output_names: list[str],
     opset: int | None,
 ) -> ir.Model:
-    """Export with the TorchScript exporter (``dynamo=False``) through a temporary file."""
+    """Export with the TorchScript exporter (``dynamo=False``) through a temporary file.
+
+    Keyword inputs go through :class:`KeywordAdapter`: the TorchScript exporter binds a
+    trailing kwargs dict against ``forward``'s full signature and trips on models such as
+    transformers' (``got multiple values for argument 'use_cache'``).
+    """
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
-    export_args: tuple[Any, ...] = (*args, kwargs) if kwargs else args
+    if kwargs:
+        model = KeywordAdapter(model, list(kwargs))
+        args = tuple(kwargs.values())
+    export_args: tuple[Any, ...] = args
     dynamic_axes = {
         s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
         for s in specs

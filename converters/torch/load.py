@@ -12,10 +12,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from onnxpipe.converters.source import Loaded, call_factory, is_callable_ref
 from onnxpipe.errors import InputError
-
-import torch
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,158 @@
+"""Decide the input specs of a TensorFlow source and trace it into one concrete function.
+
+The specs come from ``--input`` when given, else from the model; unknown dims become symbols
+(``batch`` on axis 0). With ``--nchw`` the ONNX side sees NCHW images while TensorFlow is
+traced, and run as the reference, in its own NHWC layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from onnxpipe.converters.base import DTYPES, Dim, InputSpec, output_names_for
+from onnxpipe.converters.tensorflow.load import TFSource
+from onnxpipe.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+TO_NHWC = (0, 2, 3, 1)
+TO_NCHW = (0, 3, 1, 2)
+_NON_WORD = re.compile(r"\W")
+
+
+@dataclass
+class Traced:
+    """A source traced for conversion.
+
+    Attributes:
+        function: the ``ConcreteFunction`` to convert; its first ``len(tf_specs)`` inputs are
+            the model inputs, in ``tf_specs`` order.
+        tf_specs: the inputs in TensorFlow layout, named with their ONNX names.
+        output_names: ONNX output names, in ``function.outputs`` order.
+        output_batched: per output, whether axis 0 is the dynamic batch axis.
+        run: runs TensorFlow on arrays in ``tf_specs`` order; outputs in the same order.
+    """
+
+    function: Any
+    tf_specs: list[InputSpec]
+    output_names: list[str]
+    output_batched: list[bool]
+    run: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def resolve_specs(
+    src: TFSource, user: list[InputSpec], nchw: bool
+) -> tuple[list[InputSpec], list[InputSpec]]:
+    """Return (ONNX-facing specs, TensorFlow-layout specs) for ``src``.
+
+    With ``nchw``, ``--input`` shapes are read as the ONNX (NCHW) shapes.
+
+    Raises:
+        InputError: the input shapes are unknown and no ``--input`` was given, the number of
+            ``--input`` specs differs from the model's inputs, a dtype is unsupported, or
+            ``--nchw`` is asked for a model with no rank-4 input.
+    """
+    if user:
+        if src.inputs is not None and len(user) != len(src.inputs):
+            raise InputError(
+                f"{src.where}: the model has {len(src.inputs)} input(s) "
+                f"({', '.join(d[0] for d in src.inputs)}) but {len(user)} --input spec(s) were "
+                "given. Pass one --input per model input, in the model's order."
+            )
+        onnx_specs = list(user)
+        tf_specs = [_permute(s, TO_NHWC) if nchw else s for s in onnx_specs]
+    else:
+        tf_specs = [_declared_spec(src, d) for d in _require_declared(src)]
+        onnx_specs = [_permute(s, TO_NCHW) if nchw else s for s in tf_specs]
+    if nchw and not any(len(s.shape) == 4 for s in tf_specs):
+        raise InputError(
+            f"{src.where}: --nchw transposes rank-4 image inputs, but the model has none "
+            f"({', '.join(str(s) for s in onnx_specs)}). Drop --nchw."
+        )
+    return onnx_specs, tf_specs
+
+
+def _require_declared(src: TFSource) -> list[tuple[str, str, tuple[int | None, ...] | None]]:
+    if src.inputs is None or any(shape is None for _, _, shape in src.inputs):
+        raise InputError(
+            f"{src.where}: the model does not declare its input shapes (an unbuilt or subclassed "
+            "model, or a tf.function without input_signature). Pass --input for each input, "
+            "e.g. --input input:float32[batch,224,224,3]."
+        )
+    return src.inputs
+
+
+def _declared_spec(src: TFSource, declared: tuple[str, str, Any]) -> InputSpec:
+    name, dtype, shape = declared
+    if dtype not in DTYPES:
+        raise InputError(
+            f"{src.where}: input {name!r} has dtype {dtype}, which onnxpipe cannot feed. "
+            f"Supported: {', '.join(DTYPES)}."
+        )
+    stem = _NON_WORD.sub("_", name)
+    dims: list[Dim] = [
+        d if d is not None else ("batch" if i == 0 else f"{stem}_dim{i}")
+        for i, d in enumerate(shape)
+    ]
+    return InputSpec(name, dtype, tuple(dims))
+
+
+def _permute(spec: InputSpec, perm: tuple[int, ...]) -> InputSpec:
+    if len(spec.shape) != 4:
+        return spec
+    return InputSpec(spec.name, spec.dtype, tuple(spec.shape[p] for p in perm))
+
+
+def trace(src: TFSource, tf_specs: list[InputSpec]) -> Traced:
+    """Trace ``src`` on ``tf_specs`` (symbols become ``None`` dims) into a ``Traced``.
+
+    Raises:
+        InputError: TensorFlow rejects the inputs while tracing (wrong rank, dtype or count).
+    """
+    import tensorflow as tf
+
+    signature = [
+        tf.TensorSpec(
+            [None if isinstance(d, str) else d for d in spec.shape],
+            tf.as_dtype(spec.dtype),
+            name=f"onnxpipe_input_{i}",
+        )
+        for i, spec in enumerate(tf_specs)
+    ]
+    seen: dict[str, list[str] | None] = {}
+
+    def flat_call(*tensors: Any) -> list[Any]:
+        out = src.call(*tensors)
+        if isinstance(out, dict):
+            seen["keys"] = [str(k) for k in sorted(out)]
+            return [out[k] for k in sorted(out)]
+        seen["keys"] = None
+        return list(tf.nest.flatten(out))
+
+    function = tf.function(flat_call, input_signature=signature, autograph=False)
+    try:
+        concrete = function.get_concrete_function()
+    except (ValueError, TypeError, tf.errors.OpError) as e:
+        raise InputError(
+            f"{src.where}: TensorFlow rejected the inputs "
+            f"{', '.join(str(s) for s in tf_specs)} while tracing ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:240]}). Check --input: count, dtype, rank and layout."
+        ) from e
+    count = len(concrete.outputs)
+    keys = seen.get("keys") or src.output_keys
+    names = output_names_for(count, keys)
+    all_batched = all(s.shape and s.shape[0] == "batch" for s in tf_specs)
+    batched = [bool(all_batched and t.shape.rank and t.shape[0] is None) for t in concrete.outputs]
+    dtypes = [tf.as_dtype(s.dtype) for s in tf_specs]
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [tf.convert_to_tensor(a, dtype=d) for a, d in zip(arrays, dtypes, strict=True)]
+        return [o.numpy() for o in function(*tensors)]
+
+    logger.debug("%s: traced %d input(s), outputs %s", src.where, len(tf_specs), names)
+    return Traced(concrete, tf_specs, names, batched, run)

@@ -1,0 +1,191 @@
+"""Compare two bundles: signatures, op histograms, parameters, output agreement, latency.
+
+Typically the same architecture from Keras and from PyTorch. Inputs are matched by position;
+where one side is NHWC and the other NCHW (same dims, channels moved), feeds and rank-4
+outputs are transposed so the numbers compare like with like.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxpipe.bench import BenchConfig, bench_model
+from onnxpipe.bundle import read_manifest
+from onnxpipe.bundle_ops import bundle_inputs
+from onnxpipe.converters.base import InputSpec
+from onnxpipe.data import load_data, parity_feeds
+from onnxpipe.errors import InputError
+from onnxpipe.modelio import MODEL_FILE
+from onnxpipe.parity import compare_outputs
+from onnxpipe.runtime import SessionOptions, make_session
+
+logger = logging.getLogger(__name__)
+
+NHWC_TO_NCHW = (0, 3, 1, 2)
+NCHW_TO_NHWC = (0, 2, 3, 1)
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Op types (``domain::Op`` outside the default domain) and their counts, subgraphs included."""
+    counts: Counter[str] = Counter()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        counts[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Elements of floating-point weights: initializers and Constant tensors with > 1 element."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None and tensor.dtype.is_floating_point():
+                total += tensor.size
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+            tensor = node.attributes["value"].as_tensor()
+            if tensor.dtype.is_floating_point() and tensor.size > 1:
+                total += tensor.size
+    return total
+
+
+def layout_map(a: InputSpec, b: InputSpec) -> tuple[int, ...] | None:
+    """The transpose taking A-layout to B-layout: None when shapes agree as they are."""
+    if len(a.shape) != len(b.shape):
+        raise InputError(f"input {a.name!r} has rank {len(a.shape)}, {b.name!r} {len(b.shape)}.")
+    if len(a.shape) != 4 or _same(a.shape, b.shape):
+        return None
+    if _same(tuple(a.shape[i] for i in NCHW_TO_NHWC), b.shape):
+        return NCHW_TO_NHWC
+    if _same(tuple(a.shape[i] for i in NHWC_TO_NCHW), b.shape):
+        return NHWC_TO_NCHW
+    return None
+
+
+def _same(x: tuple[Any, ...], y: tuple[Any, ...]) -> bool:
+    return all(
+        not (isinstance(p, int) and isinstance(q, int)) or p == q for p, q in zip(x, y, strict=True)
+    )
+
+
+def compare_bundles(
+    a: Path, b: Path, data: str | None = None, bench: bool = True, runs: int = 30
+) -> dict[str, Any]:
+    """The contract's compare record for bundles ``a`` and ``b``.
+
+    Raises:
+        InputError: not bundles, or their inputs cannot be matched (count, rank, dtype).
+    """
+    manifests = {"a": read_manifest(a), "b": read_manifest(b)}
+    specs = {k: bundle_inputs(m) for k, m in manifests.items()}
+    if len(specs["a"]) != len(specs["b"]):
+        raise InputError(
+            f"{a} has {len(specs['a'])} inputs and {b} has {len(specs['b'])}; compare needs "
+            "models with the same inputs."
+        )
+    maps = [layout_map(x, y) for x, y in zip(specs["a"], specs["b"], strict=True)]
+    for x, y in zip(specs["a"], specs["b"], strict=True):
+        if x.dtype != y.dtype:
+            raise InputError(f"input {x.name!r} is {x.dtype} in {a}, {y.name!r} is {y.dtype}.")
+    feeds_a = load_data(data, specs["a"]) if data else parity_feeds(specs["a"])
+    sessions = {k: make_session(p / MODEL_FILE, SessionOptions()) for k, p in (("a", a), ("b", b))}
+    names = [o.name for o in sessions["a"].get_outputs()]
+    rows: list[dict[str, Any]] = []
+    for feeds in feeds_a:
+        feeds_b = {
+            y.name: (feeds[x.name].transpose(m) if m else feeds[x.name])
+            for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)
+        }
+        out_a = sessions["a"].run(None, feeds)
+        out_b = sessions["b"].run(None, feeds_b)
+        out_b = [_like(o_b, o_a, maps) for o_a, o_b in zip(out_a, out_b, strict=False)]
+        rows.extend(compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4))
+    models = {k: ir.load(p / MODEL_FILE) for k, p in (("a", a), ("b", b))}
+    record: dict[str, Any] = {
+        "a": str(a),
+        "b": str(b),
+        "inputs": {k: m["inputs"] for k, m in manifests.items()},
+        "outputs": _agreement(rows),
+        "ops": {k: op_histogram(m) for k, m in models.items()},
+        "params": {k: parameter_count(m) for k, m in models.items()},
+        "latency_ms": {"a": None, "b": None},
+        "layout": [
+            ("nchw->nhwc" if m == NCHW_TO_NHWC else "nhwc->nchw") if m else None for m in maps
+        ],
+    }
+    if bench:
+        config = BenchConfig(runs=runs, warmup=3)
+        for key, path in (("a", a), ("b", b)):
+            spec_json = [s.to_json() for s in specs[key]]
+            result = bench_model(path / MODEL_FILE, spec_json, config)[0]
+            record["latency_ms"][key] = result["latency_ms"]["p50"]
+    return record
+
+
+def _like(out_b: np.ndarray, out_a: np.ndarray, maps: list[tuple[int, ...] | None]) -> np.ndarray:
+    """Bring a rank-4 output of B into A's layout when the inputs needed a transpose."""
+    layout = next((m for m in maps if m), None)
+    if layout is None or out_b.ndim != 4 or out_b.shape == out_a.shape:
+        return out_b
+    back = NHWC_TO_NCHW if layout == NCHW_TO_NHWC else NCHW_TO_NHWC
+    return out_b.transpose(back)
+
+
+def _agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [r["error"] for r in rows if "error" in r]
+    ok = [r for r in rows if "error" not in r]
+    top1 = [r["top1_agreement"] for r in ok if "top1_agreement" in r]
+    return {
+        "max_abs_diff": max((r["max_abs_diff"] for r in ok), default=None),
+        "cosine": min((r["cosine"] for r in ok), default=None),
+        "top1_agreement": float(np.mean(top1)) if top1 else None,
+        "errors": errors[:5],
+    }
+
+
+def render_html(record: dict[str, Any]) -> str:
+    """A single self-contained page with the comparison side by side."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return html.escape("n/a" if value is None else str(value))
+
+    ops = sorted(set(record["ops"]["a"]) | set(record["ops"]["b"]))
+    op_rows = "".join(
+        f"<tr{' class=diff' if record['ops']['a'].get(op) != record['ops']['b'].get(op) else ''}>"
+        f"<td>{html.escape(op)}</td><td>{record['ops']['a'].get(op, 0)}</td>"
+        f"<td>{record['ops']['b'].get(op, 0)}</td></tr>"
+        for op in ops
+    )
+    io_rows = "".join(
+        f"<tr><td>{cell(x['name'])} {cell(x['dtype'])}{cell(x['shape'])}</td>"
+        f"<td>{cell(y['name'])} {cell(y['dtype'])}{cell(y['shape'])}</td></tr>"
+        for x, y in zip(record["inputs"]["a"], record["inputs"]["b"], strict=False)
+    )
+    out = record["outputs"]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>onnxpipe compare</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1000px}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px}}
+th{{background:#f3f3f3}}tr.diff td{{background:#fff3cd}}</style></head><body>
+<h1>onnxpipe compare</h1>
+<table><tr><th></th><th>A</th><th>B</th></tr>
+<tr><td>bundle</td><td>{cell(record["a"])}</td><td>{cell(record["b"])}</td></tr>
+<tr><td>parameters</td><td>{record["params"]["a"]:,}</td><td>{record["params"]["b"]:,}</td></tr>
+<tr><td>p50 latency (ms, CPU, batch 1)</td><td>{cell(record["latency_ms"]["a"])}</td>
+<td>{cell(record["latency_ms"]["b"])}</td></tr></table>
+<h2>Output agreement (B against A)</h2>
+<table><tr><th>max abs diff</th><th>cosine</th><th>top-1 agreement</th></tr>
+<tr><td>{cell(out["max_abs_diff"])}</td><td>{cell(out["cosine"])}</td>
+<td>{cell(out["top1_agreement"])}</td></tr></table>
+<h2>Inputs</h2><table><tr><th>A</th><th>B</th></tr>{io_rows}</table>
+<h2>Operators</h2><table><tr><th>op</th><th>A</th><th>B</th></tr>{op_rows}</table>
+</body></html>
+"""

@@ -1,0 +1,147 @@
+"""Keras -> bundle through the CLI, and ``compare`` on Keras models and their PyTorch twins."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+
+
+def _trained_biases(model: "keras.Model") -> "keras.Model":
+    """Non-zero biases, as after training (tf2onnx rightly drops an all-zero bias Add)."""
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.standard_normal(layer.bias.shape).astype("float32") * 0.1)
+    return model
+
+
+def keras_mlp() -> "keras.Model":
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,), name="features")
+    h = keras.layers.Dense(32, activation="relu")(inputs)
+    outputs = keras.layers.Dense(10)(h)
+    return _trained_biases(keras.Model(inputs, outputs))
+
+
+def torch_twin_mlp(model: "keras.Model") -> torch.nn.Module:
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        for linear, layer in zip([twin[0], twin[2]], dense, strict=True):
+            kernel, bias = layer.get_weights()
+            linear.weight.copy_(torch.from_numpy(kernel.T))
+            linear.bias.copy_(torch.from_numpy(bias))
+    return twin.eval()
+
+
+def keras_cnn() -> "keras.Model":
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((16, 16, 3), name="image")
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return _trained_biases(keras.Model(inputs, keras.layers.Dense(5)(h)))
+
+
+class TorchCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def torch_twin_cnn(model: "keras.Model") -> torch.nn.Module:
+    conv, dense = model.layers[1], model.layers[3]
+    twin = TorchCNN()
+    with torch.no_grad():
+        kernel, bias = conv.get_weights()
+        twin.conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
+        twin.conv.bias.copy_(torch.from_numpy(bias))
+        kernel, bias = dense.get_weights()
+        twin.fc.weight.copy_(torch.from_numpy(kernel.T))
+        twin.fc.bias.copy_(torch.from_numpy(bias))
+    return twin.eval()
+
+
+def _save_twins(tmp_path, kind):
+    model = keras_mlp() if kind == "mlp" else keras_cnn()
+    model.save(tmp_path / f"{kind}.keras")
+    twin = torch_twin_mlp(model) if kind == "mlp" else torch_twin_cnn(model)
+    spec = "x:float32[batch,64]" if kind == "mlp" else "x:float32[batch,3,16,16]"
+    example = torch.randn(2, 64) if kind == "mlp" else torch.randn(2, 3, 16, 16)
+    torch.jit.trace(twin, example).save(str(tmp_path / f"{kind}.pt"))
+    return spec
+
+
+def test_keras_file_becomes_a_bundle_with_keras_input_names(cli, tmp_path):
+    _save_twins(tmp_path, "mlp")
+    code, _, err = cli("convert", tmp_path / "mlp.keras", "-o", tmp_path / "k", "--no-bench")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert manifest["source"]["framework"] == "tf" and manifest["source"]["exporter"] == "tf2onnx"
+    assert manifest["inputs"][0]["name"] == "features"
+    assert manifest["inputs"][0]["shape"] == ["batch", 64]
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] < 1e-4
+    assert manifest["parity"]["reference"].startswith("tensorflow ")
+    assert manifest["model"]["opset"] <= 18
+    assert "tf2onnx" in manifest["versions"] and "torch" not in manifest["versions"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_compare_keras_and_pytorch_twins(kind, cli, tmp_path):
+    spec = _save_twins(tmp_path, kind)
+    for name, extra in ((f"{kind}.keras", []), (f"{kind}.pt", ["--input", spec])):
+        code, _, err = cli(
+            "convert",
+            tmp_path / name,
+            "-o",
+            tmp_path / name.replace(".", "_"),
+            "--no-bench",
+            *extra,
+        )
+        assert code == 0, err
+    page = tmp_path / "compare.html"
+    code, out, err = cli(
+        "compare", tmp_path / f"{kind}_keras", tmp_path / f"{kind}_pt", "--json", "--html", page
+    )
+    assert code == 0, err
+    record = json.loads(out)
+    assert set(record) >= {"a", "b", "outputs", "ops", "params", "latency_ms"}
+    assert record["outputs"]["max_abs_diff"] <= 1e-4
+    assert record["outputs"]["cosine"] > 0.99999 and record["outputs"]["top1_agreement"] == 1.0
+    assert record["params"]["a"] == record["params"]["b"] > 0
+    assert record["latency_ms"]["a"] > 0 and record["latency_ms"]["b"] > 0
+    assert record["layout"] == ([None] if kind == "mlp" else ["nhwc->nchw"])
+    assert "Conv" in record["ops"]["b"] if kind == "cnn" else "Gemm" in record["ops"]["b"]
+    assert "<table>" in page.read_text() and f"{record['params']['a']:,}" in page.read_text()
+
+
+def test_nchw_keras_needs_no_transpose_against_pytorch(cli, tmp_path):
+    spec = _save_twins(tmp_path, "cnn")
+    assert (
+        cli("convert", tmp_path / "cnn.keras", "-o", tmp_path / "k", "--nchw", "--no-bench")[0] == 0
+    )
+    assert (
+        cli("convert", tmp_path / "cnn.pt", "-o", tmp_path / "t", "--input", spec, "--no-bench")[0]
+        == 0
+    )
+    code, out, _ = cli("compare", tmp_path / "k", tmp_path / "t", "--json", "--no-bench")
+    record = json.loads(out)
+    assert code == 0 and record["layout"] == [None]
+    assert record["inputs"]["a"][0]["shape"] == ["batch", 3, 16, 16]
+    assert record["outputs"]["max_abs_diff"] <= 1e-4
+
+
+def test_compare_refuses_mismatched_models(cli, tmp_path):
+    _save_twins(tmp_path, "mlp")
+    spec = _save_twins(tmp_path, "cnn")
+    cli("convert", tmp_path / "mlp.keras", "-o", tmp_path / "a", "--no-bench")
+    cli("convert", tmp_path / "cnn.pt", "-o", tmp_path / "b", "--input", spec, "--no-bench")
+    code, _, err = cli("compare", tmp_path / "a", tmp_path / "b")
+    assert code == 2 and "rank" in err

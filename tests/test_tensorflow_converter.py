@@ -1,0 +1,429 @@
+"""TensorFlow / Keras -> ONNX converter: every SOURCE route, bad inputs, keras.applications."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+keras = pytest.importorskip("keras")
+
+from onnxpipe.converters.base import ConversionResult, ConvertConfig  # noqa: E402
+from onnxpipe.converters.tensorflow import MAX_OPSET, convert  # noqa: E402
+from onnxpipe.errors import ConversionError, InputError  # noqa: E402
+
+from tests.helpers import ort_run  # noqa: E402
+
+RNG = np.random.default_rng(0)
+BATCHES = (1, 3, 5)  # every export traces batch as None; these sizes were never seen
+
+
+def feeds_for(result: ConversionResult, batch: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in result.inputs:
+        dims = [batch if d == "batch" else (d if isinstance(d, int) else 7) for d in spec.shape]
+        feeds[spec.name] = (RNG.standard_normal(dims) * scale).astype(spec.dtype)
+    return feeds
+
+
+def parity(result: ConversionResult, batches=BATCHES, scale: float = 1.0) -> tuple[float, float]:
+    """(worst max-abs diff ORT vs TensorFlow, largest |output|) over ``batches``."""
+    worst = magnitude = 0.0
+    for batch in batches:
+        feeds = feeds_for(result, batch, scale)
+        want = result.reference(feeds)
+        got = ort_run(result.model, feeds)
+        assert len(want) == len(got)
+        for w, g in zip(want, got, strict=True):
+            assert w.shape == g.shape and w.shape[0] == batch
+            worst = max(worst, float(np.max(np.abs(w.astype(np.float64) - g))))
+            magnitude = max(magnitude, float(np.max(np.abs(w))))
+    assert magnitude > 0.0  # an all-zero output would make any parity claim empty
+    return worst, magnitude
+
+
+def max_parity(result: ConversionResult, batches=BATCHES, scale: float = 1.0) -> float:
+    """Worst max-abs difference ORT vs TensorFlow over ``batches``, shapes checked."""
+    return parity(result, batches, scale)[0]
+
+
+def assert_scaled_parity(result: ConversionResult, scale: float = 1.0) -> tuple[float, float]:
+    """Parity <= 1e-4 absolute, and <= 1e-4 of the output magnitude.
+
+    Random-weight networks give logits anywhere from 1e-11 (MobileNetV2) to ~10 (ConvNeXt);
+    an absolute bound alone is empty for the first, so the bound is scaled with the largest
+    |output|: ``diff <= 1e-4 * max|ref|`` (float32 round-off through ~100 layers measures
+    about 1e-6 of it here), and never above 1e-4 * max(1, max|ref|).
+    """
+    diff, magnitude = parity(result, scale=scale)
+    assert diff <= 1e-4 * max(1.0, magnitude), (diff, magnitude)
+    assert diff <= 1e-4 * magnitude, (diff, magnitude)
+    return diff, magnitude
+
+
+def two_input_model():
+    a = keras.Input((8,), name="features")
+    b = keras.Input((4,), name="extra")
+    x = keras.layers.Concatenate()([keras.layers.Dense(16, activation="relu")(a), b])
+    y = keras.layers.Dense(3, name="score")(x)
+    aux = keras.layers.Dense(2, activation="softmax", name="aux")(x)
+    return keras.Model([a, b], [y, aux])
+
+
+def image_model(size: int = 16):
+    inp = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(5, name="logits")(x))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+def test_two_input_keras_file_keeps_names_and_parity(tmp_path):
+    path = tmp_path / "two.keras"
+    two_input_model().save(path)
+    before = sha(path)
+    result = convert(str(path), ConvertConfig())
+    assert [s.name for s in result.inputs] == ["features", "extra"]
+    specs = [str(s) for s in result.inputs]
+    assert specs == ["features:float32[batch,8]", "extra:float32[batch,4]"]
+    assert [v.name for v in result.model.graph.inputs] == ["features", "extra"]
+    assert [v.name for v in result.model.graph.outputs] == ["score", "aux"]
+    assert str(result.model.graph.outputs[0].shape[0]) == "batch"
+    assert (result.framework, result.exporter) == ("tf", "tf2onnx")
+    assert result.reference_name == f"tensorflow {tf.__version__}"
+    assert result.model.opset_imports[""] == MAX_OPSET
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    assert max_parity(result) <= 1e-5
+    assert sha(path) == before  # the user's file is only read
+
+
+def test_int_tokens_lstm_with_dynamic_sequence():
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(50, 8)(tokens)
+    model = keras.Model(tokens, keras.layers.Dense(2)(keras.layers.LSTM(6)(x)))
+    result = convert(model, ConvertConfig())
+    assert [str(s) for s in result.inputs] == ["tokens:int32[batch,tokens_dim1]"]
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    for batch, length in ((1, 3), (4, 17)):
+        feeds = {"tokens": RNG.integers(0, 50, (batch, length)).astype("int32")}
+        want = result.reference(feeds)[0]
+        assert want.shape == (batch, 2)
+        assert np.max(np.abs(ort_run(result.model, feeds)[0] - want)) <= 1e-5
+
+
+def test_legacy_h5(tmp_path):
+    path = tmp_path / "two.h5"
+    two_input_model().save(path)
+    result = convert(str(path), ConvertConfig(opset=13))
+    assert [s.name for s in result.inputs] == ["features", "extra"]
+    assert result.model.opset_imports[""] == 13
+    assert max_parity(result) <= 1e-5
+
+
+def test_saved_model_from_keras_applications_export(tmp_path):
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(64, 64, 3), alpha=0.35, classifier_activation=None
+    )
+    model.export(str(tmp_path / "sm"), verbose=False)
+    result = convert(str(tmp_path / "sm"), ConvertConfig())
+    assert len(result.inputs) == 1 and result.inputs[0].shape == ("batch", 64, 64, 3)
+    assert [s.name for s in result.inputs] == ["input"]  # Keras's keras_tensor_N, cleaned
+    assert [v.name for v in result.model.graph.outputs] == ["output_0"]
+    assert_scaled_parity(result)
+
+
+def test_saved_model_two_inputs_keeps_signature_names(tmp_path):
+    two_input_model().export(str(tmp_path / "sm"), verbose=False)
+    result = convert(str(tmp_path / "sm"), ConvertConfig())
+    assert sorted(s.name for s in result.inputs) == ["extra", "features"]
+    assert max_parity(result) <= 1e-5
+
+
+def test_callable_from_python_file(tmp_path):
+    (tmp_path / "make_model.py").write_text(
+        "import keras\n"
+        "def make():\n"
+        "    inp = keras.Input((6,), name='x')\n"
+        "    return keras.Model(inp, keras.layers.Dense(2, activation='tanh')(inp))\n"
+    )
+    result = convert(f"{tmp_path / 'make_model.py'}:make", ConvertConfig())
+    assert [str(s) for s in result.inputs] == ["x:float32[batch,6]"]
+    assert max_parity(result) <= 1e-6
+
+
+def test_in_memory_sequential_gets_clean_names():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    result = convert(model, ConvertConfig())
+    assert [s.name for s in result.inputs] == ["input"]  # not keras_tensor_N
+    assert [v.name for v in result.model.graph.outputs] == ["output"]
+    assert max_parity(result) <= 1e-6
+
+
+def test_tf_function_with_signature():
+    weights = tf.constant(RNG.standard_normal((5, 2)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 5), tf.float32, name="tokens")])
+    def fn(tokens):
+        return {"y": tf.nn.relu(tokens @ weights), "norm": tf.reduce_sum(tokens * tokens, -1)}
+
+    result = convert(fn, ConvertConfig())
+    assert [s.name for s in result.inputs] == ["tokens"]
+    assert [v.name for v in result.model.graph.outputs] == ["norm", "y"]  # dict keys, sorted
+    assert max_parity(result) <= 1e-5
+
+
+def test_unknown_spatial_dims_get_symbols_and_input_override(tmp_path):
+    inp = keras.Input((None, None, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    model = keras.Model(inp, keras.layers.GlobalMaxPooling2D()(x))
+    result = convert(model, ConvertConfig())
+    assert [str(s) for s in result.inputs] == ["img:float32[batch,img_dim1,img_dim2,3]"]
+    shape = result.model.graph.inputs[0].shape
+    assert [str(d) for d in shape] == ["batch", "img_dim1", "img_dim2", "3"]
+    assert max_parity(result) <= 1e-5
+
+    fixed = convert(model, ConvertConfig(inputs=("pixels:float32[batch,12,20,3]",)))
+    assert [str(s) for s in fixed.inputs] == ["pixels:float32[batch,12,20,3]"]
+    assert fixed.model.graph.inputs[0].name == "pixels"
+    assert max_parity(fixed) <= 1e-5
+
+
+def test_nchw_inputs_and_reference():
+    result = convert(image_model(16), ConvertConfig(nchw=True))
+    assert [str(s) for s in result.inputs] == ["image:float32[batch,3,16,16]"]
+    assert [str(d) for d in result.model.graph.inputs[0].shape] == ["batch", "3", "16", "16"]
+    assert max_parity(result) <= 1e-5
+
+
+def test_digits_accuracy_is_kept(tmp_path):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype("float32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target, test_size=0.3, random_state=0, stratify=digits.target
+    )
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((64,), name="pixels"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dropout(0.1),
+            keras.layers.Dense(10, activation="softmax", name="probs"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x_train, y_train, epochs=30, batch_size=64, verbose=0)
+    model.save(tmp_path / "digits.keras")
+
+    result = convert(str(tmp_path / "digits.keras"), ConvertConfig())
+    tf_pred = np.argmax(model.predict(x_test, verbose=0), axis=1)
+    onnx_pred = np.argmax(ort_run(result.model, {"pixels": x_test})[0], axis=1)
+    tf_acc = float(np.mean(tf_pred == y_test))
+    assert tf_acc > 0.9
+    assert float(np.mean(onnx_pred == y_test)) == tf_acc
+    assert np.array_equal(onnx_pred, tf_pred)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_not_a_keras_file(tmp_path):
+    path = tmp_path / "broken.keras"
+    path.write_text("definitely not a zip")
+    with pytest.raises(InputError, match="is not a Keras archive") as info:
+        convert(str(path), ConvertConfig())
+    assert str(path) in str(info.value)
+    assert path.read_text() == "definitely not a zip"
+
+
+def test_damaged_keras_zip(tmp_path):
+    import zipfile
+
+    path = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("hello.txt", "no config here")
+    with pytest.raises(InputError) as info:
+        convert(str(path), ConvertConfig())
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_lambda_layer_needs_unsafe_load(tmp_path, suffix):
+    path = tmp_path / f"lam{suffix}"
+    inp = keras.Input((4,), name="x")
+    keras.Model(inp, keras.layers.Lambda(lambda t: t * 2.0 + 1.0)(inp)).save(path)
+    with pytest.raises(InputError, match="--unsafe-load") as info:
+        convert(str(path), ConvertConfig())
+    assert str(path) in str(info.value)
+    result = convert(str(path), ConvertConfig(unsafe_load=True))
+    feeds = {"x": np.ones((2, 4), "float32")}
+    assert np.allclose(ort_run(result.model, feeds)[0], 3.0)
+
+
+def test_h5_with_weights_only(tmp_path):
+    path = tmp_path / "only.weights.h5"
+    two_input_model().save_weights(path)
+    with pytest.raises(InputError, match="weights but no model architecture") as info:
+        convert(str(path), ConvertConfig())
+    assert str(path) in str(info.value)
+
+
+def test_saved_model_without_serving_signature(tmp_path):
+    module = tf.Module()
+    module.v = tf.Variable(2.0)
+    module.f = tf.function(lambda x: x * module.v)
+    module.f.get_concrete_function(tf.TensorSpec((None,), tf.float32))
+    tf.saved_model.save(module, str(tmp_path / "nosig"))
+    with pytest.raises(InputError, match="no serving signature") as info:
+        convert(str(tmp_path / "nosig"), ConvertConfig())
+    assert str(tmp_path / "nosig") in str(info.value)
+
+
+def test_directory_that_is_not_a_saved_model(tmp_path):
+    with pytest.raises(InputError, match="not a SavedModel") as info:
+        convert(str(tmp_path), ConvertConfig())
+    assert str(tmp_path) in str(info.value)
+
+
+def test_missing_path_and_wrong_suffix(tmp_path):
+    with pytest.raises(InputError, match="no such file") as info:
+        convert(str(tmp_path / "nope.keras"), ConvertConfig())
+    assert "nope.keras" in str(info.value)
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"\0")
+    with pytest.raises(InputError, match="unknown TensorFlow model type") as info:
+        convert(str(other), ConvertConfig())
+    assert str(other) in str(info.value)
+
+
+class Unbuilt(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x) * 2.0
+
+
+def test_unknown_input_shapes_need_input_flag(tmp_path):
+    (tmp_path / "sub.py").write_text(
+        "import keras\n"
+        "class Net(keras.Model):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.dense = keras.layers.Dense(3)\n"
+        "    def call(self, x):\n"
+        "        return self.dense(x)\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    ref = f"{tmp_path / 'sub.py'}:make"
+    with pytest.raises(InputError, match="--input") as info:
+        convert(ref, ConvertConfig())
+    assert ref in str(info.value)
+    with pytest.raises(InputError, match="--input"):
+        convert(Unbuilt(), ConvertConfig())
+    result = convert(Unbuilt(), ConvertConfig(inputs=("x:float32[batch,5]",)))
+    assert [str(s) for s in result.inputs] == ["x:float32[batch,5]"]
+    assert max_parity(result) <= 1e-6
+
+
+def test_unsupported_ops_are_named(tmp_path):
+    @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+    def fn(x):
+        return tf.math.lgamma(tf.abs(x) + 1.0) + tf.math.digamma(tf.abs(x) + 1.0)
+
+    with pytest.raises(ConversionError, match="Digamma, Lgamma") as info:
+        convert(fn, ConvertConfig())
+    assert "the object passed to convert()" in str(info.value)
+
+    (tmp_path / "odd.py").write_text(
+        "import keras, tensorflow as tf\n"
+        "class Gamma(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return tf.math.lgamma(x)\n"
+        "def make():\n"
+        "    inp = keras.Input((3,), name='x')\n"
+        "    return keras.Model(inp, Gamma()(inp))\n"
+    )
+    ref = f"{tmp_path / 'odd.py'}:make"
+    with pytest.raises(ConversionError, match="Lgamma") as info:
+        convert(ref, ConvertConfig())
+    assert ref in str(info.value)
+
+
+def test_opset_above_tf2onnx_limit(tmp_path):
+    path = tmp_path / "m.keras"
+    two_input_model().save(path)
+    with pytest.raises(InputError, match=f"above {MAX_OPSET}") as info:
+        convert(str(path), ConvertConfig(opset=MAX_OPSET + 1))
+    assert str(path) in str(info.value)
+
+
+def test_callable_returning_wrong_type_and_input_count(tmp_path):
+    (tmp_path / "bad.py").write_text("def make():\n    return 42\n")
+    ref = f"{tmp_path / 'bad.py'}:make"
+    with pytest.raises(InputError, match="expected a keras.Model") as info:
+        convert(ref, ConvertConfig())
+    assert ref in str(info.value)
+    with pytest.raises(InputError, match="has 2 input"):
+        convert(two_input_model(), ConvertConfig(inputs=("a:float32[batch,8]",)))
+    with pytest.raises(InputError, match="--nchw"):
+        convert(two_input_model(), ConvertConfig(nchw=True))
+
+
+def test_import_does_not_pull_tensorflow():
+    code = (
+        "import sys, onnxpipe, onnxpipe.converters.tensorflow\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- keras.applications sweep -------------------------------------------------------------
+
+# (name, input size, feed scale); models with built-in preprocessing take 0..255 pixels.
+APPLICATIONS = [
+    ("MobileNetV2", 64, 1.0),
+    ("ResNet50", 64, 1.0),
+    ("EfficientNetB0", 64, 100.0),
+    ("EfficientNetV2B0", 64, 100.0),
+    ("ConvNeXtTiny", 64, 100.0),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size", "scale"), APPLICATIONS)
+def test_keras_applications_sweep(name, size, scale):
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classifier_activation=None
+    )
+    started = time.perf_counter()
+    result = convert(model, ConvertConfig())
+    seconds = time.perf_counter() - started
+    assert [str(s) for s in result.inputs] == [f"input:float32[batch,{size},{size},3]"]
+    diff, magnitude = assert_scaled_parity(result, scale)
+    print(f"{name}: convert {seconds:.1f}s, max|logit| {magnitude:.3g}, max abs diff {diff:.3g}")
