@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from onnxpipe.errors import InputError
 from pydantic import BaseModel, ConfigDict, Field
+
+from onnxpipe.errors import InputError
 
 if TYPE_CHECKING:
     import onnx_ir as ir

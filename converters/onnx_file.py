@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
+
 from onnxpipe.converters.base import (
     DTYPES,
     ConversionResult,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from onnxpipe.converters.base import InputSpec, random_feeds
 from onnxpipe.runtime import SessionOptions, make_session
 

@@ -19,12 +19,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxpipe import __version__
-from onnxpipe.errors import InputError, OnnxPipeError
-from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from onnxpipe import __version__
+from onnxpipe.errors import InputError, OnnxPipeError
+from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
 err = Console(stderr=True)

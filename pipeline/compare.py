@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import read_manifest
 from onnxpipe.bundle_ops import bundle_inputs

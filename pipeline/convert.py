@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from onnxpipe.converters import get_converter
 from onnxpipe.converters.base import ConversionResult, ConvertConfig
 from onnxpipe.converters.source import (

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from onnxpipe.converters.base import InputSpec, example_sizes, random_feeds
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError

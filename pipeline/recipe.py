@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from onnxpipe.bundle import MANIFEST, SCHEMA, atomic_dir, check_out_dir, write_json_atomic
 from onnxpipe.card import render_card
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError

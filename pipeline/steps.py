@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import save_parity_samples, versions
 from onnxpipe.converters.base import ConvertConfig, InputSpec
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.modelio import DATA_FILE, MODEL_FILE
 from onnxpipe.validate import parse_eps, validate_bundle
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 logger = logging.getLogger(__name__)
 

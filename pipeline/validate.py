@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from onnxpipe.bundle import load_parity_samples
 from onnxpipe.data import load_data, parity_feeds, samples_in
 from onnxpipe.errors import InputError

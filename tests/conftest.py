@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+
 from onnxpipe.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"

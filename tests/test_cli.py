@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnxpipe.modelio import sha256
 
+from onnxpipe.modelio import sha256
 from tests.conftest import model_ref, tree_hash
 from tests.fixtures import models
 from tests.helpers import ort_run

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from onnxpipe.demo import efficientnet_lite0
 from onnxpipe.modelio import sha256
-
 from tests.helpers import ort_run
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from onnxpipe.converters.base import InputSpec, example_sizes, random_feeds
 from onnxpipe.converters.source import is_callable_ref
 from onnxpipe.data import parity_feeds, samples_in

@@ -23,7 +23,6 @@ keras = pytest.importorskip("keras")
 from onnxpipe.converters.base import ConversionResult, ConvertConfig  # noqa: E402
 from onnxpipe.converters.tensorflow import MAX_OPSET, convert  # noqa: E402
 from onnxpipe.errors import ConversionError, InputError  # noqa: E402
-
 from tests.helpers import ort_run  # noqa: E402
 
 RNG = np.random.default_rng(0)

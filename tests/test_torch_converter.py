@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from onnxpipe.convert import convert
 from onnxpipe.converters import torch as torch_converter
 from onnxpipe.converters.base import ConvertConfig, ExportAttempt
 from onnxpipe.converters.torch.export import ExportFailed
 from onnxpipe.errors import ConversionError, GateFailed, InputError
-
 from tests.conftest import model_ref
 from tests.fixtures import models
 from tests.helpers import assert_close

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxpipe.converters.base import ConversionResult, ConvertConfig, Feeds, InputSpec
 from onnxpipe.converters.tensorflow.export import MAX_OPSET, convert_traced
 from onnxpipe.converters.tensorflow.load import load_tf_source

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from onnxpipe.converters.tensorflow.trace import Traced
 from onnxpipe.errors import ConversionError
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from onnxpipe.converters.base import DTYPES, Dim, InputSpec, output_names_for
 from onnxpipe.converters.tensorflow.load import TFSource
 from onnxpipe.errors import InputError

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+from torch.utils import _pytree as pytree
+
 from onnxpipe.converters.base import (
     ConversionResult,
     ConvertConfig,
@@ -33,7 +35,6 @@ from onnxpipe.converters.torch.export import (
 )
 from onnxpipe.converters.torch.load import load_torch_source
 from onnxpipe.errors import InputError
-from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
 

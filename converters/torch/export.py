@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx_ir as ir
 import torch
+
 from onnxpipe.converters.base import InputSpec
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from onnxpipe.converters.source import Loaded, call_factory, is_callable_ref
 from onnxpipe.errors import InputError
 
