@@ -1,0 +1,115 @@
+"""The graph-pass contract: a frozen config plus one ``call(model)``, on ``onnx_ir`` models.
+
+Passes subclass :class:`GraphPass`, which is an ``onnx_ir.passes.PassBase``: its ``__call__``
+checks every pass's contract once (the result is a ``PassResult``; an in-place pass returns the
+same model object, a functional one a new object). Here it also turns a pass's failure into a
+:class:`~onnxpipe.errors.PassError` that names the pass.
+
+Built-in passes are listed in :data:`PASSES` as ``name -> "module:Class"`` and imported on
+first use; third-party passes come through the ``onnxpipe.passes`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any, ClassVar, Generic, TypeVar
+
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict
+
+from onnxpipe.errors import InputError, OnnxPipeError, PassError
+
+logger = logging.getLogger(__name__)
+
+PASSES: dict[str, str] = {}
+"""Built-in passes, ``name -> "onnxpipe.graphs.<module>:<Class>"``; filled as passes land."""
+
+ENTRY_POINT_GROUP = "onnxpipe.passes"
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's settings: frozen, no unknown keys, JSON-serialisable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+ConfigT = TypeVar("ConfigT", bound=PassConfig)
+
+
+class GraphPass(ir.passes.PassBase, Generic[ConfigT]):
+    """An ONNX -> ONNX pass configured by a frozen :class:`PassConfig`.
+
+    Subclasses set ``name``, ``config_class``, ``modifies_in_place`` and implement ``call``,
+    returning ``ir.passes.PassResult``; they may put numbers for the manifest in
+    ``self.metrics``.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PassConfig]]
+    modifies_in_place: ClassVar[bool] = True
+
+    def __init__(self, config: ConfigT | None = None, **settings: Any) -> None:
+        if config is None:
+            try:
+                config = self.config_class(**settings)  # type: ignore[assignment]
+            except ValueError as e:  # pydantic's ValidationError
+                raise InputError(f"pass {self.name!r}: invalid settings: {e}") from e
+        self.config: ConfigT = config  # type: ignore[assignment]
+        self.metrics: dict[str, Any] = {}
+
+    @property
+    def in_place(self) -> bool:
+        """Whether ``call`` edits and returns the input model object."""
+        return self.modifies_in_place
+
+    @property
+    def changes_input(self) -> bool:
+        """Whether the input model is changed (true exactly for in-place passes)."""
+        return self.modifies_in_place
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        """Run the pass with ir-py's contract checks; failures become :class:`PassError`."""
+        try:
+            return super().__call__(model_or_result)
+        except OnnxPipeError:
+            raise
+        except ir.passes.PassError as e:
+            raise PassError(f"pass {self.name!r} broke its contract: {e}") from e
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as e:
+            raise PassError(f"pass {self.name!r}: {e}") from e
+
+
+def get_pass(name: str) -> type[GraphPass[Any]]:
+    """The pass class registered as ``name`` (built-in or entry point).
+
+    Raises:
+        InputError: no pass has that name.
+    """
+    target = PASSES.get(name)
+    if target is None:
+        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if entry.name == name:
+                target = entry.value
+                break
+    if target is None:
+        known = sorted(PASSES) + [e.name for e in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+        raise InputError(f"unknown pass {name!r}; known passes: {', '.join(known) or '(none)'}.")
+    module_name, _, attr = target.partition(":")
+    cls: type[GraphPass[Any]] = getattr(importlib.import_module(module_name), attr)
+    return cls
+
+
+def run_passes(passes: Sequence[GraphPass[Any]], model: ir.Model) -> ir.Model:
+    """Apply ``passes`` in order; a failure names the pass and the passes that ran before it."""
+    done: list[str] = []
+    for index, graph_pass in enumerate(passes, start=1):
+        try:
+            model = graph_pass(model).model
+        except OnnxPipeError as e:
+            before = f", after {', '.join(done)}" if done else ""
+            raise type(e)(f"pass {index} ({graph_pass.name}){before}: {e}") from e
+        done.append(graph_pass.name)
+    return model

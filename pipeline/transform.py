@@ -1,0 +1,198 @@
+"""Derive a new bundle from an existing one by an ONNX -> ONNX transform, behind a gate.
+
+Used by every optimization command (optimize, quantize, prune). The input bundle is never
+touched; the result is built in a temp dir and appears only if the gate holds. The step's
+manifest record carries size, latency (before and after, measured in the same run) and the
+gate metrics against the input model.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import BaseModel
+
+from onnxpipe.bench import BenchConfig, bench_model
+from onnxpipe.bundle import (
+    atomic_dir,
+    check_out_dir,
+    load_parity_samples,
+    read_manifest,
+    save_parity_samples,
+    write_json_atomic,
+)
+from onnxpipe.bundle_ops import bundle_inputs
+from onnxpipe.converters.base import InputSpec
+from onnxpipe.data import Feeds, load_data, parity_feeds
+from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.gate import Gate, enforce, gate_metrics
+from onnxpipe.modelio import MODEL_FILE, save_model
+from onnxpipe.recipe import finalize
+from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
+from onnxpipe.steps import Work
+from onnxpipe.validate import validate_bundle
+
+logger = logging.getLogger(__name__)
+
+Outputs = list[np.ndarray]
+
+
+@dataclass
+class TransformContext:
+    """What a transform may use: the input bundle, its specs and the eval feeds."""
+
+    bundle: Path
+    manifest: dict[str, Any]
+    inputs: list[InputSpec]
+    eval_feeds: list[Feeds]
+    scratch: Path
+    _reference: list[Outputs] | None = field(default=None, repr=False)
+
+    def run(self, model: ir.Model | Path) -> list[Outputs]:
+        """Outputs of ``model`` on ORT CPU for every eval feed."""
+        path = model if isinstance(model, Path) else self.save(model, "candidate")
+        try:
+            session = make_session(path, SessionOptions(ep="cpu"))
+            return [list(session.run(None, feeds)) for feeds in self.eval_feeds]
+        except ORT_ERRORS as e:
+            raise InputError(f"{path}: ONNX Runtime cannot run the model: {e}") from e
+
+    def reference(self) -> list[Outputs]:
+        """Outputs of the input bundle's model on the eval feeds (computed once)."""
+        if self._reference is None:
+            self._reference = self.run(self.bundle / MODEL_FILE)
+        return self._reference
+
+    def measure(self, model: ir.Model | Path) -> dict[str, Any]:
+        """Gate metrics of ``model`` against the input model on the eval feeds."""
+        return gate_metrics(self.reference(), self.run(model))
+
+    def save(self, model: ir.Model, name: str) -> Path:
+        """Save ``model`` under the scratch dir (``name/model.onnx``) and return its path."""
+        directory = self.scratch / name
+        directory.mkdir(parents=True, exist_ok=True)
+        return save_model(model, directory)[0]
+
+
+Transform = Callable[[ir.Model, TransformContext], tuple[ir.Model, dict[str, Any]]]
+
+
+def load_bundle_model(bundle: Path) -> ir.Model:
+    """The bundle's model with its external data in memory."""
+    return ir.external_data.load_to_model(ir.load(bundle / MODEL_FILE))
+
+
+def eval_feeds(bundle: Path, inputs: Sequence[InputSpec], data: str | None) -> list[Feeds]:
+    """``--eval`` data when given, else the bundle's stored samples plus generated ones."""
+    if data:
+        return load_data(data, inputs)
+    stored = [feeds for feeds, _ in load_parity_samples(bundle)]
+    return stored + parity_feeds(inputs)
+
+
+def derive_bundle(
+    bundle: Path,
+    out: Path,
+    step_name: str,
+    step_config: BaseModel,
+    transform: Transform,
+    gates: Sequence[Gate] = (),
+    eval_data: str | None = None,
+    overwrite: bool = False,
+    bench_runs: int = 30,
+) -> dict[str, Any]:
+    """Apply ``transform`` to ``bundle``'s model and write the result as bundle ``out``.
+
+    Raises:
+        InputError: ``bundle`` is not a bundle, ``out`` is taken, or the data does not fit.
+        GateFailed: the result misses a gate; nothing is written at ``out`` and the numbers
+            go to ``<out>.failed.json``.
+    """
+    manifest = read_manifest(bundle)
+    check_out_dir(out, overwrite, protect=(bundle,))
+    inputs = bundle_inputs(manifest)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-derive-") as scratch:
+        ctx = TransformContext(
+            bundle, manifest, inputs, eval_feeds(bundle, inputs, eval_data), Path(scratch)
+        )
+        model, metrics = transform(load_bundle_model(bundle), ctx)
+        candidate = ctx.save(model, "result")
+        gate = ctx.measure(candidate)
+        metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
+        try:
+            enforce(gates, gate, step_name)
+        except GateFailed as e:
+            report = out.parent / f"{out.name}.failed.json"
+            write_json_atomic(
+                report,
+                {
+                    "failed_step": step_name,
+                    "error": str(e),
+                    "config": step_config.model_dump(mode="json"),
+                    "metrics": metrics,
+                },
+            )
+            raise GateFailed(
+                f"{e} Nothing was written at {out}; numbers: {report}", e.metrics
+            ) from e
+        metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs))
+        with atomic_dir(out) as tmp:
+            save_model(model, tmp)
+            outputs = ctx.run(tmp / MODEL_FILE)
+            save_parity_samples(tmp, ctx.eval_feeds, outputs)
+            work = Work(dir=tmp, manifest=_carry(manifest), inputs=inputs)
+            work.manifest["parity"] = _parity_record(manifest, gate, gates)
+            work.record_step(step_name, step_config, time.perf_counter() - started, metrics)
+            work.manifest["validation"] = validate_bundle(tmp, ["cpu"], inputs)
+            work.manifest["bench"] = metrics.pop("_bench_after")
+            result = finalize(work)
+    return result
+
+
+def _carry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a derived bundle inherits: source, versions and the steps so far."""
+    keep = ("source", "versions", "steps")
+    return {k: manifest[k] for k in keep if k in manifest} | {"steps": list(manifest["steps"])}
+
+
+def _parity_record(manifest: dict[str, Any], gate: dict[str, Any], gates: Sequence[Gate]) -> dict:
+    return {
+        "reference": f"input bundle model (sha256 {manifest['model']['sha256'][:12]})",
+        "samples": gate["samples"],
+        "max_abs_diff": gate["max_abs"],
+        "max_rel_diff": None,
+        "cosine": gate["cosine"],
+        "top1_agreement": gate["top1"],
+        "kl": gate["kl"],
+        "tolerance": [str(g) for g in gates] or None,
+        "passed": all(g.passes(gate) for g in gates),
+        "source_parity": manifest.get("parity"),
+    }
+
+
+def _before_after(before: Path, after: Path, inputs: Sequence[InputSpec], runs: int) -> dict:
+    """Size and batch-1 CPU latency of both models, measured back to back."""
+    specs = [s.to_json() for s in inputs]
+    config = BenchConfig(runs=runs, warmup=5)
+    first = bench_model(before, specs, config)[0]
+    second = bench_model(after, specs, config)[0]
+    size_before = sum(p.stat().st_size for p in before.parent.glob("model.onnx*"))
+    size_after = sum(p.stat().st_size for p in after.parent.glob("model.onnx*"))
+    return {
+        "bytes_before": size_before,
+        "bytes_after": size_after,
+        "size_ratio": size_before / max(size_after, 1),
+        "p50_ms_before": first["latency_ms"]["p50"],
+        "p50_ms_after": second["latency_ms"]["p50"],
+        "speedup": first["latency_ms"]["p50"] / second["latency_ms"]["p50"],
+        "_bench_after": second,
+    }
