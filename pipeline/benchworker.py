@@ -57,6 +57,8 @@ def run(request: dict) -> dict:
         "throughput_per_s": float(real_batch * 1000.0 / np.median(lat)),
         "session_create_ms": create_ms,
         "peak_rss_mb": peak_rss_mb(),
+        # At most 200 per-run timings, evenly spaced, for the report's distribution plot.
+        "samples_ms": [round(float(t), 4) for t in lat[:: max(1, len(lat) // 200)][:200]],
     }
 
 

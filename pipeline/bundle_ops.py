@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.bench import BenchConfig, bench_model
-from onnxpipe.bundle import read_manifest, update_manifest, write_text_atomic
-from onnxpipe.card import render_card
+from onnxpipe.bundle import read_manifest, update_manifest
+from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.errors import GateFailed
 from onnxpipe.modelio import MODEL_FILE
@@ -32,7 +32,7 @@ def bundle_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
 
 
 def _rewrite_card(bundle: Path, manifest: dict[str, Any]) -> None:
-    write_text_atomic(bundle / "README.md", render_card(manifest))
+    write_docs(bundle, manifest)
 
 
 def validate_existing(

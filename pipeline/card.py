@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+REPORT_FILE = "report.html"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -125,3 +128,13 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def write_docs(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write the bundle's ``README.md`` card and ``report.html``, each atomically."""
+    from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415 - bundle imports stay one-way
+    from onnxpipe.report import render_report  # noqa: PLC0415
+
+    title = manifest.get("title")
+    write_text_atomic(directory / "README.md", render_card(manifest, title))
+    write_text_atomic(directory / REPORT_FILE, render_report(manifest, title))

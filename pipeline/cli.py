@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="checker + parity per execution provider")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--ep", default="cpu", help="comma-separated: cpu,cuda,tensorrt")
+    p.add_argument(
+        "--ep", default="cpu", help="comma-separated: cpu,cuda,tensorrt,xnnpack,nnapi,coreml,mobile"
+    )
     p.add_argument("--require", default="", help="EPs whose unavailability is a failure")
     p.add_argument("--data", help="DATA to validate on besides the bundle's stored samples")
     p.add_argument("--atol", type=float, default=1e-4)
@@ -88,6 +90,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    _common(p)
+
+    p = sub.add_parser("package", help="package a bundle for a target (mobile: ORT format)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
+    p.add_argument("--target", required=True, choices=["mobile"])
+    p.add_argument(
+        "--fixed-shape",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="fix an input's shape, e.g. input:1,3,224,224 (NNAPI/CoreML need it)",
+    )
+    p.add_argument(
+        "--level",
+        default="basic",
+        choices=["basic", "extended", "all"],
+        help="ORT optimization level baked into the .ort model (basic keeps it "
+        "portable to NNAPI/CoreML; all is for the CPU EP only)",
+    )
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    p = sub.add_parser(
+        "quantize",
+        help="int8 static/dynamic, int4 or fp16 bundle behind an accuracy gate",
+        description="Quantize a bundle. DATA: .npz, a dir of .npy/.npz, module:callable, or a "
+        "dir of images with --preprocess (or DIR?resize=256,crop=224,mean=127,std=128).",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
+    p.add_argument("--mode", required=True, choices=["static", "dynamic", "int4", "fp16"])
+    p.add_argument("--calib", metavar="DATA", help="calibration data (static mode)")
+    p.add_argument("--eval", metavar="DATA", help="gate data (default: the bundle's samples)")
+    p.add_argument(
+        "--preprocess",
+        metavar="SPEC",
+        help="for image dirs: resize=N,crop=N,mean=M[/G/B],std=S[/G/B],layout=nchw|nhwc, "
+        "e.g. resize=256,crop=224,mean=127,std=128",
+    )
+    p.add_argument(
+        "--method", default="minmax", choices=["minmax", "entropy", "percentile", "distribution"]
+    )
+    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    p.add_argument("--format", default="qdq", choices=["qdq", "qop"], help="QDQ or QOperator")
+    p.add_argument(
+        "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
+    )
+    p.add_argument(
+        "--gate", action="append", default=[], metavar="METRIC>=VALUE", help="e.g. top1>=0.97"
+    )
+    p.add_argument("--auto", action="store_true", help="search configs + float fallbacks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
 
     p = sub.add_parser("compare", help="two bundles side by side (e.g. Keras vs PyTorch)")
@@ -135,7 +190,16 @@ def _quiet(debug: bool) -> Iterator[None]:
     saved = os.dup(1)
     with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
         warnings.simplefilter("ignore")
-        for name in ("torch", "onnxscript", "tf2onnx", "tensorflow", "absl"):
+        for name in (
+            "torch",
+            "onnxscript",
+            "tf2onnx",
+            "tensorflow",
+            "absl",
+            "ort_format_model",
+            "ort_format_model.utils",
+            "usability_checker",
+        ):
             logging.getLogger(name).setLevel(logging.ERROR)
         os.dup2(sink.fileno(), 1)
         try:
@@ -259,6 +323,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    """``onnxpipe package BUNDLE -o OUT --target mobile``."""
+    from onnxpipe.mobile import package_mobile  # noqa: PLC0415
+
+    status = err.status("packaging", spinner="dots") if not args.json else contextlib.nullcontext()
+    with status, _quiet(args.debug):
+        manifest = package_mobile(
+            args.bundle, args.out, args.fixed_shape, args.level, args.overwrite
+        )
+    _emit(args, manifest, [summary_table(manifest, args.out)])
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``onnxpipe quantize BUNDLE -o OUT --mode ...``: a gated, quantized bundle."""
+    from onnxpipe.quantize import quantize_bundle, settings_from, with_preprocess  # noqa: PLC0415
+
+    settings = settings_from(
+        mode=args.mode,
+        calib=with_preprocess(args.calib, args.preprocess),
+        method=args.method,
+        per_channel=args.per_channel,
+        format=args.format,
+        exclude=tuple(args.exclude),
+        auto=args.auto,
+        gates=tuple(args.gate),
+    )
+    status = err.status("quantizing", spinner="dots") if not args.json else contextlib.nullcontext()
+    with status, _quiet(args.debug):
+        manifest = quantize_bundle(
+            args.bundle,
+            args.out,
+            settings,
+            with_preprocess(args.eval, args.preprocess),
+            args.overwrite,
+        )
+    _emit(args, manifest, [summary_table(manifest, args.out)])
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``onnxpipe compare A B``: the contract's JSON record, a table, or an HTML page."""
     from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415
@@ -278,6 +382,8 @@ COMMANDS = {
     "validate": cmd_validate,
     "bench": cmd_bench,
     "compare": cmd_compare,
+    "quantize": cmd_quantize,
+    "package": cmd_package,
     "run": cmd_run,
     "demo": cmd_demo,
 }

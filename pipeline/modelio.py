@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+MOBILE_MODEL = "mobile/model.ort"
 # A protobuf cannot exceed 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from onnxpipe.bundle import MANIFEST, SCHEMA, atomic_dir, check_out_dir, write_json_atomic
-from onnxpipe.card import render_card
+from onnxpipe.card import write_docs
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
 from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature
 from onnxpipe.steps import ConvertStep, StepConfig, Work, make_step
@@ -113,7 +113,7 @@ def run_steps(
 
 
 def finalize(work: Work, title: str | None = None) -> dict[str, Any]:
-    """Describe the model files, write manifest.json and the README.md card."""
+    """Describe the model files, write manifest.json, the README.md card and report.html."""
     import onnx_ir as ir  # noqa: PLC0415 - only needed once the model exists
 
     inputs, outputs = io_signature(ir.load(work.dir / MODEL_FILE))
@@ -124,6 +124,8 @@ def finalize(work: Work, title: str | None = None) -> dict[str, Any]:
         "outputs": outputs,
         **work.manifest,
     }
+    if title:
+        manifest["title"] = title
     write_json_atomic(work.dir / MANIFEST, manifest)
-    (work.dir / "README.md").write_text(render_card(manifest, title))
+    write_docs(work.dir, manifest)
     return manifest

@@ -48,6 +48,15 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
     for ep, result in manifest.get("validation", {}).items():
         reason = f" ({result['reason']})" if result.get("reason") else ""
         table.add_row(f"validation.{ep}", escape(result["status"] + reason))
+    mobile = manifest.get("mobile")
+    if mobile:
+        parts = [
+            f"{ep}: {mobile[ep]['partitions']} partition(s), {mobile[ep]['nodes_supported']}/"
+            f"{mobile[ep]['nodes_total']} nodes"
+            for ep in ("nnapi", "coreml")
+            if ep in mobile
+        ]
+        table.add_row("mobile", escape(f"{mobile['ort_file']}; " + "; ".join(parts)))
     bench = manifest.get("bench")
     if bench:
         lat = bench["latency_ms"]

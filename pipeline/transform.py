@@ -160,7 +160,7 @@ def derive_bundle(
 
 def _carry(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a derived bundle inherits: source, versions and the steps so far."""
-    keep = ("source", "versions", "steps")
+    keep = ("title", "source", "versions", "steps")
     return {k: manifest[k] for k in keep if k in manifest} | {"steps": list(manifest["steps"])}
 
 

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 
 from onnxpipe.bundle import load_parity_samples
+from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds, samples_in
 from onnxpipe.errors import InputError
-from onnxpipe.modelio import MODEL_FILE
+from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE
 from onnxpipe.parity import measure_parity
 from onnxpipe.runtime import (
     EP_PROVIDERS,
@@ -29,7 +30,8 @@ from onnxpipe.runtime import (
 
 logger = logging.getLogger(__name__)
 
-VALID_EPS = tuple(EP_PROVIDERS)
+# "mobile" is the bundle's ORT-format model (after `onnxpipe package`) run on ORT CPU.
+VALID_EPS = (*EP_PROVIDERS, "mobile")
 
 
 def parse_eps(text: str) -> list[str]:
@@ -84,8 +86,12 @@ def validate_bundle(
     feeds_list = [feeds for feeds, _ in pairs]
     results: dict[str, dict[str, Any]] = {}
     for ep in eps:
+        ep_feeds = feeds_list
         try:
-            session = make_session(model, SessionOptions(ep=ep))
+            if ep == "mobile":
+                session, ep_feeds = _mobile_session(bundle, feeds_list, by_id)
+            else:
+                session = make_session(model, SessionOptions(ep=ep))
         except ProviderUnavailable as e:
             results[ep] = {"status": "unavailable", "reason": str(e)}
             continue
@@ -100,18 +106,73 @@ def validate_bundle(
                 raise RuntimeError(str(e).splitlines()[0]) from e
 
         names = [o.name for o in session.get_outputs()]
-        parity = measure_parity(lambda f: by_id[id(f)], candidate, feeds_list, names, atol)
+        parity = measure_parity(lambda f: by_id[id(f)], candidate, ep_feeds, names, atol)
         results[ep] = {
             "status": "passed" if parity["passed"] else "failed",
             "reason": None if parity["passed"] else _why(parity),
             "providers": session.get_providers(),
             "reference": reference_name,
-            "samples": samples_in(feeds_list),
+            "samples": samples_in(ep_feeds),
             "max_abs_diff": parity["max_abs_diff"],
             "cosine": parity["cosine"],
             "top1_agreement": parity["top1_agreement"],
         }
     return results
+
+
+def _mobile_session(
+    bundle: Path, feeds_list: list[dict[str, np.ndarray]], by_id: dict[int, list[np.ndarray]]
+) -> tuple[Any, list[dict[str, np.ndarray]]]:
+    """The ``.ort`` model's session and the feeds that fit its (possibly fixed) shapes.
+
+    When none of the shared feeds fit, feeds are generated at its shapes and their reference
+    is ``model.onnx`` on ORT CPU (added to ``by_id``).
+    """
+    path = bundle / MOBILE_MODEL
+    if not path.is_file():
+        raise ProviderUnavailable(
+            f"no {MOBILE_MODEL} in this bundle; create it with onnxpipe package {bundle} -o OUT "
+            "--target mobile"
+        )
+    session = make_session(path, SessionOptions(ep="cpu"))
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+
+    def fits(feeds: dict[str, np.ndarray]) -> bool:
+        return all(
+            len(shapes[k]) == v.ndim
+            and all(
+                not isinstance(d, int) or d == n for d, n in zip(shapes[k], v.shape, strict=True)
+            )
+            for k, v in feeds.items()
+        )
+
+    fitting = [f for f in feeds_list if fits(f)]
+    if not fitting:
+        specs = [
+            InputSpec(
+                i.name,
+                np.dtype(_ORT_TYPES.get(i.type, "float32")).name,
+                tuple(d if isinstance(d, int) else f"{i.name}_{n}" for n, d in enumerate(i.shape)),
+            )
+            for i in session.get_inputs()
+        ]
+        cpu = make_session(bundle / MODEL_FILE, SessionOptions(ep="cpu"))
+        fitting = parity_feeds(specs)
+        for feeds in fitting:
+            by_id[id(feeds)] = list(cpu.run(None, feeds))
+    return session, fitting
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
 
 
 def _why(parity: dict[str, Any]) -> str:

@@ -71,6 +71,7 @@ def test_bundle_holds_what_the_contract_says(bundle):
     assert {"onnxpipe", "onnx", "onnxruntime", "torch", "python"} <= set(manifest["versions"])
     assert "tensorflow" not in manifest["versions"]
     assert not (bundle / "model.onnx.data").exists()
+    assert (bundle / "report.html").read_text().startswith("<!doctype html>")
     assert not any(p.name.startswith(".") for p in bundle.parent.iterdir())
 
 

@@ -135,3 +135,11 @@ def test_python_api_takes_a_module_object(tmp_path):
     done = convert(models.gated(), ConvertConfig(inputs=IMAGE), tmp_path)
     assert done.result.framework == "torch" and done.parity["passed"]
     assert Path(done.model_path).is_file()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_leaves_the_model_in_eval_mode(exporter, tmp_path):
+    model = models.gated()
+    done = convert(model, ConvertConfig(inputs=IMAGE, exporter=exporter), tmp_path)
+    assert not any(m.training for m in model.modules())
+    assert done.parity["passed"], done.parity

@@ -93,9 +93,12 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             model = export(target, specs, args, kwargs, output_names, config.opset)
             kept = _check_signature(model, specs)
         except ExportFailed as e:
+            runnable.eval()
             logger.info("%s exporter failed: %s", name, e)
             yield ExportAttempt(exporter=name, error=str(e), unsupported_ops=e.ops)
             continue
+        # Exporters toggle training mode while tracing; the reference must run in eval mode.
+        runnable.eval()
         model.producer_name = "onnxpipe"
         yield ExportAttempt(
             exporter=name,

@@ -62,6 +62,9 @@ class KeywordAdapter(torch.nn.Module):
         super().__init__()
         self.model = model
         self.names = names
+        # The exporter restores the wrapper's mode afterwards, recursively: a wrapper left in
+        # training mode would switch the user's model (BatchNorm, Dropout) to training.
+        self.train(model.training)
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         """The wrapped model's outputs for positional ``tensors``."""

@@ -1,0 +1,319 @@
+"""Mobile packaging: ORT format model, reduced-build operator config, NNAPI/CoreML analysis.
+
+``onnxpipe package BUNDLE -o OUT --target mobile`` writes a copy of the bundle with
+``mobile/model.ort`` and ``mobile/required_operators.config``, after proving that the ``.ort``
+model computes what the ``.onnx`` one does. ORT's own tools do the work, called as libraries:
+``make_input_shape_fixed`` (``--fixed-shape``), ``convert_onnx_models_to_ort`` and the mobile
+usability checker's partition analysis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpipe.bundle import (
+    MANIFEST,
+    PARITY_FILE,
+    atomic_dir,
+    check_out_dir,
+    load_parity_samples,
+    read_manifest,
+    write_json_atomic,
+)
+from onnxpipe.bundle_ops import bundle_inputs
+from onnxpipe.card import write_docs
+from onnxpipe.converters.base import InputSpec
+from onnxpipe.data import parity_feeds
+from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE
+from onnxpipe.parity import measure_parity
+from onnxpipe.runtime import ORT_ERRORS
+
+logger = logging.getLogger(__name__)
+
+MOBILE_DIR, ORT_FILE = MOBILE_MODEL.split("/")
+CONFIG_FILE = "required_operators.config"
+LEVELS = ("basic", "extended", "all")
+ORT_CONVERT_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, FileNotFoundError)
+# Domains an ORT mobile (full or reduced) build has kernels for.
+MOBILE_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+_FIXED_RE = re.compile(r"^([^:]+):\[?([0-9,\s]+)\]?$")
+
+
+def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dict[str, list[int]]:
+    """``NAME:DIMS`` (``input:1,3,224,224`` or ``input:[1,3,224,224]``) checked against inputs.
+
+    Raises:
+        InputError: the text does not parse, names no input, or has the wrong rank or a dim
+            that contradicts a static one.
+    """
+    by_name = {s.name: s for s in inputs}
+    fixed: dict[str, list[int]] = {}
+    for text in texts:
+        match = _FIXED_RE.match(text.strip())
+        if not match:
+            raise InputError(f"--fixed-shape {text!r}: write NAME:DIMS, e.g. input:1,3,224,224.")
+        name, dims_text = match.group(1), match.group(2)
+        spec = by_name.get(name)
+        if spec is None:
+            raise InputError(
+                f"--fixed-shape {text!r}: the model has no input {name!r}; its inputs are "
+                f"{', '.join(by_name)}."
+            )
+        dims = [int(d) for d in dims_text.replace(" ", "").split(",") if d]
+        if len(dims) != len(spec.shape) or any(d < 1 for d in dims):
+            raise InputError(
+                f"--fixed-shape {text!r}: {name} has shape {list(spec.shape)} (rank "
+                f"{len(spec.shape)}); give {len(spec.shape)} positive dims."
+            )
+        clash = [
+            (a, d) for a, d in zip(spec.shape, dims, strict=True) if isinstance(a, int) and a != d
+        ]
+        if clash:
+            raise InputError(f"--fixed-shape {text!r}: {name}'s static dims {clash} cannot change.")
+        fixed[name] = dims
+    return fixed
+
+
+def check_mobile_ops(model: onnx.ModelProto, where: Path) -> None:
+    """Refuse ops from domains no ORT mobile build has kernels for.
+
+    Raises:
+        InputError: naming the ops and what to do.
+    """
+    foreign = sorted(
+        {
+            f"{n.domain}::{n.op_type}"
+            for n in _all_nodes(model.graph)
+            if n.domain not in MOBILE_DOMAINS
+        }
+    )
+    if foreign:
+        raise InputError(
+            f"{where}: uses custom-domain op(s) {', '.join(foreign)}, which no ORT mobile build "
+            "has kernels for. Replace them with standard ONNX ops before packaging, or build ORT "
+            "mobile with your custom-op library."
+        )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
+
+
+@contextlib.contextmanager
+def _optimization_level(level: str) -> Iterator[None]:
+    # convert_onnx_models_to_ort reads its level from this variable only.
+    key = "ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"
+    old = os.environ.get(key)
+    os.environ[key] = level
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def to_ort_format(model_path: Path, out_dir: Path, level: str) -> tuple[Path, Path]:
+    """Convert to ``out_dir/model.ort`` + ``required_operators.config`` (ARM target).
+
+    Raises:
+        InputError: ORT cannot convert the model (it names the reason).
+    """
+    from onnxruntime.tools import convert_onnx_models_to_ort as converter  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-ort-") as tmp, _optimization_level(level):
+        try:
+            converter.convert_onnx_models_to_ort(
+                model_path,
+                output_dir=Path(tmp),
+                optimization_styles=[converter.OptimizationStyle.Fixed],
+                target_platform="arm",
+            )
+        except ORT_CONVERT_ERRORS as e:
+            raise InputError(
+                f"{model_path}: ORT could not convert the model to ORT format: "
+                f"{str(e).splitlines()[0][:300]}"
+            ) from e
+        ort_files = list(Path(tmp).glob("*.ort"))
+        configs = list(Path(tmp).glob("*.config"))
+        if len(ort_files) != 1 or len(configs) != 1:
+            raise InputError(f"{model_path}: ORT produced no ORT-format model; see --debug.")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(ort_files[0]), out_dir / ORT_FILE)
+        shutil.move(str(configs[0]), out_dir / CONFIG_FILE)
+    text = (out_dir / CONFIG_FILE).read_text()
+    # The generated header names our temp dir; say what the config is for instead.
+    lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    (out_dir / CONFIG_FILE).write_text(
+        "# Operators required by model.ort (onnxpipe package --target mobile).\n"
+        "# Build ORT with --include_ops_by_config required_operators.config\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    return out_dir / ORT_FILE, out_dir / CONFIG_FILE
+
+
+def partitions(model_path: Path) -> dict[str, dict[str, Any]]:
+    """NNAPI and CoreML (ML Program) partition analysis from ORT's usability checker."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as checker  # noqa: PLC0415
+
+    shaped = checker.ModelProtoWithShapeInfo(model_path).model_with_shape_info
+    results = {
+        "nnapi": checker.check_nnapi_partitions(shaped, True),
+        "coreml": checker.check_coreml_partitions(
+            shaped, True, "coreml_supported_mlprogram_ops.md"
+        ),
+    }
+    return {
+        ep: {
+            "partitions": info.num_partitions,
+            "nodes_supported": info.num_supported_nodes,
+            "nodes_total": info.num_nodes,
+            "unsupported_ops": sorted(info.unsupported_ops),
+            "suitability": info.suitability().name.lower(),
+        }
+        for ep, info in results.items()
+    }
+
+
+def package_mobile(
+    bundle: Path,
+    out: Path,
+    fixed_shapes: Sequence[str] = (),
+    level: str = "basic",
+    overwrite: bool = False,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """Write ``out``: the bundle plus ``mobile/``; manifest ``mobile`` and ``validation.mobile``.
+
+    Raises:
+        InputError: bad ``--fixed-shape``, ops no mobile build has, ORT conversion failure.
+        GateFailed: the ``.ort`` model disagrees with the ``.onnx`` one.
+    """
+    from onnxruntime.tools.onnx_model_utils import (  # noqa: PLC0415
+        fix_output_shapes,
+        make_input_shape_fixed,
+    )
+
+    from onnxpipe.runtime import SessionOptions, make_session  # noqa: PLC0415
+
+    if level not in LEVELS:
+        raise InputError(f"--level {level!r}: use one of {', '.join(LEVELS)}.")
+    started = time.perf_counter()
+    manifest = read_manifest(bundle)
+    check_out_dir(out, overwrite, protect=(bundle,))
+    inputs = bundle_inputs(manifest)
+    fixed = parse_fixed_shapes(fixed_shapes, inputs)
+    model = onnx.load(str(bundle / MODEL_FILE))
+    check_mobile_ops(model, bundle / MODEL_FILE)
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-mobile-") as scratch:
+        source = Path(scratch) / MODEL_FILE
+        if fixed:
+            for name, dims in fixed.items():
+                make_input_shape_fixed(model.graph, name, dims)
+            fix_output_shapes(model)
+        onnx.save(model, str(source))
+        with atomic_dir(out) as tmp:
+            for item in bundle.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+            ort_path, config_path = to_ort_format(source, tmp / MOBILE_DIR, level)
+            feeds = _mobile_feeds(bundle, inputs, fixed)
+            reference = make_session(source, SessionOptions())
+            mobile = make_session(ort_path, SessionOptions())
+            names = [o.name for o in reference.get_outputs()]
+            parity = measure_parity(
+                lambda f: list(reference.run(None, f)),
+                lambda f: _run(mobile, f),
+                feeds,
+                names,
+                atol,
+            )
+            validation = {
+                "status": "passed" if parity["passed"] else "failed",
+                "reason": None if parity["passed"] else (parity["errors"] or ["max abs diff"])[0],
+                "reference": "model.onnx on ORT CPU",
+                "max_abs_diff": parity["max_abs_diff"],
+                "cosine": parity["cosine"],
+            }
+            if not parity["passed"]:
+                raise GateFailed(
+                    f"{ort_path.name} disagrees with {MODEL_FILE}: "
+                    f"{validation['reason']} (max abs {parity['max_abs_diff']}).",
+                    metrics={"parity": parity},
+                )
+            analysis = partitions(source)
+            section = {
+                "ort_file": f"{MOBILE_DIR}/{ORT_FILE}",
+                "operators_config": f"{MOBILE_DIR}/{CONFIG_FILE}",
+                "fixed_shapes": fixed,
+                "optimization_level": level,
+                "ort_bytes": ort_path.stat().st_size,
+                "operators": [
+                    ln
+                    for ln in config_path.read_text().splitlines()
+                    if ln and not ln.startswith("#")
+                ],
+                **analysis,
+            }
+            manifest["mobile"] = section
+            manifest.setdefault("validation", {})["mobile"] = validation
+            manifest.setdefault("steps", []).append(
+                {
+                    "name": "package",
+                    "config": {"target": "mobile", "fixed_shapes": fixed, "level": level},
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "metrics": {
+                        "max_abs_diff": parity["max_abs_diff"],
+                        **{f"{ep}_partitions": a["partitions"] for ep, a in analysis.items()},
+                    },
+                }
+            )
+            write_json_atomic(tmp / MANIFEST, manifest)
+            write_docs(tmp, manifest)
+    return manifest
+
+
+def _run(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return list(session.run(None, feeds))
+    except ORT_ERRORS as e:
+        raise RuntimeError(str(e).splitlines()[0]) from e
+
+
+def _mobile_feeds(
+    bundle: Path, inputs: Sequence[InputSpec], fixed: dict[str, list[int]]
+) -> list[dict[str, np.ndarray]]:
+    """Stored samples that fit the fixed shapes, plus generated ones at those shapes."""
+    specs = [InputSpec(s.name, s.dtype, tuple(fixed.get(s.name, s.shape))) for s in inputs]
+    stored = (
+        [feeds for feeds, _ in load_parity_samples(bundle)]
+        if (bundle / PARITY_FILE).exists()
+        else []
+    )
+    fits = [
+        f
+        for f in stored
+        if all(list(f[s.name].shape) == fixed.get(s.name, list(f[s.name].shape)) for s in inputs)
+    ]
+    return fits + parity_feeds(specs)

@@ -1,0 +1,128 @@
+"""Execution providers, mobile packaging, the bench matrix and report.html (issue 6)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from tests.conftest import model_ref, tree_hash
+from tests.helpers import ort_run
+
+IMAGE = "x:float32[batch,3,16,16]"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from onnxpipe.cli import main
+
+    out = tmp_path_factory.mktemp("eps") / "gated"
+    assert main(["convert", model_ref("gated"), "-o", str(out), "--input", IMAGE]) == 0
+    return out
+
+
+def test_package_mobile_with_fixed_shape(bundle, cli, tmp_path):
+    before = tree_hash(bundle)
+    out = tmp_path / "mobile"
+    code, _, err = cli(
+        "package", bundle, "-o", out, "--target", "mobile", "--fixed-shape", "x:1,3,16,16"
+    )
+    assert code == 0, err
+    assert tree_hash(bundle) == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    mobile = manifest["mobile"]
+    assert mobile["ort_file"] == "mobile/model.ort" and (out / mobile["ort_file"]).is_file()
+    assert (out / mobile["operators_config"]).read_text().count("ai.onnx;") >= 2
+    assert mobile["fixed_shapes"] == {"x": [1, 3, 16, 16]}
+    for ep in ("nnapi", "coreml"):
+        assert mobile[ep]["nodes_total"] > 0
+        assert 0 <= mobile[ep]["nodes_supported"] <= mobile[ep]["nodes_total"]
+        assert mobile[ep]["partitions"] >= 1
+    assert manifest["validation"]["mobile"]["status"] == "passed"
+    assert manifest["validation"]["mobile"]["max_abs_diff"] < 1e-4
+    # The .ort model really runs and matches the .onnx one.
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ort_out = ort.InferenceSession(
+        str(out / "mobile" / "model.ort"), providers=["CPUExecutionProvider"]
+    ).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ort_out, ort_run(out / "model.onnx", {"x": x})[0], atol=1e-5)
+    assert "Mobile package" in (out / "report.html").read_text()
+    code, out_json, _ = cli("validate", out, "--ep", "cpu,mobile", "--json")
+    results = json.loads(out_json)
+    assert code == 0 and results["mobile"]["status"] == "passed"
+
+
+def test_validate_mobile_without_package_is_unavailable(bundle, cli):
+    code, out, _ = cli("validate", bundle, "--ep", "mobile,xnnpack,nnapi,coreml", "--json")
+    results = json.loads(out)
+    assert code == 0
+    assert results["mobile"]["status"] == "unavailable" and "package" in results["mobile"]["reason"]
+    for ep in ("xnnpack", "nnapi", "coreml"):
+        assert results[ep]["status"] == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("y:1,3,16,16", "no input 'y'"),
+        ("x:1,3,16", "rank"),
+        ("x:1,4,16,16", "static dims"),
+        ("x", "NAME:DIMS"),
+    ],
+)
+def test_bad_fixed_shape(bundle, cli, tmp_path, shape, expected):
+    code, _, err = cli(
+        "package", bundle, "-o", tmp_path / "m", "--target", "mobile", "--fixed-shape", shape
+    )
+    assert code == 2 and expected in err and not (tmp_path / "m").exists()
+
+
+def test_custom_domain_op_cannot_be_packaged(cli, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    onnx.save(model, bundle / "model.onnx")
+    (bundle / "manifest.json").write_text(
+        json.dumps(
+            {
+                "schema": "onnxpipe.manifest/1",
+                "model": {"file": "model.onnx"},
+                "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+                "outputs": [],
+            }
+        )
+    )
+    code, _, err = cli("package", bundle, "-o", tmp_path / "m", "--target", "mobile")
+    assert code == 2 and "com.example::FancyOp" in err and not (tmp_path / "m").exists()
+
+
+def test_unknown_ep_is_exit_2(bundle, cli):
+    code, _, err = cli("validate", bundle, "--ep", "cpu,npu")
+    assert code == 2 and "npu" in err
+
+
+def test_report_has_plots_and_tables(bundle):
+    page = (bundle / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and "<circle" in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # no network
+    assert "Validation per execution provider" in page and "Latency" in page
+
+
+@pytest.mark.gpu
+def test_cuda_validation_on_a_gpu_machine(bundle, cli):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device")
+    code, out, _ = cli("validate", bundle, "--ep", "cuda", "--require", "cuda", "--json")
+    results = json.loads(out)
+    assert code == 0 and results["cuda"]["status"] == "passed"
+    assert results["cuda"]["providers"][0] == "CUDAExecutionProvider"
