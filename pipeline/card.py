@@ -6,6 +6,33 @@ from pathlib import Path
 from typing import Any
 
 REPORT_FILE = "report.html"
+BENCH_COLUMNS = (
+    "EP",
+    "batch",
+    "threads",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "per s",
+    "session ms",
+    "peak RSS MB",
+)
+
+
+def bench_row(record: dict[str, Any]) -> list[str]:
+    """One bench record as the cells of :data:`BENCH_COLUMNS` (card, CLI table, report)."""
+    lat = record["latency_ms"]
+    return [
+        str(record["ep"]),
+        str(record["batch"]),
+        str(record.get("threads") or "default"),
+        f"{lat['p50']:.2f}",
+        f"{lat['p90']:.2f}",
+        f"{lat['p99']:.2f}",
+        f"{record['throughput_per_s']:.1f}",
+        f"{record['session_create_ms']:.0f}",
+        f"{record['peak_rss_mb']:.0f}",
+    ]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -103,17 +130,10 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         out += [
             "## Latency (ONNX Runtime)",
             "",
-            "| EP | batch | threads | p50 ms | p90 ms | p99 ms | per s | session ms "
-            "| peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join(BENCH_COLUMNS) + " |",
+            "|" + "---|" * len(BENCH_COLUMNS),
         ]
-        for r in records:
-            lat = r["latency_ms"]
-            out.append(
-                f"| {r['ep']} | {r['batch']} | {r['threads'] or 'default'} | {lat['p50']:.2f} | "
-                f"{lat['p90']:.2f} | {lat['p99']:.2f} | {r['throughput_per_s']:.1f} | "
-                f"{r['session_create_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
-            )
+        out += ["| " + " | ".join(bench_row(r)) + " |" for r in records]
         out.append("")
     out += [
         "## Provenance",

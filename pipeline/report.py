@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from onnxpipe.card import BENCH_COLUMNS, bench_row
+
 _PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#111}
 h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -233,33 +235,7 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
             "<h2>Latency (ONNX Runtime)</h2>",
             latency_plot(records),
             "<p>Dots: single runs; box: p50 to p90; dashed line: p99.</p>",
-            _table(
-                [
-                    "EP",
-                    "batch",
-                    "threads",
-                    "p50 ms",
-                    "p90 ms",
-                    "p99 ms",
-                    "per s",
-                    "session ms",
-                    "peak RSS MB",
-                ],
-                [
-                    [
-                        _e(r["ep"]),
-                        _e(r["batch"]),
-                        _e(r.get("threads") or "default"),
-                        _e(r["latency_ms"]["p50"]),
-                        _e(r["latency_ms"]["p90"]),
-                        _e(r["latency_ms"]["p99"]),
-                        _e(r["throughput_per_s"]),
-                        _e(r["session_create_ms"]),
-                        _e(r["peak_rss_mb"]),
-                    ]
-                    for r in records
-                ],
-            ),
+            _table(BENCH_COLUMNS, [[_e(cell) for cell in bench_row(r)] for r in records]),
         ]
     steps = manifest.get("steps", [])
     if steps:

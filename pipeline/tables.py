@@ -8,6 +8,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from onnxpipe.card import BENCH_COLUMNS, bench_row
+
 
 def _num(value: Any, fmt: str = ".3g") -> str:
     return "n/a" if value is None else format(value, fmt)
@@ -71,31 +73,10 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
 def bench_table(records: list[dict[str, Any]]) -> Table:
     """One row per (ep, batch, threads)."""
     table = Table(title="latency (ONNX Runtime)")
-    for col in (
-        "ep",
-        "batch",
-        "threads",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "per s",
-        "session ms",
-        "peak RSS MB",
-    ):
+    for col in BENCH_COLUMNS:
         table.add_column(col, justify="right")
-    for r in records:
-        lat = r["latency_ms"]
-        table.add_row(
-            r["ep"],
-            str(r["batch"]),
-            str(r["threads"] or "default"),
-            f"{lat['p50']:.2f}",
-            f"{lat['p90']:.2f}",
-            f"{lat['p99']:.2f}",
-            f"{r['throughput_per_s']:.1f}",
-            f"{r['session_create_ms']:.0f}",
-            f"{r['peak_rss_mb']:.0f}",
-        )
+    for record in records:
+        table.add_row(*bench_row(record))
     return table
 
 
