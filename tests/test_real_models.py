@@ -102,7 +102,10 @@ BERT_INPUTS = [
 ]
 
 
-def test_bert_torchscript_export_is_wrong_at_new_lengths_and_is_refused(cli, tmp_path):
+def test_bert_torchscript_export_through_keyword_adapter_matches(cli, tmp_path):
+    # The bare TorchScript exporter fails on transformers models with keyword inputs
+    # ("multiple values for argument 'use_cache'"); onnxpipe routes them through an adapter.
+    # The model must stay in eval mode: with dropout left on, outputs differ by ~3.
     from tests.conftest import model_ref
 
     out = tmp_path / "ts"
@@ -116,10 +119,10 @@ def test_bert_torchscript_export_is_wrong_at_new_lengths_and_is_refused(cli, tmp
         "torchscript",
         "--no-bench",
     )
-    assert code == 1, err
-    report = json.loads((tmp_path / "ts.failed.json").read_text())
-    assert report["metrics"]["parity"]["max_abs_diff"] > 0.5  # measured: ~3.4
-    assert not out.exists()
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["exporter"] == "torchscript"
+    assert manifest["parity"]["max_abs_diff"] < 1e-4 and manifest["parity"]["samples"] >= 8
 
 
 def test_bert_auto_ships_dynamo_with_parity_at_new_lengths(cli, tmp_path):

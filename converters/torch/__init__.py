@@ -93,12 +93,12 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             model = export(target, specs, args, kwargs, output_names, config.opset)
             kept = _check_signature(model, specs)
         except ExportFailed as e:
-            runnable.eval()
+            _eval_mode(runnable)
             logger.info("%s exporter failed: %s", name, e)
             yield ExportAttempt(exporter=name, error=str(e), unsupported_ops=e.ops)
             continue
         # Exporters toggle training mode while tracing; the reference must run in eval mode.
-        runnable.eval()
+        _eval_mode(runnable)
         model.producer_name = "onnxpipe"
         yield ExportAttempt(
             exporter=name,
@@ -111,6 +111,12 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
                 reference_name=f"torch {torch.__version__}",
             ),
         )
+
+
+def _eval_mode(model: Any) -> None:
+    """Back to eval mode after an exporter toggled it (graphs from torch.export have no modes)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        model.eval()
 
 
 def _run(
