@@ -24,7 +24,13 @@ from onnxpipe.errors import InputError, OnnxPipeError, PassError
 
 logger = logging.getLogger(__name__)
 
-PASSES: dict[str, str] = {}
+PASSES: dict[str, str] = {
+    "quantize_preprocess": "onnxpipe.graphs.quantize_preprocess:QuantizePreprocessPass",
+    "quantize_static": "onnxpipe.graphs.quantize_static:QuantizeStaticPass",
+    "quantize_dynamic": "onnxpipe.graphs.quantize_dynamic:QuantizeDynamicPass",
+    "quantize_int4": "onnxpipe.graphs.quantize_int4:QuantizeInt4Pass",
+    "quantize_fp16": "onnxpipe.graphs.quantize_fp16:QuantizeFp16Pass",
+}
 """Built-in passes, ``name -> "onnxpipe.graphs.<module>:<Class>"``; filled as passes land."""
 
 ENTRY_POINT_GROUP = "onnxpipe.passes"

@@ -1,7 +1,9 @@
 """Feeds for parity and benchmarks: generated at unseen shapes, or read from user DATA.
 
 DATA is a ``.npz`` (one array per input name, samples on axis 0), a directory of ``.npy`` /
-``.npz`` files, or ``module:callable`` yielding feed dicts.
+``.npz`` files, a directory of images with a preprocessing spec (``DIR?resize=256,crop=224,
+mean=127,std=128,layout=nchw``, see :mod:`onnxpipe.images`), or ``module:callable`` yielding
+feed dicts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from onnxpipe.converters.base import InputSpec, example_sizes, random_feeds
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError
+from onnxpipe.images import image_files, load_images, split_image_data
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
         except (TypeError, ValueError) as e:
             raise InputError(f"{data}: must return an iterable of feed dicts ({e}).") from e
     else:
+        data, image_spec = split_image_data(data)
         path = Path(data)
         if not path.exists():
             raise InputError(f"{data}: no such file or directory (expected .npz or a directory).")
@@ -74,11 +78,21 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
             if path.is_file()
             else sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
         )
-        if not files:
-            raise InputError(f"{data}: no .npz or .npy files inside. Put one array per input.")
-        feeds_list = []
-        for f in files:
-            feeds_list.extend(_read_file(f, specs, batch))
+        if path.is_dir() and (image_spec is not None or (not files and image_files(path))):
+            if image_spec is None:
+                raise InputError(
+                    f"{data}: holds images but no preprocessing spec. Give one, e.g. "
+                    "--preprocess resize=256,crop=224,mean=127,std=128,layout=nchw "
+                    f"(or DATA '{data}?resize=256,crop=224,...')."
+                )
+            feeds_list = load_images(path, image_spec, specs, batch)
+        elif not files:
+            raise InputError(
+                f"{data}: no .npz, .npy or image files inside. Put one array per input, or "
+                "images plus --preprocess."
+            )
+        else:
+            feeds_list = [feeds for f in files for feeds in _read_file(f, specs, batch)]
     if not feeds_list:
         raise InputError(f"{data}: holds no samples.")
     for feeds in feeds_list:

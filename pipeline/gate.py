@@ -82,10 +82,24 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def gate_metrics(reference: Sequence[Outputs], candidate: Sequence[Outputs]) -> dict[str, Any]:
-    """Every gate metric for paired output lists (one entry per eval batch)."""
+def gate_metrics(
+    reference: Sequence[Outputs],
+    candidate: Sequence[Outputs],
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> dict[str, Any]:
+    """Every gate metric for paired output lists (one entry per eval batch).
+
+    ``masks`` (one ``[batch, seq]`` array per eval batch, e.g. the attention mask) restrict
+    ``cosine`` on ``[batch, seq, ...]`` outputs to real tokens: padded positions carry no
+    meaning and would otherwise dominate the error.
+    """
     first_ref = np.concatenate([r[0].astype(np.float64) for r in reference])
     first_got = np.concatenate([c[0].astype(np.float64) for c in candidate])
+    if masks and all(m is not None for m in masks):
+        mask = np.concatenate([np.asarray(m) for m in masks if m is not None])
+        if first_ref.ndim >= 3 and mask.shape == first_ref.shape[:2]:
+            keep = mask.reshape(mask.shape + (1,) * (first_ref.ndim - 2)).astype(np.float64)
+            first_ref, first_got = first_ref * keep, first_got * keep
     if first_ref.shape != first_got.shape:
         raise ValueError(f"output shapes differ: {first_ref.shape} vs {first_got.shape}")
     flat_ref = first_ref.reshape(len(first_ref), -1)

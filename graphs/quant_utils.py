@@ -1,0 +1,175 @@
+"""What the quantization passes share: ModelProto edges, refusal checks, CPU features.
+
+ORT's quantization tools take ``ModelProto`` objects or file paths; the passes keep the model
+as an ``onnx_ir`` model and cross over here, in a temp dir, only for the ORT call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxpipe.errors import PassError
+
+logger = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+
+QUANT_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+        "DynamicQuantizeMatMul",
+        "QAttention",
+        "QLinearAdd",
+        "QGemm",
+    }
+)
+"""Ops whose presence means a model was quantized already."""
+
+
+def quantized_nodes(model: ir.Model) -> list[str]:
+    """``op_type`` of every quantization node in the main graph (empty for a float model)."""
+    return [node.op_type for node in model.graph if node.op_type in QUANT_OPS]
+
+
+def refuse_quantized(model: ir.Model, pass_name: str) -> None:
+    """Raise :class:`PassError` when ``model`` already holds quantization nodes.
+
+    Quantizing twice compounds the rounding error and ORT's tools mis-handle existing
+    Q/DQ pairs, so the fix is to start again from the float bundle.
+    """
+    found = quantized_nodes(model)
+    if found:
+        ops = ", ".join(sorted(set(found)))
+        raise PassError(
+            f"{pass_name}: the model is already quantized ({len(found)} nodes: {ops}). "
+            "Quantize the float bundle this one was derived from instead."
+        )
+
+
+def refuse_float16(model: ir.Model, pass_name: str) -> None:
+    """Raise :class:`PassError` when the weights are float16 already (an fp16 bundle)."""
+    for value in model.graph.initializers.values():
+        if value.dtype == ir.DataType.FLOAT16:
+            raise PassError(
+                f"{pass_name}: the model already holds float16 weights ({value.name!r}). "
+                "Start from the float32 bundle."
+            )
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a ``ModelProto`` (weights inline)."""
+    return ir.serde.serialize_model(model)
+
+
+def from_proto(proto: onnx.ModelProto) -> ir.Model:
+    """An ``onnx_ir`` model from a ``ModelProto``."""
+    return ir.serde.deserialize_model(proto)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temp dir for ORT's file-based tools, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-quant-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run ORT tools from ``path``: some write beside the current directory.
+
+    ORT's symbolic shape inference, when it gives up, saves ``sym_shape_infer_temp.onnx`` and
+    uuid-named external-data files into the current directory; it must not be the user's.
+    onnxpipe runs one pass at a time, so changing the process's directory here is safe.
+    """
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def save_for_ort(model: ir.Model, path: Path) -> Path:
+    """Save ``model`` where an ORT tool reads it, weights external when over 2 GB."""
+    proto = to_proto(model)
+    large = proto.ByteSize() > 1_800_000_000
+    onnx.save_model(proto, str(path), save_as_external_data=large)
+    return path
+
+
+def load_from_ort(path: Path) -> ir.Model:
+    """Load a file an ORT tool wrote, its external data pulled into memory."""
+    return ir.external_data.load_to_model(ir.load(path))
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def has_vnni() -> bool:
+    """Whether int8 dot products accumulate without int16 saturation (AVX-VNNI / AVX512-VNNI).
+
+    Without VNNI, ORT's U8S8 kernels on x86 sum pairs of u8*s8 products in int16
+    (VPMADDUBSW), which saturates on large activations times large weights.
+    """
+    flags = cpu_flags()
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
+def is_x86() -> bool:
+    """Whether this is an x86-64 CPU (ARM prefers symmetric int8 activations)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+class FeedsReader:
+    """ORT's ``CalibrationDataReader`` protocol over a list of feed dicts, one sample at a time.
+
+    Single samples keep the calibration model's memory flat for any batch size the user gave.
+    """
+
+    def __init__(self, feeds: Sequence[Feeds]) -> None:
+        self._samples = [
+            {k: v[i : i + 1] for k, v in f.items()} for f in feeds for i in range(_count(f))
+        ]
+        self._index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next sample or None at the end."""
+        if self._index >= len(self._samples):
+            return None
+        self._index += 1
+        return self._samples[self._index - 1]
+
+    def rewind(self) -> None:
+        """Start again from the first sample."""
+        self._index = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+
+def _count(feeds: Feeds) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1

@@ -1,0 +1,225 @@
+"""``quantize --auto``: search static int8 configurations, then float fallbacks, for the gate.
+
+1. Build candidates over format (QDQ/QOperator), activation type (U8S8/S8S8, 7-bit weights
+   on x86 without VNNI), calibration method and per-channel weights; calibration runs once
+   per method (ORT's calibration cache) and every candidate is measured on the eval data.
+2. When none passes, rank the nodes of the best candidate by their own damage: the model
+   with only that node quantized, on ORT's real int8 kernels (so int16 saturation on CPUs
+   without VNNI shows, which fake-quant SQNR misses), against the float model on a slice of
+   the calibration data (not the eval data the gate is judged on).
+3. Keep the most damaging nodes in float one group at a time until the gate holds.
+4. Of the passing candidates, ship the fastest (batch-1 latency, measured interleaved).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpipe.data import Feeds
+from onnxpipe.errors import PassError
+from onnxpipe.gate import Gate, gate_metrics
+from onnxpipe.graphs.quant_utils import has_vnni, is_x86
+from onnxpipe.graphs.quantize_static import (
+    QuantizeStaticConfig,
+    QuantizeStaticPass,
+    resolve_activation_type,
+)
+from onnxpipe.runtime import SessionOptions, make_session
+from onnxpipe.transform import TransformContext
+
+logger = logging.getLogger(__name__)
+
+# Ops that only move data: quantizing them alone tells nothing about accuracy.
+_MOVERS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split",
+           "Gather", "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile"}  # fmt: skip
+SENSITIVITY_SAMPLES = 24
+MAX_FLOAT_SHARE = 0.6
+
+
+def candidates(settings: Any) -> list[QuantizeStaticConfig]:
+    """The configurations ``--auto`` tries, for this CPU."""
+    exclude = tuple(settings.exclude)
+    base = QuantizeStaticConfig(activation_type="auto", per_channel=True, exclude=exclude)
+    other = "int8" if is_x86() else "uint8"
+    out = [base]
+    if is_x86() and not has_vnni():
+        out.append(base.model_copy(update={"reduce_range": True}))
+    out += [
+        base.model_copy(update={"per_channel": False}),
+        base.model_copy(update={"method": "percentile"}),
+        base.model_copy(update={"method": "entropy"}),
+        base.model_copy(update={"activation_type": other}),
+        base.model_copy(update={"format": "qop"}),
+    ]
+    return out
+
+
+def describe(cfg: QuantizeStaticConfig) -> str:
+    """A short label, e.g. ``qdq u8s8 per-channel minmax``."""
+    resolved = resolve_activation_type(cfg.activation_type)
+    act = {"uint8": "u8s8", "int8": "s8s8"}.get(resolved, resolved)
+    parts = [cfg.format, act, "per-channel" if cfg.per_channel else "per-tensor", cfg.method]
+    if cfg.reduce_range:
+        parts.append("7-bit weights")
+    return " ".join(parts)
+
+
+def _score(gates: Sequence[Gate], metrics: dict[str, Any]) -> float:
+    """Higher is better: the primary gate's metric, sign-adjusted."""
+    value = metrics.get(gates[0].metric)
+    if value is None:
+        return -math.inf
+    return float(value) if gates[0].op == ">=" else -float(value)
+
+
+def auto_static(
+    model: ir.Model,
+    ctx: TransformContext,
+    calib: Sequence[Feeds],
+    gates: Sequence[Gate],
+    settings: Any,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Search configurations and float fallbacks; return the fastest model meeting ``gates``.
+
+    When nothing passes, the best-scoring candidate comes back and the caller's gate fails
+    with its numbers.
+    """
+    rows: list[dict[str, Any]] = []
+    models: dict[int, tuple[ir.Model, Path]] = {}
+
+    def attempt(cfg: QuantizeStaticConfig, label: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        q = QuantizeStaticPass(
+            cfg, calibration=calib, calibration_cache=ctx.scratch / f"calib-{cfg.method}.json"
+        )
+        try:
+            result = q(model).model
+        except PassError as e:
+            row = {"config": label, "error": str(e), "passed": False}
+            rows.append(row)
+            return row
+        path = ctx.save(result, f"candidate-{len(rows)}")
+        measured = ctx.measure(path)
+        row = {
+            "config": label,
+            "kept_float": len(cfg.exclude) - len(settings.exclude),
+            **{k: measured[k] for k in ("top1", "kl", "cosine", "max_abs")},
+            "passed": all(g.passes(measured) for g in gates),
+            "bytes": path.stat().st_size,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        models[len(rows)] = (result, path)
+        rows.append(row)
+        logger.info("auto: %s -> %s", label, row)
+        return row
+
+    configs = {}
+    for cfg in candidates(settings):
+        configs[len(rows)] = cfg
+        attempt(cfg, describe(cfg))
+    fallback: dict[str, Any] = {}
+    if not any(r["passed"] for r in rows):
+        best = max(models, key=lambda i: _score(gates, rows[i]))
+        fallback = _float_fallback(model, ctx, calib, gates, settings, configs[best], attempt)
+    passing = [i for i, r in enumerate(rows) if r["passed"]]
+    chosen_pool = passing or [max(models, key=lambda i: _score(gates, rows[i]))]
+    latency = _latencies({i: models[i][1] for i in chosen_pool}, ctx)
+    for i, ms in latency.items():
+        rows[i]["latency_ms"] = round(ms, 3)
+    chosen = min(chosen_pool, key=lambda i: latency[i])
+    rows[chosen]["chosen"] = True
+    logger.info("auto: chose %s", rows[chosen]["config"])
+    metrics = {"auto": {"candidates": rows, "chosen": rows[chosen]["config"], **fallback}}
+    return models[chosen][0], metrics
+
+
+def _float_fallback(
+    model: ir.Model,
+    ctx: TransformContext,
+    calib: Sequence[Feeds],
+    gates: Sequence[Gate],
+    settings: Any,
+    cfg: QuantizeStaticConfig,
+    attempt: Any,
+) -> dict[str, Any]:
+    """Keep the most damaging nodes in float, one group at a time, until the gate holds."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry  # noqa: PLC0415
+
+    registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
+    nodes: list[str] = [
+        n.name or ""
+        for n in model.graph
+        if n.op_type in registry and n.op_type not in _MOVERS and n.name not in cfg.exclude
+    ]
+    sens_feeds = _slice(calib, SENSITIVITY_SAMPLES)
+    ref_path = ctx.save(model, "float-reference")
+    reference = _run(ref_path, sens_feeds)
+    damage: dict[str, float] = {}
+    for name in nodes:
+        one = cfg.model_copy(update={"include": (name,)})
+        q = QuantizeStaticPass(
+            one, calibration=calib, calibration_cache=ctx.scratch / f"calib-{cfg.method}.json"
+        )
+        path = ctx.save(q(model).model, "sensitivity")
+        measured = gate_metrics(reference, _run(path, sens_feeds))
+        damage[name] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
+        logger.debug("sensitivity %s: %.5f", name, damage[name])
+    order = sorted(nodes, key=lambda n: -damage[n])
+    # Damage concentrates in a few nodes (measured on EfficientNet-Lite0: the stem conv alone
+    # costs KL 0.7), so groups start at one node and grow geometrically.
+    kept: list[str] = []
+    count = 1
+    limit = max(1, int(len(order) * MAX_FLOAT_SHARE))
+    while count <= limit:
+        kept = order[:count]
+        trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(kept)})
+        row = attempt(trial, f"{describe(cfg)} + {len(kept)} most sensitive nodes in float")
+        if row["passed"]:
+            break
+        count = max(count + 1, round(count * 1.5))
+    ranked = [{"node": n, "damage": round(damage[n], 6)} for n in order[:15]]
+    return {"sensitivity": ranked, "kept_float_nodes": kept, "sensitivity_samples": _n(sens_feeds)}
+
+
+def _slice(feeds: Sequence[Feeds], samples: int) -> list[Feeds]:
+    """One feed dict with the first ``samples`` samples (spread across the batches)."""
+    stacked = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    count = len(next(iter(stacked.values())))
+    index = np.linspace(0, count - 1, min(samples, count)).round().astype(int)
+    return [{k: v[index] for k, v in stacked.items()}]
+
+
+def _n(feeds: Sequence[Feeds]) -> int:
+    return sum(len(next(iter(f.values()))) for f in feeds)
+
+
+def _run(path: Path, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:
+    session = make_session(path, SessionOptions(ep="cpu"))
+    return [list(session.run(None, f)) for f in feeds]
+
+
+def _latencies(paths: dict[int, Path], ctx: TransformContext, rounds: int = 3) -> dict[int, float]:
+    """Batch-1 median latency (ms) per model, rounds interleaved so load drifts hit all."""
+    first = ctx.eval_feeds[0]
+    feeds = {k: v[:1] for k, v in first.items()}
+    sessions = {i: make_session(p, SessionOptions(ep="cpu")) for i, p in paths.items()}
+    times: dict[int, list[float]] = {i: [] for i in paths}
+    for session in sessions.values():
+        for _ in range(3):
+            session.run(None, feeds)
+    for _ in range(rounds):
+        for i, session in sessions.items():
+            for _ in range(7):
+                t = time.perf_counter()
+                session.run(None, feeds)
+                times[i].append(time.perf_counter() - t)
+    return {i: statistics.median(t) * 1000 for i, t in times.items()}

@@ -1,0 +1,181 @@
+"""``onnxpipe quantize``: a quantized bundle from a float one, behind an accuracy gate.
+
+Modes: ``static`` (int8 with calibration; ``--auto`` searches configurations and keeps the
+most sensitive nodes in float until the gate holds), ``dynamic`` (int8 weights, run-time
+activations; MatMul/Gemm models), ``int4`` (MatMulNBits weight-only) and ``fp16``. Every
+result must run on ORT's CPU EP with every op on a CPU kernel before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from onnxpipe.data import load_data
+from onnxpipe.errors import InputError, PassError
+from onnxpipe.gate import Gate
+from onnxpipe.graphs.base import GraphPass
+from onnxpipe.graphs.quant_utils import refuse_float16, refuse_quantized
+from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
+from onnxpipe.transform import TransformContext, derive_bundle
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizeSettings(BaseModel):
+    """The ``quantize`` step's settings, as recorded in the manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["static", "dynamic", "int4", "fp16"] = Field(description="quantization mode")
+    calib: str | None = Field(default=None, description="calibration DATA (static mode)")
+    method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
+        default="minmax", description="calibration method (static)"
+    )
+    per_channel: bool = Field(
+        default=False, description="per-channel weights (static; dynamic: always)"
+    )
+    format: Literal["qdq", "qop"] = Field(default="qdq", description="QDQ or QOperator (static)")
+    exclude: tuple[str, ...] = Field(default=(), description="node names or op types kept in float")
+    auto: bool = Field(
+        default=False, description="search configurations and float fallbacks (static)"
+    )
+    gates: tuple[str, ...] = Field(default=(), description="accuracy gates against the input model")
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeSettings:
+        if self.mode == "static" and not self.calib:
+            raise ValueError("--mode static needs --calib DATA (samples like the real inputs)")
+        if self.auto and self.mode != "static":
+            raise ValueError(
+                "--auto searches static int8 configurations; use it with --mode static"
+            )
+        if self.auto and not self.gates:
+            raise ValueError("--auto needs a --gate to search for, e.g. --gate top1>=0.97")
+        return self
+
+
+def settings_from(**values: Any) -> QuantizeSettings:
+    """Validated settings; a bad combination is an :class:`InputError` (exit 2)."""
+    try:
+        return QuantizeSettings(**values)
+    except ValueError as e:  # pydantic's ValidationError
+        messages = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())  # type: ignore[attr-defined]
+        raise InputError(f"quantize: {messages}.") from e
+
+
+def quantize_bundle(
+    bundle: Path,
+    out: Path,
+    settings: QuantizeSettings,
+    eval_data: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Quantize ``bundle`` into the new bundle ``out``; returns its manifest.
+
+    Raises:
+        InputError: bad data, a quantized input model, a result without CPU kernels.
+        GateFailed: the result misses a gate (nothing written at ``out``).
+    """
+    gates = [Gate.parse(g) for g in settings.gates]
+
+    def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
+        refuse_quantized(model, f"quantize --mode {settings.mode}")
+        refuse_float16(model, f"quantize --mode {settings.mode}")
+        result, metrics = _quantize(model, ctx, settings, gates)
+        check_cpu_kernels(ctx.save(result, "ep-check"), ctx)
+        return result, metrics
+
+    return derive_bundle(
+        bundle,
+        out,
+        "quantize",
+        settings,
+        transform,
+        gates,
+        eval_data,
+        overwrite,
+    )
+
+
+def _quantize(
+    model: ir.Model,
+    ctx: TransformContext,
+    s: QuantizeSettings,
+    gates: Sequence[Gate],
+) -> tuple[ir.Model, dict[str, Any]]:
+    from onnxpipe.graphs.quantize_preprocess import QuantizePreprocessPass  # noqa: PLC0415
+
+    if s.mode == "fp16":
+        from onnxpipe.graphs.quantize_fp16 import QuantizeFp16Pass  # noqa: PLC0415
+
+        return _apply(QuantizeFp16Pass(exclude=s.exclude), model)
+    if s.mode == "int4":
+        from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
+
+        return _apply(QuantizeInt4Pass(exclude=s.exclude), model)
+    pre = QuantizePreprocessPass()
+    model = pre(model).model
+    if s.mode == "dynamic":
+        from onnxpipe.graphs.quantize_dynamic import QuantizeDynamicPass  # noqa: PLC0415
+
+        result, metrics = _apply(QuantizeDynamicPass(exclude=s.exclude), model)
+        return result, {"preprocess": pre.metrics, **metrics}
+    assert s.calib is not None
+    calib = load_data(s.calib, ctx.inputs)
+    from onnxpipe.graphs.quantize_static import QuantizeStaticPass  # noqa: PLC0415
+
+    cache = ctx.scratch / f"calib-{s.method}.json"
+    if s.auto:
+        from onnxpipe.quant_search import auto_static  # noqa: PLC0415
+
+        result, metrics = auto_static(model, ctx, calib, gates, s)
+    else:
+        static = QuantizeStaticPass(
+            calibration=calib,
+            calibration_cache=cache,
+            format=s.format,
+            per_channel=s.per_channel,
+            method=s.method,
+            exclude=s.exclude,
+        )
+        result, metrics = _apply(static, model)
+    return result, {"preprocess": pre.metrics, "calibration_batches": len(calib), **metrics}
+
+
+def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:
+    result = graph_pass(model).model
+    return result, {graph_pass.name: graph_pass.metrics}
+
+
+def check_cpu_kernels(path: Path, ctx: TransformContext) -> None:
+    """Refuse a result ORT's CPU EP cannot run: an op without a CPU kernel fails here.
+
+    The CPU EP has no fallback, so a session that builds and runs one eval batch proves
+    every node found a kernel.
+    """
+    try:
+        session = make_session(path, SessionOptions(ep="cpu"))
+        session.run(None, ctx.eval_feeds[0])
+    except ORT_ERRORS as e:
+        raise PassError(
+            f"quantize: the result has ops without an ONNX Runtime CPU kernel ({e}). Keep "
+            "the offending nodes in float with --exclude NODE_OR_OP_TYPE."
+        ) from e
+
+
+def with_preprocess(data: str | None, preprocess: str | None) -> str | None:
+    """Attach ``--preprocess SPEC`` to a DATA directory of images (``DIR?SPEC``)."""
+    from onnxpipe.images import ImageSpec, image_files  # noqa: PLC0415
+
+    if preprocess is None:
+        return data
+    ImageSpec.parse(preprocess)  # a bad spec is exit 2 even when no image dir uses it
+    if data is None or "?" in data or not Path(data).is_dir() or not image_files(Path(data)):
+        return data
+    return f"{data}?{preprocess}"

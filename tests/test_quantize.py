@@ -1,0 +1,203 @@
+"""onnxpipe quantize: structure and numbers of every mode, the gate, and every bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxpipe.cli import main
+from tests.conftest import model_ref
+from tests.helpers import ort_run
+
+QUANT_MODELS = Path(__file__).parent / "fixtures" / "quant_models.py"
+CNN_INPUT = "x:float32[batch,3,16,16]"
+
+
+def _ops(bundle: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(bundle / "model.onnx")).graph.node}
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cnn") / "cnn"
+    assert main(["convert", model_ref("gated"), "-o", str(out), "--input", CNN_INPUT,
+                 "--no-bench"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlp") / "mlp"
+    assert main(["convert", f"{QUANT_MODELS}:mlp", "-o", str(out), "--input",
+                 "x:float32[batch,64]", "--no-bench"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def cnn_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    np.savez(d / "calib.npz", x=rng.normal(size=(32, 3, 16, 16)).astype(np.float32))
+    np.savez(d / "eval.npz", x=rng.normal(size=(24, 3, 16, 16)).astype(np.float32))
+    return d
+
+
+def test_static_qdq_per_channel_is_close_to_float(cli, cnn, cnn_data, tmp_path):
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--per-channel",
+                       "--calib", cnn_data / "calib.npz", "--eval", cnn_data / "eval.npz",
+                       "--gate", "cosine>=0.99")  # fmt: skip
+    assert code == 0, err
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    step = manifest["steps"][-1]
+    assert step["name"] == "quantize" and step["config"]["per_channel"] is True
+    assert step["metrics"]["quantize_static"]["activation_type"] in ("uint8", "int8")
+    x = np.load(cnn_data / "eval.npz")["x"][:8]
+    want = ort_run(cnn / "model.onnx", {"x": x})[0]
+    got = ort_run(out / "model.onnx", {"x": x})[0]
+    cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.98
+    assert manifest["validation"]["cpu"]["status"] == "passed"
+
+
+def test_static_qoperator_format(cli, cnn, cnn_data, tmp_path):
+    out = tmp_path / "qop"
+    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--format", "qop",
+                       "--calib", cnn_data / "calib.npz")  # fmt: skip
+    assert code == 0, err
+    assert "QLinearConv" in _ops(out)
+
+
+def test_auto_records_candidate_table(cli, cnn, cnn_data, tmp_path):
+    out = tmp_path / "auto"
+    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--auto",
+                       "--calib", cnn_data / "calib.npz", "--eval", cnn_data / "eval.npz",
+                       "--gate", "top1>=0.9")  # fmt: skip
+    assert code == 0, err
+    step = json.loads((out / "manifest.json").read_text())["steps"][-1]
+    rows = step["metrics"]["auto"]["candidates"]
+    assert len(rows) >= 5 and sum(bool(r.get("chosen")) for r in rows) == 1
+    chosen = next(r for r in rows if r.get("chosen"))
+    assert chosen["passed"] and chosen["latency_ms"] > 0 and chosen["bytes"] > 0
+    assert step["metrics"]["gate"]["top1"] >= 0.9
+
+
+def test_image_directory_calibration(cli, cnn, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "q"
+    spec = "resize=16,crop=16,mean=127,std=128"
+    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--calib", images,
+                       "--eval", images, "--preprocess", spec)  # fmt: skip
+    assert code == 0, err
+    assert (
+        json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]["gate"]["samples"]
+        == 6
+    )
+
+
+def test_gate_failure_exits_1_and_writes_no_bundle(cli, cnn, cnn_data, tmp_path):
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static",
+                       "--calib", cnn_data / "calib.npz", "--gate", "max_abs<=1e-9")  # fmt: skip
+    assert code == 1, err
+    assert "max_abs" in err and not out.exists()
+    assert (tmp_path / "q.failed.json").exists()
+
+
+def test_dynamic_on_mlp_uses_integer_matmul(cli, mlp, tmp_path):
+    out = tmp_path / "dyn"
+    code, _, err = cli("quantize", mlp, "-o", out, "--mode", "dynamic", "--gate", "cosine>=0.97")
+    assert code == 0, err
+    assert _ops(out) & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+
+
+def test_dynamic_refuses_conv_heavy_model(cli, cnn, tmp_path):
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "d", "--mode", "dynamic")
+    assert code == 2
+    assert "Conv" in err and "--mode static" in err
+
+
+def test_int4_rewrites_matmul_to_matmulnbits(cli, mlp, tmp_path):
+    out = tmp_path / "int4"
+    code, _, err = cli("quantize", mlp, "-o", out, "--mode", "int4", "--gate", "cosine>=0.98")
+    assert code == 0, err
+    assert "MatMulNBits" in _ops(out)
+
+
+def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
+    out = tmp_path / "fp16"
+    code, _, err = cli("quantize", mlp, "-o", out, "--mode", "fp16", "--gate", "cosine>=0.999")
+    assert code == 0, err
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    want = ort_run(mlp / "model.onnx", {"x": x})[0]
+    np.testing.assert_allclose(ort_run(out / "model.onnx", {"x": x})[0], want, atol=2e-2)
+
+
+def test_already_quantized_model_is_refused(cli, mlp, tmp_path):
+    first = tmp_path / "dyn"
+    assert cli("quantize", mlp, "-o", first, "--mode", "dynamic")[0] == 0
+    code, _, err = cli("quantize", first, "-o", tmp_path / "again", "--mode", "dynamic")
+    assert code == 2 and "already quantized" in err
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: np.savez(d / "bad.npz", y=np.zeros((2, 3, 16, 16), np.float32)), "'y'"),
+        (lambda d: np.savez(d / "bad.npz", x=np.zeros((2, 3, 8, 8), np.float32)), "shape"),
+        (lambda d: np.savez(d / "bad.npz", x=np.zeros((2, 3, 16, 16), np.float64)), "float64"),
+    ],
+)
+def test_mismatched_calibration_data_exits_2(cli, cnn, tmp_path, make, needle):
+    make(tmp_path)
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static",
+                       "--calib", tmp_path / "bad.npz")  # fmt: skip
+    assert code == 2 and needle in err and "bad.npz" in err
+
+
+def test_empty_dir_unreadable_image_and_bad_gate_exit_2(cli, cnn, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static", "--calib", empty)
+    assert code == 2 and "empty" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cat.jpg").write_bytes(b"not an image")
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static",
+                       "--calib", broken, "--preprocess", "crop=16")  # fmt: skip
+    assert code == 2 and "cat.jpg" in err
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static",
+                       "--calib", empty, "--gate", "top1=0.9")  # fmt: skip
+    assert code == 2 and "does not parse" in err
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static")
+    assert code == 2 and "--calib" in err
+
+
+def test_ort_tools_run_outside_the_users_directory(cli, mlp, tmp_path, monkeypatch):
+    # ORT's symbolic shape inference drops files into the current directory when it gives
+    # up; quantizing must leave the user's directory as it was.
+    from onnxpipe.graphs.quant_utils import working_directory
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(RuntimeError), working_directory(tmp_path):
+        assert Path.cwd() == tmp_path
+        raise RuntimeError("tool failed")
+    assert Path.cwd() == cwd
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "q", "--mode", "dynamic")
+    assert code == 0, err
+    assert list(cwd.iterdir()) == []
