@@ -89,12 +89,14 @@ def run_route(name: str, fn: Callable[[Path], None], out: Path) -> tuple[Row, Pa
         return {"route": name, "status": reason, "seconds": time.perf_counter() - started}, None
 
 
-def onnxpipe_route(source: Any, inputs: tuple[str, ...], **kw: Any) -> Callable[[Path], None]:
+def onnxpipe_route(
+    source: Any, inputs: tuple[str, ...], framework: str = "auto"
+) -> Callable[[Path], None]:
     from onnxpipe.convert import convert
     from onnxpipe.converters.base import ConvertConfig
 
     def go(out: Path) -> None:
-        done = convert(source, ConvertConfig(inputs=inputs, **kw), out.parent / "work")
+        done = convert(source, ConvertConfig(inputs=inputs), out.parent / "work", framework)
         out.write_bytes(done.model_path.read_bytes())
 
     return go
@@ -247,7 +249,7 @@ def main() -> None:
         "convert s",
         "max abs diff",
         "p50 ms",
-        "latency vs onnxpipe",
+        "p50 vs first row",
     ):
         table.add_column(col)
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -281,7 +283,7 @@ def main() -> None:
                     "n/a" if ms is None or base is None else f"{ms / base:.2f}x",
                 )
             table.add_section()
-    Console().print(table)
+    Console(width=170).print(table)
 
 
 if __name__ == "__main__":
