@@ -30,6 +30,10 @@ PASSES: dict[str, str] = {
     "quantize_dynamic": "onnxpipe.graphs.quantize_dynamic:QuantizeDynamicPass",
     "quantize_int4": "onnxpipe.graphs.quantize_int4:QuantizeInt4Pass",
     "quantize_fp16": "onnxpipe.graphs.quantize_fp16:QuantizeFp16Pass",
+    "cleanup": "onnxpipe.graphs.cleanup:CleanupPass",
+    "prune_magnitude": "onnxpipe.graphs.prune_magnitude:PruneMagnitudePass",
+    "prune_channels": "onnxpipe.graphs.prune_channels:PruneChannelsPass",
+    "lowrank": "onnxpipe.graphs.lowrank:LowRankPass",
 }
 """Built-in passes, ``name -> "onnxpipe.graphs.<module>:<Class>"``; filled as passes land."""
 

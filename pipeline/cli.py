@@ -145,6 +145,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
 
+    p = sub.add_parser(
+        "optimize",
+        help="cleanup: constant folding, dedup, ORT offline optimization, transformer fusions",
+        description="Fold constants, drop dead and Identity nodes, dedupe initializers "
+        "(onnxscript / onnx_ir passes), run ONNX Runtime's offline optimizer at --level and, "
+        "with --transformer, the fusions of onnxruntime.transformers.optimizer (the maintained "
+        "successor of onnxruntime-tools).",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
+    p.add_argument(
+        "--level",
+        default="basic",
+        choices=["none", "basic", "extended", "all"],
+        help="basic keeps standard ONNX ops (any EP); extended adds ORT contrib fusions; all "
+        "also bakes this CPU's NCHWc layout in",
+    )
+    p.add_argument("--transformer", metavar="TYPE", help="bert, gpt2, bart, vit, ... fusions")
+    p.add_argument("--num-heads", type=int, default=0, help="attention heads (0: detect)")
+    p.add_argument("--hidden-size", type=int, default=0, help="hidden size (0: detect)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _common(p)
+
+    p = sub.add_parser(
+        "prune",
+        help="magnitude, structured-channel or low-rank compression behind an accuracy gate",
+        description="magnitude zeroes weights (smaller only when zipped; no ORT speedup); "
+        "channels removes Conv/Gemm output channels (smaller and faster); lowrank factors "
+        "Gemm/MatMul weights by SVD. With --gate, channels and lowrank choose per-layer ratios "
+        "up to --ratio, least sensitive layers first, on --eval data.",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
+    p.add_argument("--method", required=True, choices=["magnitude", "channels", "lowrank"])
+    p.add_argument("--ratio", required=True, type=float, help="share to remove, in (0, 1)")
+    p.add_argument(
+        "--scope", default="layer", choices=["layer", "global"], help="magnitude threshold scope"
+    )
+    p.add_argument("--energy", type=float, help="lowrank: keep this share of SVD energy instead")
+    p.add_argument("--no-cleanup", action="store_true", help="skip the cleanup pass first")
+    p.add_argument("--eval", metavar="DATA", help="gate/search data (default: bundle samples)")
+    p.add_argument(
+        "--gate", action="append", default=[], metavar="METRIC>=VALUE", help="e.g. top1>=0.9"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _common(p)
+
     p = sub.add_parser("compare", help="two bundles side by side (e.g. Keras vs PyTorch)")
     p.add_argument("bundle_a", type=Path)
     p.add_argument("bundle_b", type=Path)
@@ -363,6 +410,50 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """``onnxpipe optimize BUNDLE -o OUT``: the cleanup pass as a bundle step."""
+    from onnxpipe.compress import optimize_bundle  # noqa: PLC0415
+    from onnxpipe.graphs.cleanup import CleanupConfig  # noqa: PLC0415
+
+    try:
+        config = CleanupConfig(
+            fold_constants=True,
+            level=args.level,
+            transformer=args.transformer,
+            num_heads=args.num_heads,
+            hidden_size=args.hidden_size,
+        )
+    except ValueError as e:
+        raise InputError(f"onnxpipe optimize: {e}") from e
+    status = err.status("optimizing", spinner="dots") if not args.json else contextlib.nullcontext()
+    with status, _quiet(args.debug):
+        manifest = optimize_bundle(args.bundle, args.out, config, args.overwrite)
+    _emit(args, manifest, [summary_table(manifest, args.out)])
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``onnxpipe prune BUNDLE -o OUT --method ... --ratio R``: a gated, compressed bundle."""
+    from onnxpipe.compress import PruneSettings, check_ratio, prune_bundle  # noqa: PLC0415
+
+    settings = PruneSettings(
+        method=args.method,
+        ratio=check_ratio(args.ratio),
+        scope=args.scope,
+        energy=args.energy,
+        gates=tuple(args.gate),
+        cleanup=not args.no_cleanup,
+    )
+    status = err.status("pruning", spinner="dots") if not args.json else contextlib.nullcontext()
+    with status, _quiet(args.debug):
+        manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)
+    _emit(args, manifest, [summary_table(manifest, args.out)])
+    note = manifest["steps"][-1]["metrics"].get("note")
+    if note and not args.json:
+        err.print(f"note: {escape(note)}", soft_wrap=True)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``onnxpipe compare A B``: the contract's JSON record, a table, or an HTML page."""
     from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415
@@ -383,6 +474,8 @@ COMMANDS = {
     "bench": cmd_bench,
     "compare": cmd_compare,
     "quantize": cmd_quantize,
+    "optimize": cmd_optimize,
+    "prune": cmd_prune,
     "package": cmd_package,
     "run": cmd_run,
     "demo": cmd_demo,

@@ -93,37 +93,45 @@ def gate_metrics(
     ``cosine`` on ``[batch, seq, ...]`` outputs to real tokens: padded positions carry no
     meaning and would otherwise dominate the error.
     """
-    first_ref = np.concatenate([r[0].astype(np.float64) for r in reference])
-    first_got = np.concatenate([c[0].astype(np.float64) for c in candidate])
-    if masks and all(m is not None for m in masks):
-        mask = np.concatenate([np.asarray(m) for m in masks if m is not None])
-        if first_ref.ndim >= 3 and mask.shape == first_ref.shape[:2]:
-            keep = mask.reshape(mask.shape + (1,) * (first_ref.ndim - 2)).astype(np.float64)
-            first_ref, first_got = first_ref * keep, first_got * keep
-    if first_ref.shape != first_got.shape:
-        raise ValueError(f"output shapes differ: {first_ref.shape} vs {first_got.shape}")
-    flat_ref = first_ref.reshape(len(first_ref), -1)
-    flat_got = first_got.reshape(len(first_got), -1)
-    norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_got, axis=1)
-    cosines = np.where(norms > 0, (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300), 1.0)
+    # Per-sample numbers are computed batch by batch: eval batches may differ in shape
+    # (other sequence lengths), so raw outputs cannot be concatenated.
+    cosines: list[np.ndarray] = []
+    agree: list[np.ndarray] = []
+    kls: list[np.ndarray] = []
+    for index, (ref_out, got_out) in enumerate(zip(reference, candidate, strict=True)):
+        ref, got = ref_out[0].astype(np.float64), got_out[0].astype(np.float64)
+        if ref.shape != got.shape:
+            raise ValueError(f"output shapes differ: {ref.shape} vs {got.shape}")
+        mask = masks[index] if masks else None
+        if mask is not None and ref.ndim >= 3 and np.shape(mask) == ref.shape[:2]:
+            keep = np.asarray(mask).reshape(ref.shape[:2] + (1,) * (ref.ndim - 2))
+            ref, got = ref * keep, got * keep
+        flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+        norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_got, axis=1)
+        cosines.append(
+            np.where(norms > 0, (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300), 1.0)
+        )
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            agree.append(ref.argmax(1) == got.argmax(1))
+            p, q = _softmax(ref), _softmax(got)
+            kls.append((p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12)))).sum(1))
+    all_cosines = np.concatenate(cosines)
     max_abs = max(
         float(np.max(np.abs(r.astype(np.float64) - c.astype(np.float64)))) if r.size else 0.0
         for ref, got in zip(reference, candidate, strict=True)
         for r, c in zip(ref, got, strict=True)
     )
     metrics: dict[str, Any] = {
-        "samples": len(first_ref),
-        "cosine": float(cosines.mean()),
-        "cosine_min": float(cosines.min()),
+        "samples": len(all_cosines),
+        "cosine": float(all_cosines.mean()),
+        "cosine_min": float(all_cosines.min()),
         "max_abs": max_abs,
         "top1": None,
         "kl": None,
     }
-    if first_ref.ndim == 2 and first_ref.shape[1] > 1:
-        metrics["top1"] = float(np.mean(first_ref.argmax(1) == first_got.argmax(1)))
-        p, q = _softmax(first_ref), _softmax(first_got)
-        kl = (p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12)))).sum(1)
-        metrics["kl"] = float(kl.mean())
+    if agree and len(agree) == len(cosines):
+        metrics["top1"] = float(np.concatenate(agree).mean())
+        metrics["kl"] = float(np.concatenate(kls).mean())
     return metrics
 
 

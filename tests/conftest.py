@@ -38,3 +38,12 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A converted bundle of the fixture MLP (64 -> 64), shared read-only by the pruning tests."""
+    out = tmp_path_factory.mktemp("mlp") / "mlp"
+    spec = "x:float32[batch,64]"
+    assert main(["convert", model_ref("mlp"), "-o", str(out), "--input", spec]) == 0
+    return out

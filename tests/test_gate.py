@@ -47,3 +47,13 @@ def test_embeddings_have_no_top1_and_gate_on_it_fails():
     assert metrics["top1"] is None and metrics["cosine"] == pytest.approx(1.0)
     with pytest.raises(GateFailed):
         enforce([Gate.parse("top1>=0.5")], metrics, "prune")
+
+
+def test_eval_batches_of_different_sequence_lengths():
+    rng = np.random.default_rng(1)
+    ref = [[rng.standard_normal((2, 5, 8))], [rng.standard_normal((3, 9, 8))]]
+    got = [[r[0] * 1.001] for r in ref]
+    masks = [np.ones((2, 5)), np.ones((3, 9))]
+    metrics = gate_metrics(ref, got, masks)
+    assert metrics["samples"] == 5 and metrics["cosine"] == pytest.approx(1.0)
+    assert metrics["top1"] is None

@@ -1,0 +1,336 @@
+"""Find the channel groups of a graph: output channels that can be cut together, and how.
+
+A *group* is one channel space (axis 1) shared by tensors that must stay aligned: the outputs
+of the Conv/Gemm layers that produce it (several when residual Adds join them), the ops it
+passes through (activations, BatchNormalization, depthwise Conv, per-channel constants,
+global pooling, the ``[N, C, 1, 1] -> [N, C]`` flatten before a classifier) and the layers
+that consume it (a Conv's or Gemm's input channels). Cutting channel ``c`` of a group removes
+row ``c`` from every producer, the entries ``c`` of every pass-through parameter, and column
+``c`` from every consumer, so every tensor of the group physically shrinks.
+
+A group is *blocked*, with the reason kept, when any of its tensors reaches something that
+would need the removed channels: a graph output, a graph input, an op not listed above, a
+Concat (consumers index its channels by offset), or a weight shared by two nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+UNARY = frozenset(
+    {
+        "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu",
+        "Selu", "Softplus", "Softsign", "Gelu", "Identity", "Dropout", "Neg", "Abs", "Mish",
+        "Erf", "Sqrt", "Exp", "Round", "Floor", "Ceil",
+    }
+)  # fmt: skip
+BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"})
+POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool"})
+REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin"})
+
+
+@dataclass
+class Cut:
+    """One array to slice when the group's channels are cut: ``value`` along ``axis``."""
+
+    value: ir.Value
+    axis: int
+
+
+@dataclass
+class Group:
+    """One channel space and everything that must change with it."""
+
+    key: str
+    channels: int
+    producers: list[ir.Node] = field(default_factory=list)
+    consumers: list[ir.Node] = field(default_factory=list)
+    tensors: list[ir.Value] = field(default_factory=list)
+    cuts: list[Cut] = field(default_factory=list)
+    depthwise: list[ir.Node] = field(default_factory=list)
+    reshapes: list[ir.Value] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    def producer_cuts(self) -> list[Cut]:
+        """The cuts on producer weights (rows = output channels), for scoring."""
+        return [c for c in self.cuts if c.value in {p.inputs[1] for p in self.producers}]
+
+    def consumer_cuts(self) -> list[Cut]:
+        """The cuts on consumer weights (columns = input channels), for scoring."""
+        return [c for c in self.cuts if c.value in {n.inputs[1] for n in self.consumers}]
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _is_producer(node: ir.Node) -> bool:
+    """A Conv (group 1) or Gemm whose weight is a constant: its output channels can go."""
+    if node.op_type == "Conv" and node.domain == "":
+        return _attr(node, "group", 1) == 1 and _const(node.inputs[1]) is not None
+    if node.op_type == "Gemm" and node.domain == "":
+        return _attr(node, "transA", 0) == 0 and _const(node.inputs[1]) is not None
+    return False
+
+
+class _Union:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+class _Analysis:
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.uf = _Union()
+        self.values: dict[int, ir.Value] = {}
+        self.blocked: dict[int, list[str]] = {}
+        self.cuts: dict[int, list[tuple[ir.Value, int]]] = {}
+        self.consumers: dict[int, list[tuple[ir.Node, ir.Value, int]]] = {}
+        self.depthwise: list[tuple[ir.Node, ir.Value]] = []
+        self.reshapes: list[tuple[ir.Value, ir.Value]] = []
+
+    def track(self, value: ir.Value) -> int:
+        self.values[id(value)] = value
+        return self.uf.find(id(value))
+
+    def join(self, a: ir.Value, b: ir.Value) -> None:
+        self.track(a)
+        self.track(b)
+        self.uf.union(id(a), id(b))
+
+    def block(self, value: ir.Value, reason: str) -> None:
+        self.track(value)
+        self.blocked.setdefault(id(value), []).append(reason)
+
+    def cut(self, activation: ir.Value, param: ir.Value, axis: int) -> None:
+        self.track(activation)
+        self.cuts.setdefault(id(activation), []).append((param, axis))
+
+    def visit(self, node: ir.Node) -> None:
+        op, ins = node.op_type, list[Any](node.inputs)
+        acts = [v for v in ins if v is not None and _const(v) is None]
+        if node.domain not in ("", "ai.onnx"):
+            self._opaque(node, acts)
+        elif _is_producer(node):
+            trans = op == "Conv" or _attr(node, "transB", 0) == 1  # weight rows = outputs
+            self._consume(node, ins[0], 1 if trans else 0)
+            out = node.outputs[0]
+            self.cut(out, ins[1], 0 if trans else 1)  # type: ignore[arg-type]
+            bias = _const(ins[2]) if len(ins) > 2 else None
+            if bias is not None and bias.size > 1:
+                self.cut(out, ins[2], 0 if op == "Conv" else bias.ndim - 1)  # type: ignore[arg-type]
+        elif op == "Conv" and self._depthwise(node):
+            self.join(ins[0], node.outputs[0])
+            self.depthwise.append((node, node.outputs[0]))
+            self.cut(ins[0], ins[1], 0)
+            if len(ins) > 2 and ins[2] is not None:
+                self.cut(ins[0], ins[2], 0)
+        elif op == "MatMul" and _const(ins[1]) is not None and _rank(ins[0]) == 2:
+            self._consume(node, ins[0], 0)
+            self.block(node.outputs[0], "MatMul output (only Conv/Gemm outputs are cut)")
+        elif op in UNARY and ins[0] is not None:
+            self.join(ins[0], node.outputs[0])  # extra inputs (Clip bounds) are scalars
+            for extra in node.outputs[1:]:
+                self.block(extra, f"second output of {op} node {node.name!r}")
+        elif op == "BatchNormalization" and len(acts) == 1:
+            self.join(ins[0], node.outputs[0])
+            for param in ins[1:5]:
+                self.cut(ins[0], param, 0)  # type: ignore[arg-type]
+        elif op in BINARY and len(node.outputs) == 1:
+            self._binary(node, acts)
+        elif op in POOLS or op in REDUCES:
+            self._pool(node)
+        elif op in ("Reshape", "Flatten"):
+            self._flatten(node)
+        else:
+            self._opaque(node, acts)
+
+    def _opaque(self, node: ir.Node, acts: list[ir.Value]) -> None:
+        what = f"{node.op_type} node {node.name!r}"
+        for value in acts:
+            self.block(value, f"feeds {what}, which needs every channel")
+        for out in node.outputs:
+            self.block(out, f"comes from {what}, not from a Conv/Gemm")
+
+    def _consume(self, node: ir.Node, value: ir.Value, axis: int) -> None:
+        if _rank(value) is None:
+            self.block(value, f"rank of {value.name!r} unknown")
+            return
+        self.track(value)
+        self.consumers.setdefault(id(value), []).append((node, node.inputs[1], axis))  # type: ignore[arg-type]
+
+    def _depthwise(self, node: ir.Node) -> bool:
+        weight = _const(node.inputs[1])
+        group = _attr(node, "group", 1)
+        return (
+            weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
+        )
+
+    def _per_channel(self, act: ir.Value, const: ir.Value, node: ir.Node, rank: int | None) -> None:
+        array = _const(const)
+        assert array is not None
+        if array.size == 1:
+            return
+        act_rank = rank if rank is not None else _rank(act)
+        if act_rank is None or array.ndim > act_rank:
+            self.block(act, f"constant {const.name!r} of {node.op_type} does not broadcast")
+            return
+        axis = array.ndim - (act_rank - 1)  # where the channel axis lands in the constant
+        others = [d for i, d in enumerate(array.shape) if i != axis]
+        if axis < 0 or any(d != 1 for d in others):
+            self.block(act, f"constant {const.name!r} of {node.op_type} is not per-channel")
+            return
+        self.cut(act, const, axis)
+
+    def _binary(self, node: ir.Node, acts: list[ir.Value]) -> None:
+        out = node.outputs[0]
+        if not acts:
+            return
+        if node.op_type == "PRelu" and len(acts) == 1 and acts[0] is node.inputs[0]:
+            self.join(acts[0], out)
+            self._per_channel(acts[0], node.inputs[1], node, None)  # type: ignore[arg-type]
+            return
+        ranks = {_rank(v) for v in acts} | {_rank(out)}
+        if None in ranks or len(ranks) != 1:
+            self._opaque(node, acts)  # broadcasting across ranks: channel axes may not align
+            return
+        for value in acts:
+            self.join(value, out)
+        for const in node.inputs:
+            if const is not None and _const(const) is not None:
+                self._per_channel(acts[0], const, node, None)
+
+    def _pool(self, node: ir.Node) -> None:
+        value, out = node.inputs[0], node.outputs[0]
+        rank = _rank(value) if value is not None else None
+        axes: list[int] | None = None
+        if node.op_type in REDUCES:
+            attr = node.attributes.get("axes")
+            given = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            axes = list(attr.value) if attr is not None else None
+            if given is not None:
+                axes = [int(a) for a in given.reshape(-1)]
+            keep = _attr(node, "keepdims", 1)
+            if axes is None or rank is None:
+                self._opaque(node, [value] if value is not None else [])
+                return
+            axes = [a % rank for a in axes]
+            if 1 in axes or (not keep and 0 in axes):  # channels reduced or moved off axis 1
+                self._opaque(node, [value])  # type: ignore[list-item]
+                return
+        assert value is not None
+        self.join(value, out)
+
+    def _flatten(self, node: ir.Node) -> None:
+        value, out = node.inputs[0], node.outputs[0]
+        assert value is not None
+        shape_in, shape_out = value.shape, out.shape
+        ok = (
+            shape_in is not None
+            and shape_out is not None
+            and len(shape_out) == 2
+            and len(shape_in) >= 2
+            and all(d == 1 for d in list(shape_in)[2:])
+        )
+        if node.op_type == "Flatten":
+            ok = ok and _attr(node, "axis", 1) == 1
+        elif ok:
+            target = _const(node.inputs[1])
+            ok = target is not None and target.size == 2 and int(target[0]) in (-1, 0)
+            if ok:
+                self.reshapes.append((value, node.inputs[1]))  # type: ignore[arg-type]
+        if ok:
+            self.join(value, out)
+        else:
+            self._opaque(node, [value])
+
+
+def find_groups(model: ir.Model) -> list[Group]:
+    """Every channel group of the model's main graph, blocked ones included (with reasons)."""
+    graph = model.graph
+    analysis = _Analysis(graph)
+    for node in graph:
+        analysis.visit(node)
+    for value in graph.inputs:
+        analysis.block(value, f"is graph input {value.name!r}")
+    for value in graph.outputs:
+        analysis.block(value, f"reaches graph output {value.name!r}")
+
+    uf = analysis.uf
+    roots: dict[int, list[ir.Value]] = {}
+    for key, value in analysis.values.items():
+        roots.setdefault(uf.find(key), []).append(value)
+    groups: list[Group] = []
+    for members in roots.values():
+        producers = [
+            v.producer()
+            for v in members
+            if v.producer() is not None and _is_producer(v.producer())  # type: ignore[arg-type]
+        ]
+        if not producers:
+            continue
+        ids = {id(v) for v in members}
+        first = producers[0]
+        group = Group(key=first.inputs[1].name or first.name or "?", channels=0)  # type: ignore[union-attr]
+        group.producers = producers  # type: ignore[assignment]
+        group.tensors = members
+        for vid in ids:
+            group.blocked += analysis.blocked.get(vid, [])
+            group.cuts += [Cut(p, a) for p, a in analysis.cuts.get(vid, [])]
+            for node, weight, axis in analysis.consumers.get(vid, []):
+                group.consumers.append(node)
+                group.cuts.append(Cut(weight, axis))
+        group.depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
+        group.reshapes = [shape for v, shape in analysis.reshapes if id(v) in ids]
+        _check_sizes(group)
+        groups.append(group)
+    return groups
+
+
+def _check_sizes(group: Group) -> None:
+    """Every cut must see the same channel count; every sliced weight must be used once."""
+    sizes = set()
+    for cut in group.cuts:
+        array = _const(cut.value)
+        if array is None or not cut.value.is_initializer():
+            group.blocked.append(f"{cut.value.name!r} is not an initializer")
+            continue
+        if cut.axis >= array.ndim:
+            group.blocked.append(f"{cut.value.name!r} has no axis {cut.axis}")
+            continue
+        sizes.add(array.shape[cut.axis])
+        if len(cut.value.uses()) != 1 or cut.value.is_graph_output():
+            group.blocked.append(f"weight {cut.value.name!r} is shared by several nodes")
+    if len(sizes) != 1:
+        group.blocked.append(f"channel counts disagree: {sorted(sizes)}")
+    group.channels = min(sizes) if sizes else 0
+    if not group.consumers and not group.blocked:
+        group.blocked.append("no consumer takes these channels")

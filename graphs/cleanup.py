@@ -1,0 +1,170 @@
+"""Cleanup: folding, dead-node/identity removal, dedup, ORT offline optimization, fusions.
+
+Runs before the other compression passes and on its own as ``onnxpipe optimize``. The graph
+rewrites are onnxscript's optimizer and onnx_ir's common passes; ``level`` then runs ONNX
+Runtime's offline graph optimizer; ``transformer`` runs the fusions of
+``onnxruntime.transformers.optimizer``, the maintained successor of ``onnxruntime-tools``
+(attention, LayerNorm, GELU, embedding fusions for BERT-like models).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from pydantic import Field, model_validator
+
+from onnxpipe.errors import PassError
+from onnxpipe.graphs.base import GraphPass, PassConfig
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("none", "basic", "extended", "all")
+
+
+class CleanupConfig(PassConfig):
+    """Settings of :class:`CleanupPass`."""
+
+    fold_constants: bool = Field(
+        True, description="fold constant subgraphs (e.g. ConstantOfShape weights) into values"
+    )
+    level: Literal["none", "basic", "extended", "all"] = Field(
+        "basic",
+        description="ONNX Runtime offline optimization level: basic keeps standard ONNX ops "
+        "(portable to every EP); extended adds ORT contrib fusions; all also bakes the CPU's "
+        "NCHWc layout in (only for this CPU family)",
+    )
+    transformer: str | None = Field(
+        None,
+        description="model type for onnxruntime.transformers.optimizer fusions "
+        "(bert, gpt2, bart, vit, ...); None skips them",
+    )
+    num_heads: int = Field(0, ge=0, description="attention heads (0: detect from the graph)")
+    hidden_size: int = Field(0, ge=0, description="hidden size (0: detect from the graph)")
+
+    @model_validator(mode="after")
+    def _heads_need_transformer(self) -> CleanupConfig:
+        if (self.num_heads or self.hidden_size) and not self.transformer:
+            raise ValueError("num_heads/hidden_size only apply with transformer=TYPE")
+        if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    """Nodes per op type in the main graph (``domain::op`` outside the default domain)."""
+    return dict(
+        collections.Counter(
+            n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+            for n in model.graph
+        )
+    )
+
+
+class CleanupPass(GraphPass[CleanupConfig]):
+    """Fold, dedupe and simplify the graph, then optionally ORT-optimize and fuse it.
+
+    Functional (returns a new model). Raises ``PassError`` when ONNX Runtime or the
+    transformer optimizer cannot load the model, naming the step.
+    """
+
+    name = "cleanup"
+    config_class = CleanupConfig
+    modifies_in_place: ClassVar[bool] = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Run the steps in order; ``metrics`` get node/initializer counts and op tables."""
+        cfg = self.config
+        before = op_counts(model)
+        inits_before = len(model.graph.initializers)
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # a private copy
+        steps: list[str] = []
+        if model.ir_version < 4:
+            # IR < 4 lists every initializer as a graph input too (the opset-9 zoo models);
+            # folding would drop the initializers and leave required inputs behind.
+            model.ir_version = 4
+            steps.append("ir_version 4")
+        model = common.RemoveInitializersFromInputsPass()(model).model
+        if cfg.fold_constants:
+            import onnxscript.optimizer  # noqa: PLC0415 - heavy, only when folding
+
+            onnxscript.optimizer.optimize_ir(model, num_iterations=2)
+            steps.append("onnxscript.optimizer")
+        for graph_pass in (
+            common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+            common.IdentityEliminationPass(),
+            common.DeduplicateInitializersPass(),
+            common.RemoveUnusedNodesPass(),
+        ):
+            model = graph_pass(model).model
+            steps.append(type(graph_pass).__name__)
+        if cfg.level != "none":
+            model = _ort_optimize(model, cfg.level)
+            steps.append(f"onnxruntime offline optimization ({cfg.level})")
+        if cfg.transformer:
+            model = _transformer_fusions(model, cfg)
+            steps.append(f"onnxruntime.transformers.optimizer ({cfg.transformer})")
+        model = common.RemoveUnusedOpsetsPass()(model).model  # ORT declares every domain
+        after = op_counts(model)
+        logger.info("cleanup: %d -> %d nodes", sum(before.values()), sum(after.values()))
+        self.metrics = {
+            "steps": steps,
+            "nodes_before": sum(before.values()),
+            "nodes_after": sum(after.values()),
+            "initializers_before": inits_before,
+            "initializers_after": len(model.graph.initializers),
+            "ops_before": before,
+            "ops_after": after,
+        }
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _ort_optimize(model: ir.Model, level: str) -> ir.Model:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-cleanup-") as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        ir.save(model, source)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[level]
+        options.optimized_model_filepath = str(target)
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except (RuntimeError, ValueError) as e:  # ORT's Fail/InvalidGraph derive from these
+            raise PassError(f"ONNX Runtime cannot load the model to optimize it: {e}") from e
+        return ir.external_data.load_to_model(ir.load(target))
+
+
+def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> ir.Model:
+    from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
+
+    proto = ir.serde.serialize_model(model)
+    try:
+        optimized = optimize_model(
+            proto,
+            model_type=cfg.transformer or "bert",
+            num_heads=cfg.num_heads,
+            hidden_size=cfg.hidden_size,
+            opt_level=0,
+        )
+    except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+        raise PassError(
+            f"onnxruntime.transformers.optimizer ({cfg.transformer}) failed: {e}. Check "
+            "--transformer, --num-heads and --hidden-size."
+        ) from e
+    fused: dict[str, Any] = optimized.get_fused_operator_statistics()
+    logger.info("transformer fusions: %s", {k: v for k, v in fused.items() if v})
+    return ir.serde.deserialize_model(optimized.model)

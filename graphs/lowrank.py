@@ -1,0 +1,165 @@
+"""Low-rank factorisation: replace a large Gemm/MatMul weight ``W`` by ``A @ B`` (truncated SVD).
+
+``x @ W`` becomes ``(x @ A) @ B`` with ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``. Fewer
+parameters and multiply-adds whenever ``r (K + N) < K N``; the pass only factors a weight when
+the factored form is at most ``max_share`` of the original, so it is smaller and not slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field, model_validator
+
+from onnxpipe.errors import PassError
+from onnxpipe.graphs.base import GraphPass, PassConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LowRankConfig(PassConfig):
+    """Settings of :class:`LowRankPass`."""
+
+    ratio: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="share of each factored weight's parameters to remove; sets the rank "
+        "r = floor((1 - ratio) K N / (K + N))",
+    )
+    energy: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="instead of ratio: smallest rank keeping this share of sum(S^2)",
+    )
+    ranks: dict[str, int] | None = Field(
+        None,
+        description="explicit rank per weight name; when given, only these weights are factored",
+    )
+    min_elements: int = Field(
+        16384, ge=1, description="leave weights with fewer elements than this"
+    )
+    max_share: float = Field(
+        0.8,
+        gt=0.0,
+        lt=1.0,
+        description="factor only when r (K + N) <= max_share K N: two small matmuls must be "
+        "clearly cheaper than one, or they are slower",
+    )
+
+    @model_validator(mode="after")
+    def _positive_ranks(self) -> LowRankConfig:
+        for name, rank in (self.ranks or {}).items():
+            if rank < 1:
+                raise ValueError(f"rank {rank} for {name!r} must be >= 1")
+        return self
+
+
+def factorable(model: ir.Model, min_elements: int) -> list[tuple[ir.Node, ir.Value]]:
+    """(node, weight) for MatMul with a constant 2-D right operand and plain Gemm."""
+    found = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.const_value is None or not weight.is_initializer():
+            continue
+        if len(weight.const_value.shape) != 2 or weight.const_value.size < min_elements:
+            continue
+        if len(weight.uses()) != 1 or not weight.const_value.dtype.is_floating_point():
+            continue
+        if node.op_type == "Gemm":
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                continue
+        found.append((node, weight))
+    return found
+
+
+def _matrix(node: ir.Node, weight: ir.Value) -> np.ndarray:
+    """The weight as ``[K, N]`` with ``y = x @ W``."""
+    array = weight.const_value.numpy()  # type: ignore[union-attr]
+    trans = node.op_type == "Gemm" and node.attributes.get("transB") is not None
+    return array.T if trans and node.attributes["transB"].value else array
+
+
+class LowRankPass(GraphPass[LowRankConfig]):
+    """Factor large Gemm/MatMul weights by truncated SVD where that saves parameters.
+
+    Refuses (``PassError``) a model with no constant 2-D Gemm/MatMul weight of at least
+    ``min_elements``. ``metrics["layers"]`` lists rank, energy kept and parameters per weight.
+    """
+
+    name = "lowrank"
+    config_class = LowRankConfig
+    modifies_in_place: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Rewrite each chosen ``x @ W`` as ``(x @ A) @ B``."""
+        cfg = self.config
+        candidates = factorable(model, cfg.min_elements)
+        if not candidates:
+            raise PassError(
+                "nothing to factor: no Gemm/MatMul with a constant 2-D weight of at least "
+                f"{cfg.min_elements} elements (--method lowrank needs dense layers)."
+            )
+        layers: dict[str, dict[str, Any]] = {}
+        skipped: dict[str, str] = {}
+        for node, weight in candidates:
+            name = weight.name or node.name or "?"
+            if cfg.ranks is not None and name not in cfg.ranks:
+                continue
+            w = _matrix(node, weight).astype(np.float64)
+            k, n = w.shape
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            rank = self._rank(name, s, k, n)
+            if rank * (k + n) > cfg.max_share * k * n:
+                skipped[name] = f"rank {rank} would not save enough ({rank * (k + n)} vs {k * n})"
+                continue
+            root = np.sqrt(s[:rank])
+            a = (u[:, :rank] * root).astype(w.dtype)
+            b = (root[:, None] * vt[:rank]).astype(w.dtype)
+            _rewrite(model.graph, node, weight, a, b, weight.const_value.numpy().dtype)  # type: ignore[union-attr]
+            energy = float((s[:rank] ** 2).sum() / max((s**2).sum(), 1e-300))
+            layers[name] = {"shape": [k, n], "rank": rank, "energy": energy,
+                            "params_before": k * n, "params_after": rank * (k + n)}  # fmt: skip
+            logger.debug("%s: [%d, %d] -> rank %d (energy %.4f)", name, k, n, rank, energy)
+        if layers:
+            logger.info("low-rank: factored %d weights", len(layers))
+        self.metrics = {"layers": layers, "skipped": skipped, "candidates": len(candidates)}
+        return ir.passes.PassResult(model, modified=bool(layers))
+
+    def _rank(self, name: str, s: np.ndarray, k: int, n: int) -> int:
+        cfg = self.config
+        if cfg.ranks is not None:
+            return min(cfg.ranks[name], len(s))
+        if cfg.energy is not None:
+            cumulative = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
+            return min(int(np.searchsorted(cumulative, cfg.energy - 1e-12)) + 1, len(s))
+        return max(1, math.floor((1 - cfg.ratio) * k * n / (k + n)))
+
+
+def _rewrite(
+    graph: ir.Graph, node: ir.Node, weight: ir.Value, a: np.ndarray, b: np.ndarray, dtype: np.dtype
+) -> None:
+    base = weight.name or node.name or "w"
+    value_a = ir.Value(name=f"{base}.lowrank_a", const_value=ir.tensor(a.astype(dtype)))
+    value_b = ir.Value(name=f"{base}.lowrank_b", const_value=ir.tensor(b.astype(dtype)))
+    value_a.const_value.name = value_a.name  # type: ignore[union-attr]
+    value_b.const_value.name = value_b.name  # type: ignore[union-attr]
+    graph.register_initializer(value_a)
+    graph.register_initializer(value_b)
+    x = node.inputs[0]
+    first = ir.node("MatMul", [x, value_a], name=f"{node.name}.lowrank_a")
+    first.outputs[0].name = f"{base}.lowrank_hidden"
+    graph.insert_before(node, first)
+    node.replace_input_with(0, first.outputs[0])
+    node.replace_input_with(1, value_b)
+    if node.op_type == "Gemm":
+        node.attributes["transB"] = ir.AttrInt64("transB", 0)
+    graph.initializers.pop(weight.name)  # type: ignore[arg-type]

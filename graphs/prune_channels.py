@@ -1,0 +1,329 @@
+"""Structured channel pruning: remove whole output channels of Conv/Gemm layers.
+
+The cut is propagated through each channel group (see :mod:`onnxpipe.graphs.channel_groups`):
+producer rows and biases, BatchNormalization parameters, depthwise Conv weights and ``group``,
+per-channel constants, the flatten before a classifier and the consumers' input channels.
+Tensors physically shrink, so unlike magnitude pruning this makes ONNX Runtime faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field, field_validator
+
+from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.channel_groups import Group, find_groups
+
+logger = logging.getLogger(__name__)
+
+
+class PruneChannelsConfig(PassConfig):
+    """Settings of :class:`PruneChannelsPass`."""
+
+    ratio: float = Field(
+        0.3, gt=0.0, lt=1.0, description="share of each group's channels to remove, in (0, 1)"
+    )
+    ratios: dict[str, float] | None = Field(
+        None,
+        description="per-group ratios by group key (first producer's weight name); when given, "
+        "groups not listed are left alone and 'ratio' is only the upper bound",
+    )
+    criterion: Literal["weight", "activation"] = Field(
+        "weight",
+        description="channel importance: weight = producer row norm x consumer column norm; "
+        "activation = RMS activation on the given feeds x consumer column norm",
+    )
+    multiple_of: int = Field(
+        8,
+        ge=1,
+        description="keep a multiple of this many channels: ORT's NCHWc conv kernels need "
+        "channel counts divisible by the SIMD block (8 on AVX2, 16 on AVX-512)",
+    )
+    min_channels: int = Field(8, ge=1, description="never keep fewer channels than this")
+    refit: Literal["none", "bias", "lstsq"] = Field(
+        "bias",
+        description="with criterion=activation, compensate the consumers of a cut group on "
+        "the feeds: bias = fold the removed channels' mean contribution into the bias; "
+        "lstsq = also refit 1x1 Conv/Gemm/MatMul weights by ridge regression (overfits small "
+        "eval sets: on EfficientNet-Lite0 it raised eval top-1 and lowered held-out top-1)",
+    )
+    ridge: float = Field(
+        1.0,
+        gt=0.0,
+        description="lstsq refit: pull toward the original weights, relative to the mean "
+        "channel variance (large = bias compensation only)",
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, ratio in (value or {}).items():
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"ratio {ratio} for group {key!r} must lie in [0, 1)")
+        return value
+
+
+def param_count(model: ir.Model) -> int:
+    """Elements in the main graph's initializers."""
+    return sum(
+        v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None
+    )
+
+
+class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
+    """Remove the least important output channels of every prunable Conv/Gemm group.
+
+    Refuses (``PassError``) a model with no prunable group, naming why each group is blocked.
+    Groups that cannot be cut safely are skipped and listed in ``metrics["skipped"]``.
+    """
+
+    name = "prune_channels"
+    config_class = PruneChannelsConfig
+    modifies_in_place = True
+
+    def __init__(
+        self,
+        config: PruneChannelsConfig | None = None,
+        *,
+        feeds: Sequence[Mapping[str, np.ndarray]] = (),
+        inputs: Mapping[str, np.ndarray] | None = None,
+        **settings: Any,
+    ) -> None:
+        """``feeds``, or ``inputs`` from :func:`collect_inputs`, serve criterion=activation."""
+        super().__init__(config, **settings)
+        self.feeds = list(feeds)
+        self.inputs = inputs
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Cut channels group by group; see the class docstring."""
+        from onnxpipe.errors import PassError  # noqa: PLC0415 - errors is a leaf module
+
+        groups = find_groups(model)
+        prunable = [g for g in groups if not g.blocked]
+        skipped = {g.key: sorted(set(g.blocked)) for g in groups if g.blocked}
+        if not prunable:
+            reasons = "; ".join(f"{k}: {v[0]}" for k, v in skipped.items()) or "no Conv/Gemm"
+            raise PassError(
+                f"nothing to prune: no Conv/Gemm output channels can be cut safely ({reasons})."
+            )
+        inputs: Mapping[str, np.ndarray] = {}
+        if self.config.criterion == "activation":
+            inputs = self.inputs or collect_inputs(model, prunable, self.feeds)
+        before = param_count(model)
+        changes: dict[str, list[int]] = {}
+        for group in prunable:
+            ratio = self._ratio(group)
+            keep_n = self._keep_count(group.channels, ratio)
+            if keep_n >= group.channels:
+                continue
+            scores = channel_scores(group, inputs)
+            keep = np.sort(np.argsort(-scores, kind="stable")[:keep_n])
+            if inputs and self.config.refit != "none":
+                refit_consumers(
+                    group, keep, inputs, self.config.refit == "lstsq", self.config.ridge
+                )
+            apply_cut(group, keep)
+            changes[group.key] = [group.channels, keep_n]
+            logger.debug("group %s: %d -> %d channels", group.key, group.channels, keep_n)
+        after = param_count(model)
+        if changes:
+            logger.info("pruned %d channel groups: %d -> %d params", len(changes), before, after)
+        self.metrics = {
+            "groups": len(groups),
+            "groups_prunable": len(prunable),
+            "groups_pruned": len(changes),
+            "channels": changes,
+            "skipped": skipped,
+            "params_before": before,
+            "params_after": after,
+        }
+        return ir.passes.PassResult(model, modified=bool(changes))
+
+    def _ratio(self, group: Group) -> float:
+        if self.config.ratios is None:
+            return self.config.ratio
+        return min(self.config.ratios.get(group.key, 0.0), self.config.ratio)
+
+    def _keep_count(self, channels: int, ratio: float) -> int:
+        if ratio <= 0:
+            return channels
+        step = self.config.multiple_of
+        keep = channels - int(round(channels * ratio))
+        keep = int(math.ceil(keep / step) * step)
+        return min(channels, max(keep, self.config.min_channels))
+
+
+def _norms(cut: Any) -> np.ndarray:
+    array = np.moveaxis(cut.value.const_value.numpy().astype(np.float64), cut.axis, 0)
+    return np.sqrt((array.reshape(array.shape[0], -1) ** 2).sum(1))
+
+
+def channel_scores(group: Group, inputs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """Importance per channel, summed over the group's consumers.
+
+    With ``inputs`` (sampled consumer inputs): RMS of the channel's activation x the norm of
+    the consumer's weights for it, i.e. how much the channel feeds forward. Without: producer
+    row norm x consumer column norm. Each layer's numbers are divided by their mean so one
+    large layer does not decide alone for a group joined by residual Adds.
+    """
+    total = np.zeros(group.channels)
+    producer = np.zeros(group.channels)
+    for cut in group.producer_cuts():
+        n = _norms(cut)
+        producer += n / max(float(n.mean()), 1e-12)
+    consumer_weights = {cut.value.name: cut for cut in group.consumer_cuts()}
+    for node in group.consumers:
+        found = consumer_weights.get(node.inputs[1].name)  # type: ignore[union-attr]
+        if found is None:
+            continue
+        col = _norms(found)
+        x = inputs.get(node.inputs[0].name or "") if inputs and node.inputs[0] else None
+        source = np.sqrt((x.astype(np.float64) ** 2).mean(0)) if x is not None else producer
+        score = source * col
+        total += score / max(float(score.mean()), 1e-12)
+    return total
+
+
+def apply_cut(group: Group, keep: np.ndarray) -> None:
+    """Keep only channels ``keep`` everywhere in ``group`` (weights, attributes, shapes)."""
+    n = len(keep)
+    for cut in group.cuts:
+        array = cut.value.const_value.numpy()  # type: ignore[union-attr]
+        sliced = np.ascontiguousarray(np.take(array, keep, axis=cut.axis))
+        cut.value.const_value = ir.tensor(sliced, name=cut.value.name)
+        cut.value.shape = ir.Shape(sliced.shape)
+    for node in group.depthwise:
+        node.attributes["group"] = ir.AttrInt64("group", n)
+    for shape_value in group.reshapes:
+        target = shape_value.const_value.numpy().copy()  # type: ignore[union-attr]
+        if target[1] > 0:
+            target[1] = n
+            shape_value.const_value = ir.tensor(target, name=shape_value.name)
+    for value in group.tensors:
+        if value.shape is not None and len(value.shape) >= 2:
+            dims = list(value.shape)
+            dims[1] = n
+            value.shape = ir.Shape(dims)
+
+
+def collect_inputs(
+    model: ir.Model,
+    groups: Sequence[Group],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    max_rows: int = 20000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Samples ``[rows, channels]`` of every group consumer's input tensor, keyed by name.
+
+    Spatial positions are subsampled so a large feature map costs at most ``max_rows`` rows.
+    """
+    import onnxruntime as ort  # noqa: PLC0415
+
+    names: list[str] = list(
+        dict.fromkeys(
+            n.inputs[0].name
+            for g in groups
+            for n in g.consumers
+            if n.inputs[0] and n.inputs[0].name
+        )
+    )
+    if not feeds or not names:
+        return {}
+    proto = ir.serde.serialize_model(model)
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name and name not in known:
+            proto.graph.output.add().name = name
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(seed)
+    per_batch = max(1, max_rows // len(feeds))
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in feeds:
+        for name, out in zip(names, session.run(names, dict(batch)), strict=True):
+            flat = np.moveaxis(out, 1, -1).reshape(-1, out.shape[1])
+            if len(flat) > per_batch:
+                flat = flat[rng.choice(len(flat), per_batch, replace=False)]
+            rows[name].append(flat.astype(np.float32))
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def consumer_matrix(node: ir.Node) -> np.ndarray | None:
+    """A consumer's weight as ``[out, in]`` when it acts per position (1x1 Conv, Gemm, MatMul)."""
+    weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    if node.op_type == "Conv":
+        return weight[:, :, 0, 0] if weight.shape[2:] == (1,) * (weight.ndim - 2) else None
+    if node.op_type == "Gemm":
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return None
+        return weight if attrs.get("transB", 0) else weight.T
+    return weight.T if node.op_type == "MatMul" else None
+
+
+def refit_consumers(
+    group: Group,
+    keep: np.ndarray,
+    inputs: Mapping[str, np.ndarray],
+    lstsq: bool = False,
+    ridge: float = 1e-2,
+) -> int:
+    """Compensate each consumer for the channels about to be removed.
+
+    Call before :func:`apply_cut`. The removed channels' mean contribution is folded into the
+    consumer's bias; with ``lstsq`` and enough samples (4 per kept channel) the kept weights
+    are also refitted by ridge regression. Returns the number of consumers changed.
+    """
+    changed = 0
+    for node in group.consumers:
+        x = inputs.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
+        w = consumer_matrix(node)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if x is None or w is None or bias is None or bias.const_value is None:
+            continue
+        b = bias.const_value.numpy()
+        if b.shape != (w.shape[0],):
+            continue
+        x64 = x.astype(np.float64)
+        drop = np.setdiff1d(np.arange(w.shape[1]), keep)
+        mean = x64.mean(0)
+        delta = mean[drop] @ w[:, drop].T.astype(np.float64)
+        new_w = w.astype(np.float64)[:, keep]
+        if lstsq and len(x64) >= 4 * len(keep):
+            xk = x64[:, keep] - mean[keep]
+            target = (x64 - mean) @ w.T.astype(np.float64)
+            gram = xk.T @ xk
+            lam = ridge * np.trace(gram) / len(keep) + 1e-12  # shrinks toward the old weights
+            rhs = xk.T @ target + lam * new_w.T
+            new_w = np.linalg.solve(gram + lam * np.eye(len(keep)), rhs).T
+            delta = mean @ w.T.astype(np.float64) - mean[keep] @ new_w.T
+        full = w.astype(np.float64).copy()
+        full[:, keep] = new_w
+        _set_consumer_matrix(node, full.astype(w.dtype))
+        bias.const_value = ir.tensor((b + delta).astype(b.dtype), name=bias.name)
+        changed += 1
+    return changed
+
+
+def _set_consumer_matrix(node: ir.Node, matrix: np.ndarray) -> None:
+    value = node.inputs[1]
+    assert value is not None and value.const_value is not None
+    old = value.const_value.numpy()
+    if node.op_type == "Conv":
+        new = matrix.reshape(old.shape)
+    elif (
+        node.op_type == "Gemm" and node.attributes.get("transB") and node.attributes["transB"].value
+    ):
+        new = matrix
+    else:
+        new = matrix.T
+    value.const_value = ir.tensor(np.ascontiguousarray(new), name=value.name)

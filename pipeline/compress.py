@@ -1,0 +1,259 @@
+"""``onnxpipe optimize`` and ``onnxpipe prune``: cleanup and compression as gated bundle steps.
+
+``prune`` runs the cleanup pass (standard ONNX ops only), then one compression method. With
+``--gate``, ``channels`` and ``lowrank`` search per-layer settings: each layer is first tried
+alone at the full ratio (its sensitivity), then layers are added least sensitive first, each
+at the full ratio or else half of it, while every gate holds on the eval data. The search asks
+for one standard error more ``top1`` than the gate, so that what holds on the eval samples is
+likelier to hold on unseen ones; the final gate is the one given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict, Field
+
+from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.gate import Gate
+from onnxpipe.graphs.base import GraphPass
+from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
+from onnxpipe.graphs.lowrank import LowRankPass, factorable
+from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, param_count
+from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
+from onnxpipe.transform import TransformContext, derive_bundle
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["magnitude", "channels", "lowrank"]
+
+
+class PruneSettings(BaseModel):
+    """What ``onnxpipe prune`` was asked for; recorded as the step's config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Method = Field(description="magnitude, channels or lowrank")
+    ratio: float = Field(description="share to remove, in (0, 1)")
+    scope: Literal["global", "layer"] = Field("layer", description="magnitude: threshold scope")
+    energy: float | None = Field(None, description="lowrank: rank by energy kept instead")
+    gates: tuple[str, ...] = Field((), description="accuracy gates; with them, a search")
+    cleanup: bool = Field(True, description="run the cleanup pass (no ORT level) first")
+
+
+def check_ratio(ratio: float) -> float:
+    """``ratio`` itself, or InputError when it is outside the open interval (0, 1)."""
+    if not 0.0 < ratio < 1.0 or math.isnan(ratio):
+        raise InputError(
+            f"--ratio {ratio}: must lie strictly between 0 and 1 (the share of weights, "
+            "channels or parameters to remove), e.g. --ratio 0.3."
+        )
+    return ratio
+
+
+def optimize_bundle(
+    bundle: Path, out: Path, config: CleanupConfig, overwrite: bool = False
+) -> dict[str, Any]:
+    """``onnxpipe optimize``: the cleanup pass as a bundle step (gate: max_abs vs input)."""
+
+    def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
+        before = param_count(model)
+        model, metrics = _apply(CleanupPass(config), model)
+        return model, {**metrics, "params_before": before, "params_after": param_count(model)}
+
+    return derive_bundle(bundle, out, "optimize", config, transform, (), None, overwrite)
+
+
+def prune_bundle(
+    bundle: Path,
+    out: Path,
+    settings: PruneSettings,
+    eval_data: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """``onnxpipe prune``: one compression method, gated, as a new bundle."""
+    check_ratio(settings.ratio)
+    gates = [Gate.parse(g) for g in settings.gates]
+
+    def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
+        metrics: dict[str, Any] = {"params_before": param_count(model)}
+        metrics["zipped_bytes_before"] = zipped_size(model)
+        if settings.cleanup:
+            model, metrics["cleanup"] = _apply(CleanupPass(level="none"), model)
+        if settings.method == "magnitude":
+            model, metrics["pass"] = _apply(
+                PruneMagnitudePass(ratio=settings.ratio, scope=settings.scope), model
+            )
+            metrics["sparsity"] = metrics["pass"]["sparsity"]
+            metrics["note"] = metrics["pass"]["note"]
+        elif settings.method == "channels":
+            model, found = _channels(model, ctx, settings, gates, eval_data is not None)
+            metrics.update(found)
+        else:
+            model, found = _lowrank(model, ctx, settings, gates)
+            metrics.update(found)
+        metrics["params_after"] = param_count(model)
+        metrics["params_reduction"] = 1 - metrics["params_after"] / max(metrics["params_before"], 1)
+        metrics["zipped_bytes_after"] = zipped_size(model)
+        return model, metrics
+
+    name = f"prune_{settings.method}"
+    return derive_bundle(bundle, out, name, settings, transform, gates, eval_data, overwrite)
+
+
+def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:
+    result = graph_pass(model)
+    return result.model, dict(graph_pass.metrics)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _channels(
+    model: ir.Model,
+    ctx: TransformContext,
+    settings: PruneSettings,
+    gates: Sequence[Gate],
+    real_data: bool,
+) -> tuple[ir.Model, dict[str, Any]]:
+    # Activation statistics only mean something on real data; generated noise would mislead.
+    criterion = "activation" if real_data else "weight"
+    probe = PruneChannelsPass(ratio=settings.ratio)
+    from onnxpipe.graphs.channel_groups import find_groups  # noqa: PLC0415
+
+    groups = [g for g in find_groups(model) if not g.blocked]
+    if not groups:
+        probe(_copy(model))  # raises PassError naming why every group is blocked
+    inputs = collect_inputs(model, groups, ctx.eval_feeds) if real_data else {}
+
+    def build(ratios: dict[str, float] | None) -> tuple[ir.Model, dict[str, Any]]:
+        graph_pass = PruneChannelsPass(
+            ratio=settings.ratio, ratios=ratios, criterion=criterion, inputs=inputs
+        )
+        return _apply(graph_pass, _copy(model))
+
+    if not gates:
+        pruned, metrics = build(None)
+        return pruned, {"pass": metrics, "criterion": criterion}
+    return _search([g.key for g in groups], settings.ratio, build, ctx, gates, criterion)
+
+
+def _lowrank(
+    model: ir.Model, ctx: TransformContext, settings: PruneSettings, gates: Sequence[Gate]
+) -> tuple[ir.Model, dict[str, Any]]:
+    probe = LowRankPass(ratio=settings.ratio, energy=settings.energy)
+    if not gates:
+        pruned, metrics = _apply(probe, model)
+        return pruned, {"pass": metrics}
+    units = [w.name or "" for _, w in factorable(model, probe.config.min_elements)]
+    if not units:
+        probe(_copy(model))  # raises PassError: nothing to factor
+    shapes = {w.name: w.const_value.numpy().shape for _, w in factorable(model, 1)}  # type: ignore[union-attr]
+
+    def build(ratios: dict[str, float] | None) -> tuple[ir.Model, dict[str, Any]]:
+        ranks = {}
+        for name, ratio in (ratios or {}).items():
+            k, n = shapes[name]
+            ranks[name] = max(1, math.floor((1 - ratio) * k * n / (k + n)))
+        return _apply(LowRankPass(ratio=settings.ratio, ranks=ranks), _copy(model))
+
+    return _search(units, settings.ratio, build, ctx, gates, "svd")
+
+
+def _search(
+    units: Sequence[str],
+    ratio: float,
+    build: Callable[[dict[str, float] | None], tuple[ir.Model, dict[str, Any]]],
+    ctx: TransformContext,
+    gates: Sequence[Gate],
+    criterion: str,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Greedy per-layer ratios, least sensitive first, while every (margined) gate holds."""
+    strict = _with_margin(gates, ctx)
+    sensitivity: list[dict[str, Any]] = []
+    for unit in units:
+        candidate = build({unit: ratio})[0]
+        measured = ctx.measure(candidate)
+        sensitivity.append({"layer": unit, "ratio": ratio, **_brief(measured, strict)})
+    sensitivity.sort(key=lambda row: row["damage"])
+    chosen: dict[str, float] = {}
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    params = param_count(build({})[0])
+    for row in sensitivity:
+        for level in (ratio, ratio / 2):
+            trial = {**chosen, row["layer"]: level}
+            candidate = build(trial)[0]
+            if param_count(candidate) >= params:
+                continue  # rounding kept every channel (or rank): nothing gained
+            measured = ctx.measure(candidate)
+            ok = all(g.passes(measured) for g in strict)
+            steps.append({"layer": row["layer"], "ratio": level, "accepted": ok,
+                          **_brief(measured, strict)})  # fmt: skip
+            if best is None or steps[-1]["damage"] < best["damage"]:
+                best = steps[-1]
+            if ok:
+                chosen, params = trial, param_count(candidate)
+                break
+    if not chosen:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in (best or {}).items() if k in _METRICS)
+        raise GateFailed(
+            f"no per-layer setting meets {', '.join(map(str, gates))} (searched with a margin: "
+            f"{', '.join(map(str, strict))}); the best found, {best and best['layer']} at ratio "
+            f"{best and best['ratio']:.3g}, gives {shown}. Loosen the gate or lower --ratio.",
+            metrics={"best": best, "sensitivity": sensitivity},
+        )
+    model, metrics = build(chosen)
+    logger.info("search kept %d of %d layers", len(chosen), len(units))
+    return model, {
+        "pass": metrics,
+        "criterion": criterion,
+        "ratios": chosen,
+        "search": {
+            "gates": [str(g) for g in strict],
+            "sensitivity": sensitivity,
+            "steps": steps,
+        },  # fmt: skip
+    }
+
+
+_METRICS = ("top1", "cosine", "max_abs", "kl")
+
+
+def _with_margin(gates: Sequence[Gate], ctx: TransformContext) -> list[Gate]:
+    """Gates with one standard error added to ``top1`` thresholds (binomial, eval samples)."""
+    n = max(1, sum(int(next(iter(f.values())).shape[0]) for f in ctx.eval_feeds))
+    out = []
+    for gate in gates:
+        if gate.metric == "top1" and gate.value < 1.0:
+            se = math.sqrt(gate.value * (1 - gate.value) / n)
+            out.append(Gate(gate.metric, gate.op, min(1.0, gate.value + se)))
+        else:
+            out.append(gate)
+    return out
+
+
+def _brief(measured: dict[str, Any], gates: Sequence[Gate]) -> dict[str, Any]:
+    """The gate metrics plus ``damage``: the worst shortfall against the gates' slack."""
+    row = {k: measured.get(k) for k in _METRICS if measured.get(k) is not None}
+    damage = 0.0
+    for gate in gates:
+        value = measured.get(gate.metric)
+        if value is None:
+            damage = math.inf
+            continue
+        slack = abs(gate.value) if gate.value else 1.0
+        lost = (gate.value - value if gate.op == ">=" else value - gate.value) / slack
+        damage = max(damage, lost)
+    if measured.get("kl") is not None:
+        damage += 1e-3 * float(measured["kl"])  # breaks top1 ties among classifiers
+    elif measured.get("cosine") is not None:
+        damage += 1e-3 * (1 - float(measured["cosine"]))
+    row["damage"] = damage
+    return row

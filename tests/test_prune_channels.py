@@ -1,0 +1,172 @@
+"""Structured channel pruning: tensors physically shrink, consumers stay consistent, and the
+pruned model computes exactly what the original computes with those channels masked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxpipe.graphs.channel_groups import find_groups
+from onnxpipe.graphs.prune_channels import PruneChannelsPass, apply_cut, channel_scores
+from tests.conftest import model_ref
+from tests.helpers import assert_close, ort_run
+
+X = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cnn_bundle(tmp_path_factory):
+    from onnxpipe.cli import main
+
+    out = tmp_path_factory.mktemp("cnn") / "cnn"
+    spec = "x:float32[batch,3,16,16]"
+    assert main(["convert", model_ref("prunable_cnn"), "-o", str(out), "--input", spec]) == 0
+    return out
+
+
+def _load(bundle):
+    return ir.load(bundle / "model.onnx")
+
+
+def test_groups_cover_depthwise_residual_and_classifier(cnn_bundle):
+    groups = {g.key: g for g in find_groups(_load(cnn_bundle))}
+    prunable = [g for g in groups.values() if not g.blocked]
+    assert len(prunable) == 3  # stem (through BN? folded or not) + dw, residual, inner res conv
+    residual = next(g for g in prunable if len(g.producers) == 2)
+    assert residual.channels == 24 and len(residual.consumers) == 2  # res conv + head Gemm
+    stem = next(g for g in prunable if g.depthwise)
+    assert stem.channels == 16
+    blocked = [g for g in groups.values() if g.blocked]
+    assert any("graph output" in r for g in blocked for r in g.blocked)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_cut_equals_masking_the_removed_channels(cnn_bundle, index):
+    """Removing channels == zeroing the consumers' columns for them, to float precision."""
+    pruned, masked = _load(cnn_bundle), _load(cnn_bundle)
+    group = [g for g in find_groups(pruned) if not g.blocked][index]
+    twin = [g for g in find_groups(masked) if not g.blocked][index]
+    keep = np.sort(np.argsort(-channel_scores(group))[: group.channels // 2])
+    apply_cut(group, keep)
+    drop = np.setdiff1d(np.arange(twin.channels), keep)
+    for cut in twin.consumer_cuts():
+        array = cut.value.const_value.numpy().copy()
+        index_ = [slice(None)] * array.ndim
+        index_[cut.axis] = drop
+        array[tuple(index_)] = 0
+        cut.value.const_value = ir.tensor(array, name=cut.value.name)
+    for cut in group.cuts:
+        assert cut.value.const_value.shape[cut.axis] == len(keep)
+    for node in group.depthwise:
+        assert node.attributes["group"].value == len(keep)
+    assert_close(ort_run(masked, {"x": X}), pruned, {"x": X}, atol=1e-4)
+
+
+def test_pass_shrinks_params_and_reports(cnn_bundle):
+    model = _load(cnn_bundle)
+    graph_pass = PruneChannelsPass(ratio=0.5, multiple_of=1, min_channels=1)
+    result = graph_pass(model)
+    m = graph_pass.metrics
+    assert result.modified and m["groups_pruned"] == 3
+    assert m["params_after"] < 0.7 * m["params_before"]
+    assert all(after == before // 2 for before, after in m["channels"].values())
+    assert any("graph output" in r[0] for r in m["skipped"].values())
+    (out,) = ort_run(result.model, {"x": X})
+    assert out.shape == (4, 10) and np.isfinite(out).all()
+
+
+def test_multiple_of_rounds_kept_channels_up(cnn_bundle):
+    graph_pass = PruneChannelsPass(ratio=0.3, multiple_of=8, min_channels=8)
+    graph_pass(_load(cnn_bundle))
+    assert all(after % 8 == 0 for _, after in graph_pass.metrics["channels"].values())
+
+
+def test_activation_criterion_with_bias_refit_beats_weights(cnn_bundle):
+    feeds = [{"x": X}]
+    ref = ort_run(_load(cnn_bundle), {"x": X})[0]
+    errors = {}
+    for criterion in ("weight", "activation"):
+        model = _load(cnn_bundle)
+        PruneChannelsPass(ratio=0.5, multiple_of=1, criterion=criterion, feeds=feeds)(model)
+        errors[criterion] = float(np.abs(ort_run(model, {"x": X})[0] - ref).mean())
+    assert errors["activation"] < errors["weight"]
+
+
+def _bn_concat_model() -> ir.Model:
+    """Conv -> BatchNorm -> Relu -> Conv, plus a Conv feeding a Concat (must stay blocked)."""
+    rng = np.random.default_rng(1)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "s", "o", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w3"], ["c3"], kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["c2", "c3"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w4"], ["y"], kernel_shape=[1, 1]),
+    ]
+    var = numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "v")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [init("w1", 8, 3, 1, 1), init("b1", 8), init("s", 8), init("o", 8), init("m", 8), var,
+         init("w2", 6, 8, 1, 1), init("w3", 6, 3, 1, 1), init("w4", 2, 12, 1, 1)],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def test_batchnorm_is_cut_and_concat_is_refused():
+    model = _bn_concat_model()
+    x = np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    groups = {g.key: g for g in find_groups(model)}
+    assert not groups["w1"].blocked
+    assert any("Concat" in r for r in groups["w2"].blocked)
+    assert any("Concat" in r for r in groups["w3"].blocked)
+    graph_pass = PruneChannelsPass(ratio=0.5, multiple_of=1, min_channels=1)
+    graph_pass(model)
+    assert graph_pass.metrics["channels"] == {"w1": [8, 4]}
+    shapes = {v.name: v.const_value.shape for v in model.graph.initializers.values()}
+    assert shapes["s"] == (4,) and shapes["v"] == (4,) and shapes["w2"] == (6, 4, 1, 1)
+    (out,) = ort_run(model, {"x": x})
+    assert out.shape == (1, 2, 4, 4)
+
+
+def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype("f4"))
+    out = tmp_path / "pruned"
+    code, stdout, stderr = cli(
+        "prune", cnn_bundle, "-o", out, "--method", "channels", "--ratio", "0.5",
+        "--eval", data, "--gate", "cosine>=0.5", "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    manifest = json.loads(stdout)
+    step = manifest["steps"][-1]
+    assert step["name"] == "prune_channels"
+    metrics = step["metrics"]
+    assert metrics["params_after"] < metrics["params_before"]
+    assert metrics["search"]["sensitivity"] and metrics["ratios"]
+    assert metrics["gate"]["cosine"] >= 0.5 and "speedup" in metrics
+    assert manifest["validation"]["cpu"]["status"] == "passed"
+
+
+def test_cli_prune_channels_unmeetable_gate_exits_1_with_best(cli, cnn_bundle, tmp_path):
+    out = tmp_path / "pruned"
+    code, _, stderr = cli(
+        "prune", cnn_bundle, "-o", out, "--method", "channels", "--ratio", "0.5",
+        "--gate", "max_abs<=1e-9",
+    )  # fmt: skip
+    assert code == 1
+    assert "best found" in stderr and not out.exists()

@@ -1,0 +1,72 @@
+"""Low-rank factoring: exact at full rank, smaller and gated at lower rank."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxpipe.graphs.lowrank import LowRankPass, factorable
+from tests.helpers import assert_close, ort_run
+
+X = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+
+
+def _params(model: ir.Model) -> int:
+    return sum(v.const_value.size for v in model.graph.initializers.values())
+
+
+def test_factoring_a_rank_32_weight_at_rank_32_is_exact(mlp_bundle):
+    model = ir.load(mlp_bundle / "model.onnx")
+    names = [w.name for _, w in factorable(model, 16384)]
+    assert names == ["0.weight", "2.weight"]  # the 256x10 head is too small
+    weight = model.graph.initializers["2.weight"]
+    rng = np.random.default_rng(1)
+    low = (rng.standard_normal((256, 32)) @ rng.standard_normal((32, 256)) / 16).astype("f4")
+    weight.const_value = ir.tensor(low, name="2.weight")
+    ref = ort_run(model, {"x": X})
+    graph_pass = LowRankPass(ranks={"2.weight": 32, "0.weight": 64})
+    graph_pass(model)
+    assert set(graph_pass.metrics["layers"]) == {"2.weight"}
+    assert "0.weight" in graph_pass.metrics["skipped"]  # 64 x (64 + 256) is not smaller
+    assert graph_pass.metrics["layers"]["2.weight"]["energy"] == pytest.approx(1.0)
+    assert "2.weight" not in model.graph.initializers
+    assert_close(ref, model, {"x": X}, atol=1e-3)
+
+
+def test_ratio_sets_rank_and_shrinks(mlp_bundle):
+    model = ir.load(mlp_bundle / "model.onnx")
+    before = _params(model)
+    graph_pass = LowRankPass(ratio=0.5)
+    graph_pass(model)
+    layers = graph_pass.metrics["layers"]
+    big = next(v for v in layers.values() if v["shape"] == [256, 256])
+    assert big["rank"] == 64 and big["params_after"] <= 0.5 * big["params_before"]
+    assert _params(model) < before
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMul") + ops.count("Gemm") == 3 + len(layers)
+    (out,) = ort_run(model, {"x": X})
+    assert out.shape == (5, 10)
+
+
+def test_factoring_is_skipped_when_not_smaller(mlp_bundle):
+    model = ir.load(mlp_bundle / "model.onnx")
+    graph_pass = LowRankPass(energy=1.0)
+    graph_pass(model)
+    assert not graph_pass.metrics["layers"] and len(graph_pass.metrics["skipped"]) == 2
+
+
+def test_cli_lowrank_with_gate(cli, mlp_bundle, tmp_path):
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((32, 64)).astype("f4"))
+    out = tmp_path / "lr"
+    code, stdout, stderr = cli(
+        "prune", mlp_bundle, "-o", out, "--method", "lowrank", "--ratio", "0.5",
+        "--eval", data, "--gate", "cosine>=0.8", "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    metrics = json.loads(stdout)["steps"][-1]["metrics"]
+    assert metrics["params_after"] < metrics["params_before"]
+    assert metrics["gate"]["cosine"] >= 0.8 and metrics["search"]["steps"]
