@@ -65,7 +65,10 @@ def settings_from(**values: Any) -> QuantizeSettings:
     try:
         return QuantizeSettings(**values)
     except ValueError as e:  # pydantic's ValidationError
-        messages = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())  # type: ignore[attr-defined]
+        messages = "; ".join(
+            " ".join([*map(str, err["loc"]), err["msg"].removeprefix("Value error, ")])
+            for err in e.errors()  # type: ignore[attr-defined]
+        )
         raise InputError(f"quantize: {messages}.") from e
 
 

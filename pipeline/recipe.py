@@ -8,6 +8,9 @@ steps:
   - validate: {ep: cpu}
   - bench: {batch: [1, 4], runs: 50}
 ```
+
+``optimize``, ``quantize`` and ``prune`` steps (:mod:`onnxpipe.derived_steps`) take their
+command's options and gates.
 """
 
 from __future__ import annotations

@@ -221,9 +221,12 @@ def make_step(name: str, settings: dict[str, Any]) -> StepConfig:
     Raises:
         InputError: unknown step name or invalid settings.
     """
-    if name not in STEPS:
-        raise InputError(f"unknown step {name!r}; steps are: {', '.join(STEPS)}.")
+    from onnxpipe.derived_steps import DERIVED_STEPS  # noqa: PLC0415 - they import this module
+
+    steps = {**STEPS, **DERIVED_STEPS}
+    if name not in steps:
+        raise InputError(f"unknown step {name!r}; steps are: {', '.join(steps)}.")
     try:
-        return STEPS[name](**settings)
+        return steps[name](**settings)
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise InputError(f"step {name!r}: invalid settings: {e}") from e

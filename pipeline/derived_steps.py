@@ -1,0 +1,152 @@
+"""Recipe steps that derive the model: ``optimize``, ``quantize`` and ``prune``.
+
+Each runs the same code as its command (``onnxpipe quantize`` ...), gate included, on the
+bundle being built, and takes over the derived bundle's model, step record, parity,
+validation and bench. A recipe entry holds the command's options by their long names::
+
+    - quantize: {mode: static, calib: calib/, preprocess: "resize=256,crop=224,...",
+                 eval: eval/, auto: true, gate: "top1>=0.97"}
+    - prune: {method: channels, ratio: 0.3, eval: eval/, gate: "top1>=0.9"}
+    - optimize: {level: extended}
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from onnxpipe.steps import StepConfig, Work
+
+Derive = Callable[[Path, Path], dict[str, Any]]
+# What finalize() writes afresh for the recipe's bundle; the rest of a manifest carries over.
+_DESCRIBED = ("schema", "model", "inputs", "outputs")
+
+
+def _gates(value: Any) -> Any:
+    """``gate: "top1>=0.9"`` or ``gate: [..]`` in a recipe, as the settings' ``gates`` tuple."""
+    if isinstance(value, dict) and "gate" in value:
+        value = dict(value)
+        gate = value.pop("gate")
+        value["gates"] = [gate] if isinstance(gate, str) else gate
+    return value
+
+
+class DerivedStep(StepConfig):
+    """Base: ``settings`` are the command's options, ``eval`` its ``--eval`` DATA."""
+
+    own: ClassVar[tuple[str, ...]] = ("eval",)
+    settings: dict[str, Any] = Field(default_factory=dict, description="the command's options")
+    eval: str | None = Field(default=None, description="eval DATA for the gate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pack(cls, value: Any) -> Any:
+        """A flat recipe entry: the step's own keys stay, the rest go to ``settings``."""
+        if not isinstance(value, dict) or "settings" in value:
+            return value
+        value = _gates(value)
+        own = {k: v for k, v in value.items() if k in cls.own}
+        return {**own, "settings": {k: v for k, v in value.items() if k not in cls.own}}
+
+    def derive(self) -> Derive:
+        """``(bundle, out) -> manifest``: the command's bundle function with these settings."""
+        raise NotImplementedError(type(self).__name__)
+
+    def run(self, work: Work) -> None:
+        """Run the command on ``work``'s model and take over the derived bundle."""
+        from onnxpipe.recipe import finalize  # noqa: PLC0415 - recipe imports the steps
+
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=f"onnxpipe-{self.name}-") as tmp:
+            src, out = Path(tmp) / "in", Path(tmp) / "out"
+            shutil.copytree(work.dir, src)
+            finalize(Work(dir=src, manifest=dict(work.manifest), inputs=work.inputs))
+            manifest = self.derive()(src, out)
+            for item in work.dir.iterdir():
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+            for item in out.iterdir():
+                shutil.move(str(item), work.dir / item.name)
+        work.manifest = {k: v for k, v in manifest.items() if k not in _DESCRIBED}
+        work.manifest["steps"][-1]["recipe_seconds"] = round(time.perf_counter() - started, 3)
+
+
+class QuantizeStep(DerivedStep):
+    """``quantize``: static/dynamic int8, int4 or fp16, gated (see ``onnxpipe quantize``)."""
+
+    name: ClassVar[str] = "quantize"
+    own: ClassVar[tuple[str, ...]] = ("eval", "preprocess")
+    preprocess: str | None = Field(default=None, description="image preprocessing SPEC")
+
+    @field_validator("settings")
+    @classmethod
+    def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from onnxpipe.quantize import settings_from  # noqa: PLC0415
+
+        settings_from(**value)
+        return value
+
+    def derive(self) -> Derive:
+        """``quantize_bundle`` with these settings and ``preprocess`` on calib/eval images."""
+        from onnxpipe.quantize import quantize_bundle, settings_from, with_preprocess  # noqa: PLC0415
+
+        calib = with_preprocess(self.settings.get("calib"), self.preprocess)
+        settings = settings_from(**{**self.settings, "calib": calib})
+        data = with_preprocess(self.eval, self.preprocess)
+        return lambda bundle, out: quantize_bundle(bundle, out, settings, data)
+
+
+class PruneStep(DerivedStep):
+    """``prune``: magnitude, structured channels or low-rank, gated (see ``onnxpipe prune``)."""
+
+    name: ClassVar[str] = "prune"
+
+    @field_validator("settings")
+    @classmethod
+    def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from onnxpipe.compress import PruneSettings, check_ratio  # noqa: PLC0415
+
+        check_ratio(PruneSettings(**value).ratio)
+        return value
+
+    def derive(self) -> Derive:
+        """``prune_bundle`` with these settings."""
+        from onnxpipe.compress import PruneSettings, prune_bundle  # noqa: PLC0415
+
+        settings = PruneSettings(**self.settings)
+        return lambda bundle, out: prune_bundle(bundle, out, settings, self.eval)
+
+
+class OptimizeStep(DerivedStep):
+    """``optimize``: the cleanup pass (see ``onnxpipe optimize``)."""
+
+    name: ClassVar[str] = "optimize"
+    own: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("settings")
+    @classmethod
+    def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from onnxpipe.graphs.cleanup import CleanupConfig  # noqa: PLC0415
+
+        CleanupConfig(**{"fold_constants": True, **value})
+        return value
+
+    def derive(self) -> Derive:
+        """``optimize_bundle`` with these settings."""
+        from onnxpipe.compress import optimize_bundle  # noqa: PLC0415
+        from onnxpipe.graphs.cleanup import CleanupConfig  # noqa: PLC0415
+
+        config = CleanupConfig(**{"fold_constants": True, **self.settings})
+        return lambda bundle, out: optimize_bundle(bundle, out, config)
+
+
+DERIVED_STEPS: dict[str, type[StepConfig]] = {
+    "optimize": OptimizeStep,
+    "quantize": QuantizeStep,
+    "prune": PruneStep,
+}

@@ -1,0 +1,87 @@
+"""Recipes with optimize, quantize and prune steps: one gated bundle, every step recorded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import model_ref
+from tests.helpers import ort_run
+
+MLP = "x:float32[batch,64]"
+
+
+def _recipe(tmp_path, source: str, spec: str, steps: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"source: {source}\ninputs: ['{spec}']\nsteps:\n{steps}")
+    return path
+
+
+def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    recipe = _recipe(
+        tmp_path,
+        model_ref("mlp"),
+        MLP,
+        "  - convert\n  - optimize: {level: basic}\n"
+        f"  - prune: {{method: lowrank, ratio: 0.3, eval: {tmp_path / 'eval.npz'}, "
+        "gate: 'cosine>=0.9'}\n"
+        f"  - quantize: {{mode: dynamic, eval: {tmp_path / 'eval.npz'}, gate: 'cosine>=0.98'}}\n"
+        "  - validate: {ep: cpu}\n",
+    )
+    out = tmp_path / "out"
+    code, _, err = cli("run", recipe, "-o", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["steps"]]
+    assert names == ["convert", "optimize", "prune_lowrank", "quantize", "validate"]
+    prune = manifest["steps"][2]["metrics"]
+    assert prune["params_after"] < prune["params_before"]
+    assert manifest["steps"][3]["metrics"]["gate"]["cosine"] >= 0.98
+    assert manifest["validation"]["cpu"]["status"] == "passed"
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    # The manifest describes the final model, and the parity record is the last step's.
+    assert manifest["model"]["bytes"] == (out / "model.onnx").stat().st_size
+    assert manifest["parity"]["tolerance"] == ["cosine>=0.98"]
+    (y,) = ort_run(out / "model.onnx", {"x": x})
+    assert y.shape == (16, 10)
+
+
+def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    recipe = _recipe(
+        tmp_path,
+        model_ref("mlp"),
+        MLP,
+        f"  - convert\n  - prune: {{method: lowrank, ratio: 0.9, eval: {tmp_path / 'eval.npz'}, "
+        "gate: 'max_abs<=1e-7'}\n",
+    )
+    out = tmp_path / "out"
+    code, _, err = cli("run", recipe, "-o", out)
+    assert code == 1 and "step 2 (prune)" in err and "Traceback" not in err
+    assert not out.exists()
+    report = json.loads((tmp_path / "out.failed.json").read_text())
+    assert report["failed_step"] == "prune"
+
+
+@pytest.mark.parametrize(
+    ("step", "needle"),
+    [
+        ("quantize: {mode: static}", "--calib"),
+        ("quantize: {mode: dynamic, colour: red}", "colour"),
+        ("prune: {method: channels, ratio: 1.5}", "ratio"),
+        ("prune: {method: fold, ratio: 0.5}", "method"),
+        ("optimize: {level: maximal}", "level"),
+    ],
+)
+def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needle):
+    recipe = _recipe(tmp_path, model_ref("mlp"), MLP, f"  - convert\n  - {step}\n")
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
