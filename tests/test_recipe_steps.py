@@ -14,23 +14,30 @@ from tests.helpers import ort_run
 MLP = "x:float32[batch,64]"
 
 
+@pytest.fixture
+def eval_npz(tmp_path):
+    """16 random MLP inputs as an ``.npz``; returns (path, array)."""
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    return tmp_path / "eval.npz", x
+
+
 def _recipe(tmp_path, source: str, spec: str, steps: str):
     path = tmp_path / "recipe.yaml"
     path.write_text(f"source: {source}\ninputs: ['{spec}']\nsteps:\n{steps}")
     return path
 
 
-def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path):
-    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
-    np.savez(tmp_path / "eval.npz", x=x)
+def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path, eval_npz):
+    data, x = eval_npz
     recipe = _recipe(
         tmp_path,
         model_ref("mlp"),
         MLP,
         "  - convert\n  - optimize: {level: basic}\n"
-        f"  - prune: {{method: lowrank, ratio: 0.3, eval: {tmp_path / 'eval.npz'}, "
+        f"  - prune: {{method: lowrank, ratio: 0.3, eval: {data}, "
         "gate: 'cosine>=0.9'}\n"
-        f"  - quantize: {{mode: dynamic, eval: {tmp_path / 'eval.npz'}, gate: 'cosine>=0.98'}}\n"
+        f"  - quantize: {{mode: dynamic, eval: {data}, gate: 'cosine>=0.98'}}\n"
         "  - validate: {ep: cpu}\n",
     )
     out = tmp_path / "out"
@@ -52,14 +59,13 @@ def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path):
     assert y.shape == (16, 10)
 
 
-def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path):
-    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
-    np.savez(tmp_path / "eval.npz", x=x)
+def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eval_npz):
+    data, _ = eval_npz
     recipe = _recipe(
         tmp_path,
         model_ref("mlp"),
         MLP,
-        f"  - convert\n  - prune: {{method: lowrank, ratio: 0.9, eval: {tmp_path / 'eval.npz'}, "
+        f"  - convert\n  - prune: {{method: lowrank, ratio: 0.9, eval: {data}, "
         "gate: 'max_abs<=1e-7'}\n",
     )
     out = tmp_path / "out"
