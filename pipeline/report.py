@@ -155,23 +155,42 @@ def tradeoff_plot(
     return "".join(parts)
 
 
+_SEARCH_TABLES = {"candidates": "candidates", "sensitivity": "sensitivity", "steps": "search steps"}
+_MAX_ROWS = 40
+
+
+def _search_tables(metrics: dict[str, Any], depth: int = 2) -> list[tuple[str, list[dict]]]:
+    """(title, rows) for each search table in a step's metrics (``auto.candidates``, ...)."""
+    found = []
+    for key, value in metrics.items():
+        if key in _SEARCH_TABLES and isinstance(value, list) and value:
+            if all(isinstance(row, dict) for row in value):
+                found.append((_SEARCH_TABLES[key], value))
+        elif isinstance(value, dict) and depth > 1:
+            found += _search_tables(value, depth - 1)
+    return found
+
+
 def _candidate_sections(steps: Sequence[dict[str, Any]]) -> str:
+    """The search tables of optimization steps; candidates with latency also get a plot."""
     out = []
     for step in steps:
-        candidates = step.get("metrics", {}).get("candidates")
-        if (
-            not isinstance(candidates, list)
-            or not candidates
-            or not isinstance(candidates[0], dict)
-        ):
-            continue
-        keys = list(dict.fromkeys(k for c in candidates for k in c))
-        x_key = next((k for k in keys if "ms" in k or "latency" in k), None)
-        y_key = next((k for k in keys if k in ("top1", "cosine", "metric", "kl", "max_abs")), None)
-        size_key = next((k for k in keys if "bytes" in k or "size" in k), None)
-        plot = tradeoff_plot(candidates, x_key, y_key, size_key) if x_key and y_key else ""
-        rows = [[_e(c.get(k)) for k in keys] for c in candidates]
-        out.append(f"<h3>{_e(step['name'])}: candidates</h3>{plot}{_table(keys, rows)}")
+        for title, rows in _search_tables(step.get("metrics") or {}):
+            keys = list(dict.fromkeys(k for c in rows for k in c))
+            x_key = next((k for k in keys if "ms" in k or "latency" in k), None)
+            y_key = next(
+                (k for k in keys if k in ("top1", "cosine", "metric", "kl", "max_abs")), None
+            )
+            size_key = next((k for k in keys if "bytes" in k or "size" in k), None)
+            plot = tradeoff_plot(rows, x_key, y_key, size_key) if x_key and y_key else ""
+            shown = rows[:_MAX_ROWS]
+            more = (
+                f"<p>{len(rows) - len(shown)} more rows in manifest.json</p>"
+                if rows[len(shown) :]
+                else ""
+            )
+            table = _table(keys, [[_e(c.get(k)) for k in keys] for c in shown])
+            out.append(f"<h3>{_e(step['name'])}: {title}</h3>{plot}{table}{more}")
     return "".join(out)
 
 

@@ -55,6 +55,9 @@ def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path, eval_npz):
     # The manifest describes the final model, and the parity record is the last step's.
     assert manifest["model"]["bytes"] == (out / "model.onnx").stat().st_size
     assert manifest["parity"]["tolerance"] == ["cosine>=0.98"]
+    # The gated search's tables reach the report.
+    page = (out / "report.html").read_text()
+    assert "prune_lowrank: sensitivity" in page and "prune_lowrank: search steps" in page
     (y,) = ort_run(out / "model.onnx", {"x": x})
     assert y.shape == (16, 10)
 
