@@ -56,12 +56,12 @@ class TransformContext:
     scratch: Path
     _reference: list[Outputs] | None = field(default=None, repr=False)
 
-    def run(self, model: ir.Model | Path) -> list[Outputs]:
-        """Outputs of ``model`` on ORT CPU for every eval feed."""
+    def run(self, model: ir.Model | Path, feeds: Sequence[Feeds] | None = None) -> list[Outputs]:
+        """Outputs of ``model`` on ORT CPU for every eval feed (or for ``feeds``)."""
         path = model if isinstance(model, Path) else self.save(model, "candidate")
         try:
             session = make_session(path, SessionOptions(ep="cpu"))
-            return [list(session.run(None, feeds)) for feeds in self.eval_feeds]
+            return [list(session.run(None, dict(f))) for f in feeds or self.eval_feeds]
         except ORT_ERRORS as e:
             raise InputError(f"{path}: ONNX Runtime cannot run the model: {e}") from e
 

@@ -145,7 +145,7 @@ def test_batchnorm_is_cut_and_concat_is_refused():
 
 def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
     data = tmp_path / "eval.npz"
-    np.savez(data, x=np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype("f4"))
+    np.savez(data, x=np.random.default_rng(3).standard_normal((32, 3, 16, 16)).astype("f4"))
     out = tmp_path / "pruned"
     code, stdout, stderr = cli(
         "prune", cnn_bundle, "-o", out, "--method", "channels", "--ratio", "0.5",
@@ -158,6 +158,8 @@ def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
     metrics = step["metrics"]
     assert metrics["params_after"] < metrics["params_before"]
     assert metrics["search"]["sensitivity"] and metrics["ratios"]
+    # 4 eval batches: channels chosen on one half are measured on the other
+    assert metrics["search"]["cross_fitted"] is True
     assert metrics["gate"]["cosine"] >= 0.5 and "speedup" in metrics
     assert manifest["validation"]["cpu"]["status"] == "passed"
 
