@@ -1,9 +1,11 @@
 """Static int8 quantization (QDQ or QOperator) with calibration, on ORT's quantizer.
 
 Activation/weight types follow the CPU rather than ORT's default: on x86 without VNNI the
-U8S8 kernels sum pairs of products in int16 and saturate, so ``activation_type="auto"``
-picks U8S8 there with 7-bit weights available as ``reduce_range``; with VNNI (or on ARM)
-saturation cannot happen and U8S8 (x86) / S8S8 (ARM) run at full precision.
+U8S8 GEMM kernels sum pairs of products in int16 and saturate, so there the weights of GEMM
+convs and Gemm get per-channel ranges that keep neighbouring pairs under the int16 bound
+(``saturation_safe``, see :mod:`onnxpipe.graphs.quant_weights`) while depthwise convs keep
+8 bits; with VNNI (or on ARM) saturation cannot happen. Bias correction then folds the mean
+shift that weight rounding causes into each quantized Conv/Gemm's int32 bias.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
@@ -27,6 +30,13 @@ from onnxpipe.graphs.quant_utils import (
     refuse_quantized,
     save_for_ort,
     scratch_dir,
+)
+from onnxpipe.graphs.quant_weights import (
+    bias_targets,
+    correct_biases,
+    input_means,
+    keep_float_weights,
+    saturation_safe_ranges,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,15 @@ class QuantizeStaticConfig(PassConfig):
     include: tuple[str, ...] = Field(
         default=(), description="quantize only these nodes (empty: every quantizable node)"
     )
+    saturation_safe: bool | None = Field(
+        default=None,
+        description="weight ranges free of int16 saturation in U8S8 GEMMs; "
+        "None: on x86 CPUs without VNNI",
+    )
+    bias_correction: bool = Field(
+        default=True,
+        description="fold the output mean shift of weight rounding into int32 biases (QDQ)",
+    )
 
 
 def resolve_activation_type(setting: str) -> str:
@@ -74,7 +93,10 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
     """Insert int8 quantization calibrated on ``calibration`` feeds.
 
     ``calibration_cache`` (a JSON file) stores the activation ranges per method, so that many
-    candidates (types, per-channel, exclusions) share one calibration run.
+    candidates (types, per-channel, exclusions) share one calibration run; the input means
+    of bias correction are cached beside it (``.means.npz``). Conv/Gemm nodes left in float
+    get their own per-axis DequantizeLinear input so that ORT does not quantize them at
+    session start (:func:`~onnxpipe.graphs.quant_weights.keep_float_weights`).
 
     Refuses: a model that is quantized already, no calibration data, ``exclude`` entries
     that name neither a node nor an op type of the model.
@@ -118,6 +140,9 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         activation = resolve_activation_type(cfg.activation_type)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         extra: dict[str, Any] = {"CalibPercentile": cfg.percentile}
+        safe = _saturation_safe(cfg)
+        if safe:
+            extra["TensorQuantOverrides"] = _range_overrides(model, cfg.per_channel)
         registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
         quantizable = sorted(set(registry) - op_types) if op_types else None
         with scratch_dir() as tmp:
@@ -140,6 +165,8 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
                 extra_options=extra,
             )
             result = load_from_ort(out)
+        corrected = self._correct_biases(result, model) if cfg.bias_correction else []
+        kept_float = keep_float_weights(result)
         quant = sum(1 for n in result.graph if n.op_type in ("QuantizeLinear", "QLinearConv"))
         self.metrics = {
             "activation_type": activation,
@@ -148,9 +175,58 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             "excluded_nodes": nodes,
             "excluded_op_types": sorted(op_types),
             "quantize_nodes": quant,
+            "saturation_safe_weights": safe,
+            "bias_corrected_nodes": len(corrected),
+            "float_weight_nodes": kept_float,
         }
         logger.info("quantize_static: %s, %d quantize nodes", cfg.model_dump(), quant)
         return ir.passes.PassResult(result, modified=True)
+
+    def _correct_biases(self, result: ir.Model, model: ir.Model) -> list[str]:
+        """Bias correction with input means measured on the calibration feeds (cached)."""
+        floats = {n.name: n for n in model.graph}
+        tensors = sorted(
+            {
+                v.name
+                for n in bias_targets(result)
+                if n.name in floats and (v := floats[n.name].inputs[0]) is not None and v.name
+            }
+        )
+        if not tensors or not self.calibration:
+            return []
+        cache = self.calibration_cache.with_suffix(".means.npz") if self.calibration_cache else None
+        means: dict[str, np.ndarray] = {}
+        if cache is not None and cache.is_file():
+            with np.load(cache) as stored:
+                means = {k: stored[k] for k in stored.files}
+        missing = [t for t in tensors if t not in means]
+        if missing:
+            means.update(input_means(model, self.calibration, missing))
+            if cache is not None:
+                np.savez(cache, **means)  # type: ignore[arg-type]
+        done = correct_biases(result, model, means)
+        logger.info("quantize_static: bias correction on %d nodes", len(done))
+        return done
+
+
+def _saturation_safe(cfg: QuantizeStaticConfig) -> bool:
+    """Whether to bound weight pairs: asked for, or auto on x86 without VNNI (not with 7 bits)."""
+    if cfg.reduce_range:
+        return False
+    if cfg.saturation_safe is not None:
+        return cfg.saturation_safe
+    return is_x86() and not has_vnni()
+
+
+def _range_overrides(model: ir.Model, per_channel: bool) -> dict[str, list[dict[str, Any]]]:
+    """ORT ``TensorQuantOverrides`` with saturation-safe ranges (per channel needs ``axis``)."""
+    out = {}
+    for name, (axis, ranges) in saturation_safe_ranges(model).items():
+        if per_channel:
+            out[name] = [{"axis": axis, "rmin": -r, "rmax": r} for r in ranges]
+        else:
+            out[name] = [{"rmin": -max(ranges), "rmax": max(ranges)}]
+    return out
 
 
 def split_exclude(

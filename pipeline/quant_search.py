@@ -1,13 +1,15 @@
 """``quantize --auto``: search static int8 configurations, then float fallbacks, for the gate.
 
-1. Build candidates over format (QDQ/QOperator), activation type (U8S8/S8S8, 7-bit weights
-   on x86 without VNNI), calibration method and per-channel weights; calibration runs once
-   per method (ORT's calibration cache) and every candidate is measured on the eval data.
+1. Build candidates over activation type (U8S8/S8S8), calibration method and per-channel
+   weights, all QDQ with bias correction and saturation-safe weights where the CPU needs
+   them; calibration runs once per method (ORT's calibration cache) and every candidate is
+   measured on the eval data.
 2. When none passes, rank the nodes of the best candidate by their own damage: the model
-   with only that node quantized, on ORT's real int8 kernels (so int16 saturation on CPUs
-   without VNNI shows, which fake-quant SQNR misses), against the float model on a slice of
-   the calibration data (not the eval data the gate is judged on).
-3. Keep the most damaging nodes in float one group at a time until the gate holds.
+   with only that node (and the Relu/Clip it alone feeds, see :func:`fallback_units`)
+   quantized, on ORT's real int8 kernels, against the float model on a slice of the
+   calibration data (not the eval data the gate is judged on).
+3. Keep the most damaging units in float, in growing groups, until the gate holds. Nodes
+   kept in float stay float at run time (``keep_float_weights`` in the static pass).
 4. Of the passing candidates, ship the fastest (batch-1 latency, measured interleaved).
 """
 
@@ -27,7 +29,7 @@ import onnx_ir as ir
 from onnxpipe.data import Feeds
 from onnxpipe.errors import PassError
 from onnxpipe.gate import Gate, gate_metrics
-from onnxpipe.graphs.quant_utils import has_vnni, is_x86
+from onnxpipe.graphs.quant_utils import is_x86
 from onnxpipe.graphs.quantize_static import (
     QuantizeStaticConfig,
     QuantizeStaticPass,
@@ -41,26 +43,30 @@ logger = logging.getLogger(__name__)
 # Ops that only move data: quantizing them alone tells nothing about accuracy.
 _MOVERS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split",
            "Gather", "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile"}  # fmt: skip
+# Activations ORT folds into the quantized op before them (their output range is the op's).
+_ACTIVATIONS = {"Relu", "Clip"}
 SENSITIVITY_SAMPLES = 24
 MAX_FLOAT_SHARE = 0.6
 
 
 def candidates(settings: Any) -> list[QuantizeStaticConfig]:
-    """The configurations ``--auto`` tries, for this CPU."""
+    """The configurations ``--auto`` tries, for this CPU.
+
+    All QDQ with bias correction and, on x86 without VNNI, saturation-safe weight ranges
+    (:mod:`onnxpipe.graphs.quant_weights`): QOperator runs the same kernels without bias
+    correction, and 7-bit weights everywhere lose more than the pair bound. Entropy
+    calibration is left to ``--method entropy``: on EfficientNet-Lite0 ORT's entropy ranges
+    scored exactly as min-max and cost 90 s of the search.
+    """
     exclude = tuple(settings.exclude)
     base = QuantizeStaticConfig(activation_type="auto", per_channel=True, exclude=exclude)
     other = "int8" if is_x86() else "uint8"
-    out = [base]
-    if is_x86() and not has_vnni():
-        out.append(base.model_copy(update={"reduce_range": True}))
-    out += [
-        base.model_copy(update={"per_channel": False}),
+    return [
+        base,
         base.model_copy(update={"method": "percentile"}),
-        base.model_copy(update={"method": "entropy"}),
+        base.model_copy(update={"per_channel": False}),
         base.model_copy(update={"activation_type": other}),
-        base.model_copy(update={"format": "qop"}),
     ]
-    return out
 
 
 def describe(cfg: QuantizeStaticConfig) -> str:
@@ -151,43 +157,66 @@ def _float_fallback(
     cfg: QuantizeStaticConfig,
     attempt: Any,
 ) -> dict[str, Any]:
-    """Keep the most damaging nodes in float, one group at a time, until the gate holds."""
+    """Keep the most damaging units in float, in growing groups, until the gate holds."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry  # noqa: PLC0415
 
     registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
-    nodes: list[str] = [
-        n.name or ""
-        for n in model.graph
-        if n.op_type in registry and n.op_type not in _MOVERS and n.name not in cfg.exclude
-    ]
+    units = fallback_units(model, set(registry) - _MOVERS, set(cfg.exclude))
     sens_feeds = _slice(calib, SENSITIVITY_SAMPLES)
     ref_path = ctx.save(model, "float-reference")
     reference = _run(ref_path, sens_feeds)
-    damage: dict[str, float] = {}
-    for name in nodes:
-        one = cfg.model_copy(update={"include": (name,)})
+    damage: dict[tuple[str, ...], float] = {}
+    for unit in units:
+        one = cfg.model_copy(update={"include": unit})
         q = QuantizeStaticPass(
             one, calibration=calib, calibration_cache=ctx.scratch / f"calib-{cfg.method}.json"
         )
         path = ctx.save(q(model).model, "sensitivity")
         measured = gate_metrics(reference, _run(path, sens_feeds))
-        damage[name] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
-        logger.debug("sensitivity %s: %.5f", name, damage[name])
-    order = sorted(nodes, key=lambda n: -damage[n])
-    # Damage concentrates in a few nodes (measured on EfficientNet-Lite0: the stem conv alone
-    # costs KL 0.7), so groups start at one node and grow geometrically.
+        damage[unit] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
+        logger.debug("sensitivity %s: %.5f", unit, damage[unit])
+    order = sorted(units, key=lambda u: -damage[u])
+    # Damage concentrates in a few units (measured on EfficientNet-Lite0: the stem conv alone
+    # costs KL 0.3), so groups start at one unit and grow geometrically.
     kept: list[str] = []
     count = 1
     limit = max(1, int(len(order) * MAX_FLOAT_SHARE))
     while count <= limit:
-        kept = order[:count]
+        kept = [name for unit in order[:count] for name in unit]
         trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(kept)})
-        row = attempt(trial, f"{describe(cfg)} + {len(kept)} most sensitive nodes in float")
+        row = attempt(trial, f"{describe(cfg)} + {count} most sensitive units in float")
         if row["passed"]:
             break
         count = max(count + 1, round(count * 1.5))
-    ranked = [{"node": n, "damage": round(damage[n], 6)} for n in order[:15]]
+    ranked = [{"nodes": list(u), "damage": round(damage[u], 6)} for u in order[:15]]
     return {"sensitivity": ranked, "kept_float_nodes": kept, "sensitivity_samples": _n(sens_feeds)}
+
+
+def fallback_units(
+    model: ir.Model, quantizable: set[str], exclude: set[str]
+) -> list[tuple[str, ...]]:
+    """The nodes ``--auto`` may keep in float, each with the activation it feeds alone.
+
+    A Conv kept in float while the Relu/Clip after it stays quantized puts a Q/DQ pair on
+    the pre-activation tensor, whose range is far wider than the activation's output: on
+    EfficientNet-Lite0 keeping one depthwise conv in float that way cost 17 points of top-1.
+    Ranked alone, a Conv quantized without its activation shows the same artefact. So a node
+    and the activation that is its only consumer are ranked and kept in float together.
+    """
+    units: list[tuple[str, ...]] = []
+    absorbed: set[str] = set()
+    for node in model.graph:
+        if node.op_type not in quantizable or node.name in exclude or node.name in absorbed:
+            continue
+        unit = [node.name or ""]
+        users = list(node.outputs[0].uses()) if node.outputs else []
+        if len(users) == 1:
+            user = users[0].node
+            if user.op_type in _ACTIVATIONS and user.name not in exclude:
+                unit.append(user.name or "")
+                absorbed.add(user.name or "")
+        units.append(tuple(unit))
+    return units
 
 
 def _slice(feeds: Sequence[Feeds], samples: int) -> list[Feeds]:

@@ -79,7 +79,7 @@ def test_auto_records_candidate_table(cli, cnn, cnn_data, tmp_path):
     assert code == 0, err
     step = json.loads((out / "manifest.json").read_text())["steps"][-1]
     rows = step["metrics"]["auto"]["candidates"]
-    assert len(rows) >= 5 and sum(bool(r.get("chosen")) for r in rows) == 1
+    assert len(rows) >= 4 and sum(bool(r.get("chosen")) for r in rows) == 1
     chosen = next(r for r in rows if r.get("chosen"))
     assert chosen["passed"] and chosen["latency_ms"] > 0 and chosen["bytes"] > 0
     assert step["metrics"]["gate"]["top1"] >= 0.9

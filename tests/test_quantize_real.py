@@ -18,7 +18,7 @@ from onnxpipe.cli import main
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "quantize.py"
-EFFNET_TOP1 = 0.4  # plain per-channel U8S8 measured 0.58 on the benchmark eval (no VNNI)
+EFFNET_TOP1 = 0.75  # plain per-channel measured 0.90 on the benchmark eval (no VNNI)
 
 
 @pytest.fixture(scope="module")
