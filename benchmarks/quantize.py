@@ -247,22 +247,23 @@ def minilm_rows(work: Path) -> list[dict[str, Any]]:
     ]
     ref = _pooled(_outputs(paths["fp32"], batches), feeds["attention_mask"])
     # Batch 1 at the 10th, 50th and 90th percentile sentence lengths; the row's speedup is
-    # the median sentence's, the others go to speedup_by_seq.
+    # the median of the three (fp32 latency jumps between lengths), each in speedup_by_seq.
     order = np.argsort(feeds["attention_mask"].sum(1), kind="stable")
     picks = [eval_sentences[order[len(order) * q // 10]] for q in (1, 5, 9)]
     latency = {}
     for sentence in picks:
         one = _tokens([sentence])
         latency[one["input_ids"].shape[1]] = _latency(paths, one)
-    median_seq = list(latency)[1]
     rows = []
     for name, path in list(paths.items())[1:]:
         got = _pooled(_outputs(path, batches), feeds["attention_mask"])
         cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
         rows.append({
             "model": "all-MiniLM-L6-v2", "method": name,
-            "speedup": latency[median_seq]["fp32"] / latency[median_seq][name],
-            "speedup_by_seq": {seq: round(ms["fp32"] / ms[name], 3) for seq, ms in latency.items()},
+            "speedup": statistics.median(ms["fp32"] / ms[name] for ms in latency.values()),
+            "speedup_by_seq": {n: round(ms["fp32"] / ms[name], 3) for n, ms in latency.items()},
+            "ms_by_seq": {n: [round(ms["fp32"], 3), round(ms[name], 3)]
+                          for n, ms in latency.items()},
             "size_ratio": _size(paths["fp32"]) / _size(path),
             "embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
             "eval_samples": len(ref),
