@@ -164,7 +164,7 @@ def _float_fallback(
     units = fallback_units(model, set(registry) - _MOVERS, set(cfg.exclude))
     sens_feeds = _slice(calib, SENSITIVITY_SAMPLES)
     ref_path = ctx.save(model, "float-reference")
-    reference = _run(ref_path, sens_feeds)
+    reference = ctx.run(ref_path, sens_feeds)
     damage: dict[tuple[str, ...], float] = {}
     for unit in units:
         one = cfg.model_copy(update={"include": unit})
@@ -172,7 +172,7 @@ def _float_fallback(
             one, calibration=calib, calibration_cache=ctx.scratch / f"calib-{cfg.method}.json"
         )
         path = ctx.save(q(model).model, "sensitivity")
-        measured = gate_metrics(reference, _run(path, sens_feeds))
+        measured = gate_metrics(reference, ctx.run(path, sens_feeds))
         damage[unit] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
         logger.debug("sensitivity %s: %.5f", unit, damage[unit])
     order = sorted(units, key=lambda u: -damage[u])
@@ -229,11 +229,6 @@ def _slice(feeds: Sequence[Feeds], samples: int) -> list[Feeds]:
 
 def _n(feeds: Sequence[Feeds]) -> int:
     return sum(len(next(iter(f.values()))) for f in feeds)
-
-
-def _run(path: Path, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:
-    session = make_session(path, SessionOptions(ep="cpu"))
-    return [list(session.run(None, f)) for f in feeds]
 
 
 def _latencies(paths: dict[int, Path], ctx: TransformContext, rounds: int = 3) -> dict[int, float]:
