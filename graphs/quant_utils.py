@@ -13,6 +13,7 @@ import platform
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -76,6 +77,18 @@ def refuse_float16(model: ir.Model, pass_name: str) -> None:
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a ``ModelProto`` (weights inline)."""
     return ir.serde.serialize_model(model)
+
+
+def tap_session(model: ir.Model, tensors: Sequence[str]) -> Any:
+    """An ORT CPU session on ``model`` that also returns the intermediate ``tensors``."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    proto = to_proto(model)
+    present = {o.name for o in proto.graph.output}
+    for name in tensors:
+        if name not in present:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def from_proto(proto: onnx.ModelProto) -> ir.Model:

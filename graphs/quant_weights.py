@@ -23,10 +23,9 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxpipe.graphs.quant_utils import Feeds, to_proto
+from onnxpipe.graphs.quant_utils import Feeds, tap_session
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +83,7 @@ def _pair_range(a: np.ndarray, paired: bool) -> np.ndarray:
 
 def input_means(model: ir.Model, feeds: Sequence[Feeds], tensors: Sequence[str]) -> dict:
     """Mean per channel (axis 1; all other axes averaged) of ``tensors`` over ``feeds``."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    proto = to_proto(model)
-    present = {o.name for o in proto.graph.output}
-    for name in tensors:
-        if name not in present:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = tap_session(model, tensors)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feed in feeds:

@@ -21,6 +21,13 @@ from pydantic import Field
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.quant_rounding import (
+    input_hessians,
+    load_hessians,
+    round_weights,
+    save_hessians,
+    supported,
+)
 from onnxpipe.graphs.quant_utils import (
     Feeds,
     FeedsReader,
@@ -79,6 +86,11 @@ class QuantizeStaticConfig(PassConfig):
     bias_correction: bool = Field(
         default=True,
         description="fold the output mean shift of weight rounding into int32 biases (QDQ)",
+    )
+    rounding: Literal["nearest", "gptq"] = Field(
+        default="gptq",
+        description="int8 weight rounding: to nearest, or error-compensating on calibration "
+        "inputs (GPTQ; QDQ)",
     )
 
 
@@ -165,6 +177,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
                 extra_options=extra,
             )
             result = load_from_ort(out)
+        rounded = self._round_weights(result, model, safe) if cfg.rounding == "gptq" else []
         corrected = self._correct_biases(result, model) if cfg.bias_correction else []
         kept_float = keep_float_weights(result)
         quant = sum(1 for n in result.graph if n.op_type in ("QuantizeLinear", "QLinearConv"))
@@ -176,11 +189,58 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             "excluded_op_types": sorted(op_types),
             "quantize_nodes": quant,
             "saturation_safe_weights": safe,
+            "rounding": cfg.rounding,
+            "gptq_rounded_nodes": len(rounded),
             "bias_corrected_nodes": len(corrected),
             "float_weight_nodes": kept_float,
         }
         logger.info("quantize_static: %s, %d quantize nodes", cfg.model_dump(), quant)
         return ir.passes.PassResult(result, modified=True)
+
+    def _round_weights(self, result: ir.Model, model: ir.Model, safe: bool) -> list[str]:
+        """GPTQ rounding of every quantized Conv/Gemm/MatMul weight (H cached per node)."""
+        floats = {n.name: n for n in model.graph if supported(n)}
+        targets = [
+            floats[n.name]
+            for n in result.graph
+            if n.name in floats
+            and len(n.inputs) > 1
+            and (dq := n.inputs[1].producer() if n.inputs[1] is not None else None) is not None
+            and dq.op_type == "DequantizeLinear"
+        ]
+        if not targets or not self.calibration:
+            return []
+        cache = (
+            self.calibration_cache.with_suffix(".hessians.npz") if self.calibration_cache else None
+        )
+        hessians = load_hessians(cache)
+        missing = [n for n in targets if n.name not in hessians]
+        if missing:
+            hessians.update(input_hessians(model, self.calibration, missing))
+            if cache is not None:
+                save_hessians(cache, hessians)
+        limits = {n.name or "": self._limits(n, safe) for n in targets}
+        return round_weights(result, model, hessians, limits)
+
+    def _limits(self, node: ir.Node, safe: bool) -> tuple[tuple[int, int], bool]:
+        """Integer range of a node's weights and whether neighbouring columns are paired.
+
+        Mirrors the ranges chosen before: 7-bit weights with ``reduce_range``; with
+        saturation-safe ranges, pairs bounded on Gemm and 1x1 convs, 7 bits on other convs
+        of few groups, 8 bits on depthwise convs (their kernel never saturates).
+        """
+        if self.config.reduce_range:
+            return (-64, 64), False
+        if not safe or node.op_type == "MatMul":
+            return (-127, 127), False
+        shape = node.inputs[1].shape  # type: ignore[union-attr]
+        if node.op_type == "Conv":
+            group = node.attributes.get("group")
+            if shape[1] == 1 and group is not None and group.as_int() > 1:  # type: ignore[index]
+                return (-127, 127), False
+            if any(d != 1 for d in shape[2:]):  # type: ignore[index]
+                return (-64, 64), False
+        return (-127, 127), True
 
     def _correct_biases(self, result: ir.Model, model: ir.Model) -> list[str]:
         """Bias correction with input means measured on the calibration feeds (cached)."""

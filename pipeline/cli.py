@@ -133,7 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default="minmax", choices=["minmax", "entropy", "percentile", "distribution"]
     )
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    scales = p.add_mutually_exclusive_group()
+    scales.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_const",
+        const=True,
+        default=True,
+        help="per-channel weight scales (the default)",
+    )
+    scales.add_argument(
+        "--per-tensor", dest="per_channel", action="store_const", const=False,
+        help="one scale per weight tensor",
+    )  # fmt: skip
+    p.add_argument(
+        "--rounding",
+        default="gptq",
+        choices=["gptq", "nearest"],
+        help="int8 weight rounding: error-compensating on the calibration data (default) or "
+        "to nearest",
+    )
     p.add_argument("--format", default="qdq", choices=["qdq", "qop"], help="QDQ or QOperator")
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
@@ -392,6 +411,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calib=with_preprocess(args.calib, args.preprocess),
         method=args.method,
         per_channel=args.per_channel,
+        rounding=args.rounding,
         format=args.format,
         exclude=tuple(args.exclude),
         auto=args.auto,

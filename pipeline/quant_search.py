@@ -8,7 +8,9 @@
    with only that node (and the Relu/Clip it alone feeds, see :func:`fallback_units`)
    quantized, on ORT's real int8 kernels, against the float model on a slice of the
    calibration data (not the eval data the gate is judged on).
-3. Keep the most damaging units in float, in growing groups, until the gate holds. Nodes
+3. Keep units in float, in growing groups, until the gate holds: first those whose float
+   kernels beat ORT's int8 ones here, then by damage per millisecond of float cost
+   (:mod:`onnxpipe.node_cost`, from ORT profiles of the float and the int8 model). Nodes
    kept in float stay float at run time (``keep_float_weights`` in the static pass).
 4. Of the passing candidates, ship the fastest (batch-1 latency, measured interleaved).
 """
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxpipe import node_cost
 from onnxpipe.data import Feeds
 from onnxpipe.errors import PassError
 from onnxpipe.gate import Gate, gate_metrics
@@ -35,7 +38,7 @@ from onnxpipe.graphs.quantize_static import (
     QuantizeStaticPass,
     resolve_activation_type,
 )
-from onnxpipe.runtime import SessionOptions, make_session
+from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 from onnxpipe.transform import TransformContext
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ _MOVERS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", 
            "Gather", "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile"}  # fmt: skip
 # Activations ORT folds into the quantized op before them (their output range is the op's).
 _ACTIVATIONS = {"Relu", "Clip"}
+_PROFILE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, *ORT_ERRORS)
 SENSITIVITY_SAMPLES = 24
 MAX_FLOAT_SHARE = 0.6
 
@@ -59,7 +63,9 @@ def candidates(settings: Any) -> list[QuantizeStaticConfig]:
     scored exactly as min-max and cost 90 s of the search.
     """
     exclude = tuple(settings.exclude)
-    base = QuantizeStaticConfig(activation_type="auto", per_channel=True, exclude=exclude)
+    base = QuantizeStaticConfig(
+        activation_type="auto", per_channel=True, exclude=exclude, rounding=settings.rounding
+    )
     other = "int8" if is_x86() else "uint8"
     return [
         base,
@@ -74,6 +80,8 @@ def describe(cfg: QuantizeStaticConfig) -> str:
     resolved = resolve_activation_type(cfg.activation_type)
     act = {"uint8": "u8s8", "int8": "s8s8"}.get(resolved, resolved)
     parts = [cfg.format, act, "per-channel" if cfg.per_channel else "per-tensor", cfg.method]
+    if cfg.rounding == "nearest":
+        parts.append("nearest rounding")
     if cfg.reduce_range:
         parts.append("7-bit weights")
     return " ".join(parts)
@@ -135,7 +143,9 @@ def auto_static(
     fallback: dict[str, Any] = {}
     if not any(r["passed"] for r in rows):
         best = max(models, key=lambda i: _score(gates, rows[i]))
-        fallback = _float_fallback(model, ctx, calib, gates, settings, configs[best], attempt)
+        fallback = _float_fallback(
+            model, ctx, calib, gates, (settings, configs[best], models[best][1]), attempt
+        )
     passing = [i for i, r in enumerate(rows) if r["passed"]]
     chosen_pool = passing or [max(models, key=lambda i: _score(gates, rows[i]))]
     latency = _latencies({i: models[i][1] for i in chosen_pool}, ctx)
@@ -153,13 +163,18 @@ def _float_fallback(
     ctx: TransformContext,
     calib: Sequence[Feeds],
     gates: Sequence[Gate],
-    settings: Any,
-    cfg: QuantizeStaticConfig,
+    base: tuple[Any, QuantizeStaticConfig, Path],
     attempt: Any,
 ) -> dict[str, Any]:
-    """Keep the most damaging units in float, in growing groups, until the gate holds."""
+    """Keep units in float, in growing groups, until the gate holds.
+
+    ``base`` is (settings, the best candidate's config, its model path). Units go to float
+    in :func:`onnxpipe.node_cost.fallback_order`: those float runs faster first, then by
+    damage per millisecond, so that the passing model gives up as little speed as it can.
+    """
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry  # noqa: PLC0415
 
+    settings, cfg, int8_path = base
     registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
     units = fallback_units(model, set(registry) - _MOVERS, set(cfg.exclude))
     sens_feeds = _slice(calib, SENSITIVITY_SAMPLES)
@@ -175,21 +190,51 @@ def _float_fallback(
         measured = gate_metrics(reference, ctx.run(path, sens_feeds))
         damage[unit] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
         logger.debug("sensitivity %s: %.5f", unit, damage[unit])
-    order = sorted(units, key=lambda u: -damage[u])
-    # Damage concentrates in a few units (measured on EfficientNet-Lite0: the stem conv alone
-    # costs KL 0.3), so groups start at one unit and grow geometrically.
+    order, costs = _cost_order(model, ctx, units, damage, (ref_path, int8_path))
+    # Damage concentrates in a few units (on EfficientNet-Lite0: the stem conv and the first
+    # depthwise conv), so groups start at one unit and grow geometrically.
     kept: list[str] = []
     count = 1
     limit = max(1, int(len(order) * MAX_FLOAT_SHARE))
     while count <= limit:
         kept = [name for unit in order[:count] for name in unit]
         trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(kept)})
-        row = attempt(trial, f"{describe(cfg)} + {count} most sensitive units in float")
+        row = attempt(trial, f"{describe(cfg)} + {count} units in float")
         if row["passed"]:
             break
         count = max(count + 1, round(count * 1.5))
-    ranked = [{"nodes": list(u), "damage": round(damage[u], 6)} for u in order[:15]]
+    ranked = [
+        {"nodes": list(u), "damage": round(damage[u], 6), "cost_ms": costs.get(u)}
+        for u in order[:15]
+    ]
     return {"sensitivity": ranked, "kept_float_nodes": kept, "sensitivity_samples": _n(sens_feeds)}
+
+
+def _cost_order(
+    model: ir.Model,
+    ctx: TransformContext,
+    units: list[tuple[str, ...]],
+    damage: dict[tuple[str, ...], float],
+    paths: tuple[Path, Path],
+) -> tuple[list[tuple[str, ...]], dict[tuple[str, ...], float]]:
+    """Units in fallback order with their estimated cost (ms).
+
+    By damage alone when the profiles cannot be taken (the order then ignores speed).
+    """
+    feeds = {k: v[:1] for k, v in ctx.eval_feeds[0].items()}
+    owners = node_cost.weight_owners(model, {n for u in units for n in u})
+    try:
+        profiles = [
+            node_cost.profile(p, feeds, owners, ctx.scratch / f"profile-{i}")
+            for i, p in enumerate(paths)
+        ]
+    except _PROFILE_ERRORS as e:
+        logger.warning("auto: no per-node profile (%s); float fallbacks by damage alone", e)
+        return sorted(units, key=lambda u: -damage[u]), {}
+    ordered = node_cost.fallback_order(model, units, damage, *profiles)
+    for unit, ms in ordered[:10]:
+        logger.debug("fallback %s: damage %.5f, cost %.3f ms", unit, damage[unit], ms)
+    return [u for u, _ in ordered], {u: round(ms, 4) for u, ms in ordered}
 
 
 def fallback_units(

@@ -38,7 +38,12 @@ class QuantizeSettings(BaseModel):
         default="minmax", description="calibration method (static)"
     )
     per_channel: bool = Field(
-        default=False, description="per-channel weights (static; dynamic: always)"
+        default=True,
+        description="per-channel weights (static; --per-tensor turns it off; dynamic: always)",
+    )
+    rounding: Literal["gptq", "nearest"] = Field(
+        default="gptq",
+        description="int8 weight rounding (static QDQ): error-compensating or nearest",
     )
     format: Literal["qdq", "qop"] = Field(default="qdq", description="QDQ or QOperator (static)")
     exclude: tuple[str, ...] = Field(default=(), description="node names or op types kept in float")
@@ -146,6 +151,7 @@ def _quantize(
             per_channel=s.per_channel,
             method=s.method,
             exclude=s.exclude,
+            rounding=s.rounding,
         )
         result, metrics = _apply(static, model)
     return result, {"preprocess": pre.metrics, "calibration_batches": len(calib), **metrics}

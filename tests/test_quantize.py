@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from onnxpipe.cli import main
@@ -61,6 +62,27 @@ def test_static_qdq_per_channel_is_close_to_float(cli, cnn, cnn_data, tmp_path):
     cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
     assert cos.min() > 0.98
     assert manifest["validation"]["cpu"]["status"] == "passed"
+
+
+def test_static_defaults_per_channel_gptq_and_flags_turn_them_off(cli, cnn, cnn_data, tmp_path):
+    configs = {}
+    for name, flags in (("default", ()), ("plain", ("--per-tensor", "--rounding", "nearest"))):
+        out = tmp_path / name
+        code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static",
+                           "--calib", cnn_data / "calib.npz", *flags)  # fmt: skip
+        assert code == 0, err
+        step = json.loads((out / "manifest.json").read_text())["steps"][-1]
+        configs[name] = (step["config"]["per_channel"], step["config"]["rounding"],
+                         step["metrics"]["quantize_static"]["gptq_rounded_nodes"])  # fmt: skip
+        weight_scales = [
+            n.inputs[1].const_value.numpy().size
+            for n in ir.load(out / "model.onnx").graph
+            if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+            and n.inputs[0].const_value.dtype == ir.DataType.INT8
+        ]  # fmt: skip
+        assert weight_scales and all((s > 1) == (name == "default") for s in weight_scales)
+    assert configs["default"][:2] == (True, "gptq") and configs["default"][2] >= 1
+    assert configs["plain"] == (False, "nearest", 0)
 
 
 def test_static_qoperator_format(cli, cnn, cnn_data, tmp_path):

@@ -18,7 +18,7 @@ from onnxpipe.cli import main
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "quantize.py"
-EFFNET_TOP1 = 0.75  # plain per-channel measured 0.90 on the benchmark eval (no VNNI)
+EFFNET_TOP1 = 0.75  # plain per-channel measured 0.93 on the benchmark eval (no VNNI)
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,17 @@ def test_efficientnet_static_int8_keeps_top1(bench, tmp_path):
     bench.write_crops(bench.CALIB_IMAGES, 3, 0, tmp_path / "calib")
     bench.write_crops(bench.EVAL_IMAGES[:8], 3, 1, tmp_path / "eval")
     out = tmp_path / "int8"
-    code = main(["quantize", str(fp32), "-o", str(out), "--mode", "static", "--per-channel",
+    code = main(["quantize", str(fp32), "-o", str(out), "--mode", "static",
                  "--calib", str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"),
                  "--preprocess", bench.PREPROCESS, "--gate", f"top1>={EFFNET_TOP1}"])  # fmt: skip
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     step = manifest["steps"][-1]
     assert step["metrics"]["gate"]["top1"] >= EFFNET_TOP1
+    # GPTQ rounding on every Conv and the classifier; nearest rounding measured KL 0.043 and
+    # GPTQ 0.012 on the benchmark's 144 eval crops
+    assert step["metrics"]["quantize_static"]["gptq_rounded_nodes"] == 50
+    assert step["metrics"]["gate"]["kl"] <= 0.03, step["metrics"]["gate"]
     assert (fp32 / "model.onnx").stat().st_size / (out / "model.onnx").stat().st_size > 3.5
 
 

@@ -1,0 +1,182 @@
+"""What keeping a node in float costs in time, measured with ORT's profiler on this CPU.
+
+``quantize --auto`` keeps the most damaging nodes in float until its gate holds. Which
+nodes it keeps decides the speed of the result: on EfficientNet-Lite0 (2-core AVX2, no
+VNNI) ORT's int8 kernels run the stem conv and the first depthwise conv *slower* than
+their float NCHWc kernels (0.71x, 0.68x), while the 1x1 convs run 1.6-2x faster. So the
+search orders its fallbacks by damage per millisecond, from per-node kernel times of the
+float model and of the all-int8 candidate, plus the Q/DQ work each float/int8 boundary adds.
+
+Kernel times are mapped back to the original nodes by weight name: ORT's fused kernels
+keep the weight initializer's name or a name derived from it (``w_quantized``, ``w_bias``).
+Nodes whose weights cannot be traced get no time (cost 0 beyond their boundaries).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxpipe.data import Feeds
+
+logger = logging.getLogger(__name__)
+
+PROFILE_RUNS = 20
+# A unit counts as free to keep in float only when it saves at least this much (ms):
+# below it, per-node profile noise decides.
+FREE_MARGIN_MS = 0.005
+
+Unit = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Mean per-run kernel time (ms) per original node, and the Q cost per element."""
+
+    node_ms: dict[str, float]
+    quantize_ms_per_element: float
+
+
+def weight_owners(model: ir.Model, nodes: set[str]) -> dict[str, str]:
+    """Initializer name -> the node (of ``nodes``) that consumes it."""
+    owners: dict[str, str] = {}
+    for node in model.graph:
+        if node.name not in nodes:
+            continue
+        for value in node.inputs:
+            if value is not None and value.is_initializer() and value.name:
+                owners.setdefault(value.name, node.name or "")
+    return owners
+
+
+def profile(path: Path, feeds: Feeds, owners: Mapping[str, str], scratch: Path) -> Profile:
+    """Profile ``path`` on ORT CPU and attribute its kernel times to the nodes in ``owners``."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(scratch / "profile")
+    so.optimized_model_filepath = str(scratch / "optimized.onnx")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, dict(feeds))
+    for _ in range(PROFILE_RUNS):
+        session.run(None, dict(feeds))
+    events = json.loads(Path(session.end_profiling()).read_text())
+    optimized = onnx.load(str(scratch / "optimized.onnx"), load_external_data=False)
+    owner_of = {n.name: _owner(n.input, owners) for n in optimized.graph.node}
+    runs = PROFILE_RUNS + 3
+    node_ms: dict[str, float] = defaultdict(float)
+    q_ms = q_elements = 0.0
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        ms = event["dur"] / 1000 / runs
+        owner = owner_of.get(name[: -len("_kernel_time")])
+        if owner:
+            node_ms[owner] += ms
+        if event["args"].get("op_name") == "QuantizeLinear":
+            q_ms += ms
+            q_elements += float(event["args"].get("output_size", 0)) / runs
+    per_element = q_ms / q_elements if q_elements else 0.0
+    return Profile(dict(node_ms), per_element)
+
+
+def _owner(inputs: Sequence[str], owners: Mapping[str, str]) -> str | None:
+    """The original node a fused kernel belongs to, from its inputs' names."""
+    for name in inputs:
+        if name in owners:
+            return owners[name]
+    best = ""
+    for name in inputs:
+        for weight in owners:
+            if name.startswith(weight + "_") and len(weight) > len(best):
+                best = weight
+    return owners.get(best) if best else None
+
+
+def element_counts(model: ir.Model) -> dict[str, int]:
+    """Elements per value at batch 1 (symbolic dims count as 1; unknown shapes are absent)."""
+    counts: dict[str, int] = {}
+    values = [*model.graph.inputs, *(o for n in model.graph for o in n.outputs)]
+    for value in values:
+        if value.shape is None or not value.name:
+            continue
+        dims = [d if isinstance(d, int) else 1 for d in value.shape]
+        counts[value.name] = int(np.prod(dims)) if dims else 1
+    return counts
+
+
+def fallback_order(
+    model: ir.Model,
+    units: Sequence[Unit],
+    damage: Mapping[Unit, float],
+    float_ms: Profile,
+    int8_ms: Profile,
+) -> list[tuple[Unit, float]]:
+    """Units in the order to keep them in float, each with its estimated cost (ms).
+
+    Greedy: units that are faster in float (counting boundaries) come first, most
+    damaging first; then the highest damage per millisecond. The cost of a unit is its
+    float kernel time minus its int8 kernel time, plus one quantize per element for every
+    float/int8 boundary it opens, minus those it closes (neighbours already in float).
+    """
+    unit_of = {name: unit for unit in units for name in unit}
+    elements = element_counts(model)
+    per_element = int8_ms.quantize_ms_per_element
+    kernel = {
+        u: sum(float_ms.node_ms.get(n, 0.0) - int8_ms.node_ms.get(n, 0.0) for n in u) for u in units
+    }
+    nodes = {node.name: node for node in model.graph}
+    kept: set[Unit] = set()
+
+    def is_float(node: ir.Node | None) -> bool:
+        if node is None:  # a graph input or output
+            return True
+        unit = unit_of.get(node.name or "")
+        return unit in kept if unit is not None else node.op_type not in _QUANTIZED_SIDE
+
+    def cost(unit: Unit) -> float:
+        first, last = nodes[unit[0]], nodes[unit[-1]]
+        boundary = 0
+        for value in first.inputs:
+            if value is None or value.is_initializer() or value.const_value is not None:
+                continue
+            sign = -1 if is_float(value.producer()) else 1
+            boundary += sign * elements.get(value.name or "", 0)
+        for value in last.outputs:
+            users: list[ir.Node | None] = [use.node for use in value.uses()] or [None]
+            opens = any(not is_float(u) for u in users)
+            closes = any(is_float(u) for u in users)
+            boundary += (int(opens) - int(closes)) * elements.get(value.name or "", 0)
+        return kernel[unit] + boundary * per_element
+
+    order: list[tuple[Unit, float]] = []
+    remaining = list(units)
+    while remaining:
+        costs = {u: cost(u) for u in remaining}
+        free = [u for u in remaining if costs[u] <= -FREE_MARGIN_MS]
+        if free:
+            pick = max(free, key=lambda u: (damage[u], -costs[u]))
+        else:
+            pick = max(remaining, key=lambda u: damage[u] / max(costs[u], FREE_MARGIN_MS))
+        order.append((pick, costs[pick]))
+        kept.add(pick)
+        remaining.remove(pick)
+    return order
+
+
+# Nodes outside the fallback units that run on int8 data next to quantized neighbours.
+_QUANTIZED_SIDE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat",
+                   "Split", "Gather", "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile",
+                   "Identity"}  # fmt: skip

@@ -1,0 +1,161 @@
+"""Error-compensating (GPTQ) int8 weight rounding and cost-aware float fallbacks."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpipe.graphs import quant_rounding as qr
+from onnxpipe.graphs.quantize_static import QuantizeStaticPass
+from onnxpipe.node_cost import Profile, fallback_order
+from tests.helpers import ort_run
+
+
+def _model(nodes, inits, x_shape, opset=17) -> ir.Model:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+@pytest.mark.parametrize(
+    ("shape", "attrs"),
+    [
+        ((6, 4, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
+        ((8, 1, 3, 3), {"group": 8, "pads": [1, 0, 1, 0]}),  # depthwise
+        ((6, 2, 3, 3), {"group": 2, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+        ((5, 8, 1, 1), {}),
+    ],
+)
+def test_im2col_rows_times_weights_is_the_conv(shape, attrs):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=shape).astype(np.float32)
+    channels = shape[1] * attrs.get("group", 1)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    model = _model([node], [numpy_helper.from_array(w, "w")], [None, channels, 9, 9])
+    x = rng.normal(size=(2, channels, 9, 9)).astype(np.float32)
+    want = ort_run(model, {"x": x})[0]  # [n, o, oh, ow]
+    conv = next(iter(model.graph))
+    rows = qr._rows(conv, x)  # [g, n*oh*ow, k]
+    groups = rows.shape[0]
+    wg = w.reshape(groups, shape[0] // groups, -1)
+    got = np.einsum("gpk,gok->gop", rows, wg).reshape(shape[0], *want.shape[:1], -1)
+    got = got.reshape(shape[0], want.shape[0], *want.shape[2:]).transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_gptq_rounding_lowers_output_error_and_keeps_limits_and_pairs():
+    rng = np.random.default_rng(1)
+    k = 32
+    mix = rng.normal(size=(k, k))
+    x = rng.normal(size=(4096, k)) @ mix  # correlated inputs: where compensation pays
+    w = rng.normal(size=(16, k))
+    w[:, 0] *= 8  # an outlier column makes the per-row scale coarse for the rest
+    hessian = (x.T @ x / len(x))[None]
+
+    def error(q, scale):
+        return np.linalg.norm(x @ (w - q * scale[:, None]).T)
+
+    scale = np.abs(w).max(1) / 127
+    nearest = np.clip(np.round(w / scale[:, None]), -127, 127)
+    gptq = qr.gptq_round(w, scale, np.zeros(16), hessian, (-127, 127), paired=False)
+    assert error(gptq, scale) < error(nearest, scale) * 0.85
+    assert np.abs(gptq).max() <= 127
+    assert np.array_equal(gptq, np.round(gptq))
+    # With a pair-safe scale (quant_weights), compensation must not break the int16 bound.
+    a = np.abs(w)
+    safe = np.maximum(a.max(1), (a[:, 0::2] + a[:, 1::2]).max(1)) / 127
+    nearest = np.round(w / safe[:, None])
+    paired = qr.gptq_round(w, safe, np.zeros(16), hessian, (-127, 127), paired=True)
+    assert (np.abs(paired[:, 0::2]) + np.abs(paired[:, 1::2])).max() <= 128
+    assert error(paired, safe) < error(nearest, safe) * 0.85
+
+
+def test_static_pass_with_gptq_rounding_is_closer_to_float_on_ort():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(16, 24, 1, 1)).astype(np.float32)
+    w[:, 0] *= 10
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")]
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b")]  # fmt: skip
+    model = _model(nodes, inits, [None, 24, 6, 6])
+    mix = rng.normal(size=(24, 24)).astype(np.float32)
+
+    def sample(n):
+        z = rng.normal(size=(n, 6, 6, 24)).astype(np.float32) @ mix
+        return np.ascontiguousarray(z.transpose(0, 3, 1, 2))
+
+    calib, x = sample(32), sample(16)
+    want = ort_run(model, {"x": x})[0]
+    rows = x.transpose(0, 2, 3, 1).reshape(-1, 24)
+    errors, weight_errors, passes = {}, {}, {}
+    for rounding in ("nearest", "gptq"):
+        passes[rounding] = QuantizeStaticPass(
+            calibration=[{"x": calib}], per_channel=True, rounding=rounding
+        )
+        q = passes[rounding](model).model
+        errors[rounding] = float(np.sqrt(((ort_run(q, {"x": x})[0] - want) ** 2).mean()))
+        dq = next(n for n in q.graph if n.outputs[0].uses()[0].node.op_type == "Conv"
+                  and n.outputs[0].uses()[0].idx == 1)  # fmt: skip
+        ints, scale = (v.const_value.numpy() for v in dq.inputs[:2])
+        w_q = ints.reshape(16, 24) * scale[:, None]
+        weight_errors[rounding] = np.linalg.norm(rows @ (w.reshape(16, 24) - w_q).T)
+    # on held-out inputs: the layer's output error from weights alone, and on ORT's kernels
+    assert weight_errors["gptq"] < weight_errors["nearest"] * 0.8
+    assert errors["gptq"] < errors["nearest"]
+    assert passes["gptq"].metrics["gptq_rounded_nodes"] == 1
+    assert passes["nearest"].metrics["gptq_rounded_nodes"] == 0
+
+
+def test_fallback_order_takes_units_float_runs_faster_first_and_counts_boundaries():
+    # x -> a -> b -> c -> y, all 1x1 convs on 4x8x8 tensors (256 elements each).
+    w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["t1"], name="a"),
+        helper.make_node("Conv", ["t1", "w"], ["t2"], name="b"),
+        helper.make_node("Conv", ["t2", "w"], ["y"], name="c"),
+    ]
+    model = _model(nodes, [w], [1, 4, 8, 8])
+    units = [("a",), ("b",), ("c",)]
+    damage = {("a",): 0.001, ("b",): 0.01, ("c",): 0.002}
+    # a: float saves 0.2 ms; b and c cost 0.1 ms more in float. Q costs 1e-4 ms/element.
+    float_ms = Profile({"a": 0.3, "b": 0.3, "c": 0.3}, 0.0)
+    int8_ms = Profile({"a": 0.5, "b": 0.2, "c": 0.2}, 1e-4)
+    order = fallback_order(model, units, damage, float_ms, int8_ms)
+    assert [u for u, _ in order] == [("a",), ("b",), ("c",)]
+    costs = dict(order)
+    # a: -0.2 kernel, closes the input boundary (-256), opens its output one (+256)
+    assert costs[("a",)] == pytest.approx(-0.2)
+    # b after a: +0.1 kernel, closes t1 (-256), opens t2 (+256)
+    assert costs[("b",)] == pytest.approx(0.1)
+    # c last: +0.1, closes t2 and the dequantize before the (float) graph output
+    assert costs[("c",)] == pytest.approx(0.1 - 2 * 256e-4)
+
+
+def test_profiles_attribute_fused_kernel_times_to_the_original_nodes(tmp_path):
+    from onnxpipe.node_cost import profile, weight_owners
+
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["a"], name="c0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w1", "b1"], ["y"], name="c1"),
+    ]
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w0", (8, 3, 3, 3)), ("b0", (8,)), ("w1", (8, 8, 1, 1)),
+                          ("b1", (8,)))]  # fmt: skip
+    model = _model(nodes, inits, [None, 3, 16, 16])
+    feeds = {"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)}
+    int8 = QuantizeStaticPass(calibration=[{"x": feeds["x"]}])(model).model
+    owners = weight_owners(model, {"c0", "c1", "relu"})
+    assert owners == {"w0": "c0", "b0": "c0", "w1": "c1", "b1": "c1"}
+    for name, m in (("float", model), ("int8", int8)):
+        path = tmp_path / name / "model.onnx"
+        path.parent.mkdir()
+        ir.save(m, path)
+        measured = profile(path, feeds, owners, tmp_path / f"profile-{name}")
+        assert set(measured.node_ms) == {"c0", "c1"}  # Relu is fused into c0's kernel
+        assert all(ms > 0 for ms in measured.node_ms.values())
+        assert (measured.quantize_ms_per_element > 0) == (name == "int8")
