@@ -33,6 +33,8 @@ DAMPING = 0.01
 MAX_SAMPLES = 32
 """Calibration samples that H is measured on (each contributes every spatial position)."""
 CHUNK_BYTES = 64 << 20
+BLOCK = 128
+"""Columns per lazy-update block in :func:`gptq_round`."""
 
 
 def _attr_ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
@@ -159,15 +161,22 @@ def gptq_round(
     upper = _inverse_cholesky(hessian)
     q = np.zeros_like(w)
     lo, hi = limits
-    for j in range(k):
-        column = w[:, :, j]
-        qj = np.clip(np.round(column / s) + zp, lo, hi)
-        if paired and j % 2:
-            room = PAIR_BOUND + 1 - np.abs(q[:, :, j - 1] - zp)
-            qj = np.clip(qj - zp, -room, room) + zp
-        q[:, :, j] = qj
-        err = (column - (qj - zp) * s) / upper[:, j, j][:, None]
-        w[:, :, j + 1 :] -= err[:, :, None] * upper[:, None, j, j + 1 :]
+    # GPTQ's lazy batch updates: columns inside a block update each other one by one, the
+    # columns after it get the block's errors in one matrix product.
+    for start in range(0, k, BLOCK):
+        stop = min(start + BLOCK, k)
+        errors = np.zeros((groups, w.shape[1], stop - start))
+        for j in range(start, stop):
+            column = w[:, :, j]
+            qj = np.clip(np.round(column / s) + zp, lo, hi)
+            if paired and j % 2:
+                room = PAIR_BOUND + 1 - np.abs(q[:, :, j - 1] - zp)
+                qj = np.clip(qj - zp, -room, room) + zp
+            q[:, :, j] = qj
+            err = (column - (qj - zp) * s) / upper[:, j, j][:, None]
+            w[:, :, j + 1 : stop] -= err[:, :, None] * upper[:, None, j, j + 1 : stop]
+            errors[:, :, j - start] = err
+        w[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
     return q.reshape(weights.shape)
 
 

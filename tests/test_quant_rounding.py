@@ -159,3 +159,15 @@ def test_profiles_attribute_fused_kernel_times_to_the_original_nodes(tmp_path):
         assert set(measured.node_ms) == {"c0", "c1"}  # Relu is fused into c0's kernel
         assert all(ms > 0 for ms in measured.node_ms.values())
         assert (measured.quantize_ms_per_element > 0) == (name == "int8")
+
+
+def test_gptq_lazy_block_updates_equal_column_by_column(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(512, 40)) @ rng.normal(size=(40, 40))
+    w, hessian = rng.normal(size=(6, 40)), (x.T @ x / 512)[None]
+    scale = np.abs(w).max(1) / 127
+    results = []
+    for block in (40, 7):
+        monkeypatch.setattr(qr, "BLOCK", block)
+        results.append(qr.gptq_round(w, scale, np.zeros(6), hessian, (-127, 127), paired=True))
+    np.testing.assert_array_equal(results[0], results[1])
