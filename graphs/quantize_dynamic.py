@@ -9,7 +9,12 @@ Attention is then quantized as QAttention. Measured on all-MiniLM-L6-v2 (TorchSc
 batch 1, seq 14, 2 threads): 2.25x faster than fp32 against 1.94x unfused, same cosine. When
 attention does not fuse (e.g. dynamo's decomposed SDPA), the fusion is skipped: the partial
 fusions alone measured slower (1.44x vs 1.76x) because the quantizer leaves their MatMuls
-unfused.
+unfused. EmbedLayerNormalization is not fused: it would hide the embedding tables from the
+quantizer (MiniLM's size ratio was 1.54x with it, 3.96x without, same speed).
+
+With statistics feeds (``--calib``, else ``--eval``), activation outliers are smoothed into
+the weights first (:mod:`onnxpipe.graphs.smooth_quant`): MiniLM's pooled cosine went from
+0.9924 to 0.9957 on held-out sentences.
 
 Conv is never quantized dynamically: ORT's ConvInteger has no fast CPU kernel (measured on
 EfficientNet-Lite0: 20x slower than fp32 with 42% top-1 agreement). Conv nodes stay float
@@ -20,6 +25,7 @@ static mode, since dynamic quantization would then buy neither size nor speed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from pydantic import Field
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
 from onnxpipe.graphs.quant_utils import (
+    Feeds,
     load_from_ort,
     refuse_quantized,
     save_for_ort,
@@ -38,6 +45,7 @@ from onnxpipe.graphs.quant_utils import (
     working_directory,
 )
 from onnxpipe.graphs.quantize_static import split_exclude
+from onnxpipe.graphs.smooth_quant import ALPHA, smooth_model
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +74,19 @@ class QuantizeDynamicConfig(PassConfig):
         le=1.0,
         description="refuse when Conv holds more than this share of the weight parameters",
     )
+    smooth_alpha: float = Field(
+        default=ALPHA,
+        ge=0.0,
+        le=1.0,
+        description="SmoothQuant migration strength when statistics feeds are given (0: off)",
+    )
 
 
 class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
     """Int8 weights and run-time-quantized activations for MatMul/Gemm/attention.
+
+    With ``statistics`` feeds, MatMul/Attention inputs are smoothed first
+    (:mod:`onnxpipe.graphs.smooth_quant`).
 
     Refuses: a quantized model; a model without MatMul/Gemm weights; a Conv-heavy model
     (more than ``max_conv_share`` of the parameters in Conv), with a pointer to static mode.
@@ -78,6 +95,16 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
     name = "quantize_dynamic"
     config_class = QuantizeDynamicConfig
     modifies_in_place = False
+
+    def __init__(
+        self,
+        config: QuantizeDynamicConfig | None = None,
+        *,
+        statistics: Sequence[Feeds] = (),
+        **settings: Any,
+    ) -> None:
+        super().__init__(config, **settings)
+        self.statistics = list(statistics)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Return the quantized model (a new object)."""
@@ -114,6 +141,12 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
                     src = tmp / "fused.onnx"
                     # The fused contrib ops carry no type info the quantizer can read.
                     extra["DefaultTensorType"] = onnx.TensorProto.FLOAT
+            smoothing: dict[str, Any] = {"smoothed_nodes": 0}
+            if self.statistics and cfg.smooth_alpha > 0:
+                smoothing = smooth_model(
+                    src, tmp / "smoothed.onnx", self.statistics, cfg.smooth_alpha, nodes
+                )
+                src = tmp / "smoothed.onnx"
             quantize_dynamic(
                 str(src),
                 str(out),
@@ -138,6 +171,7 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
             + counts.get("DynamicQuantizeMatMul", 0)
             + counts.get("QAttention", 0),
             "transformer_fusion": fusion,
+            "smoothing": smoothing,
         }
         if conv:
             logger.info("quantize_dynamic: %d Conv nodes kept float (no fast ConvInteger)", conv)
@@ -166,6 +200,7 @@ def _fuse_transformer(
     Kept only when every attention block (Softmax) fused; the returned dict says what fused
     and, under ``applied``, whether ``out`` holds the fused model.
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions  # noqa: PLC0415
     from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
 
     heads, hidden = cfg.num_heads, cfg.hidden_size
@@ -175,9 +210,18 @@ def _fuse_transformer(
             return {"applied": False, "reason": "no attention heads/hidden size in the graph"}
         heads, hidden = heads or found[0], hidden or found[1]
     softmax = sum(1 for n in model.graph if n.op_type == "Softmax")
+    options = FusionOptions("bert")
+    # EmbedLayerNormalization would hide the embedding Gathers from the quantizer: their
+    # tables (a third of MiniLM's weights) would stay fp32.
+    options.enable_embed_layer_norm = False
     with working_directory(out.parent):
         fused = optimize_model(
-            str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1
+            str(src),
+            model_type="bert",
+            num_heads=heads,
+            hidden_size=hidden,
+            opt_level=1,
+            optimization_options=options,
         )
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     attention = stats.get("Attention", 0) + stats.get("MultiHeadAttention", 0)

@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 weight rounding: error-compensating on the calibration data (default) or "
         "to nearest",
     )
+    p.add_argument(
+        "--smooth-alpha",
+        type=float,
+        default=0.7,
+        metavar="A",
+        help="dynamic: SmoothQuant strength in [0, 1], statistics from --calib or --eval (0: off)",
+    )
     p.add_argument("--format", default="qdq", choices=["qdq", "qop"], help="QDQ or QOperator")
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
@@ -412,6 +419,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         method=args.method,
         per_channel=args.per_channel,
         rounding=args.rounding,
+        smooth_alpha=args.smooth_alpha,
         format=args.format,
         exclude=tuple(args.exclude),
         auto=args.auto,

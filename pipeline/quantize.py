@@ -33,13 +33,21 @@ class QuantizeSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: Literal["static", "dynamic", "int4", "fp16"] = Field(description="quantization mode")
-    calib: str | None = Field(default=None, description="calibration DATA (static mode)")
+    calib: str | None = Field(
+        default=None, description="calibration DATA (static; dynamic: smoothing statistics)"
+    )
     method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
         default="minmax", description="calibration method (static)"
     )
     per_channel: bool = Field(
         default=True,
         description="per-channel weights (static; --per-tensor turns it off; dynamic: always)",
+    )
+    smooth_alpha: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="dynamic: SmoothQuant strength, statistics from --calib or --eval (0: off)",
     )
     rounding: Literal["gptq", "nearest"] = Field(
         default="gptq",
@@ -95,7 +103,7 @@ def quantize_bundle(
     def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
         refuse_quantized(model, f"quantize --mode {settings.mode}")
         refuse_float16(model, f"quantize --mode {settings.mode}")
-        result, metrics = _quantize(model, ctx, settings, gates)
+        result, metrics = _quantize(model, ctx, settings, gates, eval_data is not None)
         check_cpu_kernels(ctx.save(result, "ep-check"), ctx)
         return result, metrics
 
@@ -116,6 +124,7 @@ def _quantize(
     ctx: TransformContext,
     s: QuantizeSettings,
     gates: Sequence[Gate],
+    eval_given: bool,
 ) -> tuple[ir.Model, dict[str, Any]]:
     from onnxpipe.graphs.quantize_preprocess import QuantizePreprocessPass  # noqa: PLC0415
 
@@ -132,7 +141,14 @@ def _quantize(
     if s.mode == "dynamic":
         from onnxpipe.graphs.quantize_dynamic import QuantizeDynamicPass  # noqa: PLC0415
 
-        result, metrics = _apply(QuantizeDynamicPass(exclude=s.exclude), model)
+        # Smoothing statistics: the calibration data, else the eval data the user gave.
+        source = "calib" if s.calib else ("eval" if eval_given else None)
+        statistics = load_data(s.calib, ctx.inputs) if s.calib else ctx.eval_feeds
+        dynamic = QuantizeDynamicPass(
+            exclude=s.exclude, statistics=statistics if source else (), smooth_alpha=s.smooth_alpha
+        )
+        result, metrics = _apply(dynamic, model)
+        metrics["quantize_dynamic"]["smoothing"]["statistics"] = source
         return result, {"preprocess": pre.metrics, **metrics}
     assert s.calib is not None
     calib = load_data(s.calib, ctx.inputs)

@@ -61,14 +61,21 @@ def test_minilm_dynamic_int8_keeps_pooled_cosine(bench, tmp_path):
     lines = [s for s in (BENCH.parent / "sentences.txt").read_text().splitlines() if s.strip()]
     feeds = bench._tokens(lines[1::2][:32])
     np.savez(tmp_path / "eval.npz", **feeds)
+    np.savez(tmp_path / "calib.npz", **bench._tokens(lines[0::2][:32]))
     out = tmp_path / "int8"
     assert main(["quantize", str(fp32), "-o", str(out), "--mode", "dynamic", "--gate",
-                 "cosine>=0.99", "--eval", str(tmp_path / "eval.npz")]) == 0  # fmt: skip
+                 "cosine>=0.99", "--eval", str(tmp_path / "eval.npz"),
+                 "--calib", str(tmp_path / "calib.npz")]) == 0  # fmt: skip
     step = json.loads((out / "manifest.json").read_text())["steps"][-1]
     fusion = step["metrics"]["quantize_dynamic"]["transformer_fusion"]
     assert fusion["applied"], fusion
+    # 6 fused attentions + 12 FFN MatMuls + 6 attention-output MatMuls
+    assert step["metrics"]["quantize_dynamic"]["smoothing"] == {
+        "alpha": 0.7, "smoothed_nodes": 24, "statistics": "calib"}  # fmt: skip
+    # embedding tables are quantized too (no EmbedLayerNormalization hiding them)
+    assert (fp32 / "model.onnx").stat().st_size / (out / "model.onnx").stat().st_size > 3.5
     batches = [{k: v[i : i + 8] for k, v in feeds.items()} for i in range(0, 32, 8)]
     ref = bench._pooled(bench._outputs(fp32 / "model.onnx", batches), feeds["attention_mask"])
     got = bench._pooled(bench._outputs(out / "model.onnx", batches), feeds["attention_mask"])
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    assert cos.mean() >= 0.99, cos
+    assert cos.mean() >= 0.994, cos  # measured 0.9957 on the 60 benchmark sentences

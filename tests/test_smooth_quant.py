@@ -1,0 +1,84 @@
+"""SmoothQuant before dynamic int8: same float function, smaller int8 error on outliers."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpipe.graphs.quantize_dynamic import QuantizeDynamicPass
+from onnxpipe.graphs.smooth_quant import smooth_model
+from tests.helpers import ort_run
+
+
+def _matmul_model(rng) -> ir.Model:
+    """x[.., 64] -> MatMul(64x48) -> Relu -> MatMul(48x32), weights of one scale."""
+    w1 = rng.normal(size=(64, 48)).astype(np.float32) / 8
+    w2 = rng.normal(size=(48, 32)).astype(np.float32) / 7
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+def _inputs(rng, n):
+    x = rng.normal(size=(n, 5, 64)).astype(np.float32)
+    x[..., 3] *= 40  # one outlier channel, as in transformer activations
+    return x
+
+
+def test_smoothing_keeps_the_float_function(tmp_path):
+    rng = np.random.default_rng(0)
+    model = _matmul_model(rng)
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    ir.save(model, src)
+    done = smooth_model(src, out, [{"x": _inputs(rng, 16)}], alpha=0.7)
+    assert done["smoothed_nodes"] == 2
+    smoothed = onnx.load(str(out))
+    assert [n.op_type for n in smoothed.graph.node] == ["Mul", "MatMul", "Relu", "Mul", "MatMul"]
+    x = _inputs(rng, 4)
+    np.testing.assert_allclose(
+        ort_run(out, {"x": x})[0], ort_run(src, {"x": x})[0], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_smoothing_lowers_dynamic_int8_error_on_outlier_channels():
+    rng = np.random.default_rng(1)
+    model = _matmul_model(rng)
+    stats, x = _inputs(rng, 32), _inputs(rng, 16)
+    want = ort_run(model, {"x": x})[0]
+    errors = {}
+    for name, statistics in (("plain", ()), ("smoothed", [{"x": stats}])):
+        graph_pass = QuantizeDynamicPass(statistics=statistics, fuse_transformer=False)
+        got = ort_run(graph_pass(model).model, {"x": x})[0]
+        errors[name] = float(np.sqrt(((got - want) ** 2).mean()))
+        assert graph_pass.metrics["smoothing"]["smoothed_nodes"] == (2 if statistics else 0)
+    assert errors["smoothed"] < errors["plain"] * 0.7, errors
+
+
+def test_dynamic_cli_smooths_with_calib_statistics_and_records_them(cli, tmp_path):
+    from onnxpipe.cli import main
+    from tests.test_quantize import QUANT_MODELS
+
+    mlp = tmp_path / "mlp"
+    assert main(["convert", f"{QUANT_MODELS}:mlp", "-o", str(mlp), "--input",
+                 "x:float32[batch,64]", "--no-bench"]) == 0  # fmt: skip
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(32, 64)).astype(np.float32))
+    calib = ("--calib", tmp_path / "calib.npz")
+    seen = {}
+    for name, flags in (("calib", calib), ("none", ()), ("off", (*calib, "--smooth-alpha", "0"))):
+        code, _, err = cli("quantize", mlp, "-o", tmp_path / name, "--mode", "dynamic", *flags)
+        assert code == 0, err
+        step = json.loads((tmp_path / name / "manifest.json").read_text())["steps"][-1]
+        smoothing = step["metrics"]["quantize_dynamic"]["smoothing"]
+        seen[name] = (smoothing["statistics"], smoothing["smoothed_nodes"] > 0)
+    assert seen == {"calib": ("calib", True), "none": (None, False), "off": ("calib", False)}
