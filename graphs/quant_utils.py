@@ -120,8 +120,20 @@ def working_directory(path: Path) -> Iterator[None]:
 
 
 def save_for_ort(model: ir.Model, path: Path) -> Path:
-    """Save ``model`` where an ORT tool reads it, weights external when over 2 GB."""
+    """Save ``model`` where an ORT tool reads it, weights external when over 2 GB.
+
+    Graph inputs that are also initializers (old exporters list every weight as an input;
+    the onnx zoo models do) are saved as plain initializers: ORT's optimizer folds some of
+    them away but keeps the input, which then becomes a required feed, and the quantization
+    tools fail on it. A user overriding weights at run time is not a quantization use.
+    """
     proto = to_proto(model)
+    constants = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in constants]
+    if len(inputs) != len(proto.graph.input):
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+        proto.ir_version = max(proto.ir_version, 4)  # IR 3 required initializers as inputs
     large = proto.ByteSize() > 1_800_000_000
     onnx.save_model(proto, str(path), save_as_external_data=large)
     return path

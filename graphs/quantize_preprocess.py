@@ -16,10 +16,12 @@ from pydantic import Field
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
 from onnxpipe.graphs.quant_utils import (
+    from_proto,
     load_from_ort,
     refuse_quantized,
     save_for_ort,
     scratch_dir,
+    to_proto,
     working_directory,
 )
 
@@ -31,6 +33,12 @@ class QuantizePreprocessConfig(PassConfig):
 
     optimize: bool = Field(
         default=True, description="run ORT's basic graph optimizations (BN folding)"
+    )
+    min_opset: int = Field(
+        default=13,
+        ge=10,
+        description="convert older models to this opset: per-channel QuantizeLinear/"
+        "DequantizeLinear (the axis attribute) need 13",
     )
     symbolic_shapes: bool = Field(
         default=True, description="run ORT's symbolic shape inference before ONNX shape inference"
@@ -78,7 +86,26 @@ class QuantizePreprocessPass(GraphPass[QuantizePreprocessConfig]):
                     skip_symbolic_shape=True,
                 )
             result = load_from_ort(out)
+        opset = result.opset_imports.get("", 0)
+        if opset < self.config.min_opset:
+            result = _upgrade(result, self.config.min_opset, self.name)
         after = sum(1 for _ in result.graph)
-        self.metrics = {"nodes_before": before, "nodes_after": after, "symbolic_shapes": symbolic}
+        self.metrics = {"nodes_before": before, "nodes_after": after, "symbolic_shapes": symbolic,
+                        "opset": max(opset, self.config.min_opset)}  # fmt: skip
         logger.info("quantize_preprocess: %d -> %d nodes", before, after)
         return ir.passes.PassResult(result, modified=True)
+
+
+def _upgrade(model: ir.Model, opset: int, pass_name: str) -> ir.Model:
+    """``model`` converted to ``opset`` by ONNX's version converter."""
+    import onnx  # noqa: PLC0415
+
+    try:
+        proto = onnx.version_converter.convert_version(to_proto(model), opset)
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as e:
+        raise PassError(
+            f"{pass_name}: the model is opset {model.opset_imports.get('', 0)} and ONNX's "
+            f"version converter could not bring it to {opset}, which per-channel quantization "
+            f"needs ({e}). Re-export it at opset >= {opset}."
+        ) from e
+    return from_proto(proto)

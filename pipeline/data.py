@@ -62,6 +62,11 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
     Raises:
         InputError: the data is missing, empty, or does not match the model's inputs.
     """
+    # A model whose inputs all have a fixed first dim (zoo models: 1) takes samples that many
+    # at a time.
+    fixed = {s.shape[0] if s.shape and isinstance(s.shape[0], int) else None for s in specs}
+    if len(fixed) == 1 and (size := fixed.pop()) is not None and size > 0:
+        batch = size
     if is_callable_ref(data):
         produced = call_factory(data)
         try:

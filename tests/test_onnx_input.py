@@ -40,6 +40,32 @@ def test_onnx_zoo_models_become_bundles(name, cli, tmp_path):
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
+def test_onnx_zoo_models_quantize_static(name, cli, tmp_path):
+    # Opset 9, IR 3 (every weight also a graph input), weights from ConstantOfShape, fixed
+    # batch 1: the quantizer needs opset 13 for per-channel scales and no weight inputs.
+    bundle = tmp_path / name
+    assert cli("convert", LIGHT / f"light_{name}.onnx", "-o", bundle, "--no-bench")[0] == 0
+    spec = json.loads((bundle / "manifest.json").read_text())["inputs"][0]
+    rng = np.random.default_rng(0)
+    calib = rng.uniform(0, 1, (6, *spec["shape"][1:])).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", **{spec["name"]: calib})
+    out = tmp_path / "int8"
+    code, _, err = cli("quantize", bundle, "-o", out, "--mode", "static",
+                       "--calib", tmp_path / "calib.npz")  # fmt: skip
+    assert code == 0, err
+    step = json.loads((out / "manifest.json").read_text())["steps"][-1]
+    assert step["metrics"]["preprocess"]["opset"] == 13
+    assert step["metrics"]["quantize_static"]["gptq_rounded_nodes"] > 20
+    quantized = onnx.load(str(out / "model.onnx"))
+    assert sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node) > 20
+    x = calib[:1]
+    want = ort_run(bundle / "model.onnx", {spec["name"]: x})[0]
+    got = ort_run(out / "model.onnx", {spec["name"]: x})[0]
+    assert got.shape == want.shape and np.isfinite(got).all()
+
+
 def test_external_data_input_is_read_and_reinlined(cli, tmp_path):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 32)).astype(np.float32)
