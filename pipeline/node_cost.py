@@ -30,7 +30,7 @@ from onnxpipe.data import Feeds
 
 logger = logging.getLogger(__name__)
 
-PROFILE_RUNS = 20
+PROFILE_RUNS = 30
 # A unit counts as free to keep in float only when it saves at least this much (ms):
 # below it, per-node profile noise decides.
 FREE_MARGIN_MS = 0.005
@@ -74,21 +74,25 @@ def profile(path: Path, feeds: Feeds, owners: Mapping[str, str], scratch: Path) 
     events = json.loads(Path(session.end_profiling()).read_text())
     optimized = onnx.load(str(scratch / "optimized.onnx"), load_external_data=False)
     owner_of = {n.name: _owner(n.input, owners) for n in optimized.graph.node}
-    runs = PROFILE_RUNS + 3
-    node_ms: dict[str, float] = defaultdict(float)
-    q_ms = q_elements = 0.0
+    # Per kernel, the median over the runs: one slow run (the machine is shared) must not
+    # reorder the fallbacks.
+    durations: dict[str, list[float]] = defaultdict(list)
+    q_elements: dict[str, float] = {}
     for event in events:
         name = event.get("name", "")
         if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
-        ms = event["dur"] / 1000 / runs
-        owner = owner_of.get(name[: -len("_kernel_time")])
-        if owner:
-            node_ms[owner] += ms
+        kernel = name[: -len("_kernel_time")]
+        durations[kernel].append(event["dur"] / 1000)
         if event["args"].get("op_name") == "QuantizeLinear":
-            q_ms += ms
-            q_elements += float(event["args"].get("output_size", 0)) / runs
-    per_element = q_ms / q_elements if q_elements else 0.0
+            q_elements[kernel] = float(event["args"].get("output_size", 0))
+    node_ms: dict[str, float] = defaultdict(float)
+    for kernel, times in durations.items():
+        owner = owner_of.get(kernel)
+        if owner:
+            node_ms[owner] += float(np.median(times))
+    q_ms = sum(float(np.median(durations[k])) for k in q_elements)
+    per_element = q_ms / sum(q_elements.values()) if sum(q_elements.values()) else 0.0
     return Profile(dict(node_ms), per_element)
 
 
@@ -127,9 +131,13 @@ def fallback_order(
     """Units in the order to keep them in float, each with its estimated cost (ms).
 
     Greedy: units that are faster in float (counting boundaries) come first, most
-    damaging first; then the highest damage per millisecond. The cost of a unit is its
+    damaging first; then the highest damage per unit of cost. The cost of a unit is its
     float kernel time minus its int8 kernel time, plus one quantize per element for every
-    float/int8 boundary it opens, minus those it closes (neighbours already in float).
+    float/int8 boundary it opens, minus those it closes (neighbours already in float). Size
+    counts too: float weights take 3 more bytes per parameter, and a unit that grows the
+    int8 model by a share ``p`` of its size costs like ``p`` of its kernel time, so that a
+    large classifier does not go to float for a sliver of accuracy. The returned cost is the
+    time part alone (ms).
     """
     unit_of = {name: unit for unit in units for name in unit}
     elements = element_counts(model)
@@ -138,6 +146,11 @@ def fallback_order(
         u: sum(float_ms.node_ms.get(n, 0.0) - int8_ms.node_ms.get(n, 0.0) for n in u) for u in units
     }
     nodes = {node.name: node for node in model.graph}
+    total = sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value)
+    budget_ms = sum(int8_ms.node_ms.values())
+    size_ms = {
+        u: 3 * sum(_weight_elements(nodes[n]) for n in u) / max(total, 1) * budget_ms for u in units
+    }
     kept: set[Unit] = set()
 
     def is_float(node: ir.Node | None) -> bool:
@@ -165,15 +178,25 @@ def fallback_order(
     remaining = list(units)
     while remaining:
         costs = {u: cost(u) for u in remaining}
-        free = [u for u in remaining if costs[u] <= -FREE_MARGIN_MS]
+        ranked = {u: costs[u] + size_ms[u] for u in remaining}
+        free = [u for u in remaining if ranked[u] <= -FREE_MARGIN_MS]
         if free:
-            pick = max(free, key=lambda u: (damage[u], -costs[u]))
+            pick = max(free, key=lambda u: (damage[u], -ranked[u]))
         else:
-            pick = max(remaining, key=lambda u: damage[u] / max(costs[u], FREE_MARGIN_MS))
+            pick = max(remaining, key=lambda u: damage[u] / max(ranked[u], FREE_MARGIN_MS))
         order.append((pick, costs[pick]))
         kept.add(pick)
         remaining.remove(pick)
     return order
+
+
+def _weight_elements(node: ir.Node) -> int:
+    """Parameters in the node's weight initializers (rank >= 2: biases stay 32-bit)."""
+    return sum(
+        v.const_value.size
+        for v in node.inputs
+        if v is not None and v.const_value is not None and len(v.const_value.shape) >= 2
+    )
 
 
 # Nodes outside the fallback units that run on int8 data next to quantized neighbours.

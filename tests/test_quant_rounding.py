@@ -109,15 +109,29 @@ def test_static_pass_with_gptq_rounding_is_closer_to_float_on_ort():
     assert passes["nearest"].metrics["gptq_rounded_nodes"] == 0
 
 
-def test_fallback_order_takes_units_float_runs_faster_first_and_counts_boundaries():
-    # x -> a -> b -> c -> y, all 1x1 convs on 4x8x8 tensors (256 elements each).
-    w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+def _chain(kernels: dict[str, int], extra: int) -> ir.Model:
+    """x -> a -> b -> c -> Add(big slice) -> y: k x k convs on 4x8x8 tensors (256 elements)."""
+    inits = [numpy_helper.from_array(np.ones((4, 4, k, k), np.float32), f"w{n}")
+             for n, k in kernels.items()]  # fmt: skip
+    inits.append(numpy_helper.from_array(np.ones((1, 4, 8, 8 * extra), np.float32), "big"))
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("st", [0]), ("en", [8]), ("ax", [3]))]  # fmt: skip
+    src = {"a": "x", "b": "t1", "c": "t2"}
     nodes = [
-        helper.make_node("Conv", ["x", "w"], ["t1"], name="a"),
-        helper.make_node("Conv", ["t1", "w"], ["t2"], name="b"),
-        helper.make_node("Conv", ["t2", "w"], ["y"], name="c"),
+        helper.make_node("Conv", [src[n], f"w{n}"], [{"a": "t1", "b": "t2", "c": "t3"}[n]],
+                         name=n, pads=[k // 2] * 4)
+        for n, k in kernels.items()
+    ]  # fmt: skip
+    nodes += [
+        helper.make_node("Slice", ["big", "st", "en", "ax"], ["bs"], name="slice"),
+        helper.make_node("Add", ["t3", "bs"], ["y"], name="add"),
     ]
-    model = _model(nodes, [w], [1, 4, 8, 8])
+    return _model(nodes, inits, [1, 4, 8, 8])
+
+
+def test_fallback_order_takes_units_float_runs_faster_first_and_counts_boundaries():
+    # Weights are a negligible share of the model here (``big``): time decides.
+    model = _chain({"a": 1, "b": 1, "c": 1}, extra=10000)
     units = [("a",), ("b",), ("c",)]
     damage = {("a",): 0.001, ("b",): 0.01, ("c",): 0.002}
     # a: float saves 0.2 ms; b and c cost 0.1 ms more in float. Q costs 1e-4 ms/element.
@@ -130,8 +144,18 @@ def test_fallback_order_takes_units_float_runs_faster_first_and_counts_boundarie
     assert costs[("a",)] == pytest.approx(-0.2)
     # b after a: +0.1 kernel, closes t1 (-256), opens t2 (+256)
     assert costs[("b",)] == pytest.approx(0.1)
-    # c last: +0.1, closes t2 and the dequantize before the (float) graph output
+    # c last: +0.1, closes t2 and the dequantize before the float Add
     assert costs[("c",)] == pytest.approx(0.1 - 2 * 256e-4)
+
+
+def test_fallback_order_weighs_the_size_float_weights_add():
+    # b and c: same damage, same time; c holds most of the model's weights.
+    model = _chain({"a": 1, "b": 1, "c": 15}, extra=1)
+    units = [("c",), ("b",)]  # c first: a tie on time alone would pick it
+    damage = {("b",): 0.01, ("c",): 0.01}
+    same = Profile({"a": 0.2, "b": 0.2, "c": 0.2}, 1e-4)
+    order = fallback_order(model, units, damage, same, same)
+    assert [u for u, _ in order] == [("b",), ("c",)]
 
 
 def test_profiles_attribute_fused_kernel_times_to_the_original_nodes(tmp_path):
