@@ -123,9 +123,12 @@ def auto_static(
             return row
         path = ctx.save(result, f"candidate-{len(rows)}")
         measured = ctx.measure(path)
+        float_nodes = [n for n in cfg.exclude if n not in settings.exclude]
         row = {
             "config": label,
-            "kept_float": len(cfg.exclude) - len(settings.exclude),
+            "kept_float": len(float_nodes),
+            # what --exclude reproduces this candidate without the search
+            **({"float_nodes": float_nodes} if float_nodes else {}),
             **{k: measured[k] for k in ("top1", "kl", "cosine", "max_abs")},
             "passed": all(g.passes(measured) for g in gates),
             "bytes": path.stat().st_size,
