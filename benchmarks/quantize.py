@@ -182,12 +182,12 @@ def efficientnet(work: Path) -> list[dict[str, Any]]:
         rows.append({"model": "EfficientNet-Lite0", "method": "onnxpipe static --auto",
                      "top1_agreement": failed.get("top1"), "kl": failed.get("kl"),
                      "seconds": round(seconds, 1), "gate": status})  # fmt: skip
-        # The search's best candidate, rebuilt without the search from its float nodes
+        # The candidate the search chose (best top-1, fewest float nodes), rebuilt without the
+        # search from its float nodes
         # (the search's fallback order depends on measured kernel times, so a second search
         # may take another path).
         report = json.loads((work / "effnet-int8.failed.json").read_text())
-        best = max(report["metrics"]["auto"]["candidates"],
-                   key=lambda r: (r.get("top1") or 0, -(r.get("kl") or 1)))  # fmt: skip
+        best = next(r for r in report["metrics"]["auto"]["candidates"] if r.get("chosen"))
         config = best["config"].split(" + ")[0].split()  # e.g. qdq u8s8 per-channel minmax
         flags = ["--method", config[3], *(["--per-tensor"] if config[2] == "per-tensor" else [])]
         flags += [f for node in best.get("float_nodes", []) for f in ("--exclude", node)]
