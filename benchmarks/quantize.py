@@ -178,14 +178,13 @@ def efficientnet(work: Path) -> list[dict[str, Any]]:
     }
     rows: list[dict[str, Any]] = []
     if failed:
-        # What the search reached, as a real CLI run: the same search, gated at its best top-1.
+        # What the gate measured on the search's choice; no model was written.
         rows.append({"model": "EfficientNet-Lite0", "method": "onnxpipe static --auto",
                      "top1_agreement": failed.get("top1"), "kl": failed.get("kl"),
                      "seconds": round(seconds, 1), "gate": status})  # fmt: skip
-        # The candidate the search chose (best top-1, fewest float nodes), rebuilt without the
-        # search from its float nodes
-        # (the search's fallback order depends on measured kernel times, so a second search
-        # may take another path).
+        # That candidate (best top-1, fewest float nodes), rebuilt without the search from its
+        # float nodes: the fallback order depends on measured kernel times, so a second
+        # search may take another path.
         report = json.loads((work / "effnet-int8.failed.json").read_text())
         best = next(r for r in report["metrics"]["auto"]["candidates"] if r.get("chosen"))
         config = best["config"].split(" + ")[0].split()  # e.g. qdq u8s8 per-channel minmax
