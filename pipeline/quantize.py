@@ -148,7 +148,23 @@ def _quantize(
             exclude=s.exclude, statistics=statistics if source else (), smooth_alpha=s.smooth_alpha
         )
         result, metrics = _apply(dynamic, model)
-        metrics["quantize_dynamic"]["smoothing"]["statistics"] = source
+        smoothing = metrics["quantize_dynamic"]["smoothing"]
+        smoothing["statistics"] = source
+        if smoothing["smoothed_nodes"]:
+            # Smoothing at a fixed strength can hurt a model without outliers: keep it only
+            # when it measures better than plain dynamic int8 on the eval data.
+            plain, plain_metrics = _apply(QuantizeDynamicPass(exclude=s.exclude), model)
+            metric, higher = _primary(gates)
+            measured = ctx.measure(result), ctx.measure(plain)
+            if any(m.get(metric) is None for m in measured):
+                metric, higher = "cosine", True
+            with_it, without = (m[metric] for m in measured)
+            smoothing.update(compared_on=metric, smoothed=with_it, plain=without)
+            if (without > with_it) if higher else (without < with_it):
+                plain_metrics["quantize_dynamic"]["smoothing"] = {**smoothing, "kept": False}
+                result, metrics = plain, plain_metrics
+            else:
+                smoothing["kept"] = True
         return result, {"preprocess": pre.metrics, **metrics}
     assert s.calib is not None
     calib = load_data(s.calib, ctx.inputs)
@@ -171,6 +187,16 @@ def _quantize(
         )
         result, metrics = _apply(static, model)
     return result, {"preprocess": pre.metrics, "calibration_batches": len(calib), **metrics}
+
+
+def _primary(gates: Sequence[Gate]) -> tuple[str, bool]:
+    """The metric that decides between variants and whether higher is better.
+
+    The first gate's metric, else cosine.
+    """
+    if not gates:
+        return "cosine", True
+    return gates[0].metric, gates[0].op == ">="
 
 
 def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:

@@ -81,4 +81,7 @@ def test_dynamic_cli_smooths_with_calib_statistics_and_records_them(cli, tmp_pat
         step = json.loads((tmp_path / name / "manifest.json").read_text())["steps"][-1]
         smoothing = step["metrics"]["quantize_dynamic"]["smoothing"]
         seen[name] = (smoothing["statistics"], smoothing["smoothed_nodes"] > 0)
+        if name == "calib":  # measured against plain dynamic int8; kept only if not worse
+            assert smoothing["kept"] == (smoothing["smoothed"] >= smoothing["plain"])
+            assert smoothing["compared_on"] == "cosine"
     assert seen == {"calib": ("calib", True), "none": (None, False), "off": ("calib", False)}
