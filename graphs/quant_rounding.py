@@ -157,6 +157,7 @@ def gptq_round(
     groups, k = hessian.shape[0], hessian.shape[1]
     w = weights.astype(np.float64).reshape(groups, -1, k).copy()
     s = scale.astype(np.float64).reshape(groups, -1)
+    s = np.where(s > 0, s, 1.0)  # an all-zero row may carry scale 0; its weights round to 0
     zp = zero_point.astype(np.float64).reshape(groups, -1)
     upper = _inverse_cholesky(hessian)
     q = np.zeros_like(w)

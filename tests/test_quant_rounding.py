@@ -195,3 +195,13 @@ def test_gptq_lazy_block_updates_equal_column_by_column(monkeypatch):
         monkeypatch.setattr(qr, "BLOCK", block)
         results.append(qr.gptq_round(w, scale, np.zeros(6), hessian, (-127, 127), paired=True))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_gptq_rounds_an_all_zero_row_with_scale_zero_to_zero():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(256, 8))
+    w = rng.normal(size=(3, 8))
+    w[1] = 0.0
+    scale = np.abs(w).max(1) / 127  # 0 for the zero row
+    q = qr.gptq_round(w, scale, np.zeros(3), (x.T @ x / 256)[None], (-127, 127), paired=False)
+    assert np.isfinite(q).all() and not q[1].any()
