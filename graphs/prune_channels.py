@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from onnxpipe.graphs.base import GraphPass, PassConfig
 from onnxpipe.graphs.channel_groups import Group, find_groups
+from onnxpipe.graphs.quant_utils import tap_session
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,6 @@ def collect_inputs(
 
     Spatial positions are subsampled so a large feature map costs at most ``max_rows`` rows.
     """
-    import onnxruntime as ort  # noqa: PLC0415
-
     names: list[str] = list(
         dict.fromkeys(
             n.inputs[0].name
@@ -235,16 +234,7 @@ def collect_inputs(
     )
     if not feeds or not names:
         return {}
-    proto = ir.serde.serialize_model(model)
-    known = {o.name for o in proto.graph.output}
-    for name in names:
-        if name and name not in known:
-            proto.graph.output.add().name = name
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = tap_session(model, names)
     rng = np.random.default_rng(seed)
     per_batch = max(1, max_rows // len(feeds))
     rows: dict[str, list[np.ndarray]] = {name: [] for name in names}

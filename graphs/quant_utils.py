@@ -79,16 +79,27 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def tap_session(model: ir.Model, tensors: Sequence[str]) -> Any:
-    """An ORT CPU session on ``model`` that also returns the intermediate ``tensors``."""
+def tap_session(model: ir.Model | onnx.ModelProto, tensors: Sequence[str]) -> Any:
+    """An ORT CPU session on ``model`` that also returns the intermediate ``tensors``.
+
+    ``model`` is left as it is (a ``ModelProto`` is copied before outputs are added).
+    """
     import onnxruntime as ort  # noqa: PLC0415
 
-    proto = to_proto(model)
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    else:
+        proto = to_proto(model)
     present = {o.name for o in proto.graph.output}
     for name in tensors:
         if name not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def from_proto(proto: onnx.ModelProto) -> ir.Model:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpipe.graphs.quant_utils import Feeds
+from onnxpipe.graphs.quant_utils import Feeds, tap_session
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +56,7 @@ def input_maxima(
     proto: onnx.ModelProto, feeds: Sequence[Feeds], tensors: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Max |x| per last-axis channel of ``tensors`` over ``feeds``, on ORT CPU."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    tap = onnx.ModelProto()
-    tap.CopyFrom(proto)
-    present = {o.name for o in tap.graph.output}
-    for name in tensors:
-        if name not in present:
-            tap.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        tap.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = tap_session(proto, tensors)
     maxima: dict[str, np.ndarray] = {}
     for feed in feeds:
         for name, value in zip(tensors, session.run(list(tensors), dict(feed)), strict=True):
