@@ -37,6 +37,11 @@ FREE_MARGIN_MS = 0.005
 
 Unit = tuple[str, ...]
 
+MOVERS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Gather",
+          "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile", "Identity"}  # fmt: skip
+"""Ops that only move data: they run on int8 data between quantized neighbours, and
+quantizing one alone tells nothing about accuracy (``--auto`` does not rank them)."""
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -157,7 +162,7 @@ def fallback_order(
         if node is None:  # a graph input or output
             return True
         unit = unit_of.get(node.name or "")
-        return unit in kept if unit is not None else node.op_type not in _QUANTIZED_SIDE
+        return unit in kept if unit is not None else node.op_type not in MOVERS
 
     def cost(unit: Unit) -> float:
         first, last = nodes[unit[0]], nodes[unit[-1]]
@@ -197,9 +202,3 @@ def _weight_elements(node: ir.Node) -> int:
         for v in node.inputs
         if v is not None and v.const_value is not None and len(v.const_value.shape) >= 2
     )
-
-
-# Nodes outside the fallback units that run on int8 data next to quantized neighbours.
-_QUANTIZED_SIDE = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat",
-                   "Split", "Gather", "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile",
-                   "Identity"}  # fmt: skip

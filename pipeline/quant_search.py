@@ -43,9 +43,6 @@ from onnxpipe.transform import TransformContext
 
 logger = logging.getLogger(__name__)
 
-# Ops that only move data: quantizing them alone tells nothing about accuracy.
-_MOVERS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split",
-           "Gather", "Slice", "MaxPool", "Resize", "Pad", "Expand", "Tile"}  # fmt: skip
 # Activations ORT folds into the quantized op before them (their output range is the op's).
 _ACTIVATIONS = {"Relu", "Clip"}
 _PROFILE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, *ORT_ERRORS)
@@ -179,7 +176,7 @@ def _float_fallback(
 
     settings, cfg, int8_path = base
     registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
-    units = fallback_units(model, set(registry) - _MOVERS, set(cfg.exclude))
+    units = fallback_units(model, set(registry) - node_cost.MOVERS, set(cfg.exclude))
     sens_feeds = _slice(calib, SENSITIVITY_SAMPLES)
     ref_path = ctx.save(model, "float-reference")
     reference = ctx.run(ref_path, sens_feeds)
