@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.graphs.quant_utils import Feeds, tap_session
-from onnxpipe.graphs.quant_weights import PAIR_BOUND
+from onnxpipe.graphs.quant_weights import PAIR_BOUND, attr_int
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ def _attr_ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     return list(attr.as_ints()) if attr is not None else default
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else default
-
-
 def supported(node: ir.Node) -> bool:
     """Conv (explicit pads, 2-D) and Gemm/MatMul on a rank-2 weight, input first."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
@@ -56,7 +51,7 @@ def supported(node: ir.Node) -> bool:
         auto_pad = node.attributes.get("auto_pad")
         return len(weight.shape) == 4 and (auto_pad is None or auto_pad.as_string() == "NOTSET")
     if node.op_type == "Gemm":
-        return not _attr_int(node, "transA", 0) and len(weight.shape) == 2
+        return not attr_int(node, "transA", 0) and len(weight.shape) == 2
     return node.op_type == "MatMul" and len(weight.shape) == 2
 
 
@@ -95,11 +90,12 @@ def input_hessians(
 
 def _patch_bytes(node: ir.Node, x: np.ndarray) -> int:
     """Bytes of one sample's GEMM rows (im2col multiplies a Conv input by its kernel size)."""
-    kernel = int(np.prod(_weight_shape(node)[2:])) if node.op_type == "Conv" else 1
+    kernel = int(np.prod(weight_shape(node)[2:])) if node.op_type == "Conv" else 1
     return int(x[0].size) * 4 * kernel
 
 
-def _weight_shape(node: ir.Node) -> tuple[int, ...]:
+def weight_shape(node: ir.Node) -> tuple[int, ...]:
+    """The static shape of the node's weight (input 1); empty when unknown."""
     shape = node.inputs[1].shape if node.inputs[1] is not None else None
     return tuple(int(d) for d in shape.numpy()) if shape is not None else ()
 
@@ -108,8 +104,8 @@ def _rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
     """The GEMM rows of ``x`` for ``node``: [groups, rows, K]."""
     if node.op_type != "Conv":
         return x.reshape(1, -1, x.shape[-1])
-    kh, kw = _weight_shape(node)[2:4]
-    groups = _attr_int(node, "group", 1)
+    kh, kw = weight_shape(node)[2:4]
+    groups = attr_int(node, "group", 1)
     sh, sw = _attr_ints(node, "strides", [1, 1])
     dh, dw = _attr_ints(node, "dilations", [1, 1])
     top, left, bottom, right = _attr_ints(node, "pads", [0, 0, 0, 0])
@@ -220,7 +216,7 @@ def round_weights(
             continue
         q = stored.const_value.numpy()
         transposed = node.op_type == "MatMul" or (
-            node.op_type == "Gemm" and not _attr_int(node, "transB", 0)
+            node.op_type == "Gemm" and not attr_int(node, "transB", 0)
         )
         w = w_float.numpy().T if transposed else w_float.numpy()
         rows = w.reshape(w.shape[0], -1)
@@ -248,7 +244,7 @@ def _row_params(
     )
     if scale.size == 1:
         return np.full(rows, scale.item()), np.full(rows, zero.item())
-    axis = _attr_int(dq, "axis", 1) % ndim
+    axis = attr_int(dq, "axis", 1) % ndim
     row_axis = 1 if transposed else 0
     if axis != row_axis:
         raise ValueError(f"{dq.name}: per-axis weight scales on axis {axis}, not the output axis")

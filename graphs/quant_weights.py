@@ -33,9 +33,43 @@ PAIR_BOUND = 127
 """``|q_k| + |q_k+1| <= 127 + 1`` after rounding; ``255 * 128`` fits int16."""
 
 
-def _attr(node: ir.Node, name: str, default: int) -> int:
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    """An integer attribute of ``node``, or ``default``."""
     attr = node.attributes.get(name)
     return int(attr.as_int()) if attr is not None else default
+
+
+def weight_layout(node: ir.Node, shape: Sequence[int]) -> str | None:
+    """How ORT's U8S8 kernels pair a node's weights (``shape``) along the GEMM's ``k``.
+
+    ``depthwise``: MLAS accumulates in int32, nothing saturates. ``paired``: neighbouring
+    ``k`` are known (Gemm, 1x1 convs: input channels). ``unpaired``: the ``k`` order is not
+    known (other convs), so any two weights may be neighbours. None: not covered (MatMul).
+    """
+    if node.op_type == "Gemm":
+        return "paired"
+    if node.op_type != "Conv":
+        return None
+    if shape[1] == 1 and attr_int(node, "group", 1) > 1:
+        return "depthwise"
+    return "paired" if all(d == 1 for d in shape[2:]) else "unpaired"
+
+
+def integer_limits(
+    node: ir.Node, shape: Sequence[int], safe: bool, reduce_range: bool
+) -> tuple[tuple[int, int], bool]:
+    """The integer range of a node's int8 weights and whether its ``k`` pairs are bounded.
+
+    The ranges :func:`saturation_safe_ranges` chose, as integers: 7 bits with
+    ``reduce_range`` and for unpaired convs, 8 bits with the pair bound for paired weights,
+    plain 8 bits for depthwise convs and where the ranges do not apply.
+    """
+    if reduce_range:
+        return (-64, 64), False
+    layout = weight_layout(node, shape) if safe else None
+    if layout == "unpaired":
+        return (-64, 64), False
+    return (-127, 127), layout == "paired"
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -58,14 +92,12 @@ def saturation_safe_ranges(model: ir.Model) -> dict[str, tuple[int, list[float]]
         w = _const(weight)
         if w is None or weight is None or weight.name is None or w.ndim < 2:
             continue
-        if node.op_type == "Conv":
-            if w.shape[1] == 1 and _attr(node, "group", 1) > 1:
-                continue  # depthwise: MLAS accumulates in int32
-            axis, rows = 0, w.reshape(w.shape[0], -1)
-            paired = all(d == 1 for d in w.shape[2:])
-        else:
-            axis = 0 if _attr(node, "transB", 0) else 1
-            rows, paired = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), True
+        layout = weight_layout(node, w.shape)
+        if layout == "depthwise":
+            continue  # ORT's default 8 bits
+        axis = 0 if node.op_type == "Conv" or attr_int(node, "transB", 0) else 1
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        paired = layout == "paired"
         out[weight.name] = (axis, [float(r) for r in _pair_range(np.abs(rows), paired)])
     return out
 
@@ -105,7 +137,8 @@ def bias_targets(quantized: ir.Model) -> list[ir.Node]:
             continue
         scales = [node.attributes.get(k) for k in ("alpha", "beta")]
         if node.op_type == "Gemm" and (
-            _attr(node, "transA", 0) or any(a is not None and a.as_float() != 1.0 for a in scales)
+            attr_int(node, "transA", 0)
+            or any(a is not None and a.as_float() != 1.0 for a in scales)
         ):
             continue
         if _const(w.inputs[0]) is not None and _const(b.inputs[0]) is not None:
@@ -155,7 +188,7 @@ def _dequantize(dq: ir.Node) -> np.ndarray:
     zp = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float64)
     if scale.ndim == 1 and scale.size > 1:
         shape = [1] * q.ndim
-        shape[_attr(dq, "axis", 1)] = -1
+        shape[attr_int(dq, "axis", 1)] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return (q - zp) * scale
 
@@ -163,8 +196,8 @@ def _dequantize(dq: ir.Node) -> np.ndarray:
 def _output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """``delta . E[x]`` per output channel of a Conv (any groups) or Gemm."""
     if node.op_type == "Gemm":
-        return delta @ mean if _attr(node, "transB", 0) else mean @ delta
-    groups = _attr(node, "group", 1)
+        return delta @ mean if attr_int(node, "transB", 0) else mean @ delta
+    groups = attr_int(node, "group", 1)
     out_ch, per_group = delta.shape[0], delta.shape[1]
     d = delta.reshape(groups, out_ch // groups, per_group, -1).sum(-1)
     return np.einsum("gok,gk->go", d, mean.reshape(groups, per_group)).reshape(out_ch)
@@ -226,10 +259,10 @@ def keep_float_weights(quantized: ir.Model) -> list[str]:
 def _input_channels(node: ir.Node, weight_shape: Sequence[int]) -> int:
     """Size of axis 1 of the node's input, from its weight's shape."""
     if node.op_type == "Gemm":
-        return int(weight_shape[1] if _attr(node, "transB", 0) else weight_shape[0])
+        return int(weight_shape[1] if attr_int(node, "transB", 0) else weight_shape[0])
     if node.op_type == "ConvTranspose":
         return int(weight_shape[0])
-    return int(weight_shape[1]) * _attr(node, "group", 1)
+    return int(weight_shape[1]) * attr_int(node, "group", 1)
 
 
 def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:

@@ -27,6 +27,7 @@ from onnxpipe.graphs.quant_rounding import (
     round_weights,
     save_hessians,
     supported,
+    weight_shape,
 )
 from onnxpipe.graphs.quant_utils import (
     Feeds,
@@ -42,6 +43,7 @@ from onnxpipe.graphs.quant_weights import (
     bias_targets,
     correct_biases,
     input_means,
+    integer_limits,
     keep_float_weights,
     saturation_safe_ranges,
 )
@@ -219,28 +221,11 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             hessians.update(input_hessians(model, self.calibration, missing))
             if cache is not None:
                 save_hessians(cache, hessians)
-        limits = {n.name or "": self._limits(n, safe) for n in targets}
+        limits = {
+            n.name or "": integer_limits(n, weight_shape(n), safe, self.config.reduce_range)
+            for n in targets
+        }
         return round_weights(result, model, hessians, limits)
-
-    def _limits(self, node: ir.Node, safe: bool) -> tuple[tuple[int, int], bool]:
-        """Integer range of a node's weights and whether neighbouring columns are paired.
-
-        Mirrors the ranges chosen before: 7-bit weights with ``reduce_range``; with
-        saturation-safe ranges, pairs bounded on Gemm and 1x1 convs, 7 bits on other convs
-        of few groups, 8 bits on depthwise convs (their kernel never saturates).
-        """
-        if self.config.reduce_range:
-            return (-64, 64), False
-        if not safe or node.op_type == "MatMul":
-            return (-127, 127), False
-        shape = node.inputs[1].shape  # type: ignore[union-attr]
-        if node.op_type == "Conv":
-            group = node.attributes.get("group")
-            if shape[1] == 1 and group is not None and group.as_int() > 1:  # type: ignore[index]
-                return (-127, 127), False
-            if any(d != 1 for d in shape[2:]):  # type: ignore[index]
-                return (-64, 64), False
-        return (-127, 127), True
 
     def _correct_biases(self, result: ir.Model, model: ir.Model) -> list[str]:
         """Bias correction with input means measured on the calibration feeds (cached)."""

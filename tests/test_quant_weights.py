@@ -152,3 +152,18 @@ def test_nodes_kept_in_float_stay_float_under_ort_optimizations(tmp_path):
     simulated = ort.InferenceSession(quantized, options, providers=["CPUExecutionProvider"])
     want = simulated.run(None, feeds)[0]
     np.testing.assert_allclose(real.run(None, feeds)[0], want, atol=0.02 * np.abs(want).max())
+
+
+def test_integer_limits_follow_the_saturation_safe_layout():
+    from onnxpipe.graphs.quant_weights import integer_limits
+
+    def conv(shape, group=1):
+        return next(iter(_conv_model(np.ones(shape, np.float32), group=group).graph))
+
+    pointwise, spatial = conv((4, 8, 1, 1)), conv((4, 8, 3, 3))
+    depthwise = conv((8, 1, 3, 3), group=8)
+    assert integer_limits(pointwise, (4, 8, 1, 1), True, False) == ((-127, 127), True)
+    assert integer_limits(spatial, (4, 8, 3, 3), True, False) == ((-64, 64), False)
+    assert integer_limits(depthwise, (8, 1, 3, 3), True, False) == ((-127, 127), False)
+    assert integer_limits(spatial, (4, 8, 3, 3), False, False) == ((-127, 127), False)
+    assert integer_limits(pointwise, (4, 8, 1, 1), True, True) == ((-64, 64), False)
