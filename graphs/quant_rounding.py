@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -118,22 +117,6 @@ def _rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
     patches = windows.reshape(n, groups, per_group, oh, ow, kh * kw)
     patches = patches.transpose(1, 0, 3, 4, 2, 5)  # [g, n, oh, ow, c/g, kh*kw]
     return patches.reshape(groups, n * oh * ow, per_group * kh * kw)
-
-
-def load_hessians(path: Path | None) -> dict[str, np.ndarray]:
-    """Hessians saved by :func:`save_hessians` (empty when ``path`` is None or absent)."""
-    if path is None or not path.is_file():
-        return {}
-    with np.load(path) as stored:
-        names = [str(n) for n in stored["names"]]
-        return {name: stored[f"h{i}"] for i, name in enumerate(names)}
-
-
-def save_hessians(path: Path, hessians: dict[str, np.ndarray]) -> None:
-    """Store hessians by node name (node names may hold characters zip members cannot)."""
-    names = list(hessians)
-    arrays = {f"h{i}": hessians[n].astype(np.float32) for i, n in enumerate(names)}
-    np.savez(path, names=np.array(names), **arrays)  # type: ignore[arg-type]
 
 
 def gptq_round(

@@ -102,6 +102,26 @@ def tap_session(model: ir.Model | onnx.ModelProto, tensors: Sequence[str]) -> An
     )
 
 
+def load_arrays(path: Path | None) -> dict[str, np.ndarray]:
+    """Arrays saved by :func:`save_arrays` (empty when ``path`` is None or absent)."""
+    if path is None or not path.is_file():
+        return {}
+    with np.load(path) as stored:
+        names = [str(n) for n in stored["names"]]
+        return {name: stored[f"a{i}"] for i, name in enumerate(names)}
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], dtype: type | None = None) -> None:
+    """Store arrays by name, cast to ``dtype`` when given.
+
+    Names go in an index array: tensor and node names may hold characters zip members cannot.
+    """
+    names = list(arrays)
+    stored = {f"a{i}": arrays[n] if dtype is None else arrays[n].astype(dtype)
+              for i, n in enumerate(names)}  # fmt: skip
+    np.savez(path, names=np.array(names), **stored)  # type: ignore[arg-type]
+
+
 def from_proto(proto: onnx.ModelProto) -> ir.Model:
     """An ``onnx_ir`` model from a ``ModelProto``."""
     return ir.serde.deserialize_model(proto)

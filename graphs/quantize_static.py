@@ -11,7 +11,7 @@ shift that weight rounding causes into each quantized Conv/Gemm's int32 bias.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +23,7 @@ from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
 from onnxpipe.graphs.quant_rounding import (
     input_hessians,
-    load_hessians,
     round_weights,
-    save_hessians,
     supported,
     weight_shape,
 )
@@ -34,8 +32,10 @@ from onnxpipe.graphs.quant_utils import (
     FeedsReader,
     has_vnni,
     is_x86,
+    load_arrays,
     load_from_ort,
     refuse_quantized,
+    save_arrays,
     save_for_ort,
     scratch_dir,
 )
@@ -212,20 +212,38 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         ]
         if not targets or not self.calibration:
             return []
-        cache = (
-            self.calibration_cache.with_suffix(".hessians.npz") if self.calibration_cache else None
+        by_name = {n.name or "": n for n in targets}
+        hessians = self._statistics(
+            ".hessians.npz",
+            list(by_name),
+            lambda names: input_hessians(model, self.calibration, [by_name[n] for n in names]),
+            np.float32,
         )
-        hessians = load_hessians(cache)
-        missing = [n for n in targets if n.name not in hessians]
-        if missing:
-            hessians.update(input_hessians(model, self.calibration, missing))
-            if cache is not None:
-                save_hessians(cache, hessians)
         limits = {
             n.name or "": integer_limits(n, weight_shape(n), safe, self.config.reduce_range)
             for n in targets
         }
         return round_weights(result, model, hessians, limits)
+
+    def _statistics(
+        self,
+        suffix: str,
+        keys: Sequence[str],
+        compute: Callable[[list[str]], dict[str, np.ndarray]],
+        stored_dtype: type | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Calibration statistics by key, cached beside the calibration cache (``suffix``).
+
+        Candidates of ``--auto`` share them: only keys not cached yet are computed.
+        """
+        cache = self.calibration_cache.with_suffix(suffix) if self.calibration_cache else None
+        values = load_arrays(cache)
+        missing = [k for k in keys if k not in values]
+        if missing:
+            values.update(compute(missing))
+            if cache is not None:
+                save_arrays(cache, values, stored_dtype)
+        return values
 
     def _correct_biases(self, result: ir.Model, model: ir.Model) -> list[str]:
         """Bias correction with input means measured on the calibration feeds (cached)."""
@@ -239,16 +257,9 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         )
         if not tensors or not self.calibration:
             return []
-        cache = self.calibration_cache.with_suffix(".means.npz") if self.calibration_cache else None
-        means: dict[str, np.ndarray] = {}
-        if cache is not None and cache.is_file():
-            with np.load(cache) as stored:
-                means = {k: stored[k] for k in stored.files}
-        missing = [t for t in tensors if t not in means]
-        if missing:
-            means.update(input_means(model, self.calibration, missing))
-            if cache is not None:
-                np.savez(cache, **means)  # type: ignore[arg-type]
+        means = self._statistics(
+            ".means.npz", tensors, lambda names: input_means(model, self.calibration, names)
+        )
         done = correct_biases(result, model, means)
         logger.info("quantize_static: bias correction on %d nodes", len(done))
         return done
