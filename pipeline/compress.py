@@ -224,13 +224,14 @@ def _search(
     """
     strict = _with_margin(gates, ctx)
 
-    def measured_for(ratios: dict[str, float], candidate: ir.Model) -> dict[str, Any]:
-        return measure(ratios) if measure is not None else ctx.measure(candidate)
+    def measured_for(ratios: dict[str, float], candidate: ir.Model | None = None) -> dict:
+        if measure is not None:  # builds its own candidates
+            return measure(ratios)
+        return ctx.measure(candidate if candidate is not None else build(ratios)[0])
 
     sensitivity: list[dict[str, Any]] = []
     for unit in units:
-        candidate = build({unit: ratio})[0]
-        measured = measured_for({unit: ratio}, candidate)
+        measured = measured_for({unit: ratio})
         sensitivity.append({"layer": unit, "ratio": ratio, **_brief(measured, strict)})
     sensitivity.sort(key=lambda row: row["damage"])
     chosen: dict[str, float] = {}
