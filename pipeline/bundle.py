@@ -178,6 +178,7 @@ def versions(framework: str | None = None) -> dict[str, str]:
         ("onnxruntime", "onnxruntime-gpu"),
         ("onnx_ir", "onnx-ir"),
         ("onnxscript", "onnxscript"),
+        ("onnxslim", "onnxslim"),
         ("torch", "torch"),
         ("tensorflow", "tensorflow"),
         ("tf2onnx", "tf2onnx"),

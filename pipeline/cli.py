@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "optimize",
         help="cleanup: constant folding, dedup, ORT offline optimization, transformer fusions",
         description="Fold constants, drop dead and Identity nodes, dedupe initializers "
-        "(onnxscript / onnx_ir passes), run ONNX Runtime's offline optimizer at --level and, "
-        "with --transformer, the fusions of onnxruntime.transformers.optimizer (the maintained "
-        "successor of onnxruntime-tools).",
+        "(onnxscript / onnx_ir passes), with --slim run onnxslim's rewrites, run ONNX "
+        "Runtime's offline optimizer at --level and, with --transformer, the fusions of "
+        "onnxruntime.transformers.optimizer (the maintained successor of onnxruntime-tools).",
     )
     p.add_argument("bundle", type=Path)
     p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "basic", "extended", "all"],
         help="basic keeps standard ONNX ops (any EP); extended adds ORT contrib fusions; all "
         "also bakes this CPU's NCHWc layout in",
+    )
+    p.add_argument(
+        "--slim",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run onnxslim's rewrites before --level (pip install onnxslim; off by "
+        "default: it rarely removes more than --level basic)",
     )
     p.add_argument("--transformer", metavar="TYPE", help="bert, gpt2, bart, vit, ... fusions")
     p.add_argument("--num-heads", type=int, default=0, help="attention heads (0: detect)")
@@ -447,6 +454,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         config = CleanupConfig(
             fold_constants=True,
             level=args.level,
+            slim=args.slim,
             transformer=args.transformer,
             num_heads=args.num_heads,
             hidden_size=args.hidden_size,

@@ -1,8 +1,9 @@
-"""Cleanup: the opset-9 zoo models inside the onnx package, folding, fusions, the CLI."""
+"""Cleanup: the opset-9 zoo models inside the onnx package, folding, onnxslim, fusions, the CLI."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxpipe.errors import InputError
+from onnxpipe.errors import InputError, PassError
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from tests.conftest import model_ref
 from tests.helpers import assert_close, ort_run
@@ -64,6 +65,73 @@ def test_dedup_and_identity_removal_on_a_torch_model(tmp_path):
     assert_close(ref, cleaned, {"x": x}, atol=1e-5)
 
 
+def _unsqueeze_chain() -> ir.Model:
+    """x[n] -> Unsqueeze(axes=[1]) -> Unsqueeze(axes=[2, 3]) -> Relu, and an input nothing reads.
+
+    The onnxscript/onnx_ir passes and ORT (any level) keep both Unsqueezes; onnxslim merges them.
+    """
+    h, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    graph = h.make_graph(
+        [
+            h.make_node("Unsqueeze", ["x", "axes_a"], ["u"]),
+            h.make_node("Unsqueeze", ["u", "axes_b"], ["v"]),
+            h.make_node("Relu", ["v"], ["y"]),
+        ],
+        "unsqueeze_chain",
+        [h.make_tensor_value_info("x", f32, ["n"]), h.make_tensor_value_info("unused", f32, [1])],
+        [h.make_tensor_value_info("y", f32, ["n", 1, 1, 1])],
+        [
+            h.make_tensor("axes_a", onnx.TensorProto.INT64, [1], [1]),
+            h.make_tensor("axes_b", onnx.TensorProto.INT64, [2], [2, 3]),
+        ],
+    )
+    return ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]))
+
+
+def test_slim_merges_an_unsqueeze_chain_the_other_passes_keep():
+    model = _unsqueeze_chain()
+    feeds = {"x": np.linspace(-2, 2, 5, dtype=np.float32), "unused": np.zeros(1, np.float32)}
+    ref = ort_run(model, feeds)
+    plain = CleanupPass(level="extended")(model).model
+    assert [n.op_type for n in plain.graph] == ["Unsqueeze", "Unsqueeze", "Relu"]
+    graph_pass = CleanupPass(level="basic", slim=True)
+    slimmed = graph_pass(model).model
+    assert [n.op_type for n in slimmed.graph] == ["Unsqueeze", "Relu"]
+    steps = graph_pass.metrics["steps"]
+    assert steps[-2:] == ["onnxslim", "onnxruntime offline optimization (basic)"]
+    assert graph_pass.metrics["slim"]["nodes_before"] == 3
+    assert graph_pass.metrics["slim"]["nodes_after"] == 2
+    # onnxslim drops the unread input; the pass puts it back, the bundle's interface holds.
+    assert [(v.name, str(v.shape)) for v in slimmed.graph.inputs] == [
+        ("x", "[n]"),
+        ("unused", "[1]"),
+    ]
+    assert_close(ref, slimmed, feeds, atol=1e-5)
+
+
+def test_slim_on_an_opset9_zoo_model_dedupes_the_weights_it_folds():
+    path = next(p for p in ZOO if p.stem == "light_shufflenet")
+    model = ir.load(path)
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    feeds = {"gpu_0/data_0": x}
+    ref = ort_run(path, feeds)
+    plain, slim = CleanupPass(level="basic"), CleanupPass(level="basic", slim=True)
+    plain(model)
+    slimmed = slim(model).model
+    assert slim.metrics["slim"]["nodes_after"] < slim.metrics["slim"]["nodes_before"]
+    assert slim.metrics["nodes_after"] <= plain.metrics["nodes_after"]
+    assert slim.metrics["initializers_after"] < plain.metrics["initializers_after"]
+    assert [v.name for v in slimmed.graph.inputs] == ["gpu_0/data_0"]
+    assert_close(ref, slimmed, feeds, atol=1e-5)
+
+
+def test_slim_without_onnxslim_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxslim", None)  # import onnxslim -> ImportError
+    with pytest.raises(PassError, match="pip install onnxslim"):
+        CleanupPass(slim=True)(_unsqueeze_chain())
+    CleanupPass(slim=False)(_unsqueeze_chain())  # not needed unless asked for
+
+
 def test_transformer_fusions_need_a_type():
     with pytest.raises(InputError):
         CleanupPass(num_heads=4)
@@ -110,3 +178,17 @@ def test_cli_optimize_writes_a_bundle(cli, tmp_path):
 def test_cli_optimize_bad_level_exits_2(cli, tmp_path):
     code, _, _ = cli("optimize", tmp_path, "-o", tmp_path / "o", "--level", "max")
     assert code == 2
+
+
+def test_cli_optimize_slim_and_its_missing_dependency(cli, mlp_bundle, tmp_path, monkeypatch):
+    code, stdout, stderr = cli("optimize", mlp_bundle, "-o", tmp_path / "slim", "--slim", "--json")
+    assert code == 0, stderr
+    step = json.loads(stdout)["steps"][-1]
+    assert step["config"]["slim"] is True
+    assert "onnxslim" in step["metrics"]["steps"]
+    assert step["metrics"]["slim"]["nodes_after"] <= step["metrics"]["slim"]["nodes_before"]
+    assert step["metrics"]["gate"]["max_abs"] < 1e-5
+    monkeypatch.setitem(sys.modules, "onnxslim", None)
+    code, _, stderr = cli("optimize", mlp_bundle, "-o", tmp_path / "no", "--slim")
+    assert code == 2 and "pip install onnxslim" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "no").exists()
