@@ -92,6 +92,21 @@ class GraphPass(ir.passes.PassBase, Generic[ConfigT]):
             raise PassError(f"pass {self.name!r}: {e}") from e
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy of ``model`` whose weights are all in memory.
+
+    Weights kept as external data are read from their files: a serialize/deserialize copy
+    alone keeps only their relative location and fails when it later reads them.
+    """
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    for name, value in model.graph.initializers.items():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            copy.graph.initializers[name].const_value = ir.tensor(
+                value.const_value.numpy(), name=name
+            )
+    return copy
+
+
 def get_pass(name: str) -> type[GraphPass[Any]]:
     """The pass class registered as ``name`` (built-in or entry point).
 

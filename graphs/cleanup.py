@@ -26,7 +26,7 @@ import onnx_ir.passes.common as common
 from pydantic import Field, model_validator
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class CleanupPass(GraphPass[CleanupConfig]):
         cfg = self.config
         before = op_counts(model)
         inits_before = len(model.graph.initializers)
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # a private copy
+        model = copy_model(model)  # a private copy, weights in memory
         steps: list[str] = []
         if model.ir_version < 4:
             # IR < 4 lists every initializer as a graph input too (the opset-9 zoo models);

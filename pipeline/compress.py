@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from onnxpipe.data import Feeds
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.gate import Gate, gate_metrics
-from onnxpipe.graphs.base import GraphPass
+from onnxpipe.graphs.base import GraphPass, copy_model
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, param_count
@@ -119,10 +119,6 @@ def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[
     return result.model, dict(graph_pass.metrics)
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def _channels(
     model: ir.Model,
     ctx: TransformContext,
@@ -137,7 +133,7 @@ def _channels(
 
     groups = [g for g in find_groups(model) if not g.blocked]
     if not groups:
-        probe(_copy(model))  # raises PassError naming why every group is blocked
+        probe(copy_model(model))  # raises PassError naming why every group is blocked
     inputs = collect_inputs(model, groups, ctx.eval_feeds) if real_data else {}
 
     def build(
@@ -146,7 +142,7 @@ def _channels(
         graph_pass = PruneChannelsPass(
             ratio=settings.ratio, ratios=ratios, criterion=criterion, inputs=stats
         )
-        return _apply(graph_pass, _copy(model))
+        return _apply(graph_pass, copy_model(model))
 
     if not gates:
         pruned, metrics = build(None)
@@ -195,7 +191,7 @@ def _lowrank(
         return pruned, {"pass": metrics}
     units = [w.name or "" for _, w in factorable(model, probe.config.min_elements)]
     if not units:
-        probe(_copy(model))  # raises PassError: nothing to factor
+        probe(copy_model(model))  # raises PassError: nothing to factor
     shapes = {w.name: w.const_value.numpy().shape for _, w in factorable(model, 1)}  # type: ignore[union-attr]
 
     def build(ratios: dict[str, float] | None) -> tuple[ir.Model, dict[str, Any]]:
@@ -203,7 +199,7 @@ def _lowrank(
         for name, ratio in (ratios or {}).items():
             k, n = shapes[name]
             ranks[name] = max(1, math.floor((1 - ratio) * k * n / (k + n)))
-        return _apply(LowRankPass(ratio=settings.ratio, ranks=ranks), _copy(model))
+        return _apply(LowRankPass(ratio=settings.ratio, ranks=ranks), copy_model(model))
 
     return _search(units, settings.ratio, build, ctx, gates, "svd")
 
