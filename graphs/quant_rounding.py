@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxpipe.graphs.quant_utils import Feeds, tap_session
+from onnxpipe.graphs.quant_utils import Feeds, first_samples, tap_session
 from onnxpipe.graphs.quant_weights import PAIR_BOUND, attr_int
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,7 @@ def input_hessians(
     session = tap_session(model, tensors)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    seen = 0
-    for feed in feeds:
-        if seen >= MAX_SAMPLES:
-            break
-        take = MAX_SAMPLES - seen
-        feed = {k: v[:take] for k, v in feed.items()}
-        seen += len(next(iter(feed.values())))
+    for feed in first_samples(feeds, MAX_SAMPLES):
         values = dict(zip(tensors, session.run(tensors, feed), strict=True))
         for node in nodes:
             x = np.asarray(values[node.inputs[0].name or ""], np.float32)  # type: ignore[union-attr]

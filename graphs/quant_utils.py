@@ -79,6 +79,19 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
+def first_samples(feeds: Sequence[Feeds], samples: int) -> list[dict[str, np.ndarray]]:
+    """The leading batches of ``feeds`` cut to ``samples`` samples in all."""
+    out: list[dict[str, np.ndarray]] = []
+    seen = 0
+    for feed in feeds:
+        if seen >= samples:
+            break
+        cut = {k: v[: samples - seen] for k, v in feed.items()}
+        seen += len(next(iter(cut.values())))
+        out.append(cut)
+    return out
+
+
 def tap_session(model: ir.Model | onnx.ModelProto, tensors: Sequence[str]) -> Any:
     """An ORT CPU session on ``model`` that also returns the intermediate ``tensors``.
 

@@ -72,7 +72,8 @@ def integer_limits(
     return (-127, 127), layout == "paired"
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The array of a constant value, None for a computed one."""
     if value is None or value.const_value is None:
         return None
     return value.const_value.numpy()
@@ -89,7 +90,7 @@ def saturation_safe_ranges(model: ir.Model) -> dict[str, tuple[int, list[float]]
         if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
-        w = _const(weight)
+        w = constant(weight)
         if w is None or weight is None or weight.name is None or w.ndim < 2:
             continue
         layout = weight_layout(node, w.shape)
@@ -120,10 +121,15 @@ def input_means(model: ir.Model, feeds: Sequence[Feeds], tensors: Sequence[str])
     counts: dict[str, int] = {}
     for feed in feeds:
         for name, value in zip(tensors, session.run(list(tensors), dict(feed)), strict=True):
-            v = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1)
-            sums[name] = sums.get(name, 0) + v.sum(1)
-            counts[name] = counts.get(name, 0) + v.shape[1]
+            sums[name] = sums.get(name, 0) + channel_mean(value) * len(value)
+            counts[name] = counts.get(name, 0) + len(value)
     return {name: sums[name] / counts[name] for name in tensors}
+
+
+def channel_mean(value: np.ndarray) -> np.ndarray:
+    """Mean per channel (axis 1) of one batch, every other axis averaged."""
+    v = np.moveaxis(np.asarray(value, np.float64), 1, 0)
+    return v.reshape(v.shape[0], -1).mean(1)
 
 
 def bias_targets(quantized: ir.Model) -> list[ir.Node]:
@@ -141,7 +147,7 @@ def bias_targets(quantized: ir.Model) -> list[ir.Node]:
             or any(a is not None and a.as_float() != 1.0 for a in scales)
         ):
             continue
-        if _const(w.inputs[0]) is not None and _const(b.inputs[0]) is not None:
+        if constant(w.inputs[0]) is not None and constant(b.inputs[0]) is not None:
             found.append(node)
     return found
 
@@ -160,7 +166,7 @@ def correct_biases(
         source = floats.get(node.name)
         if source is None or source.inputs[0] is None or source.inputs[0].name not in means:
             continue
-        w_float = _const(source.inputs[1])
+        w_float = constant(source.inputs[1])
         if w_float is None:
             continue
         w_dq, b_dq = (v.producer() for v in node.inputs[1:3])  # type: ignore[union-attr]
@@ -170,7 +176,7 @@ def correct_biases(
         bias_value = b_dq.inputs[0]
         assert bias_value is not None and bias_value.const_value is not None
         q_bias = bias_value.const_value.numpy().astype(np.int64)
-        scale = np.asarray(_const(b_dq.inputs[1]), np.float64)
+        scale = np.asarray(constant(b_dq.inputs[1]), np.float64)
         fixed = q_bias - np.round(shift / np.where(scale == 0, 1, scale)).astype(np.int64)
         info = np.iinfo(np.int32)
         bias_value.const_value = ir.tensor(
@@ -182,9 +188,9 @@ def correct_biases(
 
 
 def _dequantize(dq: ir.Node) -> np.ndarray:
-    q = np.asarray(_const(dq.inputs[0]), np.float64)
-    scale = np.asarray(_const(dq.inputs[1]), np.float64)
-    zero = _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    q = np.asarray(constant(dq.inputs[0]), np.float64)
+    scale = np.asarray(constant(dq.inputs[1]), np.float64)
+    zero = constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
     zp = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float64)
     if scale.ndim == 1 and scale.size > 1:
         shape = [1] * q.ndim
@@ -225,7 +231,7 @@ def keep_float_weights(quantized: ir.Model) -> list[str]:
             continue
         if weight.const_value.dtype != ir.DataType.FLOAT or dq.op_type != "DequantizeLinear":
             continue
-        scale, zero = _const(dq.inputs[1]), _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        scale, zero = constant(dq.inputs[1]), constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
         if scale is None or scale.size != 1 or source is None:
             continue
         channels = _input_channels(node, weight.const_value.shape.numpy())

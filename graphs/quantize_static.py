@@ -21,6 +21,8 @@ from pydantic import Field
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.empirical_bias import MAX_SAMPLES as EMPIRICAL_SAMPLES
+from onnxpipe.graphs.empirical_bias import correct_biases_empirically, measured_tensors
 from onnxpipe.graphs.quant_rounding import (
     input_hessians,
     round_weights,
@@ -30,6 +32,7 @@ from onnxpipe.graphs.quant_rounding import (
 from onnxpipe.graphs.quant_utils import (
     Feeds,
     FeedsReader,
+    first_samples,
     has_vnni,
     is_x86,
     load_arrays,
@@ -88,6 +91,11 @@ class QuantizeStaticConfig(PassConfig):
     bias_correction: bool = Field(
         default=True,
         description="fold the output mean shift of weight rounding into int32 biases (QDQ)",
+    )
+    empirical_bias: bool = Field(
+        default=True,
+        description="then fold the output mean shift measured layer by layer on calibration "
+        "data (what activation quantization adds) into int32 biases (QDQ)",
     )
     rounding: Literal["nearest", "gptq"] = Field(
         default="gptq",
@@ -182,6 +190,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         rounded = self._round_weights(result, model, safe) if cfg.rounding == "gptq" else []
         corrected = self._correct_biases(result, model) if cfg.bias_correction else []
         kept_float = keep_float_weights(result)
+        measured = self.correct_empirically(result, model) if cfg.empirical_bias else []
         quant = sum(1 for n in result.graph if n.op_type in ("QuantizeLinear", "QLinearConv"))
         self.metrics = {
             "activation_type": activation,
@@ -194,6 +203,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             "rounding": cfg.rounding,
             "gptq_rounded_nodes": len(rounded),
             "bias_corrected_nodes": len(corrected),
+            "empirical_bias_nodes": len(measured),
             "float_weight_nodes": kept_float,
         }
         logger.info("quantize_static: %s, %d quantize nodes", cfg.model_dump(), quant)
@@ -262,6 +272,25 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         )
         done = correct_biases(result, model, means)
         logger.info("quantize_static: bias correction on %d nodes", len(done))
+        return done
+
+    def correct_empirically(self, result: ir.Model, model: ir.Model) -> list[str]:
+        """Empirical bias correction of ``result`` (quantized from ``model``), in place.
+
+        Measured on the first calibration samples; the float means are cached. Returns the
+        corrected nodes (see :mod:`onnxpipe.graphs.empirical_bias`).
+        """
+        targets = measured_tensors(result, model)
+        if not targets or not self.calibration:
+            return []
+        feeds = first_samples(self.calibration, EMPIRICAL_SAMPLES)
+        means = self._statistics(
+            ".output-means.npz",
+            sorted({t.reference for t in targets}),
+            lambda names: input_means(model, feeds, names),
+        )
+        done = correct_biases_empirically(result, feeds, means, targets)
+        logger.info("quantize_static: empirical bias correction on %d nodes", len(done))
         return done
 
 

@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "to nearest",
     )
     p.add_argument(
+        "--no-empirical-bias",
+        dest="empirical_bias",
+        action="store_false",
+        help="static QDQ: skip the bias correction measured layer by layer on the calibration "
+        "data (about 30 s on EfficientNet-Lite0; it lowered KL by a third there)",
+    )
+    p.add_argument(
         "--smooth-alpha",
         type=float,
         default=0.7,
@@ -426,6 +433,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         method=args.method,
         per_channel=args.per_channel,
         rounding=args.rounding,
+        empirical_bias=args.empirical_bias,
         smooth_alpha=args.smooth_alpha,
         format=args.format,
         exclude=tuple(args.exclude),

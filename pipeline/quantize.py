@@ -53,6 +53,10 @@ class QuantizeSettings(BaseModel):
         default="gptq",
         description="int8 weight rounding (static QDQ): error-compensating or nearest",
     )
+    empirical_bias: bool = Field(
+        default=True,
+        description="static QDQ: bias correction measured layer by layer on the calibration data",
+    )
     format: Literal["qdq", "qop"] = Field(default="qdq", description="QDQ or QOperator (static)")
     exclude: tuple[str, ...] = Field(default=(), description="node names or op types kept in float")
     auto: bool = Field(
@@ -184,6 +188,7 @@ def _quantize(
             method=s.method,
             exclude=s.exclude,
             rounding=s.rounding,
+            empirical_bias=s.empirical_bias,
         )
         result, metrics = _apply(static, model)
     return result, {"preprocess": pre.metrics, "calibration_batches": len(calib), **metrics}
