@@ -163,21 +163,29 @@ def working_directory(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def save_for_ort(model: ir.Model, path: Path) -> Path:
-    """Save ``model`` where an ORT tool reads it, weights external when over 2 GB.
+def plain_initializers(proto: onnx.ModelProto) -> None:
+    """Drop initializers from the graph inputs, in place (IR 4 or newer where needed).
 
-    Graph inputs that are also initializers (old exporters list every weight as an input;
-    the onnx zoo models do) are saved as plain initializers: ORT's optimizer folds some of
-    them away but keeps the input, which then becomes a required feed, and the quantization
-    tools fail on it. A user overriding weights at run time is not a quantization use.
+    Old exporters list every weight as a graph input too (IR 3; the onnx zoo models do).
+    ORT's optimizer folds or shares some of them but keeps the input, which then becomes a
+    required feed: quantization tools fail on it and an ORT-format model asks for it. A user
+    overriding weights at run time is not a use an optimized or mobile model serves.
     """
-    proto = to_proto(model)
     constants = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in constants]
     if len(inputs) != len(proto.graph.input):
         del proto.graph.input[:]
         proto.graph.input.extend(inputs)
         proto.ir_version = max(proto.ir_version, 4)  # IR 3 required initializers as inputs
+
+
+def save_for_ort(model: ir.Model, path: Path) -> Path:
+    """Save ``model`` where an ORT tool reads it, weights external when over 2 GB.
+
+    Weight graph inputs are saved as plain initializers (:func:`plain_initializers`).
+    """
+    proto = to_proto(model)
+    plain_initializers(proto)
     large = proto.ByteSize() > 1_800_000_000
     onnx.save_model(proto, str(path), save_as_external_data=large)
     return path

@@ -37,6 +37,7 @@ from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import parity_feeds
 from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.graphs.quant_utils import plain_initializers
 from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE
 from onnxpipe.parity import measure_parity
 from onnxpipe.runtime import ORT_ERRORS
@@ -228,6 +229,7 @@ def package_mobile(
     check_mobile_ops(model, bundle / MODEL_FILE)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-mobile-") as scratch:
         source = Path(scratch) / MODEL_FILE
+        plain_initializers(model)
         if fixed:
             for name, dims in fixed.items():
                 make_input_shape_fixed(model.graph, name, dims)

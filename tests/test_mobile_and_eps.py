@@ -126,3 +126,43 @@ def test_cuda_validation_on_a_gpu_machine(bundle, cli):
     results = json.loads(out)
     assert code == 0 and results["cuda"]["status"] == "passed"
     assert results["cuda"]["providers"][0] == "CUDAExecutionProvider"
+
+
+def test_package_ir3_model_with_weight_inputs(cli, tmp_path):
+    # The onnx zoo layout (IR 3: every initializer is also a graph input) with two identical
+    # shape initializers: ORT's optimizer shares them and then wanted one as a required feed.
+    def shape(name):
+        return helper.make_tensor(name, onnx.TensorProto.INT64, [2], [4, 4])
+
+    half = helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["w1_shape"], ["w1"], value=half),
+            helper.make_node("ConstantOfShape", ["w2_shape"], ["w2"], value=half),
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        ],
+        "zoo_like",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("w1_shape", onnx.TensorProto.INT64, [2]),
+            helper.make_tensor_value_info("w2_shape", onnx.TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [shape("w1_shape"), shape("w2_shape")],
+    )
+    source = tmp_path / "zoo.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3),
+              source)  # fmt: skip
+    bundle = tmp_path / "b"
+    assert cli("convert", source, "-o", bundle, "--no-bench")[0] == 0
+    out = tmp_path / "m"
+    code, _, err = cli("package", bundle, "-o", out, "--target", "mobile")
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["validation"]["mobile"]["status"] == (
+        "passed"
+    )
+    session = ort.InferenceSession(str(out / "mobile" / "model.ort"))
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    x = np.ones((1, 4), np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], np.full((1, 4), 4.0), rtol=1e-6)
