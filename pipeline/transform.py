@@ -125,11 +125,13 @@ def derive_bundle(
         ctx = TransformContext(
             bundle, manifest, inputs, eval_feeds(bundle, inputs, eval_data), Path(scratch)
         )
-        model, metrics = transform(load_bundle_model(bundle), ctx)
-        candidate = ctx.save(model, "result")
-        gate = ctx.measure(candidate)
-        metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
+        metrics: dict[str, Any] = {}
         try:
+            # A gated search inside the transform fails here too, before the final check.
+            model, metrics = transform(load_bundle_model(bundle), ctx)
+            candidate = ctx.save(model, "result")
+            gate = ctx.measure(candidate)
+            metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
             enforce(gates, gate, step_name)
         except GateFailed as e:
             report = out.parent / f"{out.name}.failed.json"
@@ -139,7 +141,7 @@ def derive_bundle(
                     "failed_step": step_name,
                     "error": str(e),
                     "config": step_config.model_dump(mode="json"),
-                    "metrics": metrics,
+                    "metrics": metrics or e.metrics,
                 },
             )
             raise GateFailed(

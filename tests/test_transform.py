@@ -85,3 +85,15 @@ def test_failed_gate_writes_nothing_but_the_numbers(source, tmp_path):
     assert not (tmp_path / "out").exists()
     report = json.loads((tmp_path / "out.failed.json").read_text())
     assert report["metrics"]["gate"]["top1"] < 0.9
+
+
+def test_gate_failed_inside_the_transform_writes_the_numbers_too(source, tmp_path):
+    # A gated search (prune --gate) fails inside the transform, before the final gate check.
+    def search(model: ir.Model, ctx):
+        raise GateFailed("no setting meets top1>=0.9", metrics={"best": {"top1": 0.5}})
+
+    with pytest.raises(GateFailed, match=r"Nothing was written at .*out\.failed\.json"):
+        derive_bundle(source, tmp_path / "out", "search", PassConfig(), search, bench_runs=5)
+    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out.failed.json").read_text())
+    assert report["failed_step"] == "search" and report["metrics"]["best"]["top1"] == 0.5
