@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
+from onnxpipe.errors import GateFailed
 from onnxpipe.steps import StepConfig, Work
 
 Derive = Callable[[Path, Path], dict[str, Any]]
@@ -67,7 +68,12 @@ class DerivedStep(StepConfig):
             src, out = Path(tmp) / "in", Path(tmp) / "out"
             shutil.copytree(work.dir, src)
             finalize(Work(dir=src, manifest=dict(work.manifest), inputs=work.inputs))
-            manifest = self.derive()(src, out)
+            try:
+                manifest = self.derive()(src, out)
+            except GateFailed as e:
+                # The command's message names its report in this temp dir, about to vanish;
+                # the recipe writes its own report from these metrics.
+                raise GateFailed(str(e.__cause__ or e), e.metrics) from e
             for item in work.dir.iterdir():
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
             for item in out.iterdir():

@@ -135,18 +135,17 @@ def derive_bundle(
             enforce(gates, gate, step_name)
         except GateFailed as e:
             report = out.parent / f"{out.name}.failed.json"
+            numbers = metrics or e.metrics
             write_json_atomic(
                 report,
                 {
                     "failed_step": step_name,
                     "error": str(e),
                     "config": step_config.model_dump(mode="json"),
-                    "metrics": metrics or e.metrics,
+                    "metrics": numbers,
                 },
             )
-            raise GateFailed(
-                f"{e} Nothing was written at {out}; numbers: {report}", e.metrics
-            ) from e
+            raise GateFailed(f"{e} Nothing was written at {out}; numbers: {report}", numbers) from e
         metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs))
         with atomic_dir(out) as tmp:
             save_model(model, tmp)

@@ -77,6 +77,12 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
     assert not out.exists()
     report = json.loads((tmp_path / "out.failed.json").read_text())
     assert report["failed_step"] == "prune"
+    # The message names the recipe's report, not the step's own, deleted with its temp dir.
+    assert "onnxpipe-prune-" not in err and str(tmp_path / "out.failed.json") in err
+    # The report keeps the step's measurements (search tables, gate), as the command's does.
+    assert {"best", "sensitivity"} <= set(report["metrics"]) or "gates" in report["metrics"].get(
+        "gate", {}
+    )
 
 
 @pytest.mark.parametrize(
