@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -56,6 +57,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from others
         yield tmp
         old = None
         if out.exists():
@@ -74,6 +76,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp's 0600 would replace the file's own mode (or the umask's, for a new file).
+        mode = path.stat().st_mode if path.exists() else 0o666 & ~_umask()
+        os.fchmod(fd, stat.S_IMODE(mode))
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -81,6 +86,13 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -1,6 +1,8 @@
 """The CLI end to end: bundle contents, exit codes, bad input, validate/bench/run."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,20 @@ def test_bundle_holds_what_the_contract_says(bundle):
     assert not (bundle / "model.onnx.data").exists()
     assert (bundle / "report.html").read_text().startswith("<!doctype html>")
     assert not any(p.name.startswith(".") for p in bundle.parent.iterdir())
+
+
+def test_bundle_permissions_follow_the_umask(bundle, cli):
+    # A handoff bundle is read by other users (a model server, CI): temp-file modes (0700
+    # dir, 0600 manifest) must not leak into it, nor into a manifest that validate rewrites.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask
+    for path in bundle.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    (bundle / "manifest.json").chmod(0o640)
+    assert cli("validate", bundle)[0] == 0
+    assert stat.S_IMODE((bundle / "manifest.json").stat().st_mode) == 0o640
+    (bundle / "manifest.json").chmod(0o666 & ~umask)
 
 
 def test_bundle_model_matches_torch_at_unseen_batches(bundle):
