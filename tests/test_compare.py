@@ -145,3 +145,56 @@ def test_compare_refuses_mismatched_models(cli, tmp_path):
     cli("convert", tmp_path / "cnn.pt", "-o", tmp_path / "b", "--input", spec, "--no-bench")
     code, _, err = cli("compare", tmp_path / "a", tmp_path / "b")
     assert code == 2 and "rank" in err
+
+
+def test_parameter_count_counts_quantized_weights_not_their_scales():
+    # An int8 or int4 model has the parameters of its float original: the integer weights
+    # count, the scales and zero points that dequantize them do not.
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper, numpy_helper
+
+    from onnxpipe.compare import parameter_count
+
+    def model(nodes, inits, domain_opset=()):
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+            [numpy_helper.from_array(v, k) for k, v in inits.items()],
+        )
+        opsets = [helper.make_opsetid("", 21), *domain_opset]
+        return ir.from_proto(helper.make_model(graph, opset_imports=opsets))
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    bias = np.ones(8, np.float32)
+    fp32 = model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        {"w": w, "b": bias},
+    )
+    qdq = model(
+        [
+            helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["w"], axis=1),
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            # A quantized embedding table (dynamic mode): rows gathered, then dequantized.
+            helper.make_node("Gather", ["tq", "ids"], ["rows"]),
+            helper.make_node("DequantizeLinear", ["rows", "ts", "tzp"], ["b"]),
+            helper.make_node("Add", ["h", "b"], ["y"]),
+        ],
+        {"wq": w.astype(np.int8), "s": np.ones(8, np.float32), "zp": np.zeros(8, np.int8),
+         "tq": np.zeros((10, 8), np.uint8), "ids": np.array(3, np.int64),
+         "ts": np.array(1.0, np.float32), "tzp": np.array(0, np.uint8)},
+    )  # fmt: skip
+    int4 = model(
+        [
+            helper.make_node("MatMulNBits", ["x", "B", "scales", "", "", "b"], ["y"],
+                             domain="com.microsoft", K=64, N=8, bits=4, block_size=32),
+        ],
+        {"B": np.zeros((8, 2, 16), np.uint8), "scales": np.ones(16, np.float32), "b": bias},
+        (helper.make_opsetid("com.microsoft", 1),),
+    )  # fmt: skip
+    assert parameter_count(fp32) == 64 * 8 + 8
+    assert parameter_count(qdq) == 64 * 8 + 10 * 8
+    assert parameter_count(int4) == 64 * 8 + 8
