@@ -41,7 +41,12 @@ class BenchConfig:
 def bench_model(
     model: Path, inputs: Sequence[dict[str, Any]], config: BenchConfig
 ) -> list[dict[str, Any]]:
-    """One record per (ep, batch, threads), with the manifest ``bench`` keys."""
+    """One record per (ep, batch, threads), with the manifest ``bench`` keys.
+
+    Raises:
+        InputError: a batch size the model's fixed batch dim cannot take.
+    """
+    _check_batches(model, inputs, config.batches)
     records = []
     for ep in config.eps:
         for batch in config.batches:
@@ -58,6 +63,21 @@ def bench_model(
                 }
                 records.append(_run_worker(request))
     return records
+
+
+def _check_batches(model: Path, inputs: Sequence[dict[str, Any]], batches: Sequence[int]) -> None:
+    shapes = [s["shape"] for s in inputs if s["shape"]]
+    if not shapes or any(isinstance(shape[0], str) for shape in shapes):
+        return
+    fixed = shapes[0][0]
+    wrong = [b for b in batches if b not in (1, fixed)]  # 1: the model's own batch
+    if wrong:
+        signature = ", ".join(f"{s['name']}{s['shape']}" for s in inputs)
+        raise InputError(
+            f"{model}: --batch {wrong[0]} cannot run: the batch dim is fixed at {fixed} "
+            f"({signature}). Bench at --batch {fixed}, or convert again with a symbolic batch "
+            "dim (e.g. --input name:float32[batch,...])."
+        )
 
 
 def _run_worker(request: dict[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,11 @@ def run(request: dict) -> dict:
     """Time ``runs`` inferences after ``warmup``; latency percentiles, throughput, RSS."""
     specs = [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in request["inputs"]]
     batch = int(request["batch"])
+    # The batch sets the symbols on axis 0 only; a fixed-batch model keeps its batch and its
+    # other symbols (sequence lengths) their usual size.
+    batch_axes = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)}
     sizes = {
-        sym: (batch if i == 0 else 8)
-        for i, sym in enumerate(dict.fromkeys(sym for spec in specs for sym in spec.symbols))
+        sym: (batch if sym in batch_axes else 8) for spec in specs for sym in spec.symbols
     }
     feeds = random_feeds(specs, sizes, seed=0)
     start = time.perf_counter()
@@ -57,6 +59,7 @@ def run(request: dict) -> dict:
         "throughput_per_s": float(real_batch * 1000.0 / np.median(lat)),
         "session_create_ms": create_ms,
         "peak_rss_mb": peak_rss_mb(),
+        "shapes": {name: list(array.shape) for name, array in feeds.items()},
         # At most 200 per-run timings, evenly spaced, for the report's distribution plot.
         "samples_ms": [round(float(t), 4) for t in lat[:: max(1, len(lat) // 200)][:200]],
     }

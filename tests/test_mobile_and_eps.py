@@ -166,3 +166,24 @@ def test_package_ir3_model_with_weight_inputs(cli, tmp_path):
     assert [i.name for i in session.get_inputs()] == ["x"]
     x = np.ones((1, 4), np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], np.full((1, 4), 4.0), rtol=1e-6)
+
+
+def test_bench_fixed_batch_model_measures_what_it_says(cli, tmp_path):
+    # Batch fixed to 1, sequence dynamic (a transformer exported at batch 1): --batch must not
+    # set the sequence length, and a batch the model cannot take is refused, not relabelled.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "seq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "seq"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "seq"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "seq.onnx")  # fmt: skip
+    bundle = tmp_path / "b"
+    assert cli("convert", tmp_path / "seq.onnx", "-o", bundle, "--no-bench")[0] == 0
+    code, out, err = cli("bench", bundle, "--batch", "1", "--runs", "3", "--json")
+    assert code == 0, err
+    (record,) = json.loads(out)
+    assert record["batch"] == 1 and record["shapes"] == {"x": [1, 8]}
+    code, out, err = cli("bench", bundle, "--batch", "1,4", "--runs", "3", "--json")
+    assert code == 2 and out == "" and "--batch 4" in err and "x" in err
