@@ -36,6 +36,16 @@ EP_PROVIDERS = {
     "nnapi": "NnapiExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
 }
+# Where each EP's ORT build is: a wrong hint (onnxruntime-gpu for NNAPI) sends users astray.
+EP_INSTALL = {
+    "cuda": "install onnxruntime-gpu instead of onnxruntime",
+    "tensorrt": "install onnxruntime-gpu instead of onnxruntime (with TensorRT libraries)",
+    "xnnpack": "XNNPACK is in ORT's Android and iOS packages and in builds with --use_xnnpack",
+    "nnapi": "NNAPI exists only on Android (the onnxruntime-android package); onnxpipe package "
+    "--target mobile reports the NNAPI partitions meanwhile",
+    "coreml": "CoreML exists only on macOS and iOS (the onnxruntime wheel for macOS has it); "
+    "onnxpipe package --target mobile reports the CoreML partitions meanwhile",
+}
 
 
 class ProviderUnavailable(Exception):
@@ -59,7 +69,7 @@ def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort
     if provider not in available:
         raise ProviderUnavailable(
             f"{provider} is not in this onnxruntime build ({ort.__version__}, providers: "
-            f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
+            f"{', '.join(available)}); {EP_INSTALL.get(options.ep, 'see its ORT docs')}"
         )
     so = ort.SessionOptions()
     if options.threads:

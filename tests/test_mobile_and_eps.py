@@ -61,6 +61,9 @@ def test_validate_mobile_without_package_is_unavailable(bundle, cli):
     assert results["mobile"]["status"] == "unavailable" and "package" in results["mobile"]["reason"]
     for ep in ("xnnpack", "nnapi", "coreml"):
         assert results[ep]["status"] == "unavailable"
+        # onnxruntime-gpu has none of these; the reason says where they do exist.
+        assert "onnxruntime-gpu" not in results[ep]["reason"]
+    assert "Android" in results["nnapi"]["reason"] and "macOS" in results["coreml"]["reason"]
 
 
 @pytest.mark.parametrize(
