@@ -121,15 +121,10 @@ def input_means(model: ir.Model, feeds: Sequence[Feeds], tensors: Sequence[str])
     counts: dict[str, int] = {}
     for feed in feeds:
         for name, value in zip(tensors, session.run(list(tensors), dict(feed)), strict=True):
-            sums[name] = sums.get(name, 0) + channel_mean(value) * len(value)
-            counts[name] = counts.get(name, 0) + len(value)
+            v = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1)
+            sums[name] = sums.get(name, 0) + v.sum(1)
+            counts[name] = counts.get(name, 0) + v.shape[1]
     return {name: sums[name] / counts[name] for name in tensors}
-
-
-def channel_mean(value: np.ndarray) -> np.ndarray:
-    """Mean per channel (axis 1) of one batch, every other axis averaged."""
-    v = np.moveaxis(np.asarray(value, np.float64), 1, 0)
-    return v.reshape(v.shape[0], -1).mean(1)
 
 
 def bias_targets(quantized: ir.Model) -> list[ir.Node]:

@@ -22,7 +22,11 @@ from pydantic import Field
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
 from onnxpipe.graphs.empirical_bias import MAX_SAMPLES as EMPIRICAL_SAMPLES
-from onnxpipe.graphs.empirical_bias import correct_biases_empirically, measured_tensors
+from onnxpipe.graphs.empirical_bias import (
+    correct_biases_empirically,
+    measured_tensors,
+    sample_means,
+)
 from onnxpipe.graphs.quant_rounding import (
     input_hessians,
     round_weights,
@@ -41,6 +45,7 @@ from onnxpipe.graphs.quant_utils import (
     save_arrays,
     save_for_ort,
     scratch_dir,
+    tap_session,
 )
 from onnxpipe.graphs.quant_weights import (
     bias_targets,
@@ -287,7 +292,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         means = self._statistics(
             ".output-means.npz",
             sorted({t.reference for t in targets}),
-            lambda names: input_means(model, feeds, names),
+            lambda names: sample_means(tap_session(model, names), names, feeds),
         )
         done = correct_biases_empirically(result, feeds, means, targets)
         logger.info("quantize_static: empirical bias correction on %d nodes", len(done))
