@@ -386,7 +386,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         results, failed = validate_existing(args.bundle, eps, require, args.data, args.atol)
     _emit(args, results, [validation_table(results)])
     if failed:
-        err.print(f"[red]validation failed:[/red] {escape(failed)}", soft_wrap=True)
+        err.print(f"[bold red]onnxpipe: gate failed:[/bold red] {escape(failed)}", soft_wrap=True)
         return 1
     return 0
 

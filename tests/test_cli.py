@@ -128,6 +128,7 @@ def test_validate_records_cpu_passed_and_cuda_unavailable(bundle, cli):
     assert manifest["validation"]["cuda"]["status"] == "unavailable"
     code, _, err = cli("validate", bundle, "--ep", "cpu,cuda", "--require", "cuda")
     assert code == 1 and "cuda" in err
+    assert err.count("validation failed") == 1, err  # once, not "validation failed: validation.."
 
 
 def test_validate_on_user_data(bundle, cli, tmp_path):
