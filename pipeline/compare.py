@@ -1,8 +1,9 @@
 """Compare two bundles: signatures, op histograms, parameters, output agreement, latency.
 
-Typically the same architecture from Keras and from PyTorch. Inputs are matched by position;
-where one side is NHWC and the other NCHW (same dims, channels moved), feeds and rank-4
-outputs are transposed so the numbers compare like with like.
+Typically the same architecture from Keras and from PyTorch. Inputs are matched by name
+when both models have the same input names, else by position; where one side is NHWC and
+the other NCHW (same dims, channels moved), feeds and rank-4 outputs are transposed so the
+numbers compare like with like.
 """
 
 from __future__ import annotations
@@ -136,10 +137,20 @@ def compare_bundles(
             f"{a} has {len(specs['a'])} inputs and {b} has {len(specs['b'])}; compare needs "
             "models with the same inputs."
         )
+    by_name = {y.name: y for y in specs["b"]}
+    if set(by_name) == {x.name for x in specs["a"]}:
+        # Same names, maybe another order (a Keras model and its SavedModel export).
+        specs["b"] = [by_name[x.name] for x in specs["a"]]
     maps = [layout_map(x, y) for x, y in zip(specs["a"], specs["b"], strict=True)]
-    for x, y in zip(specs["a"], specs["b"], strict=True):
+    for x, y, m in zip(specs["a"], specs["b"], maps, strict=True):
         if x.dtype != y.dtype:
             raise InputError(f"input {x.name!r} is {x.dtype} in {a}, {y.name!r} is {y.dtype}.")
+        if m is None and not _same(x.shape, y.shape):
+            raise InputError(
+                f"input {x.name!r} has shape {list(x.shape)} in {a}, {y.name!r} has "
+                f"{list(y.shape)} in {b}; compare needs inputs that match by name (or else by "
+                "position) with the same dims, NCHW against NHWC allowed."
+            )
     feeds_a = load_data(data, specs["a"]) if data else parity_feeds(specs["a"])
     sessions = {k: make_session(p / MODEL_FILE, SessionOptions()) for k, p in (("a", a), ("b", b))}
     names = [o.name for o in sessions["a"].get_outputs()]

@@ -198,3 +198,44 @@ def test_parameter_count_counts_quantized_weights_not_their_scales():
     assert parameter_count(fp32) == 64 * 8 + 8
     assert parameter_count(qdq) == 64 * 8 + 10 * 8
     assert parameter_count(int4) == 64 * 8 + 8
+
+
+def test_compare_matches_inputs_by_name_in_any_order(cli, tmp_path):
+    # A Keras model saved as .keras keeps its input order; its SavedModel export lists the
+    # same inputs sorted by name. Same model, same names: compare pairs them by name.
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def bundle(name, order, extra_width=4):
+        w = numpy_helper.from_array(np.full((8, 3), 0.5, np.float32), "w")
+        specs = {
+            "feat": helper.make_tensor_value_info("feat", onnx.TensorProto.FLOAT, ["n", 8]),
+            "extra": helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT,
+                                                   ["n", extra_width]),
+        }  # fmt: skip
+        graph = helper.make_graph(
+            [
+                helper.make_node("MatMul", ["feat", "w"], ["h"]),
+                helper.make_node("ReduceSum", ["extra"], ["s"], keepdims=1),
+                helper.make_node("Add", ["h", "s"], ["y"]),
+            ],
+            name,
+            [specs[k] for k in order],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
+            [w],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")  # fmt: skip
+        out = tmp_path / name
+        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
+        return out
+
+    a = bundle("a", ["feat", "extra"])
+    b = bundle("b", ["extra", "feat"])
+    code, out, err = cli("compare", a, b, "--json", "--no-bench")
+    assert code == 0, err
+    assert json.loads(out)["outputs"]["max_abs_diff"] < 1e-5
+    # Same names, shapes that cannot match: bad input (exit 2), not an internal error.
+    c = bundle("c", ["feat", "extra"], extra_width=5)
+    code, _, err = cli("compare", a, c, "--no-bench")
+    assert code == 2 and "extra" in err
