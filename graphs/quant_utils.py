@@ -49,18 +49,21 @@ def quantized_nodes(model: ir.Model) -> list[str]:
     return [node.op_type for node in model.graph if node.op_type in QUANT_OPS]
 
 
-def refuse_quantized(model: ir.Model, pass_name: str) -> None:
+def refuse_quantized(
+    model: ir.Model,
+    pass_name: str,
+    fix: str = "Quantize the float bundle this one was derived from instead.",
+) -> None:
     """Raise :class:`PassError` when ``model`` already holds quantization nodes.
 
     Quantizing twice compounds the rounding error and ORT's tools mis-handle existing
-    Q/DQ pairs, so the fix is to start again from the float bundle.
+    Q/DQ pairs, so the fix is to start again from the float bundle (``fix`` says how).
     """
     found = quantized_nodes(model)
     if found:
         ops = ", ".join(sorted(set(found)))
         raise PassError(
-            f"{pass_name}: the model is already quantized ({len(found)} nodes: {ops}). "
-            "Quantize the float bundle this one was derived from instead."
+            f"{pass_name}: the model is already quantized ({len(found)} nodes: {ops}). {fix}"
         )
 
 

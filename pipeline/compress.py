@@ -34,6 +34,7 @@ from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, param_count
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
+from onnxpipe.graphs.quant_utils import refuse_quantized
 from onnxpipe.transform import TransformContext, derive_bundle
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,12 @@ def prune_bundle(
     gates = [Gate.parse(g) for g in settings.gates]
 
     def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
+        # Pruning sees no float Conv/Gemm weights behind Q/DQ pairs and would say so wrongly.
+        refuse_quantized(
+            model,
+            f"prune --method {settings.method}",
+            "Prune the float bundle this one was derived from, then quantize the result.",
+        )
         metrics: dict[str, Any] = {"params_before": param_count(model)}
         metrics["zipped_bytes_before"] = zipped_size(model)
         if settings.cleanup:

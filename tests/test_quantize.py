@@ -225,3 +225,13 @@ def test_ort_tools_run_outside_the_users_directory(cli, mlp, tmp_path, monkeypat
     code, _, err = cli("quantize", mlp, "-o", tmp_path / "q", "--mode", "dynamic")
     assert code == 0, err
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["magnitude", "channels", "lowrank"])
+def test_pruning_a_quantized_bundle_says_prune_the_float_one(cli, mlp, tmp_path, method):
+    first = tmp_path / "dyn"
+    assert cli("quantize", mlp, "-o", first, "--mode", "dynamic")[0] == 0
+    code, _, err = cli("prune", first, "-o", tmp_path / "p", "--method", method, "--ratio", "0.3")
+    assert code == 2, err
+    assert "already quantized" in err and "Prune the float bundle" in err
+    assert "Traceback" not in err and not (tmp_path / "p").exists()
