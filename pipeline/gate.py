@@ -111,6 +111,8 @@ def gate_metrics(
         cosines.append(
             np.where(norms > 0, (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300), 1.0)
         )
+        if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
+            ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])
         if ref.ndim == 2 and ref.shape[1] > 1:
             agree.append(ref.argmax(1) == got.argmax(1))
             p, q = _softmax(ref), _softmax(got)
@@ -133,6 +135,23 @@ def gate_metrics(
         metrics["top1"] = float(np.concatenate(agree).mean())
         metrics["kl"] = float(np.concatenate(kls).mean())
     return metrics
+
+
+def check_applicable(gates: Sequence[Gate], reference: Sequence[Outputs]) -> None:
+    """InputError for a gate whose metric the model's outputs do not have.
+
+    ``top1`` and ``kl`` need class scores (``[batch, classes]``) as the first output; on
+    anything else they cannot be measured, which is a wrong gate, not a failed one.
+    """
+    metrics = gate_metrics(reference, reference)
+    for gate in gates:
+        if metrics.get(gate.metric) is None:
+            shape = "x".join(map(str, np.shape(reference[0][0]))) if reference else "?"
+            raise InputError(
+                f"--gate {gate}: {gate.metric} needs class scores [batch, classes] as the "
+                f"first output, and this model's is {shape}. Gate on cosine or max_abs "
+                "instead, e.g. --gate cosine>=0.99."
+            )
 
 
 def enforce(gates: Sequence[Gate], metrics: dict[str, Any], step: str) -> None:

@@ -33,7 +33,7 @@ from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import Feeds, load_data, parity_feeds
 from onnxpipe.errors import GateFailed, InputError
-from onnxpipe.gate import Gate, enforce, gate_metrics
+from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
 from onnxpipe.modelio import MODEL_FILE, save_model
 from onnxpipe.recipe import finalize
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
@@ -125,6 +125,8 @@ def derive_bundle(
         ctx = TransformContext(
             bundle, manifest, inputs, eval_feeds(bundle, inputs, eval_data), Path(scratch)
         )
+        if gates:  # a gate the outputs cannot measure is bad input, before any search
+            check_applicable(gates, ctx.reference())
         metrics: dict[str, Any] = {}
         try:
             # A gated search inside the transform fails here too, before the final check.

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from onnxpipe.errors import GateFailed, InputError
-from onnxpipe.gate import Gate, enforce, gate_metrics
+from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
 
 
 @pytest.mark.parametrize(
@@ -41,12 +41,43 @@ def test_metrics_on_known_numbers():
     assert info.value.metrics["top1"] == 0.75
 
 
-def test_embeddings_have_no_top1_and_gate_on_it_fails():
+def test_embeddings_have_no_top1_and_a_top1_gate_is_bad_input():
     ref = np.random.default_rng(0).standard_normal((4, 8, 16))
     metrics = gate_metrics([[ref]], [[ref * 1.01]])
     assert metrics["top1"] is None and metrics["cosine"] == pytest.approx(1.0)
     with pytest.raises(GateFailed):
         enforce([Gate.parse("top1>=0.5")], metrics, "prune")
+    with pytest.raises(InputError, match="4x8x16.*cosine"):
+        check_applicable([Gate.parse("top1>=0.5")], [[ref]])
+    check_applicable([Gate.parse("cosine>=0.5")], [[ref]])
+
+
+def test_classifier_scores_shaped_n_c_1_1_have_top1():
+    ref = np.random.default_rng(0).standard_normal((4, 10, 1, 1))
+    got = ref.copy()
+    got[0, :, 0, 0] = got[0, ::-1, 0, 0]  # one sample's scores reversed: its argmax moves
+    metrics = gate_metrics([[ref]], [[got]])
+    assert metrics["top1"] == 0.75 and metrics["kl"] > 0
+    check_applicable([Gate.parse("top1>=0.5")], [[ref]])
+
+
+def test_cli_top1_gate_on_an_embedding_model_exits_2_before_searching(cli, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4])], [w],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    assert cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "b", "--no-bench")[0] == 0
+    code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "q", "--mode", "dynamic",
+                       "--gate", "top1>=0.9")  # fmt: skip
+    assert code == 2 and "top1 needs class scores" in err and "cosine" in err, err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.failed.json").exists()
 
 
 def test_eval_batches_of_different_sequence_lengths():
