@@ -63,8 +63,11 @@ class Gate:
                 f"--gate {text!r}: {metric} is bounded with {_DIRECTION[metric]} "
                 f"(e.g. {metric}{_DIRECTION[metric]}{example})."
             )
-        if metric in ("top1", "cosine") and not -1.0 <= value <= 1.0:
-            raise InputError(f"--gate {text!r}: {metric} lies in [0, 1] (cosine in [-1, 1]).")
+        low = {"top1": 0.0, "cosine": -1.0}.get(metric)
+        if low is not None and not low <= value <= 1.0:
+            raise InputError(
+                f"--gate {text!r}: {metric} lies between {low:g} and 1, e.g. {metric}>=0.98."
+            )
         return cls(metric, op, value)
 
     def __str__(self) -> str:

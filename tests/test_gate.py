@@ -19,7 +19,17 @@ def test_parse(text, gate):
 
 
 @pytest.mark.parametrize(
-    "text", ["top1>0.9", "top1<=0.9", "acc>=0.9", "top1>=1.5", "cosine>=x", "max_abs>=1"]
+    "text",
+    [
+        "top1>0.9",
+        "top1<=0.9",
+        "acc>=0.9",
+        "top1>=1.5",
+        "top1>=-0.5",
+        "cosine>=-2",
+        "cosine>=x",
+        "max_abs>=1",
+    ],
 )
 def test_bad_gates(text):
     with pytest.raises(InputError, match="--gate"):
