@@ -275,19 +275,15 @@ def _quiet(debug: bool) -> Iterator[None]:
         return
     sys.stdout.flush()
     saved = os.dup(1)
+    for name in ("torch", "onnxscript", "tf2onnx", "tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # ORT's tools reset their loggers to DEBUG when first imported, so a level set here
+    # would not hold: these are switched off for the step instead.
+    chatty = [logging.getLogger(n) for n in ("ort_format_model.utils", "usability_checker")]
+    for chatty_logger in chatty:
+        chatty_logger.disabled = True
     with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
         warnings.simplefilter("ignore")
-        for name in (
-            "torch",
-            "onnxscript",
-            "tf2onnx",
-            "tensorflow",
-            "absl",
-            "ort_format_model",
-            "ort_format_model.utils",
-            "usability_checker",
-        ):
-            logging.getLogger(name).setLevel(logging.ERROR)
         os.dup2(sink.fileno(), 1)
         try:
             yield
@@ -295,6 +291,8 @@ def _quiet(debug: bool) -> Iterator[None]:
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
+            for chatty_logger in chatty:
+                chatty_logger.disabled = False
 
 
 def _progress_steps(

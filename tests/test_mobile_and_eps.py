@@ -54,6 +54,21 @@ def test_package_mobile_with_fixed_shape(bundle, cli, tmp_path):
     assert code == 0 and results["mobile"]["status"] == "passed"
 
 
+def test_package_keeps_ort_tools_info_lines_off_the_terminal(bundle, tmp_path):
+    # ORT's tools reset their loggers to DEBUG on import; in-process capture hides that, so
+    # this runs the real CLI
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "onnxpipe", "package", str(bundle), "-o", str(tmp_path / "m"),
+         "--target", "mobile"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Created config" not in run.stderr and "INFO" not in run.stderr, run.stderr
+
+
 def test_validate_mobile_without_package_is_unavailable(bundle, cli):
     code, out, _ = cli("validate", bundle, "--ep", "mobile,xnnpack,nnapi,coreml", "--json")
     results = json.loads(out)
