@@ -56,17 +56,22 @@ class Measured:
 def measured_tensors(quantized: ir.Model, reference: ir.Model) -> list[Measured]:
     """The bias targets of ``quantized`` whose output has a float counterpart, in graph order.
 
-    The quantized tensor is the DequantizeLinear output after the node's Q/DQ pair (or the
-    node's own output without one); the reference is the float tensor of that name, or of the
-    node's output name (ORT folds a Relu/Clip into the Q, so a Conv of the QDQ model outputs
-    the name the float model's activation had).
+    With a Q/DQ pair after the node, the quantized tensor is the DequantizeLinear output and
+    the reference the float tensor of that name or of the node's output name (ORT folds a
+    Relu/Clip into the Q, so a Conv of the QDQ model outputs the name the float model's
+    activation had; the Q clips the same way). Without one, the node's raw output compares
+    only with the same node's float output: under a folded activation's name it would be
+    the unclipped pre-activation measured against the clipped float tensor.
     """
-    names = {v.name for n in reference.graph for v in n.outputs}
+    producers = {v.name: n.name for n in reference.graph for v in n.outputs}
     found = []
     for node in bias_targets(quantized):
         out = node.outputs[0]
         after = _dequantized(out)
-        reference_name = next((n for n in (after, out.name) if n in names), None)
+        if after is not None:
+            reference_name = next((n for n in (after, out.name) if n in producers), None)
+        else:
+            reference_name = out.name if producers.get(out.name) == node.name else None
         dq = node.inputs[2].producer() if node.inputs[2] is not None else None
         if reference_name is None or dq is None or dq.inputs[0] is None:
             continue
@@ -76,14 +81,16 @@ def measured_tensors(quantized: ir.Model, reference: ir.Model) -> list[Measured]
 
 
 def _dequantized(value: ir.Value) -> str | None:
-    """The output of the Q -> DQ pair that is ``value``'s only use, if there is one."""
+    """The output of a DequantizeLinear after the QuantizeLinear that is ``value``'s only use.
+
+    A Q may feed several DQs (a node kept in float gets its own, see
+    :func:`~onnxpipe.graphs.quant_weights.keep_float_weights`); they give the same values.
+    """
     uses = [u.node for u in value.uses()]
     if len(uses) != 1 or uses[0].op_type != "QuantizeLinear":
         return None
-    dqs = [u.node for u in uses[0].outputs[0].uses()]
-    if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
-        return None
-    return dqs[0].outputs[0].name
+    dqs = [u.node for u in uses[0].outputs[0].uses() if u.node.op_type == "DequantizeLinear"]
+    return dqs[0].outputs[0].name if dqs else None
 
 
 def sample_means(
