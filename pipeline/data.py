@@ -97,7 +97,12 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
                 "images plus --preprocess."
             )
         else:
-            feeds_list = [feeds for f in files for feeds in _read_file(f, specs, batch)]
+            feeds_list = []
+            for file in files:  # checked per file, so that a message names the file
+                read = _read_file(file, specs, batch)
+                for feeds in read:
+                    _check(feeds, specs, str(file))
+                feeds_list += read
     if not feeds_list:
         raise InputError(f"{data}: holds no samples.")
     for feeds in feeds_list:
@@ -143,7 +148,12 @@ def _check(feeds: Feeds, specs: Sequence[InputSpec], where: str) -> None:
         if array.ndim != len(spec.shape) or any(
             isinstance(d, int) and d != got for d, got in zip(spec.shape, array.shape, strict=False)
         ):
+            hint = (
+                " It looks like one sample without the batch axis: save it as array[None]."
+                if array.ndim == len(spec.shape) - 1
+                else ""
+            )
             raise InputError(
                 f"{where}: {spec.name!r} has shape {list(array.shape)}, the model takes "
-                f"{list(spec.shape)} (samples on axis 0)."
+                f"{list(spec.shape)} (samples on axis 0).{hint}"
             )

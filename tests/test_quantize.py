@@ -192,6 +192,16 @@ def test_mismatched_calibration_data_exits_2(cli, cnn, tmp_path, make, needle):
     assert code == 2 and needle in err and "bad.npz" in err
 
 
+def test_a_folder_of_per_sample_npy_files_names_the_file_and_the_fix(cli, cnn, tmp_path):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.zeros((2, 3, 16, 16), np.float32))  # a batch: fine
+    np.save(folder / "b.npy", np.zeros((3, 16, 16), np.float32))  # one sample, no batch axis
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static",
+                       "--calib", folder)  # fmt: skip
+    assert code == 2 and "b.npy" in err and "array[None]" in err, err
+
+
 def test_empty_dir_unreadable_image_and_bad_gate_exit_2(cli, cnn, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
