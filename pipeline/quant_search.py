@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from onnxpipe.graphs.quantize_static import (
     QuantizeStaticPass,
     resolve_activation_type,
 )
-from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
+from onnxpipe.runtime import ORT_ERRORS, SessionOptions, interleaved_ms, make_session
 from onnxpipe.transform import TransformContext
 
 logger = logging.getLogger(__name__)
@@ -333,19 +332,9 @@ def _n(feeds: Sequence[Feeds]) -> int:
     return sum(len(next(iter(f.values()))) for f in feeds)
 
 
-def _latencies(paths: dict[int, Path], ctx: TransformContext, rounds: int = 3) -> dict[int, float]:
-    """Batch-1 median latency (ms) per model, rounds interleaved so load drifts hit all."""
-    first = ctx.eval_feeds[0]
-    feeds = {k: v[:1] for k, v in first.items()}
-    sessions = {i: make_session(p, SessionOptions(ep="cpu")) for i, p in paths.items()}
-    times: dict[int, list[float]] = {i: [] for i in paths}
-    for session in sessions.values():
-        for _ in range(3):
-            session.run(None, feeds)
-    for _ in range(rounds):
-        for i, session in sessions.items():
-            for _ in range(7):
-                t = time.perf_counter()
-                session.run(None, feeds)
-                times[i].append(time.perf_counter() - t)
-    return {i: statistics.median(t) * 1000 for i, t in times.items()}
+def _latencies(paths: dict[int, Path], ctx: TransformContext, runs: int = 30) -> dict[int, float]:
+    """Batch-1 median latency (ms) per model, run by run in turns (no idle spinning)."""
+    feeds = {k: v[:1] for k, v in ctx.eval_feeds[0].items()}
+    options = SessionOptions(ep="cpu", spin=False)
+    sessions = {i: make_session(p, options) for i, p in paths.items()}
+    return interleaved_ms(sessions, feeds, runs)

@@ -1,6 +1,7 @@
 """Execution providers, mobile packaging, the bench matrix and report.html (issue 6)."""
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -205,3 +206,27 @@ def test_bench_fixed_batch_model_measures_what_it_says(cli, tmp_path):
     assert record["batch"] == 1 and record["shapes"] == {"x": [1, 8]}
     code, out, err = cli("bench", bundle, "--batch", "1,4", "--runs", "3", "--json")
     assert code == 2 and out == "" and "--batch 4" in err and "x" in err
+
+
+def test_timing_sessions_take_turns_run_by_run_without_spinning(bundle):
+    from onnxpipe.runtime import SessionOptions, interleaved_ms, make_session
+
+    session = make_session(bundle / "model.onnx", SessionOptions(spin=False))
+    assert session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning"
+    ) == "0"  # fmt: skip
+    calls = []
+
+    class Clock:  # a session whose run takes a known time and records the order
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def run(self, outputs, feeds):
+            calls.append(self.name)
+            end = time.perf_counter() + self.seconds
+            while time.perf_counter() < end:
+                pass
+
+    ms = interleaved_ms({"a": Clock("a", 0.002), "b": Clock("b", 0.004)}, {}, runs=4)
+    assert calls[6:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after 3 warm-ups each
+    assert ms["a"] >= 1.9 and ms["b"] >= 3.9 and ms["b"] > ms["a"]  # medians in ms
