@@ -100,6 +100,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
+def write_failure_report(out: Path, record: dict[str, Any]) -> Path:
+    """``<out>.failed.json`` beside the bundle that was not written: what failed and its numbers.
+
+    ``record`` holds at least ``failed_step``, ``error`` and ``metrics``.
+    """
+    report = out.parent / f"{out.name}.failed.json"
+    write_json_atomic(report, record)
+    return report
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

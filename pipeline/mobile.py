@@ -30,6 +30,7 @@ from onnxpipe.bundle import (
     check_out_dir,
     load_parity_samples,
     read_manifest,
+    write_failure_report,
     write_json_atomic,
 )
 from onnxpipe.bundle_ops import bundle_inputs
@@ -259,9 +260,18 @@ def package_mobile(
                 "cosine": parity["cosine"],
             }
             if not parity["passed"]:
-                raise GateFailed(
+                message = (
                     f"{ort_path.name} disagrees with {MODEL_FILE}: "
-                    f"{validation['reason']} (max abs {parity['max_abs_diff']}).",
+                    f"{validation['reason']} (max abs {parity['max_abs_diff']})."
+                )
+                config = {"target": "mobile", "fixed_shapes": fixed, "level": level}
+                report = write_failure_report(
+                    out,
+                    {"failed_step": "package", "error": message, "config": config,
+                     "metrics": {"parity": parity}},
+                )  # fmt: skip
+                raise GateFailed(
+                    f"{message} Nothing was written at {out}; numbers: {report}",
                     metrics={"parity": parity},
                 )
             analysis = partitions(source)

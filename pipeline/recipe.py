@@ -22,7 +22,14 @@ from typing import Any
 
 import yaml
 
-from onnxpipe.bundle import MANIFEST, SCHEMA, atomic_dir, check_out_dir, write_json_atomic
+from onnxpipe.bundle import (
+    MANIFEST,
+    SCHEMA,
+    atomic_dir,
+    check_out_dir,
+    write_failure_report,
+    write_json_atomic,
+)
 from onnxpipe.card import write_docs
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
 from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature
@@ -96,9 +103,8 @@ def run_steps(
                     f", after {', '.join(done)}" if done else ""
                 )
                 if isinstance(e, GateFailed):
-                    report = out.parent / f"{out.name}.failed.json"
-                    write_json_atomic(
-                        report,
+                    report = write_failure_report(
+                        out,
                         {
                             **work.manifest,
                             "failed_step": step.name,

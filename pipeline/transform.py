@@ -27,7 +27,7 @@ from onnxpipe.bundle import (
     load_parity_samples,
     read_manifest,
     save_parity_samples,
-    write_json_atomic,
+    write_failure_report,
 )
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
@@ -136,10 +136,9 @@ def derive_bundle(
             metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
             enforce(gates, gate, step_name)
         except GateFailed as e:
-            report = out.parent / f"{out.name}.failed.json"
             numbers = metrics or e.metrics
-            write_json_atomic(
-                report,
+            report = write_failure_report(
+                out,
                 {
                     "failed_step": step_name,
                     "error": str(e),

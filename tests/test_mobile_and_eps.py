@@ -230,3 +230,16 @@ def test_timing_sessions_take_turns_run_by_run_without_spinning(bundle):
     ms = interleaved_ms({"a": Clock("a", 0.002), "b": Clock("b", 0.004)}, {}, runs=4)
     assert calls[6:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after 3 warm-ups each
     assert ms["a"] >= 1.9 and ms["b"] >= 3.9 and ms["b"] > ms["a"]  # medians in ms
+
+
+def test_package_parity_failure_writes_the_report_and_no_bundle(bundle, cli, tmp_path, monkeypatch):
+    import onnxpipe.mobile as mobile
+
+    real = mobile._run
+    monkeypatch.setattr(mobile, "_run", lambda s, f: [o + 1.0 for o in real(s, f)])  # a bad .ort
+    code, _, err = cli("package", bundle, "-o", tmp_path / "m", "--target", "mobile")
+    assert code == 1 and "disagrees" in err, err
+    report = json.loads((tmp_path / "m.failed.json").read_text())
+    assert report["failed_step"] == "package"
+    assert report["metrics"]["parity"]["max_abs_diff"] >= 1.0
+    assert not (tmp_path / "m").exists()
