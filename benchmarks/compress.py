@@ -41,7 +41,7 @@ def _zipped(path: Path) -> int:
     return len(zlib.compress(path.read_bytes(), 6))
 
 
-def _row(model: str, method: str, base: Path, cand: Path, feeds1: dict, rounds: int = 7) -> dict:
+def _row(model: str, method: str, base: Path, cand: Path, feeds1: dict, rounds: int = 3) -> dict:
     p0, _ = _params(base)
     p1, sparsity = _params(cand)
     ms = _latency({"base": base, "cand": cand}, feeds1, rounds=rounds)

@@ -111,10 +111,10 @@ def _gated_quantize(bundle: Path, out: Path, *args: Any) -> tuple[str, dict[str,
     return f"GATE FAILED ({report['error'][:80]})", report["metrics"].get("gate", {})
 
 
-def _session(path: Path, spin: bool = True) -> Any:
-    from onnxpipe.runtime import SessionOptions, make_session  # noqa: PLC0415
+def _session(path: Path) -> Any:
+    import onnxruntime as ort  # noqa: PLC0415
 
-    return make_session(path, SessionOptions(ep="cpu", spin=spin))
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -122,16 +122,15 @@ def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([session.run(None, f)[0] for f in feeds])
 
 
-def _latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 15) -> dict:
-    """Median batch-1 ms per model: ``rounds`` x 10 runs each, taking turns run by run.
+def _latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 3) -> dict:
+    """Median batch-1 ms per model, each timed alone in a fresh process, ``rounds`` turns.
 
-    Sessions do not spin while idle: with spinning, the waiting sessions' threads took the
-    2 cores from the running one (the same fp32 model timed 10-19 ms against 7.1 ms alone).
+    See :func:`onnxpipe.bench.isolated_ms`: in one process, the idle sessions' spinning
+    threads took the 2 cores from the running one.
     """
-    from onnxpipe.runtime import interleaved_ms  # noqa: PLC0415
+    from onnxpipe.bench import isolated_ms  # noqa: PLC0415
 
-    sessions = {k: _session(p, spin=False) for k, p in paths.items()}
-    return interleaved_ms(sessions, feeds, rounds * 10)
+    return isolated_ms(paths, feeds, runs=200, repeats=rounds)
 
 
 def _size(path: Path) -> int:

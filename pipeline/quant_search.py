@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe import node_cost
+from onnxpipe.bench import isolated_ms
 from onnxpipe.data import Feeds
 from onnxpipe.errors import PassError
 from onnxpipe.gate import Gate, gate_metrics
@@ -40,7 +41,7 @@ from onnxpipe.graphs.quantize_static import (
     QuantizeStaticPass,
     resolve_activation_type,
 )
-from onnxpipe.runtime import ORT_ERRORS, SessionOptions, interleaved_ms, make_session
+from onnxpipe.runtime import ORT_ERRORS
 from onnxpipe.transform import TransformContext
 
 logger = logging.getLogger(__name__)
@@ -332,9 +333,7 @@ def _n(feeds: Sequence[Feeds]) -> int:
     return sum(len(next(iter(f.values()))) for f in feeds)
 
 
-def _latencies(paths: dict[int, Path], ctx: TransformContext, runs: int = 30) -> dict[int, float]:
-    """Batch-1 median latency (ms) per model, run by run in turns (no idle spinning)."""
+def _latencies(paths: dict[int, Path], ctx: TransformContext) -> dict[int, float]:
+    """Batch-1 median latency (ms) per model, each timed alone in its own process."""
     feeds = {k: v[:1] for k, v in ctx.eval_feeds[0].items()}
-    options = SessionOptions(ep="cpu", spin=False)
-    sessions = {i: make_session(p, options) for i, p in paths.items()}
-    return interleaved_ms(sessions, feeds, runs)
+    return isolated_ms(paths, feeds, runs=50, repeats=2)

@@ -7,18 +7,13 @@ session here compares ``get_providers()`` with what was asked for.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 logger = logging.getLogger(__name__)
-K = TypeVar("K", bound=Hashable)
 
 # ORT's Python errors do not share a base class beyond Exception; these are all of them.
 ORT_ERRORS: tuple[type[Exception], ...] = (
@@ -59,16 +54,10 @@ class ProviderUnavailable(Exception):
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """How to build a session: EP short name and intra-op threads (0 = ORT's default).
-
-    ``spin=False`` stops the intra-op threads from spinning while idle. Do that where several
-    sessions take turns on the cores, as in side-by-side timing: on 2 cores the idle
-    sessions' spinning threads slowed EfficientNet-Lite0 fp32 from 7.1 to 10-19 ms a run.
-    """
+    """How to build a session: EP short name and intra-op threads (0 = ORT's default)."""
 
     ep: str = "cpu"
     threads: int = 0
-    spin: bool = True
 
 
 def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
@@ -86,8 +75,6 @@ def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort
     if options.threads:
         so.intra_op_num_threads = options.threads
     so.log_severity_level = 3
-    if not options.spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = (
         [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     )
@@ -99,24 +86,3 @@ def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort
             "TensorRT) are missing or no device is visible"
         )
     return session
-
-
-def interleaved_ms(
-    sessions: Mapping[K, Any], feeds: Mapping[str, Any], runs: int
-) -> dict[K, float]:
-    """Median ms per session over ``runs`` runs each, taking turns run by run.
-
-    Turns alternate direction (A B C, C B A, ...) so no session always follows the same
-    one; load drifts hit all alike. Build the sessions with ``spin=False``.
-    """
-    order = list(sessions)
-    for key in order:
-        for _ in range(3):
-            sessions[key].run(None, dict(feeds))
-    times: dict[K, list[float]] = {key: [] for key in order}
-    for turn in range(runs):
-        for key in order if turn % 2 == 0 else reversed(order):
-            started = time.perf_counter()
-            sessions[key].run(None, dict(feeds))
-            times[key].append(time.perf_counter() - started)
-    return {key: statistics.median(t) * 1000 for key, t in times.items()}

@@ -1,7 +1,6 @@
 """Execution providers, mobile packaging, the bench matrix and report.html (issue 6)."""
 
 import json
-import time
 
 import numpy as np
 import onnx
@@ -208,28 +207,18 @@ def test_bench_fixed_batch_model_measures_what_it_says(cli, tmp_path):
     assert code == 2 and out == "" and "--batch 4" in err and "x" in err
 
 
-def test_timing_sessions_take_turns_run_by_run_without_spinning(bundle):
-    from onnxpipe.runtime import SessionOptions, interleaved_ms, make_session
+def test_side_by_side_timing_runs_each_model_alone_on_the_given_feeds(bundle, tmp_path):
+    from onnxpipe.bench import _run_worker, isolated_ms
 
-    session = make_session(bundle / "model.onnx", SessionOptions(spin=False))
-    assert session.get_session_options().get_session_config_entry(
-        "session.intra_op.allow_spinning"
-    ) == "0"  # fmt: skip
-    calls = []
-
-    class Clock:  # a session whose run takes a known time and records the order
-        def __init__(self, name, seconds):
-            self.name, self.seconds = name, seconds
-
-        def run(self, outputs, feeds):
-            calls.append(self.name)
-            end = time.perf_counter() + self.seconds
-            while time.perf_counter() < end:
-                pass
-
-    ms = interleaved_ms({"a": Clock("a", 0.002), "b": Clock("b", 0.004)}, {}, runs=4)
-    assert calls[6:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after 3 warm-ups each
-    assert ms["a"] >= 1.9 and ms["b"] >= 3.9 and ms["b"] > ms["a"]  # medians in ms
+    x = np.zeros((3, 3, 16, 16), np.float32)  # batch 3: the worker's random feeds are batch 1
+    ms = isolated_ms({"a": bundle / "model.onnx", "b": bundle / "model.onnx"}, {"x": x},
+                     runs=5, repeats=2)  # fmt: skip
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+    np.savez(tmp_path / "f.npz", x=x)
+    record = _run_worker({"model": str(bundle / "model.onnx"), "inputs": [], "ep": "cpu",
+                          "feeds": str(tmp_path / "f.npz"), "batch": 1, "threads": 0,
+                          "runs": 3, "warmup": 1})  # fmt: skip
+    assert record["shapes"] == {"x": [3, 3, 16, 16]} and record["batch"] == 3
 
 
 def test_package_parity_failure_writes_the_report_and_no_bundle(bundle, cli, tmp_path, monkeypatch):
