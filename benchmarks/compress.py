@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from compress_data import image_split, sentence_split  # noqa: E402
-from quantize import _cli, _latency, _outputs, _pooled, _size, _tokens, run_rows  # noqa: E402
+from quantize import _cli, _latency, _outputs, _pooled, _size, _speedup, _tokens, run_rows  # noqa: E402
 
 
 def _params(path: Path) -> tuple[int, float]:
@@ -41,14 +41,15 @@ def _zipped(path: Path) -> int:
     return len(zlib.compress(path.read_bytes(), 6))
 
 
-def _row(model: str, method: str, base: Path, cand: Path, feeds1: dict, rounds: int = 3) -> dict:
+def _row(model: str, method: str, base: Path, cand: Path, feeds1: dict, rounds: int = 5) -> dict:
     p0, _ = _params(base)
     p1, sparsity = _params(cand)
     ms = _latency({"base": base, "cand": cand}, feeds1, rounds=rounds)
     return {
         "model": model, "method": method, "params_ratio": p1 / p0, "sparsity": sparsity,
         "size_ratio": _size(base) / _size(cand), "zip_ratio": _zipped(base) / _zipped(cand),
-        "speedup": ms["base"] / ms["cand"],
+        "speedup": _speedup(ms, "base", "cand")[0],
+        "speedup_turns": _speedup(ms, "base", "cand")[1],
     }  # fmt: skip
 
 

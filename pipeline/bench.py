@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,11 +70,12 @@ def bench_model(
 
 def isolated_ms(
     models: Mapping[K, Path], feeds: Mapping[str, np.ndarray], runs: int = 100, repeats: int = 3
-) -> dict[K, float]:
-    """Median batch latency (ms) per model, each timed alone in a fresh process on ``feeds``.
+) -> dict[K, list[float]]:
+    """Median batch latency (ms) per model and turn, each timed alone in a fresh process.
 
-    The models take turns ``repeats`` times (A B C, C B A, ...) and each gets the median of
-    its processes' medians, so load drifts hit all alike. Timed in one process instead, the
+    The models take turns ``repeats`` times (A B C, C B A, ...), so a ratio taken turn by turn
+    compares neighbours in time and load drifts hit both alike (on this shared 2-core machine
+    the same model's process medians differ by up to 20%). Timed in one process instead, the
     idle sessions' spinning threads took the cores from the running one: on 2 cores the
     same fp32 EfficientNet-Lite0 measured 10-19 ms beside other sessions and 6.1 ms alone.
     """
@@ -91,7 +91,7 @@ def isolated_ms(
                     "batch": 1, "threads": 0, "runs": runs, "warmup": 10, "max_seconds": 60,
                 }  # fmt: skip
                 medians[key].append(_run_worker(request)["latency_ms"]["p50"])
-    return {key: statistics.median(values) for key, values in medians.items()}
+    return medians
 
 
 def _check_batches(model: Path, inputs: Sequence[dict[str, Any]], batches: Sequence[int]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -336,4 +337,4 @@ def _n(feeds: Sequence[Feeds]) -> int:
 def _latencies(paths: dict[int, Path], ctx: TransformContext) -> dict[int, float]:
     """Batch-1 median latency (ms) per model, each timed alone in its own process."""
     feeds = {k: v[:1] for k, v in ctx.eval_feeds[0].items()}
-    return isolated_ms(paths, feeds, runs=50, repeats=2)
+    return {i: statistics.median(t) for i, t in isolated_ms(paths, feeds, 50, 3).items()}
