@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, ClassVar, Generic, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
@@ -90,6 +91,13 @@ class GraphPass(ir.passes.PassBase, Generic[ConfigT]):
             raise PassError(f"pass {self.name!r} broke its contract: {e}") from e
         except (ir.passes.PreconditionError, ir.passes.PostconditionError) as e:
             raise PassError(f"pass {self.name!r}: {e}") from e
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The array of a constant value (an initializer), None for a computed one."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
 
 
 def copy_model(model: ir.Model) -> ir.Model:

@@ -19,8 +19,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
+
+from onnxpipe.graphs.base import constant
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +68,6 @@ class Group:
         return [c for c in self.cuts if c.value in {n.inputs[1] for n in self.consumers}]
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _attr(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else int(attr.value)
@@ -85,9 +80,9 @@ def _rank(value: ir.Value) -> int | None:
 def _is_producer(node: ir.Node) -> bool:
     """A Conv (group 1) or Gemm whose weight is a constant: its output channels can go."""
     if node.op_type == "Conv" and node.domain == "":
-        return _attr(node, "group", 1) == 1 and _const(node.inputs[1]) is not None
+        return _attr(node, "group", 1) == 1 and constant(node.inputs[1]) is not None
     if node.op_type == "Gemm" and node.domain == "":
-        return _attr(node, "transA", 0) == 0 and _const(node.inputs[1]) is not None
+        return _attr(node, "transA", 0) == 0 and constant(node.inputs[1]) is not None
     return False
 
 
@@ -136,7 +131,7 @@ class _Analysis:
 
     def visit(self, node: ir.Node) -> None:
         op, ins = node.op_type, list[Any](node.inputs)
-        acts = [v for v in ins if v is not None and _const(v) is None]
+        acts = [v for v in ins if v is not None and constant(v) is None]
         if node.domain not in ("", "ai.onnx"):
             self._opaque(node, acts)
         elif _is_producer(node):
@@ -144,7 +139,7 @@ class _Analysis:
             self._consume(node, ins[0], 1 if trans else 0)
             out = node.outputs[0]
             self.cut(out, ins[1], 0 if trans else 1)  # type: ignore[arg-type]
-            bias = _const(ins[2]) if len(ins) > 2 else None
+            bias = constant(ins[2]) if len(ins) > 2 else None
             if bias is not None and bias.size > 1:
                 self.cut(out, ins[2], 0 if op == "Conv" else bias.ndim - 1)  # type: ignore[arg-type]
         elif op == "Conv" and self._depthwise(node):
@@ -153,7 +148,7 @@ class _Analysis:
             self.cut(ins[0], ins[1], 0)
             if len(ins) > 2 and ins[2] is not None:
                 self.cut(ins[0], ins[2], 0)
-        elif op == "MatMul" and _const(ins[1]) is not None and _rank(ins[0]) == 2:
+        elif op == "MatMul" and constant(ins[1]) is not None and _rank(ins[0]) == 2:
             self._consume(node, ins[0], 0)
             self.block(node.outputs[0], "MatMul output (only Conv/Gemm outputs are cut)")
         elif op in UNARY and ins[0] is not None:
@@ -188,14 +183,14 @@ class _Analysis:
         self.consumers.setdefault(id(value), []).append((node, node.inputs[1], axis))  # type: ignore[arg-type]
 
     def _depthwise(self, node: ir.Node) -> bool:
-        weight = _const(node.inputs[1])
+        weight = constant(node.inputs[1])
         group = _attr(node, "group", 1)
         return (
             weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
         )
 
     def _per_channel(self, act: ir.Value, const: ir.Value, node: ir.Node, rank: int | None) -> None:
-        array = _const(const)
+        array = constant(const)
         assert array is not None
         if array.size == 1:
             return
@@ -225,7 +220,7 @@ class _Analysis:
         for value in acts:
             self.join(value, out)
         for const in node.inputs:
-            if const is not None and _const(const) is not None:
+            if const is not None and constant(const) is not None:
                 self._per_channel(acts[0], const, node, None)
 
     def _pool(self, node: ir.Node) -> None:
@@ -234,7 +229,7 @@ class _Analysis:
         axes: list[int] | None = None
         if node.op_type in REDUCES:
             attr = node.attributes.get("axes")
-            given = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            given = constant(node.inputs[1]) if len(node.inputs) > 1 else None
             axes = list(attr.value) if attr is not None else None
             if given is not None:
                 axes = [int(a) for a in given.reshape(-1)]
@@ -263,7 +258,7 @@ class _Analysis:
         if node.op_type == "Flatten":
             ok = ok and _attr(node, "axis", 1) == 1
         elif ok:
-            target = _const(node.inputs[1])
+            target = constant(node.inputs[1])
             ok = target is not None and target.size == 2 and int(target[0]) in (-1, 0)
             if ok:
                 self.reshapes.append((value, node.inputs[1]))  # type: ignore[arg-type]
@@ -319,7 +314,7 @@ def _check_sizes(group: Group) -> None:
     """Every cut must see the same channel count; every sliced weight must be used once."""
     sizes = set()
     for cut in group.cuts:
-        array = _const(cut.value)
+        array = constant(cut.value)
         if array is None or not cut.value.is_initializer():
             group.blocked.append(f"{cut.value.name!r} is not an initializer")
             continue

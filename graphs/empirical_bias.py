@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxpipe.graphs.base import constant
 from onnxpipe.graphs.quant_utils import Feeds, tap_session, to_proto
-from onnxpipe.graphs.quant_weights import bias_targets, constant
+from onnxpipe.graphs.quant_weights import bias_targets
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxpipe.graphs.base import constant
 from onnxpipe.graphs.quant_utils import Feeds, tap_session
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,6 @@ def integer_limits(
     if layout == "unpaired":
         return (-64, 64), False
     return (-127, 127), layout == "paired"
-
-
-def constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array of a constant value, None for a computed one."""
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 def saturation_safe_ranges(model: ir.Model) -> dict[str, tuple[int, list[float]]]:
