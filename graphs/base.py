@@ -100,6 +100,12 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    """An integer attribute of ``node``, or ``default``."""
+    attr = node.attributes.get(name)
+    return int(attr.as_int()) if attr is not None else default
+
+
 def copy_model(model: ir.Model) -> ir.Model:
     """A deep copy of ``model`` whose weights are all in memory.
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxpipe.graphs.base import constant
+from onnxpipe.graphs.base import attr_int, constant
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,6 @@ class Group:
         return [c for c in self.cuts if c.value in {n.inputs[1] for n in self.consumers}]
 
 
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.value)
-
-
 def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
@@ -80,9 +75,9 @@ def _rank(value: ir.Value) -> int | None:
 def _is_producer(node: ir.Node) -> bool:
     """A Conv (group 1) or Gemm whose weight is a constant: its output channels can go."""
     if node.op_type == "Conv" and node.domain == "":
-        return _attr(node, "group", 1) == 1 and constant(node.inputs[1]) is not None
+        return attr_int(node, "group", 1) == 1 and constant(node.inputs[1]) is not None
     if node.op_type == "Gemm" and node.domain == "":
-        return _attr(node, "transA", 0) == 0 and constant(node.inputs[1]) is not None
+        return attr_int(node, "transA", 0) == 0 and constant(node.inputs[1]) is not None
     return False
 
 
@@ -135,7 +130,7 @@ class _Analysis:
         if node.domain not in ("", "ai.onnx"):
             self._opaque(node, acts)
         elif _is_producer(node):
-            trans = op == "Conv" or _attr(node, "transB", 0) == 1  # weight rows = outputs
+            trans = op == "Conv" or attr_int(node, "transB", 0) == 1  # weight rows = outputs
             self._consume(node, ins[0], 1 if trans else 0)
             out = node.outputs[0]
             self.cut(out, ins[1], 0 if trans else 1)  # type: ignore[arg-type]
@@ -184,7 +179,7 @@ class _Analysis:
 
     def _depthwise(self, node: ir.Node) -> bool:
         weight = constant(node.inputs[1])
-        group = _attr(node, "group", 1)
+        group = attr_int(node, "group", 1)
         return (
             weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
         )
@@ -233,7 +228,7 @@ class _Analysis:
             axes = list(attr.value) if attr is not None else None
             if given is not None:
                 axes = [int(a) for a in given.reshape(-1)]
-            keep = _attr(node, "keepdims", 1)
+            keep = attr_int(node, "keepdims", 1)
             if axes is None or rank is None:
                 self._opaque(node, [value] if value is not None else [])
                 return
@@ -256,7 +251,7 @@ class _Analysis:
             and all(d == 1 for d in list(shape_in)[2:])
         )
         if node.op_type == "Flatten":
-            ok = ok and _attr(node, "axis", 1) == 1
+            ok = ok and attr_int(node, "axis", 1) == 1
         elif ok:
             target = constant(node.inputs[1])
             ok = target is not None and target.size == 2 and int(target[0]) in (-1, 0)

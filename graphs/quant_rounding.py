@@ -22,8 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxpipe.graphs.base import attr_int
 from onnxpipe.graphs.quant_utils import Feeds, first_samples, tap_session
-from onnxpipe.graphs.quant_weights import PAIR_BOUND, attr_int
+from onnxpipe.graphs.quant_weights import PAIR_BOUND
 
 logger = logging.getLogger(__name__)
 

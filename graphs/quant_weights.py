@@ -25,19 +25,13 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxpipe.graphs.base import constant
+from onnxpipe.graphs.base import attr_int, constant
 from onnxpipe.graphs.quant_utils import Feeds, tap_session
 
 logger = logging.getLogger(__name__)
 
 PAIR_BOUND = 127
 """``|q_k| + |q_k+1| <= 127 + 1`` after rounding; ``255 * 128`` fits int16."""
-
-
-def attr_int(node: ir.Node, name: str, default: int) -> int:
-    """An integer attribute of ``node``, or ``default``."""
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else default
 
 
 def weight_layout(node: ir.Node, shape: Sequence[int]) -> str | None:

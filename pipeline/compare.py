@@ -23,6 +23,7 @@ from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds
 from onnxpipe.errors import InputError
+from onnxpipe.graphs.base import attr_int
 from onnxpipe.modelio import MODEL_FILE
 from onnxpipe.parity import compare_outputs
 from onnxpipe.runtime import SessionOptions, make_session
@@ -77,7 +78,7 @@ def parameter_count(model: ir.Model) -> int:
             if i in meta:
                 metadata.add(value.name or "")
             elif node.op_type == "MatMulNBits" and i == 1:
-                quantized[value.name or ""] = _int_attr(node, "K") * _int_attr(node, "N")
+                quantized[value.name or ""] = attr_int(node, "K", 0) * attr_int(node, "N", 0)
             elif value.const_value is not None:
                 quantized[value.name or ""] = value.const_value.size
     total = 0
@@ -96,11 +97,6 @@ def parameter_count(model: ir.Model) -> int:
             if tensor.dtype.is_floating_point() and tensor.size > 1:
                 total += tensor.size
     return total
-
-
-def _int_attr(node: ir.Node, name: str) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else 0
 
 
 def layout_map(a: InputSpec, b: InputSpec) -> tuple[int, ...] | None:
