@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from onnxpipe.graphs.base import constant
 from onnxpipe.graphs.quant_utils import Feeds, tap_session, to_proto
-from onnxpipe.graphs.quant_weights import bias_targets
+from onnxpipe.graphs.quant_weights import bias_targets, minus_shift
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,11 @@ def correct_biases_empirically(
         mean = diff.mean(0)
         error = diff.std(0, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
         shift = np.where(np.abs(mean) > SIGNIFICANCE * error, mean, 0.0)
-        steps = np.round(shift / np.where(target.scale == 0, 1, target.scale)).astype(np.int64)
-        if not steps.any():
-            continue
-        info = np.iinfo(np.int32)
         name = target.bias.name or ""
-        biases[name] = np.clip(biases[name].astype(np.int64) - steps, info.min, info.max).astype(
-            np.int32
-        )
+        fixed = minus_shift(biases[name], shift, target.scale)
+        if np.array_equal(fixed, biases[name]):
+            continue
+        biases[name] = fixed
         done.append(target.node.name or "")
         logger.debug(
             "empirical bias %s: %d of %d channels, max shift %.4g",

@@ -158,16 +158,22 @@ def correct_biases(
         shift = _output_shift(node, delta, means[source.inputs[0].name])
         bias_value = b_dq.inputs[0]
         assert bias_value is not None and bias_value.const_value is not None
-        q_bias = bias_value.const_value.numpy().astype(np.int64)
         scale = np.asarray(constant(b_dq.inputs[1]), np.float64)
-        fixed = q_bias - np.round(shift / np.where(scale == 0, 1, scale)).astype(np.int64)
-        info = np.iinfo(np.int32)
-        bias_value.const_value = ir.tensor(
-            np.clip(fixed, info.min, info.max).astype(np.int32), name=bias_value.name
-        )
+        fixed = minus_shift(bias_value.const_value.numpy(), shift, scale)
+        bias_value.const_value = ir.tensor(fixed, name=bias_value.name)
         done.append(node.name or "")
         logger.debug("bias correction %s: max shift %.4g", node.name, float(np.abs(shift).max()))
     return done
+
+
+def minus_shift(q_bias: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """An int32 bias with a float output ``shift`` taken off, in steps of its ``scale``.
+
+    A channel with scale 0 is left as it is; the result is clipped to the int32 range.
+    """
+    steps = np.round(shift / np.where(scale == 0, 1, scale)).astype(np.int64)
+    info = np.iinfo(np.int32)
+    return np.clip(q_bias.astype(np.int64) - steps, info.min, info.max).astype(np.int32)
 
 
 def _dequantize(dq: ir.Node) -> np.ndarray:
