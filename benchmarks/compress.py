@@ -45,11 +45,11 @@ def _row(model: str, method: str, base: Path, cand: Path, feeds1: dict, rounds: 
     p0, _ = _params(base)
     p1, sparsity = _params(cand)
     ms = _latency({"base": base, "cand": cand}, feeds1, rounds=rounds)
+    speedup, turns = _speedup(ms, "base", "cand")
     return {
         "model": model, "method": method, "params_ratio": p1 / p0, "sparsity": sparsity,
         "size_ratio": _size(base) / _size(cand), "zip_ratio": _zipped(base) / _zipped(cand),
-        "speedup": _speedup(ms, "base", "cand")[0],
-        "speedup_turns": _speedup(ms, "base", "cand")[1],
+        "speedup": speedup, "speedup_turns": turns,
     }  # fmt: skip
 
 

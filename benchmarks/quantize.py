@@ -204,10 +204,10 @@ def efficientnet(work: Path) -> list[dict[str, Any]]:
         p, q = _softmax(ref), _softmax(got)
         kl = (p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12)))).sum(1)
         confident = p.max(1) >= 0.5
+        speedup, turns = _speedup(latency, "fp32", name)
         measured.append({
             "model": "EfficientNet-Lite0", "method": name,
-            "speedup": _speedup(latency, "fp32", name)[0],
-            "speedup_turns": _speedup(latency, "fp32", name)[1],
+            "speedup": speedup, "speedup_turns": turns,
             "size_ratio": _size(paths["fp32"]) / _size(path),
             "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
             "top1_confident": float((ref.argmax(1) == got.argmax(1))[confident].mean()),
@@ -280,12 +280,11 @@ def minilm_rows(work: Path) -> list[dict[str, Any]]:
     for name, path in list(paths.items())[1:]:
         got = _pooled(_outputs(path, batches), feeds["attention_mask"])
         cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        by_seq = {n: _speedup(ms, "fp32", name) for n, ms in latency.items()}
         rows.append({
             "model": "all-MiniLM-L6-v2", "method": name,
-            "speedup": statistics.median(_speedup(ms, "fp32", name)[0]
-                                         for ms in latency.values()),
-            "speedup_turns_by_seq": {n: _speedup(ms, "fp32", name)[1]
-                                     for n, ms in latency.items()},
+            "speedup": statistics.median(median for median, _ in by_seq.values()),
+            "speedup_turns_by_seq": {n: turns for n, (_, turns) in by_seq.items()},
             "ms_by_seq": {n: [round(statistics.median(ms["fp32"]), 3),
                               round(statistics.median(ms[name]), 3)]
                           for n, ms in latency.items()},

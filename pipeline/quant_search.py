@@ -12,7 +12,8 @@
    kernels beat ORT's int8 ones here, then by damage per millisecond of float cost
    (:mod:`onnxpipe.node_cost`, from ORT profiles of the float and the int8 model). Nodes
    kept in float stay float at run time (``keep_float_weights`` in the static pass).
-4. Of the passing candidates, ship the fastest (batch-1 latency, measured interleaved).
+4. Of the passing candidates, ship the fastest (batch-1 latency, each timed alone in a
+   fresh process, taking turns: :func:`onnxpipe.bench.isolated_ms`).
 5. Apply empirical bias correction (:mod:`onnxpipe.graphs.empirical_bias`) to that one only,
    and keep it when it measures no worse.
 """
