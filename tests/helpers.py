@@ -14,9 +14,11 @@ import onnxruntime as ort
 def ort_session(model: ir.Model | str | Path) -> ort.InferenceSession:
     """A CPU session on an ir.Model (saved to a temp file) or a model path; asserts the EP."""
     if isinstance(model, ir.Model):
-        tmp = Path(tempfile.mkdtemp()) / "model.onnx"
-        ir.save(model, tmp)
-        model = tmp
+        # The session holds the model in memory: the file goes with the directory.
+        with tempfile.TemporaryDirectory(prefix="onnxpipe-test-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            ir.save(model, path)
+            return ort_session(path)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
     return session
