@@ -26,7 +26,7 @@ from onnxpipe.converters.source import (
 )
 from onnxpipe.data import load_data, parity_feeds, samples_in
 from onnxpipe.errors import ConversionError, GateFailed, InputError
-from onnxpipe.modelio import save_model
+from onnxpipe.modelio import random_outputs, save_model
 from onnxpipe.parity import measure_parity
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 
@@ -173,6 +173,7 @@ def check_parity(
         except ORT_ERRORS as e:
             raise RuntimeError(str(e).splitlines()[0]) from e
 
-    parity = measure_parity(reference, candidate, feeds_list, names, atol)
+    random = random_outputs(model_path)
+    parity = measure_parity(reference, candidate, feeds_list, names, atol, random)
     parity.update(reference=result.reference_name, samples=samples_in(feeds_list))
     return parity, samples

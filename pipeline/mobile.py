@@ -39,7 +39,7 @@ from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import parity_feeds
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
-from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE
+from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs
 from onnxpipe.parity import measure_parity
 from onnxpipe.runtime import ORT_ERRORS
 
@@ -251,6 +251,7 @@ def package_mobile(
                 feeds,
                 names,
                 atol,
+                random_outputs(source),
             )
             validation = {
                 "status": "passed" if parity["passed"] else "failed",

@@ -82,3 +82,49 @@ def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, 
 
     inputs = [entry(v) for v in model.graph.inputs if v.name not in initializers]
     return inputs, [entry(v) for v in model.graph.outputs]
+
+
+# Ops whose outputs change from run to run (and between runtimes): no parity is possible.
+RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+     "Bernoulli"}
+)  # fmt: skip
+
+
+def random_outputs(model: ir.Model | Path) -> dict[str, str]:
+    """Graph outputs that depend on a random op, mapped to that op's type.
+
+    Two runs of such an output differ (ORT reseeds per session, a framework has its own
+    generator), so parity and gates must leave it out rather than fail on it.
+    """
+    if isinstance(model, Path):
+        model = ir.load(model)
+    tainted: dict[str, str] = {}
+    changed = True
+    while changed:  # graphs are usually sorted: one or two sweeps
+        changed = False
+        for node in model.graph:
+            origin = _random_origin(node, tainted)
+            for out in node.outputs if origin else ():
+                if out.name and out.name not in tainted:
+                    tainted[out.name] = origin
+                    changed = True
+    return {v.name: tainted[v.name] for v in model.graph.outputs if v.name in tainted}
+
+
+def _random_origin(node: ir.Node, tainted: dict[str, str]) -> str:
+    """The random op that ``node``'s outputs depend on, or ''."""
+    inner: list[ir.Node] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            inner += ir.traversal.RecursiveGraphIterator(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            for graph in attr.value:
+                inner += ir.traversal.RecursiveGraphIterator(graph)
+    for each in (node, *inner):  # a subgraph's nodes may read values captured from outside
+        if each.op_type in RANDOM_OPS and each.domain in ("", "ai.onnx"):
+            return each.op_type
+        for value in each.inputs:
+            if value is not None and value.name in tainted:
+                return tainted[value.name]
+    return ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,12 +75,16 @@ def measure_parity(
     feeds_list: Sequence[Feeds],
     output_names: Sequence[str],
     atol: float,
+    random: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run both on every feed and fold the per-output rows into the manifest's ``parity``.
 
     A candidate that raises ``RuntimeError`` (for example ONNX Runtime refusing a shape the
-    export froze) is a failed parity with the error recorded, not a crash.
+    export froze) is a failed parity with the error recorded, not a crash. Outputs in
+    ``random`` (output -> the random op it depends on, see ``modelio.random_outputs``) differ
+    on every run: they are listed under ``not_compared`` (output -> op) instead of failing.
     """
+    random = dict(random or {})
     worst: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     top1: list[float] = []
@@ -98,6 +102,8 @@ def measure_parity(
             errors.append(f"at {shapes}: {e}")
             continue
         for row in rows:
+            if row["output"] in random:
+                continue
             if "error" in row:
                 errors.append(f"at {shapes}: output {row['output']}: {row['error']}")
                 continue
@@ -107,7 +113,8 @@ def measure_parity(
             if prev is None or row["max_abs_diff"] > prev["max_abs_diff"]:
                 worst[row["output"]] = {**row, "at": shapes}
     per_output = list(worst.values())
-    passed = not errors and bool(per_output) and all(r["passed"] for r in per_output)
+    compared = bool(per_output) or bool(random)
+    passed = not errors and compared and all(r["passed"] for r in per_output)
     return {
         "max_abs_diff": max((r["max_abs_diff"] for r in per_output), default=None),
         "max_rel_diff": max((r["max_rel_diff"] for r in per_output), default=None),
@@ -116,5 +123,15 @@ def measure_parity(
         "tolerance": {"atol": atol, "scaled_by": "max(1, max|reference|) per output"},
         "passed": passed,
         "outputs": per_output,
+        **({"not_compared": random} if random else {}),
         "errors": errors,
     }
+
+
+def not_compared_note(record: dict[str, Any]) -> str | None:
+    """'not compared: <outputs> (random: <ops>)' when a parity record left random outputs out."""
+    left_out: dict[str, str] = record.get("not_compared") or {}
+    if not left_out:
+        return None
+    ops = ", ".join(sorted(set(left_out.values())))
+    return f"not compared: {', '.join(left_out)} (random: {ops})"

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.card import BENCH_COLUMNS, bench_row
+from onnxpipe.parity import not_compared_note
 
 
 def _num(value: Any, fmt: str = ".3g") -> str:
@@ -45,7 +46,8 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
             "parity",
             f"max abs {_num(parity['max_abs_diff'])}, cosine "
             f"{_num(parity['cosine'], '.7f')}, top-1 {_num(parity['top1_agreement'])}, "
-            f"{parity['samples']} samples, passed={parity['passed']}",
+            f"{parity['samples']} samples, passed={parity['passed']}"
+            + (f"; {note}" if (note := not_compared_note(parity)) else ""),
         )
     for ep, result in manifest.get("validation", {}).items():
         reason = f" ({result['reason']})" if result.get("reason") else ""

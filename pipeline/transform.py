@@ -34,7 +34,7 @@ from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import Feeds, load_data, parity_feeds
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
-from onnxpipe.modelio import MODEL_FILE, save_model
+from onnxpipe.modelio import MODEL_FILE, random_outputs, save_model
 from onnxpipe.recipe import finalize
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 from onnxpipe.steps import Work
@@ -54,14 +54,24 @@ class TransformContext:
     inputs: list[InputSpec]
     eval_feeds: list[Feeds]
     scratch: Path
+    random: dict[str, str] = field(default_factory=dict)  # output -> the random op it depends on
     _reference: list[Outputs] | None = field(default=None, repr=False)
 
-    def run(self, model: ir.Model | Path, feeds: Sequence[Feeds] | None = None) -> list[Outputs]:
-        """Outputs of ``model`` on ORT CPU for every eval feed (or for ``feeds``)."""
+    def run(
+        self, model: ir.Model | Path, feeds: Sequence[Feeds] | None = None, every: bool = False
+    ) -> list[Outputs]:
+        """Outputs of ``model`` on ORT CPU for every eval feed (or for ``feeds``).
+
+        Outputs that depend on a random op are left out (they differ on every run, so no
+        gate can measure them) unless ``every``.
+        """
         path = model if isinstance(model, Path) else self.save(model, "candidate")
         try:
             session = make_session(path, SessionOptions(ep="cpu"))
-            return [list(session.run(None, dict(f))) for f in feeds or self.eval_feeds]
+            names = [o.name for o in session.get_outputs()]
+            if not every:
+                names = [n for n in names if n not in self.random]
+            return [list(session.run(names, dict(f))) for f in feeds or self.eval_feeds]
         except ORT_ERRORS as e:
             raise InputError(f"{path}: ONNX Runtime cannot run the model: {e}") from e
 
@@ -123,8 +133,9 @@ def derive_bundle(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxpipe-derive-") as scratch:
         ctx = TransformContext(
-            bundle, manifest, inputs, eval_feeds(bundle, inputs, eval_data), Path(scratch)
-        )
+            bundle, manifest, inputs, eval_feeds(bundle, inputs, eval_data), Path(scratch),
+            _measurable_outputs(bundle / MODEL_FILE, step_name),
+        )  # fmt: skip
         if gates:  # a gate the outputs cannot measure is bad input, before any search
             check_applicable(gates, ctx.reference())
         metrics: dict[str, Any] = {}
@@ -135,6 +146,18 @@ def derive_bundle(
             gate = ctx.measure(candidate)
             metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
             enforce(gates, gate, step_name)
+            metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs))
+            with atomic_dir(out) as tmp:
+                save_model(model, tmp)
+                outputs = ctx.run(tmp / MODEL_FILE, every=True)
+                save_parity_samples(tmp, ctx.eval_feeds, outputs)
+                work = Work(dir=tmp, manifest=_carry(manifest), inputs=inputs)
+                work.manifest["parity"] = _parity_record(manifest, gate, gates)
+                work.record_step(step_name, step_config, time.perf_counter() - started, metrics)
+                work.manifest["validation"] = validate_bundle(tmp, ["cpu"], inputs)
+                _require_valid(work.manifest["validation"]["cpu"], step_name)
+                work.manifest["bench"] = metrics.pop("_bench_after")
+                result = finalize(work)
         except GateFailed as e:
             numbers = metrics or e.metrics
             report = write_failure_report(
@@ -147,18 +170,28 @@ def derive_bundle(
                 },
             )
             raise GateFailed(f"{e} Nothing was written at {out}; numbers: {report}", numbers) from e
-        metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs))
-        with atomic_dir(out) as tmp:
-            save_model(model, tmp)
-            outputs = ctx.run(tmp / MODEL_FILE)
-            save_parity_samples(tmp, ctx.eval_feeds, outputs)
-            work = Work(dir=tmp, manifest=_carry(manifest), inputs=inputs)
-            work.manifest["parity"] = _parity_record(manifest, gate, gates)
-            work.record_step(step_name, step_config, time.perf_counter() - started, metrics)
-            work.manifest["validation"] = validate_bundle(tmp, ["cpu"], inputs)
-            work.manifest["bench"] = metrics.pop("_bench_after")
-            result = finalize(work)
     return result
+
+
+def _require_valid(record: dict[str, Any], step_name: str) -> None:
+    """GateFailed when the result fails ``validate`` on the CPU (a broken model is no result)."""
+    if record["status"] == "failed":
+        raise GateFailed(
+            f"{step_name}: the result fails validation on cpu ({record['reason']}).", record
+        )
+
+
+def _measurable_outputs(model: Path, step_name: str) -> dict[str, str]:
+    """The model's random outputs (see ``random_outputs``); InputError when all are."""
+    random = random_outputs(model)
+    if random and len(random) == len(ir.load(model).graph.outputs):
+        ops = ", ".join(sorted(set(random.values())))
+        raise InputError(
+            f"{model}: every output depends on a random op ({ops}), so {step_name} cannot be "
+            "measured against the input model. Feed the noise as a model input instead "
+            "(export with the random tensor as an argument), then run it again."
+        )
+    return random
 
 
 def _carry(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -118,3 +118,56 @@ def test_missing_external_data_is_named(cli, tmp_path):
     code, _, err = cli("convert", tmp_path / "mm.onnx", "-o", tmp_path / "out")
     assert code == 2 and "mm.onnx" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _noisy_model(path: Path, deterministic_output: bool) -> Path:
+    """x @ w plus RandomNormalLike noise as output y; with ``deterministic_output`` also Relu z."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 8)).astype("f"), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("RandomNormalLike", ["m"], ["noise"], scale=0.1),
+        helper.make_node("Add", ["m", "noise"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 8])]
+    if deterministic_output:
+        nodes.append(helper.make_node("Relu", ["m"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["b", 8]))
+    graph = helper.make_graph(
+        nodes,
+        "noisy",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])],
+        outputs,
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_random_outputs_are_left_out_of_parity_and_gates(cli, tmp_path):
+    model = _noisy_model(tmp_path / "noisy.onnx", deterministic_output=True)
+    bundle = tmp_path / "b"
+    code, out, err = cli("convert", model, "-o", bundle, "--no-bench")
+    assert code == 0, err
+    assert "not compared: y (random: RandomNormalLike)" in out
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["parity"]["not_compared"] == {"y": "RandomNormalLike"}
+    assert [r["output"] for r in manifest["parity"]["outputs"]] == ["z"]
+    # validate runs a new session: y differs from the stored outputs, z must still match
+    code, out, err = cli("validate", bundle)
+    assert code == 0, err
+    record = json.loads((bundle / "manifest.json").read_text())["validation"]["cpu"]
+    assert record["status"] == "passed" and record["not_compared"] == {"y": "RandomNormalLike"}
+    code, _, err = cli(
+        "quantize", bundle, "-o", tmp_path / "fp16", "--mode", "fp16", "--gate", "cosine>=0.999"
+    )
+    assert code == 0, err
+    step = json.loads((tmp_path / "fp16" / "manifest.json").read_text())["steps"][-1]
+    assert step["metrics"]["gate"]["cosine"] >= 0.999  # measured on z alone
+
+
+def test_model_with_only_random_outputs_cannot_be_gated(cli, tmp_path):
+    model = _noisy_model(tmp_path / "noisy.onnx", deterministic_output=False)
+    assert cli("convert", model, "-o", tmp_path / "b", "--no-bench")[0] == 0
+    code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "q", "--mode", "fp16")
+    assert code == 2 and "every output depends on a random op (RandomNormalLike)" in err
+    assert not (tmp_path / "q").exists()

@@ -165,6 +165,9 @@ def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    onnx.checker.check_model(model)  # the converter's Casts come out in topological order
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"]["cpu"]["status"] == "passed"
     x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
     want = ort_run(mlp / "model.onnx", {"x": x})[0]
     np.testing.assert_allclose(ort_run(out / "model.onnx", {"x": x})[0], want, atol=2e-2)

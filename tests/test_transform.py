@@ -97,3 +97,19 @@ def test_gate_failed_inside_the_transform_writes_the_numbers_too(source, tmp_pat
     assert not (tmp_path / "out").exists()
     report = json.loads((tmp_path / "out.failed.json").read_text())
     assert report["failed_step"] == "search" and report["metrics"]["best"]["top1"] == 0.5
+
+
+def test_result_that_fails_validation_is_not_written(source, tmp_path):
+    # ORT runs a graph whose nodes are out of order, the ONNX checker refuses it (the fp16
+    # converter's Casts once did this): the step must fail, not hand off a broken bundle.
+    def unsort(model: ir.Model, ctx):
+        first = next(iter(model.graph))
+        model.graph.remove(first)
+        model.graph.append(first)
+        return model, {}
+
+    with pytest.raises(GateFailed, match="fails validation on cpu.*topologically sorted"):
+        derive_bundle(source, tmp_path / "out", "unsort", PassConfig(), unsort, bench_runs=5)
+    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out.failed.json").read_text())
+    assert report["failed_step"] == "unsort" and "topologically" in report["error"]
