@@ -152,7 +152,7 @@ def derive_bundle(
                 outputs = ctx.run(tmp / MODEL_FILE, every=True)
                 save_parity_samples(tmp, ctx.eval_feeds, outputs)
                 work = Work(dir=tmp, manifest=_carry(manifest), inputs=inputs)
-                work.manifest["parity"] = _parity_record(manifest, gate, gates)
+                work.manifest["parity"] = _parity_record(manifest, gate, gates, ctx.random)
                 work.record_step(step_name, step_config, time.perf_counter() - started, metrics)
                 work.manifest["validation"] = validate_bundle(tmp, ["cpu"], inputs)
                 _require_valid(work.manifest["validation"]["cpu"], step_name)
@@ -200,7 +200,9 @@ def _carry(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in keep if k in manifest} | {"steps": list(manifest["steps"])}
 
 
-def _parity_record(manifest: dict[str, Any], gate: dict[str, Any], gates: Sequence[Gate]) -> dict:
+def _parity_record(
+    manifest: dict[str, Any], gate: dict[str, Any], gates: Sequence[Gate], random: dict[str, str]
+) -> dict:
     return {
         "reference": f"input bundle model (sha256 {manifest['model']['sha256'][:12]})",
         "samples": gate["samples"],
@@ -211,6 +213,7 @@ def _parity_record(manifest: dict[str, Any], gate: dict[str, Any], gates: Sequen
         "kl": gate["kl"],
         "tolerance": [str(g) for g in gates] or None,
         "passed": all(g.passes(gate) for g in gates),
+        **({"not_compared": random} if random else {}),
         "source_parity": manifest.get("parity"),
     }
 

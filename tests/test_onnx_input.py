@@ -161,8 +161,9 @@ def test_random_outputs_are_left_out_of_parity_and_gates(cli, tmp_path):
         "quantize", bundle, "-o", tmp_path / "fp16", "--mode", "fp16", "--gate", "cosine>=0.999"
     )
     assert code == 0, err
-    step = json.loads((tmp_path / "fp16" / "manifest.json").read_text())["steps"][-1]
-    assert step["metrics"]["gate"]["cosine"] >= 0.999  # measured on z alone
+    derived = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
+    assert derived["steps"][-1]["metrics"]["gate"]["cosine"] >= 0.999  # measured on z alone
+    assert derived["parity"]["not_compared"] == {"y": "RandomNormalLike"}
 
 
 def test_model_with_only_random_outputs_cannot_be_gated(cli, tmp_path):
