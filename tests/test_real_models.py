@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -137,3 +138,20 @@ def test_bert_auto_ships_dynamo_with_parity_at_new_lengths(cli, tmp_path):
     assert manifest["parity"]["max_abs_diff"] < 1e-4
     assert [o["name"] for o in manifest["outputs"]] == ["last_hidden_state", "pooler_output"]
     assert manifest["outputs"][0]["shape"] == ["batch", "seq", 64]
+
+
+def test_bert_fp16_passes_the_onnx_checker(cli, tmp_path):
+    # LayerNormalization is blocked from float16: weights kept float32 for it were still
+    # called float16 in the converter's value_info, which the ONNX checker in validate refused.
+    from tests.conftest import model_ref
+
+    bundle, out = tmp_path / "bert", tmp_path / "fp16"
+    code, _, err = cli("convert", model_ref("tiny_bert"), "-o", bundle, *BERT_INPUTS, "--no-bench")
+    assert code == 0, err
+    code, _, err = cli("quantize", bundle, "-o", out, "--mode", "fp16", "--gate", "cosine>=0.999")
+    assert code == 0, err
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"]["cpu"]["status"] == "passed"
