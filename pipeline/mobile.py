@@ -242,7 +242,7 @@ def package_mobile(
                     shutil.copy2(item, tmp / item.name)
             ort_path, config_path = to_ort_format(source, tmp / MOBILE_DIR, level)
             feeds = _mobile_feeds(bundle, inputs, fixed)
-            reference = make_session(source, SessionOptions())
+            reference = make_session(source, SessionOptions(level=level))
             mobile = make_session(ort_path, SessionOptions())
             names = [o.name for o in reference.get_outputs()]
             parity = measure_parity(

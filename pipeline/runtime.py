@@ -52,12 +52,21 @@ class ProviderUnavailable(Exception):
     """The EP cannot run here; the message says why (not installed, fell back to CPU)."""
 
 
+GRAPH_LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How to build a session: EP short name and intra-op threads (0 = ORT's default)."""
 
     ep: str = "cpu"
     threads: int = 0
+    level: str | None = None  # graph optimizations: none/basic/extended/all (None: ORT's, all)
 
 
 def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
@@ -75,6 +84,8 @@ def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort
     if options.threads:
         so.intra_op_num_threads = options.threads
     so.log_severity_level = 3
+    if options.level is not None:
+        so.graph_optimization_level = GRAPH_LEVELS[options.level]
     providers = (
         [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     )
