@@ -273,6 +273,8 @@ def _quiet(debug: bool) -> Iterator[None]:
     if debug:
         yield
         return
+    # TensorFlow's C++ errors include "failed call to cuInit" on every machine without a GPU.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stdout.flush()
     saved = os.dup(1)
     for name in ("torch", "onnxscript", "tf2onnx", "tensorflow", "absl"):
