@@ -86,10 +86,10 @@ def validate_bundle(
     feeds_list = [feeds for feeds, _ in pairs]
     results: dict[str, dict[str, Any]] = {}
     for ep in eps:
-        ep_feeds, expected, reference = feeds_list, by_id, reference_name
+        ep_feeds, expected, source = feeds_list, by_id, reference_name
         try:
             if ep == "mobile":
-                session, ep_feeds, expected, reference = _mobile_session(bundle, feeds_list)
+                session, ep_feeds, expected, source = _mobile_session(bundle, feeds_list)
             else:
                 session = make_session(model, SessionOptions(ep=ep))
         except ProviderUnavailable as e:
@@ -105,16 +105,18 @@ def validate_bundle(
             except ORT_ERRORS as e:
                 raise RuntimeError(str(e).splitlines()[0]) from e
 
+        def reference(
+            feeds: dict[str, np.ndarray], _e: dict[int, list[np.ndarray]] = expected
+        ) -> list[np.ndarray]:
+            return _e[id(feeds)]
+
         names = [o.name for o in session.get_outputs()]
-        random = random_outputs(model)
-        parity = measure_parity(
-            lambda f, _e=expected: _e[id(f)], candidate, ep_feeds, names, atol, random
-        )
+        parity = measure_parity(reference, candidate, ep_feeds, names, atol, random_outputs(model))
         results[ep] = {
             "status": "passed" if parity["passed"] else "failed",
             "reason": _why(parity) if not parity["passed"] else not_compared_note(parity),
             "providers": session.get_providers(),
-            "reference": reference,
+            "reference": source,
             "samples": samples_in(ep_feeds),
             "max_abs_diff": parity["max_abs_diff"],
             "cosine": parity["cosine"],
