@@ -4,7 +4,8 @@ EfficientNet-Lite0 (ImageNet weights): ``prune --method channels --ratio 0.3 --g
 and ``--method magnitude --ratio 0.5``. all-MiniLM-L6-v2: ``--method lowrank --ratio 0.5
 --gate cosine>=0.98``. Ratios are chosen on tuning data; accuracy is measured on held-out data
 disjoint from it (other photos; other sentences, see ``compress_data.py``). Latency: batch 1,
-ORT CPU, both models timed in the same run, interleaved, medians.
+ORT CPU, each model alone in a fresh process, taking turns 5 times; the speedup is the median
+of the turn-by-turn ratios.
 
     python benchmarks/compress.py [--work DIR] [--only efficientnet|minilm] [--json]
 """

