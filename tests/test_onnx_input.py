@@ -172,3 +172,26 @@ def test_model_with_only_random_outputs_cannot_be_gated(cli, tmp_path):
     code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "q", "--mode", "fp16")
     assert code == 2 and "every output depends on a random op (RandomNormalLike)" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_unsorted_graph_is_sorted_and_other_checker_faults_refused(cli, tmp_path):
+    # Graph editors append nodes out of order: ORT runs it, the ONNX checker does not.
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4])
+    nodes = [helper.make_node("Relu", ["m"], ["y"]), helper.make_node("Neg", ["x"], ["m"])]
+    unsorted = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    onnx.save(unsorted, tmp_path / "unsorted.onnx")
+    code, _, err = cli("convert", tmp_path / "unsorted.onnx", "-o", tmp_path / "b", "--no-bench")
+    assert code == 0, err
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Neg", "Relu"]
+    feeds = {"x": np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)}
+    np.testing.assert_array_equal(ort_run(tmp_path / "b" / "model.onnx", feeds)[0], [[1, 0, 3, 0]])
+    # a node reading a tensor nobody produces is not a matter of order
+    broken = helper.make_graph([helper.make_node("Relu", ["nowhere"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(broken), tmp_path / "broken.onnx")
+    code, _, err = cli("convert", tmp_path / "broken.onnx", "-o", tmp_path / "c", "--no-bench")
+    assert code == 2 and "fails the ONNX checker" in err and "broken.onnx" in err
