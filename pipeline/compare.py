@@ -24,7 +24,7 @@ from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds
 from onnxpipe.errors import InputError
 from onnxpipe.graphs.base import attr_int
-from onnxpipe.modelio import MODEL_FILE
+from onnxpipe.modelio import MODEL_FILE, random_outputs
 from onnxpipe.parity import compare_outputs
 from onnxpipe.runtime import SessionOptions, make_session
 
@@ -150,6 +150,12 @@ def compare_bundles(
     feeds_a = load_data(data, specs["a"]) if data else parity_feeds(specs["a"])
     sessions = {k: make_session(p / MODEL_FILE, SessionOptions()) for k, p in (("a", a), ("b", b))}
     names = [o.name for o in sessions["a"].get_outputs()]
+    # Outputs fed by a random op (in either model; paired by position) differ on every run.
+    random = random_outputs(a / MODEL_FILE)
+    random_b = random_outputs(b / MODEL_FILE)
+    for name, name_b in zip(names, [o.name for o in sessions["b"].get_outputs()], strict=False):
+        if name_b in random_b:
+            random.setdefault(name, random_b[name_b])
     rows: list[dict[str, Any]] = []
     for feeds in feeds_a:
         feeds_b = {
@@ -159,13 +165,14 @@ def compare_bundles(
         out_a = sessions["a"].run(None, feeds)
         out_b = sessions["b"].run(None, feeds_b)
         out_b = [_like(o_b, o_a, maps) for o_a, o_b in zip(out_a, out_b, strict=False)]
-        rows.extend(compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4))
+        compared = compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4)
+        rows.extend(r for r in compared if r["output"] not in random)
     models = {k: ir.load(p / MODEL_FILE) for k, p in (("a", a), ("b", b))}
     record: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
         "inputs": {k: m["inputs"] for k, m in manifests.items()},
-        "outputs": _agreement(rows),
+        "outputs": _agreement(rows) | ({"not_compared": random} if random else {}),
         "ops": {k: op_histogram(m) for k, m in models.items()},
         "params": {k: parameter_count(m) for k, m in models.items()},
         "latency_ms": {"a": None, "b": None},

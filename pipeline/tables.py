@@ -126,6 +126,8 @@ def compare_table(record: dict[str, Any]) -> Table:
         f"max abs {_num(out['max_abs_diff'])}",
         f"cosine {_num(out['cosine'], '.7f')}, top-1 {_num(out['top1_agreement'])}",
     )
+    if note := not_compared_note(out):
+        table.add_row("", escape(note), "")
     ops_a, ops_b = record["ops"]["a"], record["ops"]["b"]
     for op in sorted(set(ops_a) | set(ops_b)):
         if ops_a.get(op) != ops_b.get(op):

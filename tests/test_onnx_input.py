@@ -164,6 +164,11 @@ def test_random_outputs_are_left_out_of_parity_and_gates(cli, tmp_path):
     derived = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
     assert derived["steps"][-1]["metrics"]["gate"]["cosine"] >= 0.999  # measured on z alone
     assert derived["parity"]["not_compared"] == {"y": "RandomNormalLike"}
+    code, out, err = cli("compare", bundle, bundle, "--json")
+    assert code == 0, err
+    agreement = json.loads(out)["outputs"]
+    assert agreement["not_compared"] == {"y": "RandomNormalLike"}
+    assert agreement["max_abs_diff"] == 0.0  # z, the model against itself
 
 
 def test_model_with_only_random_outputs_cannot_be_gated(cli, tmp_path):
