@@ -13,8 +13,9 @@ fp32 ORT.
 GPTQ rounding, bias correction). ``conf`` is top-1 agreement on the eval crops where fp32
 is confident (top-1 prob >= 0.5).
 When the EfficientNet gate fails, its row shows the numbers the gate measured, and the
-search's best candidate is rebuilt from its float nodes (``--exclude``), so that model's
-speed and size show.
+search's best candidate is rebuilt from the flags its row records (``--exclude`` for its
+float nodes, ``--no-empirical-bias`` where the search did not keep that correction), so that
+model's speed and size show.
 
     python benchmarks/quantize.py [--work DIR]
 """
@@ -190,12 +191,10 @@ def efficientnet(work: Path) -> list[dict[str, Any]]:
         # search may take another path.
         report = json.loads((work / "effnet-int8.failed.json").read_text())
         best = next(r for r in report["metrics"]["auto"]["candidates"] if r.get("chosen"))
-        config = best["config"].split(" + ")[0].split()  # e.g. qdq u8s8 per-channel minmax
-        flags = ["--method", config[3], *(["--per-tensor"] if config[2] == "per-tensor" else [])]
-        flags += [f for node in best.get("float_nodes", []) for f in ("--exclude", node)]
-        out = work / "effnet-int8-reached"
-        _cli("quantize", fp32, "-o", out, *args[:2], *args[3:], *flags, "--overwrite")
-        paths[f"best --auto candidate ({best.get('kept_float', 0)} float)"] = out / "model.onnx"
+        if best["flags"] is not None:  # None: an s8s8 candidate, which no flag selects
+            out = work / "effnet-int8-reached"
+            _cli("quantize", fp32, "-o", out, *args[:2], *args[3:], *best["flags"], "--overwrite")
+            paths[f"best --auto candidate ({best.get('kept_float', 0)} float)"] = out / "model.onnx"
     else:
         paths["onnxpipe static --auto"] = work / "effnet-int8" / "model.onnx"
     ref = _outputs(paths["fp32"], evals)

@@ -107,6 +107,18 @@ def test_auto_records_candidate_table(cli, cnn, cnn_data, tmp_path):
     chosen = next(r for r in rows if r.get("chosen"))
     assert chosen["passed"] and chosen["latency_ms"] > 0 and chosen["bytes"] > 0
     assert step["metrics"]["gate"]["top1"] >= 0.9
+    # The row's flags rebuild the chosen model without the search (u8s8 is the default here).
+    assert chosen["flags"] is not None
+    again = tmp_path / "again"
+    code, _, err = cli("quantize", cnn, "-o", again, "--mode", "static",
+                       "--calib", cnn_data / "calib.npz", *chosen["flags"])  # fmt: skip
+    assert code == 0, err
+    x = np.load(cnn_data / "eval.npz")["x"]
+    np.testing.assert_allclose(
+        ort_run(again / "model.onnx", {"x": x})[0],
+        ort_run(out / "model.onnx", {"x": x})[0],
+        atol=1e-6,
+    )
 
 
 def test_image_directory_calibration(cli, cnn, tmp_path):
