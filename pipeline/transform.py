@@ -183,8 +183,9 @@ def _require_valid(record: dict[str, Any], step_name: str) -> None:
 
 def _measurable_outputs(model: Path, step_name: str) -> dict[str, str]:
     """The model's random outputs (see ``random_outputs``); InputError when all are."""
-    random = random_outputs(model)
-    if random and len(random) == len(ir.load(model).graph.outputs):
+    loaded = ir.load(model)
+    random = random_outputs(loaded)
+    if random and len(random) == len(loaded.graph.outputs):
         ops = ", ".join(sorted(set(random.values())))
         raise InputError(
             f"{model}: every output depends on a random op ({ops}), so {step_name} cannot be "

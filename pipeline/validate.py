@@ -84,6 +84,7 @@ def validate_bundle(
             return {ep: {"status": "failed", "reason": reason} for ep in eps}
     by_id = {id(feeds): outs for feeds, outs in pairs}
     feeds_list = [feeds for feeds, _ in pairs]
+    random = random_outputs(model)
     results: dict[str, dict[str, Any]] = {}
     for ep in eps:
         ep_feeds, expected, source = feeds_list, by_id, reference_name
@@ -111,7 +112,7 @@ def validate_bundle(
             return _e[id(feeds)]
 
         names = [o.name for o in session.get_outputs()]
-        parity = measure_parity(reference, candidate, ep_feeds, names, atol, random_outputs(model))
+        parity = measure_parity(reference, candidate, ep_feeds, names, atol, random)
         results[ep] = {
             "status": "passed" if parity["passed"] else "failed",
             "reason": _why(parity) if not parity["passed"] else not_compared_note(parity),
