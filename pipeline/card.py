@@ -73,7 +73,8 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         f"{model['bytes'] / 1e6:.2f} MB, sha256 `{model['sha256']}`.",
         f"Source: {source.get('framework', 'n/a')} via {source.get('exporter', 'n/a')}"
         + (f" (fallback: {source['fallback_reason']})" if source.get("fallback_reason") else "")
-        + ".",
+        + "."
+        + "".join(f" {note[:1].upper()}{note[1:]}." for note in source.get("notes") or []),
         "",
         "## Inputs and outputs",
         "",

@@ -203,6 +203,7 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
         f"{model['bytes'] / 1e6:.2f} MB, sha256 <code>{_e(model['sha256'])}</code><br>"
         f"source: {_e(source.get('framework'))} via {_e(source.get('exporter'))}"
         + (f" (fallback: {_e(source['fallback_reason'])})" if source.get("fallback_reason") else "")
+        + "".join(f"<br>note: {_e(note)}" for note in source.get("notes") or [])
         + "</p>",
     ]
     io_rows = [

@@ -113,6 +113,7 @@ class ConvertStep(StepConfig):
             "framework": result.framework,
             "exporter": result.exporter,
             "fallback_reason": result.fallback_reason,
+            "notes": list(result.notes),
             "path": self.source,
             "attempts": done.attempts,
         }

@@ -30,6 +30,8 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
     table.add_row("source", f"{source.get('framework')} via {source.get('exporter')}")
     if source.get("fallback_reason"):
         table.add_row("fallback", escape(str(source["fallback_reason"])))
+    if source.get("notes"):
+        table.add_row("notes", escape("; ".join(source["notes"])))
     for kind in ("inputs", "outputs"):
         table.add_row(
             kind,

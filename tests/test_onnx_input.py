@@ -193,6 +193,12 @@ def test_unsorted_graph_is_sorted_and_other_checker_faults_refused(cli, tmp_path
     model = onnx.load(str(tmp_path / "b" / "model.onnx"))
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["Neg", "Relu"]
+    # the fix reaches the handoff documents, not only the log
+    note = "nodes sorted into topological order"
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert any(note in n for n in manifest["source"]["notes"])
+    assert note in (tmp_path / "b" / "README.md").read_text().lower()
+    assert note in (tmp_path / "b" / "report.html").read_text()
     feeds = {"x": np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)}
     np.testing.assert_array_equal(ort_run(tmp_path / "b" / "model.onnx", feeds)[0], [[1, 0, 3, 0]])
     # a node reading a tensor nobody produces is not a matter of order
