@@ -38,6 +38,20 @@ PASSES: dict[str, str] = {
 }
 """Built-in passes, ``name -> "onnxpipe.graphs.<module>:<Class>"``; filled as passes land."""
 
+
+def ort_graph_level(name: str) -> Any:
+    """ONNX Runtime's ``GraphOptimizationLevel`` for ``none``/``basic``/``extended``/``all``."""
+    import onnxruntime as ort  # noqa: PLC0415 - graph passes need not load ORT
+
+    levels = ort.GraphOptimizationLevel
+    return {
+        "none": levels.ORT_DISABLE_ALL,
+        "basic": levels.ORT_ENABLE_BASIC,
+        "extended": levels.ORT_ENABLE_EXTENDED,
+        "all": levels.ORT_ENABLE_ALL,
+    }[name]
+
+
 ENTRY_POINT_GROUP = "onnxpipe.passes"
 
 

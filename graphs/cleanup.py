@@ -26,7 +26,7 @@ import onnx_ir.passes.common as common
 from pydantic import Field, model_validator
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model
+from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model, ort_graph_level
 
 logger = logging.getLogger(__name__)
 
@@ -178,16 +178,11 @@ def _slim(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
 def _ort_optimize(model: ir.Model, level: str) -> ir.Model:
     import onnxruntime as ort  # noqa: PLC0415
 
-    levels = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
     with tempfile.TemporaryDirectory(prefix="onnxpipe-cleanup-") as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         ir.save(model, source)
         options = ort.SessionOptions()
-        options.graph_optimization_level = levels[level]
+        options.graph_optimization_level = ort_graph_level(level)
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 3
         try:

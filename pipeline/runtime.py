@@ -13,6 +13,8 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from onnxpipe.graphs.base import ort_graph_level
+
 logger = logging.getLogger(__name__)
 
 # ORT's Python errors do not share a base class beyond Exception; these are all of them.
@@ -52,14 +54,6 @@ class ProviderUnavailable(Exception):
     """The EP cannot run here; the message says why (not installed, fell back to CPU)."""
 
 
-GRAPH_LEVELS = {
-    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
 @dataclass(frozen=True)
 class SessionOptions:
     """How to build a session: EP short name and intra-op threads (0 = ORT's default)."""
@@ -85,7 +79,7 @@ def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort
         so.intra_op_num_threads = options.threads
     so.log_severity_level = 3
     if options.level is not None:
-        so.graph_optimization_level = GRAPH_LEVELS[options.level]
+        so.graph_optimization_level = ort_graph_level(options.level)
     providers = (
         [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     )
