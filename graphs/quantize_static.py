@@ -255,9 +255,13 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         values = load_arrays(cache)
         missing = [k for k in keys if k not in values]
         if missing:
-            values.update(compute(missing))
+            computed = compute(missing)
+            if stored_dtype is not None:
+                # use what the cache keeps, so a fresh build equals one that reads the cache
+                computed = {k: v.astype(stored_dtype) for k, v in computed.items()}
+            values.update(computed)
             if cache is not None:
-                save_arrays(cache, values, stored_dtype)
+                save_arrays(cache, values)
         return values
 
     def _correct_biases(self, result: ir.Model, model: ir.Model) -> list[str]:

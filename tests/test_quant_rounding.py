@@ -109,6 +109,41 @@ def test_static_pass_with_gptq_rounding_is_closer_to_float_on_ort():
     assert passes["nearest"].metrics["gptq_rounded_nodes"] == 0
 
 
+def test_gptq_build_is_the_same_with_a_fresh_or_a_filled_statistics_cache(tmp_path, monkeypatch):
+    # --auto's candidates read the Hessians cached by the first; a rebuild from the recorded
+    # flags computes them afresh: both must round with the same numbers (float32 was cached
+    # while a fresh build used float64, and a rebuilt EfficientNet-Lite0 lost a crop of top-1)
+    import onnxpipe.graphs.quantize_static as qs  # noqa: PLC0415
+
+    used: list[dict[str, np.ndarray]] = []
+
+    def spy(result, model, hessians, limits):
+        used.append(dict(hessians))
+        return qr.round_weights(result, model, hessians, limits)
+
+    monkeypatch.setattr(qs, "round_weights", spy)
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(16, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    model = _model(nodes, [numpy_helper.from_array(w, "w")], [None, 8, 4, 4])
+    calib = rng.normal(size=(8, 8, 4, 4)).astype(np.float32) / 3
+
+    def weights(cache):
+        q = QuantizeStaticPass(calibration=[{"x": calib}], calibration_cache=cache)(model).model
+        return {n: v.const_value.numpy() for n, v in q.graph.initializers.items()}
+
+    fresh = weights(None)
+    weights(tmp_path / "calib.json")  # fills the cache
+    cached = weights(tmp_path / "calib.json")
+    assert (tmp_path / "calib.hessians.npz").is_file()
+    (h_fresh,), (h_cached,) = used[0].values(), used[2].values()
+    assert h_fresh.dtype == h_cached.dtype
+    np.testing.assert_array_equal(h_fresh, h_cached)
+    assert fresh.keys() == cached.keys()
+    for name, array in fresh.items():
+        np.testing.assert_array_equal(array, cached[name], err_msg=name)
+
+
 def _chain(kernels: dict[str, int], extra: int) -> ir.Model:
     """x -> a -> b -> c -> Add(big slice) -> y: k x k convs on 4x8x8 tensors (256 elements)."""
     inits = [numpy_helper.from_array(np.ones((4, 4, k, k), np.float32), f"w{n}")
