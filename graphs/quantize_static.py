@@ -119,9 +119,11 @@ def resolve_activation_type(setting: str) -> str:
 class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
     """Insert int8 quantization calibrated on ``calibration`` feeds.
 
-    ``calibration_cache`` (a JSON file) stores the activation ranges per method, so that many
-    candidates (types, per-channel, exclusions) share one calibration run; the input means
-    of bias correction are cached beside it (``.means.npz``). Conv/Gemm nodes left in float
+    ``calibration_cache`` (a JSON file) stores the activation ranges of one calibration
+    method, so that many candidates (types, per-channel, exclusions) share one calibration
+    run. ``statistics_cache`` (a path whose suffix is replaced) stores what does not depend on
+    the method: GPTQ Hessians, input and output means; by default it sits beside
+    ``calibration_cache``. Conv/Gemm nodes left in float
     get their own per-axis DequantizeLinear input so that ORT does not quantize them at
     session start (:func:`~onnxpipe.graphs.quant_weights.keep_float_weights`).
 
@@ -139,11 +141,13 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         *,
         calibration: Sequence[Feeds] = (),
         calibration_cache: Path | None = None,
+        statistics_cache: Path | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(config, **settings)
         self.calibration = list(calibration)
         self.calibration_cache = calibration_cache
+        self.statistics_cache = statistics_cache or calibration_cache
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Return the quantized model (a new object)."""
@@ -247,11 +251,11 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         compute: Callable[[list[str]], dict[str, np.ndarray]],
         stored_dtype: type | None = None,
     ) -> dict[str, np.ndarray]:
-        """Calibration statistics by key, cached beside the calibration cache (``suffix``).
+        """Float statistics of the calibration data by key, cached (``suffix``).
 
         Candidates of ``--auto`` share them: only keys not cached yet are computed.
         """
-        cache = self.calibration_cache.with_suffix(suffix) if self.calibration_cache else None
+        cache = self.statistics_cache.with_suffix(suffix) if self.statistics_cache else None
         values = load_arrays(cache)
         missing = [k for k in keys if k not in values]
         if missing:

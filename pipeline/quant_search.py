@@ -116,6 +116,18 @@ def _score(gates: Sequence[Gate], metrics: dict[str, Any]) -> float:
     return float(value) if gates[0].op == ">=" else -float(value)
 
 
+def caches(ctx: TransformContext, method: str = "minmax") -> dict[str, Path]:
+    """Cache paths shared by the static builds of one run.
+
+    Activation ranges are kept per calibration method; the float statistics (GPTQ Hessians,
+    input and output means) do not depend on the method, so every method shares them.
+    """
+    return {
+        "calibration_cache": ctx.scratch / f"calib-{method}.json",
+        "statistics_cache": ctx.scratch / "float-statistics.json",
+    }
+
+
 def auto_static(
     model: ir.Model,
     ctx: TransformContext,
@@ -133,9 +145,7 @@ def auto_static(
 
     def attempt(cfg: QuantizeStaticConfig, label: str) -> dict[str, Any]:
         started = time.perf_counter()
-        q = QuantizeStaticPass(
-            cfg, calibration=calib, calibration_cache=ctx.scratch / f"calib-{cfg.method}.json"
-        )
+        q = QuantizeStaticPass(cfg, calibration=calib, **caches(ctx, cfg.method))
         try:
             result = q(model).model
         except PassError as e:
@@ -211,9 +221,7 @@ def _refine(
     candidate that passed must still pass.
     """
     refined = copy_model(chosen)
-    static = QuantizeStaticPass(
-        calibration=calib, calibration_cache=ctx.scratch / "calib-minmax.json"
-    )
+    static = QuantizeStaticPass(calibration=calib, statistics_cache=caches(ctx)["statistics_cache"])
     nodes = static.correct_empirically(refined, model)
     if not nodes:
         return chosen, {}
@@ -260,9 +268,7 @@ def _float_fallback(
     damage: dict[tuple[str, ...], float] = {}
     for unit in units:
         one = cfg.model_copy(update={"include": unit})
-        q = QuantizeStaticPass(
-            one, calibration=calib, calibration_cache=ctx.scratch / f"calib-{cfg.method}.json"
-        )
+        q = QuantizeStaticPass(one, calibration=calib, **caches(ctx, cfg.method))
         path = ctx.save(q(model).model, "sensitivity")
         measured = gate_metrics(reference, ctx.run(path, sens_feeds))
         damage[unit] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]

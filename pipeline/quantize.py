@@ -174,15 +174,16 @@ def _quantize(
     calib = load_data(s.calib, ctx.inputs)
     from onnxpipe.graphs.quantize_static import QuantizeStaticPass  # noqa: PLC0415
 
-    cache = ctx.scratch / f"calib-{s.method}.json"
     if s.auto:
         from onnxpipe.quant_search import auto_static  # noqa: PLC0415
 
         result, metrics = auto_static(model, ctx, calib, gates, s)
     else:
+        from onnxpipe.quant_search import caches  # noqa: PLC0415
+
         static = QuantizeStaticPass(
             calibration=calib,
-            calibration_cache=cache,
+            **caches(ctx, s.method),
             format=s.format,
             per_channel=s.per_channel,
             method=s.method,

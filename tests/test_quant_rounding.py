@@ -144,6 +144,35 @@ def test_gptq_build_is_the_same_with_a_fresh_or_a_filled_statistics_cache(tmp_pa
         np.testing.assert_array_equal(array, cached[name], err_msg=name)
 
 
+def test_calibration_methods_share_the_float_statistics(tmp_path, monkeypatch):
+    # ranges are cached per method; Hessians and means do not depend on it: computed once
+    import onnxpipe.graphs.quantize_static as qs  # noqa: PLC0415
+
+    computed: list[str] = []
+    for name in ("input_hessians", "input_means", "sample_means"):
+        real = getattr(qs, name)
+        monkeypatch.setattr(
+            qs, name, lambda *a, _real=real, _name=name: computed.append(_name) or _real(*a)
+        )
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")]
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b")]  # fmt: skip
+    model = _model(nodes, inits, [None, 8, 4, 4])
+    calib = [{"x": rng.normal(size=(16, 8, 4, 4)).astype(np.float32)}]
+    stats = tmp_path / "float-statistics.json"
+    for method in ("minmax", "percentile"):
+        QuantizeStaticPass(
+            calibration=calib,
+            calibration_cache=tmp_path / f"calib-{method}.json",
+            statistics_cache=stats,
+            method=method,
+        )(model)
+    assert sorted(computed) == ["input_hessians", "input_means", "sample_means"]
+    assert (tmp_path / "calib-minmax.json").is_file()
+    assert (tmp_path / "calib-percentile.json").is_file()
+
+
 def _chain(kernels: dict[str, int], extra: int) -> ir.Model:
     """x -> a -> b -> c -> Add(big slice) -> y: k x k convs on 4x8x8 tensors (256 elements)."""
     inits = [numpy_helper.from_array(np.ones((4, 4, k, k), np.float32), f"w{n}")
