@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import onnx_ir as ir
@@ -116,7 +116,14 @@ def _score(gates: Sequence[Gate], metrics: dict[str, Any]) -> float:
     return float(value) if gates[0].op == ">=" else -float(value)
 
 
-def caches(ctx: TransformContext, method: str = "minmax") -> dict[str, Path]:
+class Caches(TypedDict):
+    """Keyword arguments of :class:`QuantizeStaticPass` naming its caches."""
+
+    calibration_cache: Path
+    statistics_cache: Path
+
+
+def caches(ctx: TransformContext, method: str = "minmax") -> Caches:
     """Cache paths shared by the static builds of one run.
 
     Activation ranges are kept per calibration method; the float statistics (GPTQ Hessians,

@@ -54,6 +54,7 @@ def test_bundle_holds_what_the_contract_says(bundle):
         "framework": "torch",
         "exporter": "dynamo",
         "fallback_reason": None,
+        "notes": [],
         "path": model_ref("gated"),
         "attempts": None,
     }

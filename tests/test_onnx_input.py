@@ -27,6 +27,7 @@ def test_onnx_zoo_models_become_bundles(name, cli, tmp_path):
         "framework": "onnx",
         "exporter": "none",
         "fallback_reason": None,
+        "notes": [],
         "attempts": None,
         "path": None,
     }
