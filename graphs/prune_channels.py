@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from onnxpipe.graphs.base import GraphPass, PassConfig
 from onnxpipe.graphs.channel_groups import Group, find_groups
-from onnxpipe.graphs.quant_utils import tap_session
+from onnxpipe.graphs.quant_utils import cpu_flags, tap_session
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,12 @@ class PruneChannelsConfig(PassConfig):
         description="channel importance: weight = producer row norm x consumer column norm; "
         "activation = RMS activation on the given feeds x consumer column norm",
     )
-    multiple_of: int = Field(
-        8,
+    multiple_of: int | None = Field(
+        None,
         ge=1,
-        description="keep a multiple of this many channels: ORT's NCHWc conv kernels need "
-        "channel counts divisible by the SIMD block (8 on AVX2, 16 on AVX-512)",
+        description="keep a multiple of this many channels (None: this CPU's NCHWc block, 16 "
+        "with AVX-512, else 8): ORT's NCHWc conv kernels pad channel counts to the SIMD "
+        "block, so a cut that is not a multiple of it saves little time",
     )
     min_channels: int = Field(8, ge=1, description="never keep fewer channels than this")
     refit: Literal["none", "bias", "lstsq"] = Field(
@@ -154,10 +155,19 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
     def _keep_count(self, channels: int, ratio: float) -> int:
         if ratio <= 0:
             return channels
-        step = self.config.multiple_of
+        step = self.config.multiple_of or nchwc_block()
         keep = channels - int(round(channels * ratio))
         keep = int(math.ceil(keep / step) * step)
         return min(channels, max(keep, self.config.min_channels))
+
+
+def nchwc_block() -> int:
+    """Channels per SIMD block of ORT's NCHWc conv kernels on this CPU.
+
+    Measured on a 2-core AVX-512 machine (1x1 + depthwise 3x3 + 1x1 at 56x56): 96 channels
+    0.53 ms, 104 0.69, 112 0.71, 120 0.78, 128 0.80: time steps at multiples of 16.
+    """
+    return 16 if "avx512f" in cpu_flags() else 8
 
 
 def _norms(cut: Any) -> np.ndarray:

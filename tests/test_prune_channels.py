@@ -86,6 +86,18 @@ def test_multiple_of_rounds_kept_channels_up(cnn_bundle):
     assert all(after % 8 == 0 for _, after in graph_pass.metrics["channels"].values())
 
 
+@pytest.mark.parametrize(("flags", "block"), [({"avx2"}, 8), ({"avx2", "avx512f"}, 16)])
+def test_default_multiple_is_the_cpus_nchwc_block(cnn_bundle, monkeypatch, flags, block):
+    import onnxpipe.graphs.prune_channels as pc  # noqa: PLC0415
+
+    monkeypatch.setattr(pc, "cpu_flags", lambda: flags)
+    graph_pass = PruneChannelsPass(ratio=0.5, min_channels=1)
+    graph_pass(_load(cnn_bundle))
+    # groups of 16, 24 and 32 channels, halved and rounded up to the block
+    cuts = sorted(graph_pass.metrics["channels"].values())
+    assert cuts == ([[16, 8], [24, 16], [32, 16]] if block == 8 else [[24, 16], [32, 16]])
+
+
 def test_activation_criterion_with_bias_refit_beats_weights(cnn_bundle):
     feeds = [{"x": X}]
     ref = ort_run(_load(cnn_bundle), {"x": X})[0]
