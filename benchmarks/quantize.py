@@ -191,7 +191,7 @@ def efficientnet(work: Path) -> list[dict[str, Any]]:
         # search may take another path.
         report = json.loads((work / "effnet-int8.failed.json").read_text())
         best = next(r for r in report["metrics"]["auto"]["candidates"] if r.get("chosen"))
-        if best["flags"] is not None:  # None: an s8s8 candidate, which no flag selects
+        if best["flags"] is not None:  # None: QOperator or 7-bit weights (not searched)
             out = work / "effnet-int8-reached"
             _cli("quantize", fp32, "-o", out, *args[:2], *args[3:], *best["flags"], "--overwrite")
             paths[f"best --auto candidate ({best.get('kept_float', 0)} float)"] = out / "model.onnx"

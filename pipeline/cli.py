@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamic: SmoothQuant strength in [0, 1], statistics from --calib or --eval (0: off)",
     )
     p.add_argument("--format", default="qdq", choices=["qdq", "qop"], help="QDQ or QOperator")
+    types = (
+        "static: activation int type (auto: uint8 on x86, int8 elsewhere; int8 for an ARM device)"
+    )
+    p.add_argument(
+        "--activation-type", default="auto", choices=["auto", "uint8", "int8"], help=types
+    )
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
     )
@@ -436,6 +442,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         empirical_bias=args.empirical_bias,
         smooth_alpha=args.smooth_alpha,
         format=args.format,
+        activation_type=args.activation_type,
         exclude=tuple(args.exclude),
         auto=args.auto,
         gates=tuple(args.gate),

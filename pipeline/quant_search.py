@@ -66,19 +66,21 @@ def candidates(settings: Any) -> list[QuantizeStaticConfig]:
     """
     exclude = tuple(settings.exclude)
     base = QuantizeStaticConfig(
-        activation_type="auto",
+        activation_type=settings.activation_type,
         per_channel=True,
         exclude=exclude,
         rounding=settings.rounding,
         empirical_bias=False,  # applied to the chosen candidate only (see _refine)
     )
     other = "int8" if is_x86() else "uint8"
-    return [
+    found = [
         base,
         base.model_copy(update={"method": "percentile"}),
         base.model_copy(update={"per_channel": False}),
-        base.model_copy(update={"activation_type": other}),
     ]
+    if settings.activation_type == "auto":  # a type the user chose is not searched over
+        found.append(base.model_copy(update={"activation_type": other}))
+    return found
 
 
 def describe(cfg: QuantizeStaticConfig) -> str:
@@ -94,15 +96,17 @@ def describe(cfg: QuantizeStaticConfig) -> str:
 
 
 def reproduce(cfg: QuantizeStaticConfig, empirical_bias: bool) -> list[str] | None:
-    """``quantize --mode static`` flags that rebuild ``cfg`` (None: no flag sets its types).
+    """``quantize --mode static`` flags that rebuild ``cfg`` (None: QOperator or 7-bit weights).
 
     Search candidates are built without the empirical bias correction, so a rebuild needs
     ``--no-empirical-bias`` unless the correction was applied and kept: on EfficientNet-Lite0
     the same 36 float nodes gave top-1 0.951 without it and 0.924 with it (same KL).
     """
-    if cfg.activation_type != "auto" or cfg.format != "qdq" or cfg.reduce_range:
+    if cfg.format != "qdq" or cfg.reduce_range:
         return None
     flags = ["--method", cfg.method, "--per-channel" if cfg.per_channel else "--per-tensor"]
+    if cfg.activation_type != "auto":
+        flags += ["--activation-type", cfg.activation_type]
     flags += ["--rounding", cfg.rounding]
     flags += [f for node in cfg.exclude for f in ("--exclude", node)]
     return flags + ([] if empirical_bias else ["--no-empirical-bias"])

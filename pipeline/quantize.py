@@ -58,6 +58,11 @@ class QuantizeSettings(BaseModel):
         description="static QDQ: bias correction measured layer by layer on the calibration data",
     )
     format: Literal["qdq", "qop"] = Field(default="qdq", description="QDQ or QOperator (static)")
+    activation_type: Literal["auto", "uint8", "int8"] = Field(
+        default="auto",
+        description="static: activation int type; auto: uint8 (U8S8) on x86, int8 (S8S8) "
+        "elsewhere; int8 for an ARM target quantized on x86",
+    )
     exclude: tuple[str, ...] = Field(default=(), description="node names or op types kept in float")
     auto: bool = Field(
         default=False, description="search configurations and float fallbacks (static)"
@@ -72,6 +77,8 @@ class QuantizeSettings(BaseModel):
             raise ValueError(
                 "--auto searches static int8 configurations; use it with --mode static"
             )
+        if self.activation_type != "auto" and self.mode != "static":
+            raise ValueError("--activation-type applies to --mode static only")
         if self.auto and not self.gates:
             raise ValueError("--auto needs a --gate to search for, e.g. --gate top1>=0.97")
         return self
@@ -186,6 +193,7 @@ def _quantize(
             **caches(ctx, s.method),
             format=s.format,
             per_channel=s.per_channel,
+            activation_type=s.activation_type,
             method=s.method,
             exclude=s.exclude,
             rounding=s.rounding,

@@ -87,6 +87,39 @@ def test_static_defaults_per_channel_gptq_and_flags_turn_them_off(cli, cnn, cnn_
     assert configs["plain"] == (False, "nearest", 0, 0)
 
 
+def test_activation_type_flag_sets_the_types_and_rebuilds_an_s8s8_candidate(
+    cli, cnn, cnn_data, tmp_path
+):
+    # Quantizing on x86 for an ARM device: S8S8 whatever this CPU is
+    def types(bundle):
+        return {
+            n.inputs[2].const_value.dtype
+            for n in ir.load(bundle / "model.onnx").graph
+            if n.op_type == "QuantizeLinear"
+        }
+
+    out = tmp_path / "s8"
+    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--activation-type",
+                       "int8", "--calib", cnn_data / "calib.npz")  # fmt: skip
+    assert code == 0, err
+    assert types(out) == {ir.DataType.INT8}
+    step = json.loads((out / "manifest.json").read_text())["steps"][-1]
+    assert step["metrics"]["quantize_static"]["activation_type"] == "int8"
+    # --auto keeps the chosen type: every candidate is s8s8 and its flags say so
+    auto = tmp_path / "auto"
+    code, _, err = cli("quantize", cnn, "-o", auto, "--mode", "static", "--auto",
+                       "--activation-type", "int8", "--calib", cnn_data / "calib.npz",
+                       "--eval", cnn_data / "eval.npz", "--gate", "top1>=0.9")  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((auto / "manifest.json").read_text())["steps"][-1]["metrics"]["auto"]
+    assert all(" s8s8 " in r["config"] for r in rows["candidates"])
+    assert all("--activation-type" in r["flags"] for r in rows["candidates"])
+    assert types(auto) == {ir.DataType.INT8}
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "d", "--mode", "dynamic",
+                       "--activation-type", "int8")  # fmt: skip
+    assert code == 2 and "--activation-type applies to --mode static" in err
+
+
 def test_static_qoperator_format(cli, cnn, cnn_data, tmp_path):
     out = tmp_path / "qop"
     code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--format", "qop",
