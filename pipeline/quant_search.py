@@ -153,6 +153,7 @@ def auto_static(
     """
     rows: list[dict[str, Any]] = []
     models: dict[int, tuple[ir.Model, Path]] = {}
+    configs: dict[int, QuantizeStaticConfig] = {}  # by row, for every row that built a model
 
     def attempt(cfg: QuantizeStaticConfig, label: str) -> dict[str, Any]:
         started = time.perf_counter()
@@ -178,13 +179,12 @@ def auto_static(
             "seconds": round(time.perf_counter() - started, 1),
         }
         models[len(rows)] = (result, path)
+        configs[len(rows)] = cfg
         rows.append(row)
         logger.info("auto: %s -> %s", label, row)
         return row
 
-    configs = {}
     for cfg in candidates(settings):
-        configs[len(rows)] = cfg
         attempt(cfg, describe(cfg))
     fallback: dict[str, Any] = {}
     if not any(r["passed"] for r in rows):
@@ -203,8 +203,8 @@ def auto_static(
     result, refined = models[chosen][0], dict[str, Any]()
     if settings.empirical_bias:
         result, refined = _refine(model, ctx, calib, gates, rows[chosen], result)
-        if refined.get("kept") and rows[chosen]["flags"] is not None:
-            rows[chosen]["flags"].remove("--no-empirical-bias")
+        if refined.get("kept"):
+            rows[chosen]["flags"] = reproduce(configs[chosen], empirical_bias=True)
     metrics = {
         "auto": {
             "candidates": rows,
