@@ -79,6 +79,16 @@ class Gate:
         return measured is not None and _OPS[self.op](float(measured), self.value)
 
 
+def primary(gates: Sequence[Gate]) -> tuple[str, bool]:
+    """The metric that decides between variants, and whether higher is better.
+
+    The first gate's metric, else cosine.
+    """
+    if not gates:
+        return "cosine", True
+    return gates[0].metric, gates[0].op == ">="
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=1, keepdims=True)
     e = np.exp(z)

@@ -35,7 +35,7 @@ from onnxpipe import node_cost
 from onnxpipe.bench import isolated_ms
 from onnxpipe.data import Feeds
 from onnxpipe.errors import PassError
-from onnxpipe.gate import Gate, gate_metrics
+from onnxpipe.gate import Gate, gate_metrics, primary
 from onnxpipe.graphs.base import copy_model
 from onnxpipe.graphs.quant_utils import is_x86
 from onnxpipe.graphs.quantize_static import (
@@ -114,10 +114,11 @@ def reproduce(cfg: QuantizeStaticConfig, empirical_bias: bool) -> list[str] | No
 
 def _score(gates: Sequence[Gate], metrics: dict[str, Any]) -> float:
     """Higher is better: the primary gate's metric, sign-adjusted."""
-    value = metrics.get(gates[0].metric)
+    metric, higher = primary(gates)
+    value = metrics.get(metric)
     if value is None:
         return -math.inf
-    return float(value) if gates[0].op == ">=" else -float(value)
+    return float(value) if higher else -float(value)
 
 
 class Caches(TypedDict):

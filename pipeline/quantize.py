@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onnxpipe.data import load_data
 from onnxpipe.errors import InputError, PassError
-from onnxpipe.gate import Gate
+from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
 from onnxpipe.graphs.quant_utils import refuse_float16, refuse_quantized
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
@@ -165,7 +165,7 @@ def _quantize(
             # Smoothing at a fixed strength can hurt a model without outliers: keep it only
             # when it measures better than plain dynamic int8 on the eval data.
             plain, plain_metrics = _apply(QuantizeDynamicPass(exclude=s.exclude), model)
-            metric, higher = _primary(gates)
+            metric, higher = primary(gates)
             measured = ctx.measure(result), ctx.measure(plain)
             if any(m.get(metric) is None for m in measured):
                 metric, higher = "cosine", True
@@ -201,16 +201,6 @@ def _quantize(
         )
         result, metrics = _apply(static, model)
     return result, {"preprocess": pre.metrics, "calibration_batches": len(calib), **metrics}
-
-
-def _primary(gates: Sequence[Gate]) -> tuple[str, bool]:
-    """The metric that decides between variants and whether higher is better.
-
-    The first gate's metric, else cosine.
-    """
-    if not gates:
-        return "cosine", True
-    return gates[0].metric, gates[0].op == ">="
 
 
 def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:
