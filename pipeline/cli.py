@@ -327,6 +327,32 @@ def _progress_steps(
             return run_steps(steps, out, getattr(args, "overwrite", False), progress, title=title)
 
 
+@contextlib.contextmanager
+def _working(args: argparse.Namespace, label: str) -> Iterator[None]:
+    """A spinner, a bar where the work reports counts (--auto, gated pruning), elapsed time."""
+    from onnxpipe.progress import reporting  # noqa: PLC0415
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.json,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(text: str, done: int | None, total: int | None) -> None:
+            count = f" ({done}/{total})" if total else ""
+            bar.update(task, description=f"{label}: {escape(text)}{count}", completed=done or 0,
+                       total=total)  # fmt: skip
+
+        shown = reporting(update) if not args.json else contextlib.nullcontext()
+        with shown, _quiet(args.debug):
+            yield
+
+
 def _emit(args: argparse.Namespace, payload: Any, tables: Sequence[Any]) -> None:
     if args.json:
         print(json.dumps(payload, indent=2, default=str))
@@ -447,8 +473,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         auto=args.auto,
         gates=tuple(args.gate),
     )
-    status = err.status("quantizing", spinner="dots") if not args.json else contextlib.nullcontext()
-    with status, _quiet(args.debug):
+    with _working(args, "quantizing"):
         manifest = quantize_bundle(
             args.bundle,
             args.out,
@@ -495,8 +520,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         gates=tuple(args.gate),
         cleanup=not args.no_cleanup,
     )
-    status = err.status("pruning", spinner="dots") if not args.json else contextlib.nullcontext()
-    with status, _quiet(args.debug):
+    with _working(args, "pruning"):
         manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)
     _emit(args, manifest, [summary_table(manifest, args.out)])
     note = manifest["steps"][-1]["metrics"].get("note")

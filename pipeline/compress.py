@@ -35,6 +35,7 @@ from onnxpipe.graphs.lowrank import LowRankPass, factorable
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, param_count
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
 from onnxpipe.graphs.quant_utils import refuse_quantized
+from onnxpipe.progress import report
 from onnxpipe.transform import TransformContext, derive_bundle
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,8 @@ def _search(
         return ctx.measure(candidate if candidate is not None else build(ratios)[0])
 
     sensitivity: list[dict[str, Any]] = []
-    for unit in units:
+    for done, unit in enumerate(units):
+        report(f"sensitivity of {unit}", done, len(units))
         measured = measured_for({unit: ratio})
         sensitivity.append({"layer": unit, "ratio": ratio, **_brief(measured, strict)})
     sensitivity.sort(key=lambda row: row["damage"])
@@ -241,7 +243,8 @@ def _search(
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     params = param_count(build({})[0])
-    for row in sensitivity:
+    for done, row in enumerate(sensitivity):
+        report(f"cutting {row['layer']} ({len(chosen)} layers kept)", done, len(sensitivity))
         for level in (ratio, ratio / 2):
             trial = {**chosen, row["layer"]: level}
             candidate = build(trial)[0]

@@ -43,6 +43,7 @@ from onnxpipe.graphs.quantize_static import (
     QuantizeStaticPass,
     resolve_activation_type,
 )
+from onnxpipe.progress import report
 from onnxpipe.runtime import ORT_ERRORS
 from onnxpipe.transform import TransformContext
 
@@ -157,6 +158,7 @@ def auto_static(
     configs: dict[int, QuantizeStaticConfig] = {}  # by row, for every row that built a model
 
     def attempt(cfg: QuantizeStaticConfig, label: str) -> dict[str, Any]:
+        report(f"candidate {len(rows) + 1}: {label}")
         started = time.perf_counter()
         q = QuantizeStaticPass(cfg, calibration=calib, **caches(ctx, cfg.method))
         try:
@@ -195,6 +197,7 @@ def auto_static(
         )
     passing = [i for i, r in enumerate(rows) if r["passed"]]
     chosen_pool = passing or [max(models, key=lambda i: _score(gates, rows[i]))]
+    report(f"timing {len(chosen_pool)} candidate(s)")
     latency = _latencies({i: models[i][1] for i in chosen_pool}, ctx)
     for i, ms in latency.items():
         rows[i]["latency_ms"] = round(ms, 3)
@@ -232,6 +235,7 @@ def _refine(
     metric it must not lose (ties go to the lower KL, else the higher cosine), and a
     candidate that passed must still pass.
     """
+    report("empirical bias correction of the chosen candidate")
     refined = copy_model(chosen)
     static = QuantizeStaticPass(calibration=calib, statistics_cache=caches(ctx)["statistics_cache"])
     nodes = static.correct_empirically(refined, model)
@@ -278,13 +282,15 @@ def _float_fallback(
     ref_path = ctx.save(model, "float-reference")
     reference = ctx.run(ref_path, sens_feeds)
     damage: dict[tuple[str, ...], float] = {}
-    for unit in units:
+    for done, unit in enumerate(units):
+        report(f"sensitivity of {unit[0]}", done, len(units))
         one = cfg.model_copy(update={"include": unit})
         q = QuantizeStaticPass(one, calibration=calib, **caches(ctx, cfg.method))
         path = ctx.save(q(model).model, "sensitivity")
         measured = gate_metrics(reference, ctx.run(path, sens_feeds))
         damage[unit] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
         logger.debug("sensitivity %s: %.5f", unit, damage[unit])
+    report("profiling float and int8 kernel times")
     order, costs = _cost_order(model, ctx, units, damage, (ref_path, int8_path))
     # Damage concentrates in a few units (on EfficientNet-Lite0: the stem conv and the first
     # depthwise conv), so groups start at one unit and grow geometrically.

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 from onnxpipe.graphs.channel_groups import find_groups
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, apply_cut, channel_scores
+from onnxpipe.progress import reporting
 from tests.conftest import model_ref
 from tests.helpers import assert_close, ort_run
 
@@ -159,11 +160,16 @@ def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
     data = tmp_path / "eval.npz"
     np.savez(data, x=np.random.default_rng(3).standard_normal((32, 3, 16, 16)).astype("f4"))
     out = tmp_path / "pruned"
-    code, stdout, stderr = cli(
-        "prune", cnn_bundle, "-o", out, "--method", "channels", "--ratio", "0.5",
-        "--eval", data, "--gate", "cosine>=0.5", "--json",
-    )  # fmt: skip
+    seen = []
+    with reporting(lambda *a: seen.append(a)):  # --json shows no bar, so this one hears it
+        code, stdout, stderr = cli(
+            "prune", cnn_bundle, "-o", out, "--method", "channels", "--ratio", "0.5",
+            "--eval", data, "--gate", "cosine>=0.5", "--json",
+        )  # fmt: skip
     assert code == 0, stderr
+    layers = [d for t, d, _ in seen if t.startswith("sensitivity of")]
+    assert layers and layers == list(range(len(layers)))
+    assert any(t.startswith("cutting ") for t, _, _ in seen)
     manifest = json.loads(stdout)
     step = manifest["steps"][-1]
     assert step["name"] == "prune_channels"

@@ -182,6 +182,25 @@ def test_gate_failure_exits_1_and_writes_no_bundle(cli, cnn, cnn_data, tmp_path)
     assert (tmp_path / "q.failed.json").exists()
 
 
+def test_auto_reports_its_progress_candidate_by_candidate(cnn, cnn_data, tmp_path):
+    from onnxpipe.errors import GateFailed  # noqa: PLC0415
+    from onnxpipe.progress import reporting  # noqa: PLC0415
+    from onnxpipe.quantize import quantize_bundle, settings_from  # noqa: PLC0415
+
+    seen: list[tuple[str, int | None, int | None]] = []
+    settings = settings_from(mode="static", calib=str(cnn_data / "calib.npz"), auto=True,
+                             gates=("max_abs<=1e-9",))  # fmt: skip
+    with reporting(lambda *a: seen.append(a)), pytest.raises(GateFailed):
+        quantize_bundle(cnn, tmp_path / "q", settings, str(cnn_data / "eval.npz"))
+    texts = [t for t, _, _ in seen]
+    assert texts[0].startswith("candidate 1: qdq")
+    counted = [(d, n) for t, d, n in seen if t.startswith("sensitivity of")]
+    assert counted and [d for d, _ in counted] == list(range(len(counted)))
+    assert {n for _, n in counted} == {len(counted)}
+    assert any(t.startswith("profiling") for t in texts)
+    assert any(t.startswith("timing") for t in texts)
+
+
 def test_dynamic_on_mlp_uses_integer_matmul(cli, mlp, tmp_path):
     out = tmp_path / "dyn"
     code, _, err = cli("quantize", mlp, "-o", out, "--mode", "dynamic", "--gate", "cosine>=0.97")
