@@ -9,10 +9,10 @@ float model and of the all-int8 candidate, plus the Q/DQ work each float/int8 bo
 
 Kernel times are mapped back to the original nodes by weight name: ORT's fused kernels
 keep the weight initializer's name or a name derived from it (``w_quantized``, ``w_bias``).
-NCHWc convs whose weights ORT reorders into new initializers (``reorder_*``: on AVX-512,
-every conv whose channel count is not a multiple of 16) are traced by the tensor their
-kernel is named after. Nodes that cannot be traced get no time (cost 0 beyond their
-boundaries).
+NCHWc convs get reordered weights (``reorder_*``) and keep their bias name only when their
+channel count is a multiple of the SIMD block (8 on AVX2, 16 on AVX-512); the others are
+traced by the tensor their kernel is named after. Nodes that cannot be traced get no time
+(cost 0 beyond their boundaries).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,11 +81,8 @@ def profile(path: Path, feeds: Feeds, owners: Mapping[str, str], scratch: Path) 
         session.run(None, dict(feeds))
     events = json.loads(Path(session.end_profiling()).read_text())
     optimized = onnx.load(str(scratch / "optimized.onnx"), load_external_data=False)
-    source = onnx.load(str(path), load_external_data=False)
-    owner_of = {
-        n.name: _owner(n.input, owners) or _nchwc_owner(n.name, source.graph, owners)
-        for n in optimized.graph.node
-    }
+    traced = _nchwc_tracer(onnx.load(str(path), load_external_data=False).graph, owners)
+    owner_of = {n.name: _owner(n.input, owners) or traced(n.name) for n in optimized.graph.node}
     # Per kernel, the median over the runs: one slow run (the machine is shared) must not
     # reorder the fallbacks.
     durations: dict[str, list[float]] = defaultdict(list)
@@ -108,25 +105,30 @@ def profile(path: Path, feeds: Feeds, owners: Mapping[str, str], scratch: Path) 
     return Profile(dict(node_ms), per_element)
 
 
-def _nchwc_owner(kernel: str, graph: onnx.GraphProto, owners: Mapping[str, str]) -> str | None:
-    """The original node of an NCHWc Conv kernel whose weights ORT renamed (``reorder_*``).
+def _nchwc_tracer(graph: onnx.GraphProto, owners: Mapping[str, str]) -> Callable[[str], str | None]:
+    """Kernel name -> original node, for NCHWc Conv kernels whose inputs ORT renamed.
 
     ORT names such a kernel after the tensor its fused chain produced (``<tensor>_nchwc``);
-    from that tensor's producer, walk up through single-input ops (the fused activation)
-    to a node of ``owners``.
+    from that tensor's producer, the walk goes up through single-input ops (the fused
+    activation) to a node of ``owners``. A kernel that also fused a residual Add (two data
+    inputs) is not traced this way.
     """
-    if not kernel.endswith("_nchwc"):
-        return None
     producers = {out: node for node in graph.node for out in node.output}
     weights = {init.name for init in graph.initializer}
     nodes = set(owners.values())
-    node = producers.get(kernel.removesuffix("_nchwc"))
-    for _ in range(4):  # Conv + activation (+ Add) at most
-        if node is None or node.name in nodes:
-            return node.name if node is not None else None
-        data = [name for name in node.input if name and name not in weights]
-        node = producers.get(data[0]) if len(data) == 1 else None
-    return None
+
+    def trace(kernel: str) -> str | None:
+        if not kernel.endswith("_nchwc"):
+            return None
+        node = producers.get(kernel.removesuffix("_nchwc"))
+        for _ in range(3):  # Conv, then its fused activation(s)
+            if node is None or node.name in nodes:
+                return node.name if node is not None else None
+            data = [name for name in node.input if name and name not in weights]
+            node = producers.get(data[0]) if len(data) == 1 else None
+        return None
+
+    return trace
 
 
 def _owner(inputs: Sequence[str], owners: Mapping[str, str]) -> str | None:
