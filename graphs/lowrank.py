@@ -3,12 +3,20 @@
 ``x @ W`` becomes ``(x @ A) @ B`` with ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``. Fewer
 parameters and multiply-adds whenever ``r (K + N) < K N``; the pass only factors a weight when
 the factored form is at most ``max_share`` of the original, so it is smaller and not slower.
+
+With input statistics (``covariances``, from :func:`input_covariances` on real data) the SVD
+is activation-aware: it minimises ``|X (W - A B)|`` instead of ``|W - A B|`` by factoring
+``L^T W`` where ``L L^T`` is the inputs' second-moment matrix (SVD-LLM's whitening), shrunk
+toward a scaled identity so that few samples do not overfit. Measured on all-MiniLM-L6-v2 at
+ratio 0.5 (statistics from 40 sentences, cosine on 41 others): one FFN weight alone 0.966
+plain, 0.983 whitened; all 36 weights 0.435 plain, 0.716 whitened.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,6 +25,7 @@ from pydantic import Field, model_validator
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.quant_utils import Feeds, tap_session
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,13 @@ class LowRankConfig(PassConfig):
     )
     min_elements: int = Field(
         16384, ge=1, description="leave weights with fewer elements than this"
+    )
+    shrink: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="with input statistics: share of a scaled identity mixed into their "
+        "second-moment matrix (1: plain SVD; on MiniLM 0.1 kept the most held-out cosine)",
     )
     max_share: float = Field(
         0.8,
@@ -99,6 +115,17 @@ class LowRankPass(GraphPass[LowRankConfig]):
     config_class = LowRankConfig
     modifies_in_place: ClassVar[bool] = True
 
+    def __init__(
+        self,
+        config: LowRankConfig | None = None,
+        *,
+        covariances: Mapping[str, np.ndarray] | None = None,
+        **settings: Any,
+    ) -> None:
+        """``covariances``: input tensor -> ``X^T X / rows`` (:func:`input_covariances`)."""
+        super().__init__(config, **settings)
+        self.covariances = dict(covariances or {})
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Rewrite each chosen ``x @ W`` as ``(x @ A) @ B``."""
         cfg = self.config
@@ -116,23 +143,39 @@ class LowRankPass(GraphPass[LowRankConfig]):
                 continue
             w = _matrix(node, weight).astype(np.float64)
             k, n = w.shape
-            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            lower = self._whitening(node, k)
+            u, s, vt = np.linalg.svd(w if lower is None else lower.T @ w, full_matrices=False)
             rank = self._rank(name, s, k, n)
             if rank * (k + n) > cfg.max_share * k * n:
                 skipped[name] = f"rank {rank} would not save enough ({rank * (k + n)} vs {k * n})"
                 continue
             root = np.sqrt(s[:rank])
-            a = (u[:, :rank] * root).astype(w.dtype)
-            b = (root[:, None] * vt[:rank]).astype(w.dtype)
+            a = u[:, :rank] * root
+            a = a if lower is None else np.linalg.solve(lower.T, a)
+            b = root[:, None] * vt[:rank]
             _rewrite(model.graph, node, weight, a, b, weight.const_value.numpy().dtype)  # type: ignore[union-attr]
             energy = float((s[:rank] ** 2).sum() / max((s**2).sum(), 1e-300))
             layers[name] = {"shape": [k, n], "rank": rank, "energy": energy,
+                            "activation_aware": lower is not None,
                             "params_before": k * n, "params_after": rank * (k + n)}  # fmt: skip
             logger.debug("%s: [%d, %d] -> rank %d (energy %.4f)", name, k, n, rank, energy)
         if layers:
             logger.info("low-rank: factored %d weights", len(layers))
         self.metrics = {"layers": layers, "skipped": skipped, "candidates": len(candidates)}
         return ir.passes.PassResult(model, modified=bool(layers))
+
+    def _whitening(self, node: ir.Node, k: int) -> np.ndarray | None:
+        """Lower Cholesky factor of the node's shrunk input second moments, if measured."""
+        x = node.inputs[0]
+        moments = self.covariances.get(x.name or "") if x is not None else None
+        if moments is None or moments.shape != (k, k) or self.config.shrink >= 1.0:
+            return None
+        scale = max(float(np.trace(moments)) / k, 1e-12)
+        shrunk = (1 - self.config.shrink) * moments / scale + self.config.shrink * np.eye(k)
+        try:
+            return np.linalg.cholesky(shrunk)
+        except np.linalg.LinAlgError:  # not positive definite (shrink 0, too few samples)
+            return None
 
     def _rank(self, name: str, s: np.ndarray, k: int, n: int) -> int:
         cfg = self.config
@@ -142,6 +185,33 @@ class LowRankPass(GraphPass[LowRankConfig]):
             cumulative = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
             return min(int(np.searchsorted(cumulative, cfg.energy - 1e-12)) + 1, len(s))
         return max(1, math.floor((1 - cfg.ratio) * k * n / (k + n)))
+
+
+def input_covariances(
+    model: ir.Model, feeds: Sequence[Feeds], min_elements: int = 16384
+) -> dict[str, np.ndarray]:
+    """``X^T X / rows`` of every factorable weight's input over ``feeds``, by tensor name.
+
+    Rows are the input's last axis; where a feed has an ``attention_mask`` of the input's
+    leading shape, padded positions are left out.
+    """
+    names = sorted(
+        {x.name for n, _ in factorable(model, min_elements) if (x := n.inputs[0]) and x.name}
+    )
+    if not names or not feeds:
+        return {}
+    session = tap_session(model, names)
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for feed in feeds:
+        mask = feed.get("attention_mask")
+        for name, value in zip(names, session.run(names, dict(feed)), strict=True):
+            x = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
+                x = x[mask.reshape(-1).astype(bool)]
+            sums[name] = sums.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + len(x)
+    return {name: sums[name] / max(rows[name], 1) for name in names}
 
 
 def _rewrite(

@@ -31,7 +31,7 @@ from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.gate import Gate, gate_metrics
 from onnxpipe.graphs.base import GraphPass, copy_model
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
-from onnxpipe.graphs.lowrank import LowRankPass, factorable
+from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, param_count
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
 from onnxpipe.graphs.quant_utils import refuse_quantized
@@ -111,7 +111,7 @@ def prune_bundle(
             model, found = _channels(model, ctx, settings, gates, eval_data is not None)
             metrics.update(found)
         else:
-            model, found = _lowrank(model, ctx, settings, gates)
+            model, found = _lowrank(model, ctx, settings, gates, eval_data is not None)
             metrics.update(found)
         metrics["params_after"] = param_count(model)
         metrics["params_reduction"] = 1 - metrics["params_after"] / max(metrics["params_before"], 1)
@@ -155,10 +155,31 @@ def _channels(
     if not gates:
         pruned, metrics = build(None)
         return pruned, {"pass": metrics, "criterion": criterion}
-    halves = _halves(ctx.eval_feeds) if real_data else None
-    if halves is None:
-        return _search([g.key for g in groups], settings.ratio, build, ctx, gates, criterion)
-    stats = [collect_inputs(model, groups, half) for half in halves]
+    units = [g.key for g in groups]
+    collect = (lambda feeds: collect_inputs(model, groups, feeds)) if real_data else None
+    return _gated_search(units, settings.ratio, build, ctx, gates, criterion, collect)
+
+
+def _gated_search(
+    units: Sequence[str],
+    ratio: float,
+    build: Callable[..., tuple[ir.Model, dict[str, Any]]],
+    ctx: TransformContext,
+    gates: Sequence[Gate],
+    criterion: str,
+    collect: Callable[[Sequence[Feeds]], Any] | None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """:func:`_search`, cross-fitted when ``build`` uses statistics of the eval data.
+
+    With ``collect`` (statistics of some feeds, passed to ``build`` as its second argument)
+    and 4 eval batches or more, a candidate built from one half's statistics is measured on
+    the other half, and the other way round, so the gate predicts unseen data instead of
+    flattering the data the statistics came from.
+    """
+    halves = _halves(ctx.eval_feeds) if collect is not None else None
+    if collect is None or halves is None:
+        return _search(units, ratio, build, ctx, gates, criterion)
+    stats = [collect(half) for half in halves]
     references = _split(ctx.reference(), len(halves[0]))
 
     def cross_fitted(ratios: dict[str, float]) -> dict[str, Any]:
@@ -171,9 +192,7 @@ def _channels(
             paired, outputs, [f.get("attention_mask") for f in halves[1] + halves[0]]
         )
 
-    found = _search(
-        [g.key for g in groups], settings.ratio, build, ctx, gates, criterion, cross_fitted
-    )
+    found = _search(units, ratio, build, ctx, gates, criterion, cross_fitted)
     found[1]["search"]["cross_fitted"] = True
     return found
 
@@ -191,25 +210,36 @@ def _split(items: Sequence[Any], first: int) -> tuple[list[Any], list[Any]]:
 
 
 def _lowrank(
-    model: ir.Model, ctx: TransformContext, settings: PruneSettings, gates: Sequence[Gate]
+    model: ir.Model,
+    ctx: TransformContext,
+    settings: PruneSettings,
+    gates: Sequence[Gate],
+    real_data: bool,
 ) -> tuple[ir.Model, dict[str, Any]]:
-    probe = LowRankPass(ratio=settings.ratio, energy=settings.energy)
+    # Input statistics make the SVD activation-aware; only real data has meaningful ones.
+    collect = (lambda feeds: input_covariances(model, feeds)) if real_data else None
+    stats = collect(ctx.eval_feeds) if collect is not None else {}
+    criterion = "activation-aware svd" if stats else "svd"
+    probe = LowRankPass(ratio=settings.ratio, energy=settings.energy, covariances=stats)
     if not gates:
         pruned, metrics = _apply(probe, model)
-        return pruned, {"pass": metrics}
+        return pruned, {"pass": metrics, "criterion": criterion}
     units = [w.name or "" for _, w in factorable(model, probe.config.min_elements)]
     if not units:
         probe(copy_model(model))  # raises PassError: nothing to factor
     shapes = {w.name: w.const_value.numpy().shape for _, w in factorable(model, 1)}  # type: ignore[union-attr]
 
-    def build(ratios: dict[str, float] | None) -> tuple[ir.Model, dict[str, Any]]:
+    def build(
+        ratios: dict[str, float] | None, covariances: dict[str, Any] = stats
+    ) -> tuple[ir.Model, dict[str, Any]]:
         ranks = {}
         for name, ratio in (ratios or {}).items():
             k, n = shapes[name]
             ranks[name] = max(1, math.floor((1 - ratio) * k * n / (k + n)))
-        return _apply(LowRankPass(ratio=settings.ratio, ranks=ranks), copy_model(model))
+        graph_pass = LowRankPass(ratio=settings.ratio, ranks=ranks, covariances=covariances)
+        return _apply(graph_pass, copy_model(model))
 
-    return _search(units, settings.ratio, build, ctx, gates, "svd")
+    return _gated_search(units, settings.ratio, build, ctx, gates, criterion, collect)
 
 
 def _search(

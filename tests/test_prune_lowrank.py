@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxpipe.graphs.lowrank import LowRankPass, factorable
+from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
 from tests.helpers import assert_close, ort_run
 
 X = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
@@ -51,6 +51,36 @@ def test_ratio_sets_rank_and_shrinks(mlp_bundle):
     assert out.shape == (5, 10)
 
 
+def test_activation_aware_factoring_has_less_output_error_on_unseen_inputs(mlp_bundle):
+    # Inputs that live mostly in a few directions: plain SVD spends rank on directions the
+    # data never excites; whitening by the inputs' second moments does not.
+    model = ir.load(mlp_bundle / "model.onnx")
+    rng = np.random.default_rng(2)
+    basis = rng.standard_normal((8, 64))
+
+    def sample(n):
+        return (rng.standard_normal((n, 8)) @ basis + 0.05 * rng.standard_normal((n, 64))).astype(
+            "f4"
+        )
+
+    tune, unseen = sample(256), sample(64)
+    ref = ort_run(model, {"x": unseen})[0]
+    covariances = input_covariances(model, [{"x": tune[:128]}, {"x": tune[128:]}])
+    assert sorted(c.shape for c in covariances.values()) == [(64, 64), (256, 256)]
+    np.testing.assert_allclose(covariances["x"], tune.T.astype("f8") @ tune / 256, rtol=1e-4)
+    errors, passes = {}, {}
+    for aware in (False, True):
+        factored = ir.load(mlp_bundle / "model.onnx")
+        passes[aware] = LowRankPass(
+            ranks={"0.weight": 8}, covariances=covariances if aware else None
+        )
+        passes[aware](factored)
+        errors[aware] = float(np.abs(ort_run(factored, {"x": unseen})[0] - ref).mean())
+    assert passes[True].metrics["layers"]["0.weight"]["activation_aware"]
+    assert not passes[False].metrics["layers"]["0.weight"]["activation_aware"]
+    assert errors[True] < errors[False] / 3
+
+
 def test_factoring_is_skipped_when_not_smaller(mlp_bundle):
     model = ir.load(mlp_bundle / "model.onnx")
     graph_pass = LowRankPass(energy=1.0)
@@ -70,3 +100,7 @@ def test_cli_lowrank_with_gate(cli, mlp_bundle, tmp_path):
     metrics = json.loads(stdout)["steps"][-1]["metrics"]
     assert metrics["params_after"] < metrics["params_before"]
     assert metrics["gate"]["cosine"] >= 0.8 and metrics["search"]["steps"]
+    # real eval data in 4 batches: statistics from one half are gated on the other
+    assert metrics["criterion"] == "activation-aware svd"
+    assert metrics["search"]["cross_fitted"] is True
+    assert all(layer["activation_aware"] for layer in metrics["pass"]["layers"].values())
