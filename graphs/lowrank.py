@@ -44,7 +44,8 @@ class LowRankConfig(PassConfig):
         None,
         gt=0.0,
         le=1.0,
-        description="instead of ratio: smallest rank keeping this share of sum(S^2)",
+        description="instead of ratio: smallest rank keeping this share of sum(S^2) (with input "
+        "statistics, S of the whitened weight: the share of output energy on those inputs)",
     )
     ranks: dict[str, int] | None = Field(
         None,
