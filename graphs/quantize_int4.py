@@ -1,19 +1,26 @@
 """Int4 weight-only quantization: MatMul with constant weights -> MatMulNBits (ORT contrib).
 
 Weights are stored as 4-bit blocks (``block_size`` values share a scale), activations stay
-float; the CPU kernel dequantizes on the fly. Suited to large MatMul weights (transformers);
-Gemm with constant weights is rewritten too; Conv is left alone.
+float; the CPU kernel dequantizes on the fly. Suited to large MatMul weights (transformers).
+ORT's quantizer skips Gemm (with an error in its log), so a plain Gemm with a constant weight
+(a classifier head) is first rewritten as MatMul + Add; Conv is left alone. Embedding tables
+(Gather on a constant 2-D table) become GatherBlockQuantized, blocked along the hidden axis: on
+all-MiniLM-L6-v2 the word embeddings are half the parameters, so with them the file is 6.3x
+smaller than fp32 instead of 1.66x, at pooled cosine 0.9675 instead of 0.9714.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from pydantic import Field
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.base import GraphPass, PassConfig, attr_int, copy_model
 from onnxpipe.graphs.quant_utils import from_proto, refuse_quantized, to_proto
 from onnxpipe.graphs.quantize_static import split_exclude
 
@@ -31,7 +38,10 @@ class QuantizeInt4Config(PassConfig):
         le=4,
         description="MatMulNBits compute type: 4 = int8 activations (fastest)",
     )
-    exclude: tuple[str, ...] = Field(default=(), description="MatMul node names kept in float")
+    embeddings: bool = Field(
+        default=True, description="also store Gather embedding tables in 4 bits"
+    )
+    exclude: tuple[str, ...] = Field(default=(), description="node names kept in float")
 
 
 class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
@@ -54,23 +64,107 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
         cfg = self.config
         if cfg.block_size & (cfg.block_size - 1):
             raise PassError(f"{self.name}: block_size {cfg.block_size} is not a power of 2.")
-        nodes, _ = split_exclude(model, cfg.exclude, self.name)
+        nodes, op_types = split_exclude(model, cfg.exclude, self.name)
+        wanted = {"MatMul"} - op_types
+        model = copy_model(model)
+        if "Gemm" not in op_types:
+            _gemm_as_matmul(model, set(nodes))
+        proto, skipped = to_proto(model), None
+        if cfg.embeddings and "Gather" not in op_types and _tables(model, set(nodes)):
+            proto, skipped = _at_opset_21(proto)
+            wanted |= set() if skipped else {"Gather"}
         quantizer = MatMulNBitsQuantizer(
-            to_proto(model),
+            proto,
             block_size=cfg.block_size,
             is_symmetric=cfg.symmetric,
             accuracy_level=cfg.accuracy_level,
             nodes_to_exclude=nodes,
-            op_types_to_quantize=("MatMul", "Gemm"),
+            op_types_to_quantize=tuple(sorted(wanted)),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),  # embeddings: blocks along hidden
         )
         quantizer.process()
         result = from_proto(quantizer.model.model)
         done = sum(1 for n in result.graph if n.op_type == "MatMulNBits")
+        tables = sum(1 for n in result.graph if n.op_type == "GatherBlockQuantized")
         if not done:
             raise PassError(
                 f"{self.name}: no MatMul with a constant 2-D weight to quantize. int4 is "
                 "weight-only for MatMul (transformers); use --mode static for CNNs."
             )
-        self.metrics = {"matmulnbits_nodes": done, "block_size": cfg.block_size}
-        logger.info("quantize_int4: %d MatMul -> MatMulNBits", done)
+        self.metrics = {
+            "matmulnbits_nodes": done,
+            "embedding_tables": tables,
+            **({"embeddings_skipped": skipped} if skipped else {}),
+            "block_size": cfg.block_size,
+        }
+        logger.info("quantize_int4: %d MatMul -> MatMulNBits, %d embedding tables", done, tables)
         return ir.passes.PassResult(result, modified=True)
+
+
+def _gemm_as_matmul(model: ir.Model, keep: set[str]) -> int:
+    """Rewrite plain Gemm nodes on a constant 2-D weight as MatMul (+ Add), in place.
+
+    Plain: no transA, alpha = beta = 1. Nodes named in ``keep`` stay. Returns how many.
+    """
+    done = 0
+    for node in list(model.graph):
+        weight = node.inputs[1] if node.op_type == "Gemm" and len(node.inputs) > 1 else None
+        if weight is None or weight.const_value is None or node.name in keep:
+            continue
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        array = weight.const_value.numpy()
+        if attrs.get("transA", 0) or not plain or array.ndim != 2 or len(weight.uses()) != 1:
+            continue
+        if attr_int(node, "transB", 0):
+            weight.const_value = ir.tensor(np.ascontiguousarray(array.T), name=weight.name)
+            weight.shape = ir.Shape(array.T.shape)
+        matmul = ir.node("MatMul", [node.inputs[0], weight], name=f"{node.name}.matmul")
+        model.graph.insert_before(node, matmul)
+        result = matmul.outputs[0]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None:
+            add = ir.node("Add", [result, bias], name=f"{node.name}.bias")
+            model.graph.insert_before(node, add)
+            result = add.outputs[0]
+        old = node.outputs[0]
+        result.shape = old.shape
+        if old.dtype is not None:
+            result.dtype = old.dtype
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        name = old.name
+        model.graph.remove(node, safe=True)
+        result.name = name
+        done += 1
+    return done
+
+
+def _tables(model: ir.Model, keep: set[str]) -> int:
+    """Gather nodes reading a constant 2-D table (embeddings), not named in ``keep``."""
+    return sum(
+        1
+        for node in model.graph
+        if node.op_type == "Gather"
+        and node.name not in keep
+        and node.inputs[0] is not None
+        and node.inputs[0].const_value is not None
+        and len(node.inputs[0].const_value.shape) == 2
+    )
+
+
+def _at_opset_21(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """``proto`` converted to opset 21, which int4 tables need, or unchanged and the reason.
+
+    ORT's quantizer would only relabel an older model as opset 21 (and warn that the result
+    may be invalid: Reduce* and Split changed meaning at 18); the ONNX version converter
+    rewrites the ops that changed.
+    """
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if version >= 21:
+        return proto, None
+    try:
+        converted = onnx.version_converter.convert_version(proto, 21)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds; tables stay float
+        return proto, f"opset {version} -> 21 conversion failed ({type(e).__name__}: {e})"[:300]
+    return converted, None

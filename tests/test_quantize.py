@@ -221,6 +221,58 @@ def test_int4_rewrites_matmul_to_matmulnbits(cli, mlp, tmp_path):
     assert "MatMulNBits" in _ops(out)
 
 
+def test_int4_rewrites_a_gemm_classifier_head_too():
+    # ORT's int4 quantizer skips Gemm; a Linear layer on 2-D input exports as Gemm(transB=1)
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    graph_pass = QuantizeInt4Pass()
+    result = graph_pass(model).model
+    ops = [n.op_type for n in result.graph]
+    assert "MatMulNBits" in ops and "Gemm" not in ops
+    assert [o.name for o in result.graph.outputs] == ["y"]
+    got = ort_run(result, {"x": x})[0]
+    want = x @ w.T + b  # 4-bit weights, int8 activations: close, not exact
+    cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cosine > 0.99, cosine
+
+
+def test_int4_stores_embedding_tables_in_4_bits(cli, tmp_path):
+    bundle = tmp_path / "bert"
+    inputs = ["--input", "input_ids:int64[batch,seq]", "--input", "attention_mask:int64[batch,seq]"]
+    code, _, err = cli("convert", model_ref("tiny_bert"), "-o", bundle, *inputs, "--no-bench")
+    assert code == 0, err
+    sizes = {}
+    for flag in ("embeddings", "no-embeddings"):
+        out = tmp_path / flag
+        step = {"embeddings": flag == "embeddings"}
+        code, _, err = cli("quantize", bundle, "-o", out, "--mode", "int4",
+                           "--gate", "cosine>=0.9", *([] if step["embeddings"] else
+                           ["--exclude", "Gather"]))  # fmt: skip
+        assert code == 0, err
+        sizes[flag] = (out / "model.onnx").stat().st_size
+        metrics = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
+        tables = metrics["quantize_int4"]["embedding_tables"]
+        assert (tables >= 1) == step["embeddings"]
+        assert ("GatherBlockQuantized" in _ops(out)) == step["embeddings"]
+    # the 200x64 word, 512x64 position and 2x64 type tables are most of this tiny model
+    assert sizes["embeddings"] < sizes["no-embeddings"] * 0.7
+
+
 def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
     out = tmp_path / "fp16"
     code, _, err = cli("quantize", mlp, "-o", out, "--mode", "fp16", "--gate", "cosine>=0.999")
