@@ -7,6 +7,7 @@ as an ``onnx_ir`` model and cross over here, in a temp dir, only for the ORT cal
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -127,14 +128,13 @@ def load_arrays(path: Path | None) -> dict[str, np.ndarray]:
         return {name: stored[f"a{i}"] for i, name in enumerate(names)}
 
 
-def save_arrays(path: Path, arrays: Mapping[str, np.ndarray], dtype: type | None = None) -> None:
-    """Store arrays by name, cast to ``dtype`` when given.
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Store arrays by name, as they are.
 
     Names go in an index array: tensor and node names may hold characters zip members cannot.
     """
     names = list(arrays)
-    stored = {f"a{i}": arrays[n] if dtype is None else arrays[n].astype(dtype)
-              for i, n in enumerate(names)}  # fmt: skip
+    stored = {f"a{i}": arrays[n] for i, n in enumerate(names)}
     np.savez(path, names=np.array(names), **stored)  # type: ignore[arg-type]
 
 
@@ -199,13 +199,17 @@ def load_from_ort(path: Path) -> ir.Model:
     return ir.external_data.load_to_model(ir.load(path))
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``; empty elsewhere).
+
+    Read once: channel pruning asks for every group of every candidate it builds.
+    """
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    return set()
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def has_vnni() -> bool:
