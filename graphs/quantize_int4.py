@@ -101,12 +101,11 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
         return ir.passes.PassResult(result, modified=True)
 
 
-def _gemm_as_matmul(model: ir.Model, keep: set[str]) -> int:
+def _gemm_as_matmul(model: ir.Model, keep: set[str]) -> None:
     """Rewrite plain Gemm nodes on a constant 2-D weight as MatMul (+ Add), in place.
 
-    Plain: no transA, alpha = beta = 1. Nodes named in ``keep`` stay. Returns how many.
+    Plain: no transA, alpha = beta = 1. Nodes named in ``keep`` stay.
     """
-    done = 0
     for node in list(model.graph):
         weight = node.inputs[1] if node.op_type == "Gemm" and len(node.inputs) > 1 else None
         if weight is None or weight.const_value is None or node.name in keep:
@@ -135,8 +134,6 @@ def _gemm_as_matmul(model: ir.Model, keep: set[str]) -> int:
         name = old.name
         model.graph.remove(node, safe=True)
         result.name = name
-        done += 1
-    return done
 
 
 def _tables(model: ir.Model, keep: set[str]) -> int:
