@@ -85,7 +85,7 @@ class QuantizeDynamicConfig(PassConfig):
 class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
     """Int8 weights and run-time-quantized activations for MatMul/Gemm/attention.
 
-    With ``statistics`` feeds, MatMul/Attention inputs are smoothed first
+    With ``statistics`` feeds, MatMul/Attention/Gemm inputs are smoothed first
     (:mod:`onnxpipe.graphs.smooth_quant`).
 
     Refuses: a quantized model; a model without MatMul/Gemm weights; a Conv-heavy model

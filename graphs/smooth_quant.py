@@ -4,8 +4,10 @@ Dynamic int8 quantizes each MatMul input with one scale per tensor, so a few cha
 large values (transformer activations have them: on all-MiniLM-L6-v2 one LayerNorm output
 channel reaches 28 where the median channel peaks at 1.7) set the step for every channel.
 Smoothing divides each input channel ``k`` by ``s_k = max|X_k|^a / max|W_k|^(1-a)`` and
-multiplies the weight row ``k`` by it: the float model computes the same thing, and the
-input's range is shared more evenly with the per-channel-quantized weights.
+multiplies the weight row ``k`` by it (the column ``k`` of a ``Gemm`` with ``transB``): the
+float model computes the same thing, and the input's range is shared more evenly with the
+per-channel-quantized weights. ``Gemm`` is a target because cleanup fuses MatMul + Add into
+it (a Keras ``Dense`` stack exported by tf2onnx arrives as ``Gemm`` nodes).
 
 The division is an inserted ``Mul`` by a constant (BERT's post-LN residual stream also
 feeds the next block, so it cannot be folded into the LayerNorm). Measured on
@@ -30,11 +32,18 @@ from onnxpipe.graphs.quant_utils import Feeds, tap_session
 logger = logging.getLogger(__name__)
 
 ALPHA = 0.7
-_TARGETS = ("MatMul", "Attention")
+_TARGETS = ("MatMul", "Attention", "Gemm")
+
+
+def _int_attr(node: onnx.NodeProto, name: str) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), 0)
 
 
 def smooth_targets(proto: onnx.ModelProto, exclude: Sequence[str] = ()) -> list[int]:
-    """Indices of the MatMul/Attention nodes with a 2-D weight initializer of their own."""
+    """Indices of the MatMul/Attention/Gemm nodes with a 2-D weight initializer of their own.
+
+    A Gemm with ``transA`` is left out (its input channels are the first axis).
+    """
     inits = {i.name: i for i in proto.graph.initializer}
     uses: dict[str, int] = {}
     for node in proto.graph.node:
@@ -49,6 +58,7 @@ def smooth_targets(proto: onnx.ModelProto, exclude: Sequence[str] = ()) -> list[
         and n.input[1] in inits
         and len(inits[n.input[1]].dims) == 2
         and uses[n.input[1]] == 1
+        and not (n.op_type == "Gemm" and _int_attr(n, "transA"))
     ]
 
 
@@ -56,6 +66,8 @@ def input_maxima(
     proto: onnx.ModelProto, feeds: Sequence[Feeds], tensors: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Max |x| per last-axis channel of ``tensors`` over ``feeds``, on ORT CPU."""
+    if not tensors:
+        return {}  # an empty output list would make ORT return every graph output
     session = tap_session(proto, tensors)
     maxima: dict[str, np.ndarray] = {}
     for feed in feeds:
@@ -86,12 +98,15 @@ def smooth_model(
         node = graph_nodes[index]
         x_max = maxima[node.input[0]].astype(np.float64)
         weight = numpy_helper.to_array(inits[node.input[1]])
-        if x_max.shape[0] != weight.shape[0]:
+        # rows are the input channels, except in a Gemm with transB ([N, K])
+        rows = weight.T if node.op_type == "Gemm" and _int_attr(node, "transB") else weight
+        if x_max.shape[0] != rows.shape[0]:
             continue
-        w_max = np.maximum(np.abs(weight).max(1).astype(np.float64), 1e-5)
+        w_max = np.maximum(np.abs(rows).max(1).astype(np.float64), 1e-5)
         scale = np.clip(np.maximum(x_max, 1e-5) ** alpha / w_max ** (1 - alpha), 1e-4, 1e4)
+        scaled = (rows * scale[:, None]).astype(weight.dtype)
         inits[node.input[1]].CopyFrom(
-            numpy_helper.from_array((weight * scale[:, None]).astype(weight.dtype), node.input[1])
+            numpy_helper.from_array(scaled.T if rows is not weight else scaled, node.input[1])
         )
         stem = f"{node.name or node.op_type}_{index}_smooth"
         proto.graph.initializer.append(

@@ -50,6 +50,54 @@ def test_smoothing_keeps_the_float_function(tmp_path):
     )
 
 
+def _dense_model(rng, trans_b: int) -> onnx.ModelProto:
+    """x[batch, 64] -> Dense -> Relu -> Dense, as tf2onnx writes Keras ``Dense`` layers.
+
+    With ``trans_b`` 0 each layer is MatMul + Add (cleanup fuses them into a Gemm); with 1 it
+    is a Gemm with ``transB=1`` weights ([out, in]).
+    """
+    w1 = rng.normal(size=(64, 48)).astype(np.float32) / 8
+    w2 = rng.normal(size=(48, 32)).astype(np.float32) / 7
+    inits = [numpy_helper.from_array(w.T.copy() if trans_b else w, f"w{i}")
+             for i, w in enumerate((w1, w2))]  # fmt: skip
+    inits += [numpy_helper.from_array(np.full(n, 0.1, np.float32), f"b{i}")
+              for i, n in enumerate((48, 32))]  # fmt: skip
+
+    def dense(i: int, x: str, y: str) -> list[onnx.NodeProto]:
+        if trans_b:
+            return [helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [y], transB=1)]
+        return [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                helper.make_node("Add", [f"m{i}", f"b{i}"], [y])]  # fmt: skip
+
+    nodes = [*dense(0, "x", "h"), helper.make_node("Relu", ["h"], ["r"]), *dense(1, "r", "y")]
+    graph = helper.make_graph(
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_smoothing_keeps_the_float_function_of_gemm(tmp_path):
+    """Gemm inputs are smoothed too, with transB=1 weights scaled by column."""
+    from onnxpipe.graphs.cleanup import CleanupPass
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 64)).astype(np.float32)
+    x[:, 3] *= 40
+    for trans_b in (0, 1):
+        src, out = tmp_path / f"in{trans_b}.onnx", tmp_path / f"out{trans_b}.onnx"
+        ir.save(CleanupPass()(ir.serde.deserialize_model(_dense_model(rng, trans_b))).model, src)
+        assert [n.op_type for n in onnx.load(str(src)).graph.node] == ["Gemm", "Relu", "Gemm"]
+        done = smooth_model(src, out, [{"x": x}], alpha=0.7)
+        assert done["smoothed_nodes"] == 2, trans_b
+        np.testing.assert_allclose(
+            ort_run(out, {"x": x})[0], ort_run(src, {"x": x})[0], rtol=1e-4, atol=1e-4
+        )
+
+
 def test_smoothing_lowers_dynamic_int8_error_on_outlier_channels():
     rng = np.random.default_rng(1)
     model = _matmul_model(rng)
@@ -85,3 +133,25 @@ def test_dynamic_cli_smooths_with_calib_statistics_and_records_them(cli, tmp_pat
             assert smoothing["kept"] == (smoothing["smoothed"] >= smoothing["plain"])
             assert smoothing["compared_on"] == "cosine"
     assert seen == {"calib": ("calib", True), "none": (None, False), "off": ("calib", False)}
+
+
+def test_dynamic_cli_on_a_keras_style_dense_stack(cli, tmp_path):
+    """MatMul + Add layers become Gemm in cleanup; smoothing statistics then target Gemm.
+
+    It used to ask ORT for no tensor at all, got every graph output back and failed with an
+    internal error.
+    """
+    rng = np.random.default_rng(4)
+    onnx.save(_dense_model(rng, 0), tmp_path / "dense.onnx")
+    x = rng.normal(size=(32, 64)).astype(np.float32)
+    x[:, 3] *= 40
+    np.savez(tmp_path / "eval.npz", x=x)
+    code, _, err = cli("convert", tmp_path / "dense.onnx", "-o", tmp_path / "b", "--no-bench")
+    assert code == 0, err
+    code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "q", "--mode", "dynamic",
+                       "--eval", tmp_path / "eval.npz")  # fmt: skip
+    assert code == 0, err
+    step = json.loads((tmp_path / "q" / "manifest.json").read_text())["steps"][-1]
+    metrics = step["metrics"]["quantize_dynamic"]
+    assert metrics["smoothing"]["smoothed_nodes"] == 2
+    assert metrics["integer_nodes"] == 2
