@@ -1,12 +1,15 @@
 """Find the channel groups of a graph: output channels that can be cut together, and how.
 
 A *group* is one channel space (axis 1) shared by tensors that must stay aligned: the outputs
-of the Conv/Gemm layers that produce it (several when residual Adds join them), the ops it
+of the Conv/Gemm layers (and MatMul on a 2-D input, as tf2onnx writes a Keras ``Dense``: its
+bias follows in an Add) that produce it (several when residual Adds join them), the ops it
 passes through (activations, BatchNormalization, depthwise Conv, per-channel constants,
-global pooling, the ``[N, C, 1, 1] -> [N, C]`` flatten before a classifier) and the layers
-that consume it (a Conv's or Gemm's input channels). Cutting channel ``c`` of a group removes
-row ``c`` from every producer, the entries ``c`` of every pass-through parameter, and column
-``c`` from every consumer, so every tensor of the group physically shrinks.
+global pooling, the ``[N, C, 1, 1] -> [N, C]`` flatten before a classifier, and tf2onnx's
+global pooling of a Keras model: a Transpose to channels-last, then a Reduce over H and W)
+and the layers that consume it (a Conv's, Gemm's or MatMul's input channels). Cutting channel
+``c`` of a group removes row ``c`` from every producer, the entries ``c`` of every
+pass-through parameter, and column ``c`` from every consumer, so every tensor of the group
+physically shrinks.
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
@@ -57,6 +60,7 @@ class Group:
     cuts: list[Cut] = field(default_factory=list)
     depthwise: list[ir.Node] = field(default_factory=list)
     reshapes: list[ir.Value] = field(default_factory=list)
+    channels_last: list[ir.Value] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
 
     def producer_cuts(self) -> list[Cut]:
@@ -73,11 +77,20 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _is_producer(node: ir.Node) -> bool:
-    """A Conv (group 1) or Gemm whose weight is a constant: its output channels can go."""
-    if node.op_type == "Conv" and node.domain == "":
-        return attr_int(node, "group", 1) == 1 and constant(node.inputs[1]) is not None
-    if node.op_type == "Gemm" and node.domain == "":
-        return attr_int(node, "transA", 0) == 0 and constant(node.inputs[1]) is not None
+    """A Conv (group 1), Gemm or 2-D MatMul with a constant weight: its outputs can go.
+
+    A MatMul on a 3-D input ([batch, seq, features]) has its channels on the last axis,
+    where the rest of the analysis (axis 1) would misplace them.
+    """
+    if node.domain != "" or len(node.inputs) < 2 or constant(node.inputs[1]) is None:
+        return False
+    if node.op_type == "Conv":
+        return attr_int(node, "group", 1) == 1
+    if node.op_type == "Gemm":
+        return attr_int(node, "transA", 0) == 0
+    if node.op_type == "MatMul":
+        weight = constant(node.inputs[1])
+        return weight is not None and weight.ndim == 2 and _rank(node.inputs[0]) == 2  # type: ignore[arg-type]
     return False
 
 
@@ -106,6 +119,8 @@ class _Analysis:
         self.consumers: dict[int, list[tuple[ir.Node, ir.Value, int]]] = {}
         self.depthwise: list[tuple[ir.Node, ir.Value]] = []
         self.reshapes: list[tuple[ir.Value, ir.Value]] = []
+        self.channels_last: list[tuple[ir.Value, ir.Value]] = []
+        self.absorbed: set[int] = set()
 
     def track(self, value: ir.Value) -> int:
         self.values[id(value)] = value
@@ -127,6 +142,8 @@ class _Analysis:
     def visit(self, node: ir.Node) -> None:
         op, ins = node.op_type, list[Any](node.inputs)
         acts = [v for v in ins if v is not None and constant(v) is None]
+        if id(node) in self.absorbed:
+            return
         if node.domain not in ("", "ai.onnx"):
             self._opaque(node, acts)
         elif _is_producer(node):
@@ -143,9 +160,6 @@ class _Analysis:
             self.cut(ins[0], ins[1], 0)
             if len(ins) > 2 and ins[2] is not None:
                 self.cut(ins[0], ins[2], 0)
-        elif op == "MatMul" and constant(ins[1]) is not None and _rank(ins[0]) == 2:
-            self._consume(node, ins[0], 0)
-            self.block(node.outputs[0], "MatMul output (only Conv/Gemm outputs are cut)")
         elif op in UNARY and ins[0] is not None:
             self.join(ins[0], node.outputs[0])  # extra inputs (Clip bounds) are scalars
             for extra in node.outputs[1:]:
@@ -160,6 +174,8 @@ class _Analysis:
             self._pool(node)
         elif op in ("Reshape", "Flatten"):
             self._flatten(node)
+        elif op == "Transpose" and self._channels_last_pool(node):
+            pass
         else:
             self._opaque(node, acts)
 
@@ -168,7 +184,7 @@ class _Analysis:
         for value in acts:
             self.block(value, f"feeds {what}, which needs every channel")
         for out in node.outputs:
-            self.block(out, f"comes from {what}, not from a Conv/Gemm")
+            self.block(out, f"comes from {what}, not from a Conv/Gemm/MatMul")
 
     def _consume(self, node: ir.Node, value: ir.Value, axis: int) -> None:
         if _rank(value) is None:
@@ -239,6 +255,36 @@ class _Analysis:
         assert value is not None
         self.join(value, out)
 
+    def _channels_last_pool(self, node: ir.Node) -> bool:
+        """NCHW -> NHWC Transpose whose every user reduces H and W away (``[N, C]`` out).
+
+        Joins the Transpose's input with the Reduce outputs; the NHWC tensor between them
+        keeps its channels on axis 3 (``Group.channels_last``).
+        """
+        value, out = node.inputs[0], node.outputs[0]
+        perm = node.attributes.get("perm")
+        if value is None or perm is None or list(perm.as_ints()) != [0, 2, 3, 1]:
+            return False
+        users = [use.node for use in out.uses()]
+        if not users or out.is_graph_output():
+            return False
+        for user in users:
+            if user.op_type not in REDUCES or attr_int(user, "keepdims", 1) != 0:
+                return False
+            attr = user.attributes.get("axes")
+            given = constant(user.inputs[1]) if len(user.inputs) > 1 else None
+            axes = list(attr.as_ints()) if attr is not None else None
+            if given is not None:
+                axes = [int(a) for a in given.reshape(-1)]
+            if axes is None or sorted(a % 4 for a in axes) != [1, 2]:
+                return False
+        for user in users:
+            self.join(value, user.outputs[0])
+            self.absorbed.add(id(user))
+        self.track(value)
+        self.channels_last.append((value, out))
+        return True
+
     def _flatten(self, node: ir.Node) -> None:
         value, out = node.inputs[0], node.outputs[0]
         assert value is not None
@@ -300,6 +346,7 @@ def find_groups(model: ir.Model) -> list[Group]:
                 group.cuts.append(Cut(weight, axis))
         group.depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
         group.reshapes = [shape for v, shape in analysis.reshapes if id(v) in ids]
+        group.channels_last = [out for v, out in analysis.channels_last if id(v) in ids]
         _check_sizes(group)
         groups.append(group)
     return groups

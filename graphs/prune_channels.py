@@ -1,4 +1,4 @@
-"""Structured channel pruning: remove whole output channels of Conv/Gemm layers.
+"""Structured channel pruning: remove whole output channels of Conv/Gemm/2-D MatMul layers.
 
 The cut is propagated through each channel group (see :mod:`onnxpipe.graphs.channel_groups`):
 producer rows and biases, BatchNormalization parameters, depthwise Conv weights and ``group``,
@@ -79,7 +79,7 @@ def param_count(model: ir.Model) -> int:
 
 
 class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
-    """Remove the least important output channels of every prunable Conv/Gemm group.
+    """Remove the least important output channels of every prunable Conv/Gemm/MatMul group.
 
     Refuses (``PassError``) a model with no prunable group, naming why each group is blocked.
     Groups that cannot be cut safely are skipped and listed in ``metrics["skipped"]``.
@@ -110,9 +110,10 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         prunable = [g for g in groups if not g.blocked]
         skipped = {g.key: sorted(set(g.blocked)) for g in groups if g.blocked}
         if not prunable:
-            reasons = "; ".join(f"{k}: {v[0]}" for k, v in skipped.items()) or "no Conv/Gemm"
+            reasons = "; ".join(f"{k}: {v[0]}" for k, v in skipped.items()) or "no Conv/Gemm/MatMul"
             raise PassError(
-                f"nothing to prune: no Conv/Gemm output channels can be cut safely ({reasons})."
+                "nothing to prune: no Conv/Gemm/MatMul output channels can be cut safely "
+                f"({reasons})."
             )
         inputs: Mapping[str, np.ndarray] = {}
         if self.config.criterion == "activation":
@@ -121,7 +122,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         changes: dict[str, list[int]] = {}
         for group in prunable:
             ratio = self._ratio(group)
-            keep_n = self._keep_count(group.channels, ratio)
+            keep_n = self.keep_count(group.channels, ratio)
             if keep_n >= group.channels:
                 continue
             scores = channel_scores(group, inputs)
@@ -152,7 +153,8 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
             return self.config.ratio
         return min(self.config.ratios.get(group.key, 0.0), self.config.ratio)
 
-    def _keep_count(self, channels: int, ratio: float) -> int:
+    def keep_count(self, channels: int, ratio: float) -> int:
+        """Channels a group of ``channels`` keeps at ``ratio``: rounded up to the multiple."""
         if ratio <= 0:
             return channels
         step = self.config.multiple_of or nchwc_block()
@@ -216,10 +218,10 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
         if target[1] > 0:
             target[1] = n
             shape_value.const_value = ir.tensor(target, name=shape_value.name)
-    for value in group.tensors:
-        if value.shape is not None and len(value.shape) >= 2:
+    for value, axis in [(v, 1) for v in group.tensors] + [(v, 3) for v in group.channels_last]:
+        if value.shape is not None and len(value.shape) > axis:
             dims = list(value.shape)
-            dims[1] = n
+            dims[axis] = n
             value.shape = ir.Shape(dims)
 
 
@@ -287,7 +289,7 @@ def refit_consumers(
     for node in group.consumers:
         x = inputs.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
         w = consumer_matrix(node)
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = consumer_bias(node)
         if x is None or w is None or bias is None or bias.const_value is None:
             continue
         b = bias.const_value.numpy()
@@ -312,6 +314,20 @@ def refit_consumers(
         bias.const_value = ir.tensor((b + delta).astype(b.dtype), name=bias.name)
         changed += 1
     return changed
+
+
+def consumer_bias(node: ir.Node) -> ir.Value | None:
+    """The bias of a Conv/Gemm, or of a MatMul the constant of the one Add after it."""
+    if node.op_type != "MatMul":
+        return node.inputs[2] if len(node.inputs) > 2 else None
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx] if len(add.inputs) == 2 else None
+    if other is None or other.const_value is None or len(other.uses()) != 1:
+        return None
+    return other
 
 
 def _set_consumer_matrix(node: ir.Node, matrix: np.ndarray) -> None:

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="magnitude, structured-channel or low-rank compression behind an accuracy gate",
         description="magnitude zeroes weights (smaller only when zipped; no ORT speedup); "
-        "channels removes Conv/Gemm output channels (smaller and faster); lowrank factors "
+        "channels removes Conv/Gemm/MatMul output channels (smaller and faster); lowrank factors "
         "Gemm/MatMul weights by SVD. With --gate, channels and lowrank choose per-layer ratios "
         "up to --ratio, least sensitive layers first, on --eval data.",
     )
@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope", default="layer", choices=["layer", "global"], help="magnitude threshold scope"
     )
     p.add_argument("--energy", type=float, help="lowrank: keep this share of SVD energy instead")
+    p.add_argument(
+        "--multiple-of",
+        type=int,
+        metavar="N",
+        help="channels: kept channel counts round up to multiples of N (default: ORT's NCHWc "
+        "block on this CPU, 16 with AVX-512, else 8)",
+    )
     p.add_argument("--no-cleanup", action="store_true", help="skip the cleanup pass first")
     p.add_argument("--eval", metavar="DATA", help="gate/search data (default: bundle samples)")
     p.add_argument(
@@ -519,6 +526,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         energy=args.energy,
         gates=tuple(args.gate),
         cleanup=not args.no_cleanup,
+        multiple_of=args.multiple_of,
     )
     with _working(args, "pruning"):
         manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)

@@ -27,12 +27,17 @@ import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field
 
 from onnxpipe.data import Feeds
-from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.errors import GateFailed, InputError, PassError
 from onnxpipe.gate import Gate, gate_metrics
 from onnxpipe.graphs.base import GraphPass, copy_model
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
-from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, param_count
+from onnxpipe.graphs.prune_channels import (
+    PruneChannelsPass,
+    collect_inputs,
+    nchwc_block,
+    param_count,
+)
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
 from onnxpipe.graphs.quant_utils import refuse_quantized
 from onnxpipe.progress import report
@@ -54,6 +59,9 @@ class PruneSettings(BaseModel):
     energy: float | None = Field(None, description="lowrank: rank by energy kept instead")
     gates: tuple[str, ...] = Field((), description="accuracy gates; with them, a search")
     cleanup: bool = Field(True, description="run the cleanup pass (no ORT level) first")
+    multiple_of: int | None = Field(
+        None, ge=1, description="channels: kept counts round up to it (None: the NCHWc block)"
+    )
 
 
 def check_ratio(ratio: float) -> float:
@@ -136,19 +144,24 @@ def _channels(
 ) -> tuple[ir.Model, dict[str, Any]]:
     # Activation statistics only mean something on real data; generated noise would mislead.
     criterion = "activation" if real_data else "weight"
-    probe = PruneChannelsPass(ratio=settings.ratio)
+    probe = PruneChannelsPass(ratio=settings.ratio, multiple_of=settings.multiple_of)
     from onnxpipe.graphs.channel_groups import find_groups  # noqa: PLC0415
 
     groups = [g for g in find_groups(model) if not g.blocked]
     if not groups:
         probe(copy_model(model))  # raises PassError naming why every group is blocked
+    _refuse_uncut(probe, [g.channels for g in groups], settings.ratio)
     inputs = collect_inputs(model, groups, ctx.eval_feeds) if real_data else {}
 
     def build(
         ratios: dict[str, float] | None, stats: dict[str, Any] = inputs
     ) -> tuple[ir.Model, dict[str, Any]]:
         graph_pass = PruneChannelsPass(
-            ratio=settings.ratio, ratios=ratios, criterion=criterion, inputs=stats
+            ratio=settings.ratio,
+            ratios=ratios,
+            criterion=criterion,
+            inputs=stats,
+            multiple_of=settings.multiple_of,
         )
         return _apply(graph_pass, copy_model(model))
 
@@ -158,6 +171,27 @@ def _channels(
     units = [g.key for g in groups]
     collect = (lambda feeds: collect_inputs(model, groups, feeds)) if real_data else None
     return _gated_search(units, settings.ratio, build, ctx, gates, criterion, collect)
+
+
+def _refuse_uncut(probe: PruneChannelsPass, channels: list[int], ratio: float) -> None:
+    """PassError when ``ratio`` cuts no group once kept counts are rounded up (exit 2).
+
+    Without it a small model came back unchanged, with exit 0 and params_reduction 0.
+    """
+    if any(probe.keep_count(n, ratio) < n for n in channels):
+        return
+    cfg = probe.config
+    rounding = (
+        f"multiples of {cfg.multiple_of}"
+        if cfg.multiple_of
+        else f"multiples of {nchwc_block()} (ORT's NCHWc block on this CPU)"
+    )
+    raise PassError(
+        f"nothing to cut at --ratio {ratio:g}: the prunable layers have "
+        f"{', '.join(map(str, sorted(set(channels))))} output channels, and each keeps them all "
+        f"once its count is rounded up to {rounding}, at least {cfg.min_channels}. Raise "
+        "--ratio, or pass --multiple-of 1 (smaller, though ORT pads to its block)."
+    )
 
 
 def _gated_search(
@@ -289,6 +323,11 @@ def _search(
             if ok:
                 chosen, params = trial, param_count(candidate)
                 break
+    if best is None:  # every candidate kept all it was asked to cut (rounding)
+        raise PassError(
+            f"nothing to cut at --ratio {ratio:g}: at that ratio each of the {len(units)} "
+            "layers keeps all its channels or rank once rounded. Raise --ratio."
+        )
     if not chosen:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in (best or {}).items() if k in _METRICS)
         raise GateFailed(

@@ -190,3 +190,137 @@ def test_cli_prune_channels_unmeetable_gate_exits_1_with_best(cli, cnn_bundle, t
     )  # fmt: skip
     assert code == 1
     assert "best found" in stderr and not out.exists()
+
+
+@pytest.mark.parametrize("gate", [(), ("--gate", "cosine>=0.5")])
+def test_cli_ratio_that_cuts_nothing_exits_2_and_multiple_of_1_cuts(
+    cli, cnn_bundle, tmp_path, gate
+):
+    """At 0.1, 16/24/32 channels round back up to themselves (block 8 or 16): nothing to cut.
+
+    It used to write the unchanged model with exit 0 (and, with a gate, fail on a None).
+    """
+    out = tmp_path / "pruned"
+    args = ("prune", cnn_bundle, "-o", out, "--method", "channels", "--ratio", "0.1", *gate)
+    code, _, stderr = cli(*args)
+    assert code == 2, stderr
+    assert "nothing to cut at --ratio 0.1" in stderr and "--multiple-of 1" in stderr
+    assert not out.exists()
+    code, _, stderr = cli(*args, "--multiple-of", "1")
+    assert code == 0, stderr
+    step = json.loads((out / "manifest.json").read_text())["steps"][-1]
+    metrics = step["metrics"]
+    assert step["config"]["multiple_of"] == 1
+    if not gate:
+        assert sorted(metrics["pass"]["channels"].values()) == [[16, 14], [24, 22], [32, 29]]
+    assert metrics["params_after"] < metrics["params_before"]
+
+
+def _dense_stack() -> ir.Model:
+    """x[batch, 64] -> (MatMul + Add -> Relu) x 2 -> MatMul + Add: Keras Dense via tf2onnx."""
+    rng = np.random.default_rng(5)
+    widths = [64, 48, 32, 10]
+    nodes, inits, x = [], [], "x"
+    for i, (k, n) in enumerate(zip(widths, widths[1:], strict=False)):
+        inits.append(
+            numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32) / 6, f"w{i}")
+        )
+        inits.append(numpy_helper.from_array(rng.normal(size=n).astype(np.float32), f"b{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
+            x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "dense",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("a2", onnx.TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_dense_matmul_add_layers_are_cut_like_gemm():
+    """MatMul + Add on a 2-D input (a Keras Dense) produces channels; the bias is cut with it."""
+    x = np.random.default_rng(6).normal(size=(32, 64)).astype(np.float32)
+    model = _dense_stack()
+    groups = find_groups(model)
+    prunable = sorted((g for g in groups if not g.blocked), key=lambda g: -g.channels)
+    assert [(g.channels, [p.op_type for p in g.producers]) for g in prunable] == [
+        (48, ["MatMul"]),
+        (32, ["MatMul"]),
+    ]
+    assert {c.value.name for c in prunable[0].cuts} == {"w0", "b0", "w1"}
+    assert any("graph output" in r for g in groups if g.blocked for r in g.blocked)
+    # the cut equals zeroing the consumer's rows for the removed channels
+    masked = _dense_stack()
+    keep = np.arange(0, 48, 2)
+    apply_cut(prunable[0], keep)
+    w1 = masked.graph.initializers["w1"]
+    rows = w1.const_value.numpy().copy()
+    rows[np.setdiff1d(np.arange(48), keep)] = 0
+    w1.const_value = ir.tensor(rows, name="w1")
+    assert model.graph.initializers["b0"].const_value.shape == (24,)
+    assert_close(ort_run(masked, {"x": x}), model, {"x": x}, atol=1e-4)
+
+
+def test_dense_bias_refit_goes_into_the_add_after_the_matmul():
+    """Cutting the last hidden layer: the removed channels' mean moves into the output Add."""
+    x = np.random.default_rng(7).normal(size=(64, 64)).astype(np.float32)
+    ref = ort_run(_dense_stack(), {"x": x})[0]
+    shift = {}
+    for refit in ("none", "bias"):
+        model = _dense_stack()
+        settings = {"ratio": 0.5, "ratios": {"w1": 0.5}, "multiple_of": 1, "refit": refit}
+        graph_pass = PruneChannelsPass(criterion="activation", feeds=[{"x": x}], **settings)
+        graph_pass(model)
+        assert graph_pass.metrics["channels"] == {"w1": [32, 16]}
+        shift[refit] = float(np.abs((ort_run(model, {"x": x})[0] - ref).mean(0)).max())
+    assert shift["bias"] < 1e-4 < 0.05 < shift["none"], shift
+
+
+def _keras_pool_head(keepdims: int = 0) -> ir.Model:
+    """Conv -> Relu -> Transpose to NHWC -> ReduceMean over H, W -> MatMul + Add (tf2onnx)."""
+    rng = np.random.default_rng(8)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "conv_b"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+        numpy_helper.from_array(rng.normal(size=(16, 10)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(size=10).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("ReduceMean", ["t", "axes"], ["p"], keepdims=keepdims),
+        helper.make_node("MatMul", ["p", "fc_w"], ["m"]),
+        helper.make_node("Add", ["m", "fc_b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "keras_head",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_keras_global_pooling_passes_channels_through_the_transpose():
+    """tf2onnx pools a Keras model channels-last; the conv's channels still reach the Dense."""
+    model, masked = _keras_pool_head(), _keras_pool_head()
+    (group,) = [g for g in find_groups(model) if not g.blocked]
+    assert group.channels == 16 and [n.op_type for n in group.consumers] == ["MatMul"]
+    keep = np.arange(1, 16, 2)
+    apply_cut(group, keep)
+    fc = masked.graph.initializers["fc_w"]
+    rows = fc.const_value.numpy().copy()
+    rows[np.setdiff1d(np.arange(16), keep)] = 0
+    fc.const_value = ir.tensor(rows, name="fc_w")
+    transposed = next(n for n in model.graph if n.op_type == "Transpose").outputs[0]
+    assert transposed.shape is not None and transposed.shape[3] == 8
+    assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
+    # keepdims=1 leaves [N, 1, 1, C]: not the classifier's [N, C], so the group is blocked
+    assert all(g.blocked for g in find_groups(_keras_pool_head(keepdims=1)))
