@@ -393,6 +393,22 @@ def test_callable_returning_wrong_type_and_input_count(tmp_path):
         convert(two_input_model(), ConvertConfig(nchw=True))
 
 
+def test_cli_convert_keeps_tensorflow_load_noise_off_stderr(tmp_path):
+    """TensorFlow's C++ load-time notices (absl, oneDNN, CUDA) stay out of a user's terminal,
+    and come back with --debug."""
+    image_model().save(tmp_path / "m.keras")
+    args = [sys.executable, "-m", "onnxpipe", "convert", str(tmp_path / "m.keras"), "--no-bench"]
+    quiet = subprocess.run(
+        [*args, "-o", str(tmp_path / "a"), "--json"], capture_output=True, text=True
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert "absl::InitializeLog" not in quiet.stderr and "oneDNN" not in quiet.stderr
+    debug = subprocess.run(
+        [*args, "-o", str(tmp_path / "b"), "--debug"], capture_output=True, text=True
+    )
+    assert debug.returncode == 0 and "absl::InitializeLog" in debug.stderr
+
+
 def test_import_does_not_pull_tensorflow():
     code = (
         "import sys, onnxpipe, onnxpipe.converters.tensorflow\n"

@@ -9,12 +9,15 @@ Files are only read, never written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import sys
+import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,17 +58,47 @@ class TFSource:
     keep: list[Any] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _stderr_kept_back(active: bool) -> Iterator[None]:
+    """Point descriptor 2 at a scratch file; replay what it caught if the body raises."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def import_tf() -> tuple[Any, Any]:
     """Import tensorflow and keras (Keras 3 on the TensorFlow backend), quietly.
+
+    TensorFlow logs from C++ while it loads, before its log level applies ("All log messages
+    before absl::InitializeLog() is called are written to STDERR", oneDNN and CUDA notices):
+    when the ``tensorflow`` logger is set to ERROR or above (the CLI does, without
+    ``--debug``), file descriptor 2 goes to a scratch file for the import and comes back
+    with the text only if the import fails.
 
     Raises:
         InputError: keras runs on another backend (KERAS_BACKEND), or tensorflow is missing.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    quiet = logging.getLogger("tensorflow").getEffectiveLevel() >= logging.ERROR
     try:
-        import keras
-        import tensorflow as tf
+        with _stderr_kept_back(quiet):
+            import keras
+            import tensorflow as tf
     except ImportError as e:
         raise InputError(
             f"TensorFlow sources need tensorflow and keras ({e}). Install onnxpipe[tf]."
