@@ -13,7 +13,8 @@ physically shrinks.
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
-Concat (consumers index its channels by offset), or a weight shared by two nodes.
+Concat (consumers index its channels by offset), or a weight shared by two nodes (the
+pruning pass first gives each use its own copy: :func:`unshare_initializers`).
 """
 
 from __future__ import annotations
@@ -307,6 +308,37 @@ class _Analysis:
             self.join(value, out)
         else:
             self._opaque(node, [value])
+
+
+def unshare_initializers(model: ir.Model) -> int:
+    """Give every extra use of a shared multi-element initializer its own copy; returns how many.
+
+    Deduplication merges equal constants (zero biases, the untouched BatchNorm parameters of
+    ``keras.applications(weights=None)``), and a shared constant blocks its group: cutting it
+    for one layer would cut it for the others. Copies compute the same thing; run
+    ``DeduplicateInitializersPass`` after the cut to merge what is still equal.
+    """
+    graph = model.graph
+    copies = 0
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        uses = list(value.uses())
+        if tensor is None or tensor.size <= 1 or len(uses) < 2 or value.is_graph_output():
+            continue
+        for k, (node, index) in enumerate(uses[1:], start=1):
+            fresh = f"{name}__{k}"
+            while fresh in graph.initializers:
+                fresh += "_"
+            copy = ir.Value(
+                name=fresh,
+                shape=value.shape,
+                type=value.type,
+                const_value=ir.tensor(tensor.numpy().copy(), name=fresh),
+            )
+            graph.register_initializer(copy)
+            node.replace_input_with(index, copy)
+            copies += 1
+    return copies
 
 
 def find_groups(model: ir.Model) -> list[Group]:

@@ -15,10 +15,11 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from pydantic import Field, field_validator
 
 from onnxpipe.graphs.base import GraphPass, PassConfig
-from onnxpipe.graphs.channel_groups import Group, find_groups
+from onnxpipe.graphs.channel_groups import Group, find_groups, unshare_initializers
 from onnxpipe.graphs.quant_utils import cpu_flags, tap_session
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         """Cut channels group by group; see the class docstring."""
         from onnxpipe.errors import PassError  # noqa: PLC0415 - errors is a leaf module
 
+        before = param_count(model)
+        unshared = unshare_initializers(model)
         groups = find_groups(model)
         prunable = [g for g in groups if not g.blocked]
         skipped = {g.key: sorted(set(g.blocked)) for g in groups if g.blocked}
@@ -118,7 +121,6 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         inputs: Mapping[str, np.ndarray] = {}
         if self.config.criterion == "activation":
             inputs = self.inputs or collect_inputs(model, prunable, self.feeds)
-        before = param_count(model)
         changes: dict[str, list[int]] = {}
         for group in prunable:
             ratio = self._ratio(group)
@@ -134,6 +136,8 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
             apply_cut(group, keep)
             changes[group.key] = [group.channels, keep_n]
             logger.debug("group %s: %d -> %d channels", group.key, group.channels, keep_n)
+        if unshared:  # merge the copies that are still equal
+            common.DeduplicateInitializersPass()(model)
         after = param_count(model)
         if changes:
             logger.info("pruned %d channel groups: %d -> %d params", len(changes), before, after)

@@ -145,9 +145,11 @@ def _channels(
     # Activation statistics only mean something on real data; generated noise would mislead.
     criterion = "activation" if real_data else "weight"
     probe = PruneChannelsPass(ratio=settings.ratio, multiple_of=settings.multiple_of)
-    from onnxpipe.graphs.channel_groups import find_groups  # noqa: PLC0415
+    from onnxpipe.graphs.channel_groups import find_groups, unshare_initializers  # noqa: PLC0415
 
-    groups = [g for g in find_groups(model) if not g.blocked]
+    analysed = copy_model(model)
+    unshare_initializers(analysed)  # as the pass does: an equal constant blocks no group
+    groups = [g for g in find_groups(analysed) if not g.blocked]
     if not groups:
         probe(copy_model(model))  # raises PassError naming why every group is blocked
     _refuse_uncut(probe, [g.channels for g in groups], settings.ratio)

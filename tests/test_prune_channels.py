@@ -324,3 +324,40 @@ def test_keras_global_pooling_passes_channels_through_the_transpose():
     assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
     # keepdims=1 leaves [N, 1, 1, C]: not the classifier's [N, C], so the group is blocked
     assert all(g.blocked for g in find_groups(_keras_pool_head(keepdims=1)))
+
+
+def test_a_constant_shared_by_two_layers_no_longer_blocks_them():
+    """Dedup shares equal constants (here one zero bias of two convs); pruning copies it per
+    use, cuts each layer on its own, then merges what is still equal."""
+    rng = np.random.default_rng(9)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "zero_bias"),
+        numpy_helper.from_array(rng.normal(size=(10, 8)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "zero_bias"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "zero_bias"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    graph_pass = PruneChannelsPass(ratio=0.5, multiple_of=1, min_channels=1)
+    graph_pass(model)
+    assert graph_pass.metrics["channels"] == {"w0": [8, 4], "w1": [8, 4]}
+    biases = [n for n in model.graph.initializers if n.startswith("zero_bias")]
+    assert len(biases) == 1  # the two cut copies were still equal: merged again
+    (out,) = ort_run(model, {"x": X})
+    assert out.shape == (4, 10) and np.isfinite(out).all()
