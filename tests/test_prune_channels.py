@@ -110,6 +110,19 @@ def test_activation_criterion_with_bias_refit_beats_weights(cnn_bundle):
     assert errors["activation"] < errors["weight"]
 
 
+def _ir_model(nodes, inits, x_shape, y_shape=None, opset: int = 17) -> ir.Model:
+    """One float input ``x`` and output ``y`` around ``nodes``, shapes inferred."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
 def _bn_concat_model() -> ir.Model:
     """Conv -> BatchNorm -> Relu -> Conv, plus a Conv feeding a Concat (must stay blocked)."""
     rng = np.random.default_rng(1)
@@ -127,17 +140,9 @@ def _bn_concat_model() -> ir.Model:
         helper.make_node("Conv", ["cat", "w4"], ["y"], kernel_shape=[1, 1]),
     ]
     var = numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "v")
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
-        [init("w1", 8, 3, 1, 1), init("b1", 8), init("s", 8), init("o", 8), init("m", 8), var,
-         init("w2", 6, 8, 1, 1), init("w3", 6, 3, 1, 1), init("w4", 2, 12, 1, 1)],
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto = onnx.shape_inference.infer_shapes(proto)
-    return ir.serde.deserialize_model(proto)
+    inits = [init("w1", 8, 3, 1, 1), init("b1", 8), init("s", 8), init("o", 8), init("m", 8), var,
+             init("w2", 6, 8, 1, 1), init("w3", 6, 3, 1, 1), init("w4", 2, 12, 1, 1)]  # fmt: skip
+    return _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])
 
 
 def test_batchnorm_is_cut_and_concat_is_refused():
@@ -227,18 +232,11 @@ def _dense_stack() -> ir.Model:
         )
         inits.append(numpy_helper.from_array(rng.normal(size=n).astype(np.float32), f"b{i}"))
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]))
+        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], ["y" if i == 2 else f"a{i}"]))
         if i < 2:
             nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
             x = f"r{i}"
-    graph = helper.make_graph(
-        nodes, "dense",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("a2", onnx.TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    return _ir_model(nodes, inits, ["batch", 64], ["batch", 10])
 
 
 def test_dense_matmul_add_layers_are_cut_like_gemm():
@@ -298,14 +296,7 @@ def _keras_pool_head(keepdims: int = 0) -> ir.Model:
         helper.make_node("MatMul", ["p", "fc_w"], ["m"]),
         helper.make_node("Add", ["m", "fc_b"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes, "keras_head",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        inits,
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    return _ir_model(nodes, inits, ["batch", 3, 16, 16], opset=18)
 
 
 def test_keras_global_pooling_passes_channels_through_the_transpose():
@@ -346,14 +337,7 @@ def test_a_constant_shared_by_two_layers_no_longer_blocks_them():
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "shared",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        inits,
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    model = _ir_model(nodes, inits, ["batch", 3, 16, 16])
     graph_pass = PruneChannelsPass(ratio=0.5, multiple_of=1, min_channels=1)
     graph_pass(model)
     assert graph_pass.metrics["channels"] == {"w0": [8, 4], "w1": [8, 4]}
