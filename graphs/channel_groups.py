@@ -63,6 +63,9 @@ class Group:
     reshapes: list[ir.Value] = field(default_factory=list)
     channels_last: list[ir.Value] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    axis: int = 1
+    """Where the channels sit in ``tensors``: 1, or -1 for the token features of a MatMul on
+    a 3-D input (a transformer's FFN)."""
 
     def producer_cuts(self) -> list[Cut]:
         """The cuts on producer weights (rows = output channels), for scoring."""
@@ -78,10 +81,10 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _is_producer(node: ir.Node) -> bool:
-    """A Conv (group 1), Gemm or 2-D MatMul with a constant weight: its outputs can go.
+    """A Conv (group 1), Gemm or MatMul with a constant 2-D weight: its outputs can go.
 
-    A MatMul on a 3-D input ([batch, seq, features]) has its channels on the last axis,
-    where the rest of the analysis (axis 1) would misplace them.
+    A MatMul's channels are the last axis of its output (``[batch, seq, features]`` in a
+    transformer); the analysis follows them there (``Group.axis`` -1).
     """
     if node.domain != "" or len(node.inputs) < 2 or constant(node.inputs[1]) is None:
         return False
@@ -91,7 +94,8 @@ def _is_producer(node: ir.Node) -> bool:
         return attr_int(node, "transA", 0) == 0
     if node.op_type == "MatMul":
         weight = constant(node.inputs[1])
-        return weight is not None and weight.ndim == 2 and _rank(node.inputs[0]) == 2  # type: ignore[arg-type]
+        rank = _rank(node.inputs[0]) if node.inputs[0] is not None else None
+        return weight is not None and weight.ndim == 2 and rank is not None and rank >= 2
     return False
 
 
@@ -122,6 +126,7 @@ class _Analysis:
         self.reshapes: list[tuple[ir.Value, ir.Value]] = []
         self.channels_last: list[tuple[ir.Value, ir.Value]] = []
         self.absorbed: set[int] = set()
+        self.last: set[int] = set()  # ids of rank >= 3 values whose channels are the last axis
 
     def track(self, value: ir.Value) -> int:
         self.values[id(value)] = value
@@ -145,8 +150,13 @@ class _Analysis:
         acts = [v for v in ins if v is not None and constant(v) is None]
         if id(node) in self.absorbed:
             return
+        last = any(id(v) in self.last for v in acts)
         if node.domain not in ("", "ai.onnx"):
             self._opaque(node, acts)
+        elif op == "MatMul" and _is_producer(node):
+            self._matmul(node)
+        elif last and op not in UNARY and op not in BINARY:
+            self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
         elif _is_producer(node):
             trans = op == "Conv" or attr_int(node, "transB", 0) == 1  # weight rows = outputs
             self._consume(node, ins[0], 1 if trans else 0)
@@ -163,6 +173,8 @@ class _Analysis:
                 self.cut(ins[0], ins[2], 0)
         elif op in UNARY and ins[0] is not None:
             self.join(ins[0], node.outputs[0])  # extra inputs (Clip bounds) are scalars
+            if last:
+                self.last.add(id(node.outputs[0]))
             for extra in node.outputs[1:]:
                 self.block(extra, f"second output of {op} node {node.name!r}")
         elif op == "BatchNormalization" and len(acts) == 1:
@@ -179,6 +191,18 @@ class _Analysis:
             pass
         else:
             self._opaque(node, acts)
+
+    def _matmul(self, node: ir.Node) -> None:
+        """A MatMul contracts its input's last axis: those are the channels it consumes."""
+        value, out = node.inputs[0], node.outputs[0]
+        assert value is not None
+        if _rank(value) == 2 or id(value) in self.last:
+            self._consume(node, value, 0)
+        else:  # e.g. [N, C, H, W] @ W: it mixes W positions, not the C channels
+            self.block(value, f"MatMul node {node.name!r} contracts its last axis, not channels")
+        self.cut(out, node.inputs[1], 1)  # type: ignore[arg-type]
+        if (_rank(out) or _rank(value) or 0) > 2:
+            self.last.add(id(out))
 
     def _opaque(self, node: ir.Node, acts: list[ir.Value]) -> None:
         what = f"{node.op_type} node {node.name!r}"
@@ -210,7 +234,8 @@ class _Analysis:
         if act_rank is None or array.ndim > act_rank:
             self.block(act, f"constant {const.name!r} of {node.op_type} does not broadcast")
             return
-        axis = array.ndim - (act_rank - 1)  # where the channel axis lands in the constant
+        # where the channel axis lands in the constant (right-aligned broadcasting)
+        axis = array.ndim - 1 if id(act) in self.last else array.ndim - (act_rank - 1)
         others = [d for i, d in enumerate(array.shape) if i != axis]
         if axis < 0 or any(d != 1 for d in others):
             self.block(act, f"constant {const.name!r} of {node.op_type} is not per-channel")
@@ -229,6 +254,11 @@ class _Analysis:
         if None in ranks or len(ranks) != 1:
             self._opaque(node, acts)  # broadcasting across ranks: channel axes may not align
             return
+        if any(id(v) in self.last for v in acts):
+            if not all(id(v) in self.last for v in acts):  # e.g. a residual Add in a transformer
+                self._opaque(node, acts)  # the other side's channels may sit on axis 1
+                return
+            self.last.add(id(out))
         for value in acts:
             self.join(value, out)
         for const in node.inputs:
@@ -379,6 +409,8 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
         group.reshapes = [shape for v, shape in analysis.reshapes if id(v) in ids]
         group.channels_last = [out for v, out in analysis.channels_last if id(v) in ids]
+        if ids & analysis.last:
+            group.axis = -1
         _check_sizes(group)
         groups.append(group)
     return groups

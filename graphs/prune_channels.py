@@ -1,8 +1,10 @@
-"""Structured channel pruning: remove whole output channels of Conv/Gemm/2-D MatMul layers.
+"""Structured channel pruning: remove whole output channels of Conv/Gemm/MatMul layers.
 
 The cut is propagated through each channel group (see :mod:`onnxpipe.graphs.channel_groups`):
 producer rows and biases, BatchNormalization parameters, depthwise Conv weights and ``group``,
 per-channel constants, the flatten before a classifier and the consumers' input channels.
+In a transformer the FFN's hidden features (MatMul + Add -> activation -> MatMul, channels
+on the last axis) are cut; attention projections are not (the head reshape needs them all).
 Tensors physically shrink, so unlike magnitude pruning this makes ONNX Runtime faster.
 """
 
@@ -222,8 +224,9 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
         if target[1] > 0:
             target[1] = n
             shape_value.const_value = ir.tensor(target, name=shape_value.name)
-    for value, axis in [(v, 1) for v in group.tensors] + [(v, 3) for v in group.channels_last]:
-        if value.shape is not None and len(value.shape) > axis:
+    moved = [(v, 3) for v in group.channels_last]
+    for value, axis in [(v, group.axis) for v in group.tensors] + moved:
+        if value.shape is not None and len(value.shape) > max(axis, -axis - 1):
             dims = list(value.shape)
             dims[axis] = n
             value.shape = ir.Shape(dims)
@@ -238,16 +241,16 @@ def collect_inputs(
 ) -> dict[str, np.ndarray]:
     """Samples ``[rows, channels]`` of every group consumer's input tensor, keyed by name.
 
-    Spatial positions are subsampled so a large feature map costs at most ``max_rows`` rows.
+    Spatial positions (or tokens) are subsampled so a large feature map costs at most
+    ``max_rows`` rows. Channels are axis 1, except for a MatMul's input (its last axis).
     """
-    names: list[str] = list(
-        dict.fromkeys(
-            n.inputs[0].name
-            for g in groups
-            for n in g.consumers
-            if n.inputs[0] and n.inputs[0].name
-        )
-    )
+    axes = {
+        n.inputs[0].name: -1 if n.op_type == "MatMul" else 1
+        for g in groups
+        for n in g.consumers
+        if n.inputs[0] and n.inputs[0].name
+    }
+    names = list(axes)
     if not feeds or not names:
         return {}
     session = tap_session(model, names)
@@ -256,7 +259,7 @@ def collect_inputs(
     rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in feeds:
         for name, out in zip(names, session.run(names, dict(batch)), strict=True):
-            flat = np.moveaxis(out, 1, -1).reshape(-1, out.shape[1])
+            flat = np.moveaxis(out, axes[name], -1).reshape(-1, out.shape[axes[name]])
             if len(flat) > per_batch:
                 flat = flat[rng.choice(len(flat), per_batch, replace=False)]
             rows[name].append(flat.astype(np.float32))

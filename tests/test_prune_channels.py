@@ -345,3 +345,75 @@ def test_a_constant_shared_by_two_layers_no_longer_blocks_them():
     assert len(biases) == 1  # the two cut copies were still equal: merged again
     (out,) = ort_run(model, {"x": X})
     assert out.shape == (4, 10) and np.isfinite(out).all()
+
+
+def _token_ffn(residual: bool = True) -> ir.Model:
+    """x[batch, seq, 16] -> MatMul + Add -> Relu -> MatMul + Add (+ x): a transformer FFN."""
+    rng = np.random.default_rng(10)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(16, 32)).astype(np.float32) / 4, "up_w"),
+        numpy_helper.from_array(rng.normal(size=32).astype(np.float32), "up_b"),
+        numpy_helper.from_array(rng.normal(size=(32, 16)).astype(np.float32) / 6, "down_w"),
+        numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "down_b"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "up_w"], ["u"]),
+        helper.make_node("Add", ["u", "up_b"], ["ub"]),
+        helper.make_node("Relu", ["ub"], ["h"]),
+        helper.make_node("MatMul", ["h", "down_w"], ["d"]),
+        helper.make_node("Add", ["d", "down_b"], ["db" if residual else "y"]),
+    ]
+    if residual:
+        nodes.append(helper.make_node("Add", ["db", "x"], ["y"]))
+    return _ir_model(nodes, inits, ["batch", "seq", 16])
+
+
+def test_transformer_ffn_channels_are_cut_on_the_last_axis():
+    x = np.random.default_rng(11).normal(size=(3, 5, 16)).astype(np.float32)
+    model, masked = _token_ffn(), _token_ffn()
+    groups = find_groups(model)
+    (group,) = [g for g in groups if not g.blocked]
+    assert group.axis == -1 and group.channels == 32
+    assert {c.value.name: c.axis for c in group.cuts} == {"up_w": 1, "up_b": 0, "down_w": 0}
+    blocked = next(g for g in groups if g.key == "down_w")
+    assert any("Add" in r for r in blocked.blocked)  # the residual mixes in the input
+    keep = np.arange(0, 32, 3)
+    apply_cut(group, keep)
+    hidden = next(v for n in model.graph if n.op_type == "Relu" for v in n.outputs)
+    assert hidden.shape is not None and hidden.shape[-1] == len(keep)
+    rows = masked.graph.initializers["down_w"].const_value.numpy().copy()
+    rows[np.setdiff1d(np.arange(32), keep)] = 0
+    masked.graph.initializers["down_w"].const_value = ir.tensor(rows, name="down_w")
+    assert_close(ort_run(masked, {"x": x}), model, {"x": x}, atol=1e-4)
+
+
+def test_ffn_pass_with_activation_criterion_samples_tokens():
+    """Statistics of a [batch, seq, features] input are taken per token (last axis)."""
+    x = np.random.default_rng(12).normal(size=(8, 7, 16)).astype(np.float32)
+    ref = ort_run(_token_ffn(residual=False), {"x": x})[0]
+    errors = {}
+    for criterion in ("weight", "activation"):
+        model = _token_ffn(residual=False)
+        graph_pass = PruneChannelsPass(
+            ratio=0.5, multiple_of=1, criterion=criterion, feeds=[{"x": x}]
+        )
+        graph_pass(model)
+        assert graph_pass.metrics["channels"] == {"up_w": [32, 16]}
+        errors[criterion] = float(np.abs(ort_run(model, {"x": x})[0] - ref).mean())
+    assert errors["activation"] < errors["weight"], errors
+
+
+def test_matmul_over_the_width_of_a_feature_map_consumes_no_channels():
+    """[N, C, H, W] @ W[W, K] mixes positions along W: the conv's channels cannot be cut there."""
+    rng = np.random.default_rng(13)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 3, 1, 1)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "mix_w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"]),
+        helper.make_node("MatMul", ["c", "mix_w"], ["y"]),
+    ]
+    groups = find_groups(_ir_model(nodes, inits, ["batch", 3, 16, 16]))
+    conv = next(g for g in groups if g.key == "conv_w")
+    assert any("contracts its last axis" in r for r in conv.blocked)
