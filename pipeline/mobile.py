@@ -276,6 +276,7 @@ def package_mobile(
                     metrics={"parity": parity},
                 )
             analysis = partitions(source)
+            dynamic = _dynamic_inputs(model)
             section = {
                 "ort_file": f"{MOBILE_DIR}/{ORT_FILE}",
                 "operators_config": f"{MOBILE_DIR}/{CONFIG_FILE}",
@@ -289,6 +290,14 @@ def package_mobile(
                 ],
                 **analysis,
             }
+            if dynamic:
+                # ORT's checker counts no NNAPI/CoreML node on a model with dynamic inputs
+                section["dynamic_inputs"] = dynamic
+                section["hint"] = (
+                    "NNAPI and CoreML take fixed input shapes only (counts above are 0 for that "
+                    "reason): package with "
+                    + " ".join(f"--fixed-shape {n}:{_fixed_example(d)}" for n, d in dynamic.items())
+                )
             manifest["mobile"] = section
             manifest.setdefault("validation", {})["mobile"] = validation
             manifest.setdefault("steps", []).append(
@@ -305,6 +314,27 @@ def package_mobile(
             write_json_atomic(tmp / MANIFEST, manifest)
             write_docs(tmp, manifest)
     return manifest
+
+
+def _dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Graph inputs (not initializers) with a symbolic or unknown dim: name -> dims."""
+    weights = {i.name for i in model.graph.initializer}
+    found: dict[str, list[int | str]] = {}
+    for value in model.graph.input:
+        if value.name in weights or not value.type.HasField("tensor_type"):
+            continue
+        dims: list[int | str] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim
+        ]
+        if any(isinstance(d, str) for d in dims):
+            found[value.name] = dims
+    return found
+
+
+def _fixed_example(dims: list[int | str]) -> str:
+    """``1,3,224,224`` for ``[batch, 3, 224, 224]``: symbolic dims shown as 1."""
+    return ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

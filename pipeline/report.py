@@ -288,6 +288,7 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
             f"<p><code>{_e(mobile['ort_file'])}</code> ({_e(mobile.get('ort_bytes'))} bytes), "
             f"<code>{_e(mobile['operators_config'])}</code>, fixed shapes "
             f"{_e(mobile.get('fixed_shapes') or 'none')}</p>",
+            f"<p>{_e(mobile['hint'])}</p>" if mobile.get("hint") else "",
             _table(
                 ["EP", "partitions", "nodes supported", "nodes total", "unsupported ops"],
                 [

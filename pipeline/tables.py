@@ -62,7 +62,8 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
             for ep in ("nnapi", "coreml")
             if ep in mobile
         ]
-        table.add_row("mobile", escape(f"{mobile['ort_file']}; " + "; ".join(parts)))
+        hint = f"; {mobile['hint']}" if mobile.get("hint") else ""
+        table.add_row("mobile", escape(f"{mobile['ort_file']}; " + "; ".join(parts) + hint))
     bench = manifest.get("bench")
     if bench:
         lat = bench["latency_ms"]

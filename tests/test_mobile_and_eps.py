@@ -36,6 +36,7 @@ def test_package_mobile_with_fixed_shape(bundle, cli, tmp_path):
     assert mobile["ort_file"] == "mobile/model.ort" and (out / mobile["ort_file"]).is_file()
     assert (out / mobile["operators_config"]).read_text().count("ai.onnx;") >= 2
     assert mobile["fixed_shapes"] == {"x": [1, 3, 16, 16]}
+    assert "hint" not in mobile and "dynamic_inputs" not in mobile
     for ep in ("nnapi", "coreml"):
         assert mobile[ep]["nodes_total"] > 0
         assert 0 <= mobile[ep]["nodes_supported"] <= mobile[ep]["nodes_total"]
@@ -52,6 +53,18 @@ def test_package_mobile_with_fixed_shape(bundle, cli, tmp_path):
     code, out_json, _ = cli("validate", out, "--ep", "cpu,mobile", "--json")
     results = json.loads(out_json)
     assert code == 0 and results["mobile"]["status"] == "passed"
+
+
+def test_package_with_dynamic_shapes_says_why_nnapi_and_coreml_count_nothing(bundle, cli, tmp_path):
+    """ORT's checker counts 0 NNAPI/CoreML nodes on a dynamic batch; the bundle says why."""
+    out = tmp_path / "mobile"
+    code, _, err = cli("package", bundle, "-o", out, "--target", "mobile")
+    assert code == 0, err
+    mobile = json.loads((out / "manifest.json").read_text())["mobile"]
+    assert mobile["nnapi"]["nodes_supported"] == 0 and mobile["coreml"]["nodes_supported"] == 0
+    assert mobile["dynamic_inputs"] == {"x": ["batch", 3, 16, 16]}
+    assert "--fixed-shape x:1,3,16,16" in mobile["hint"]
+    assert "--fixed-shape x:1,3,16,16" in (out / "report.html").read_text()
 
 
 def test_package_keeps_ort_tools_info_lines_off_the_terminal(bundle, tmp_path):
