@@ -1,4 +1,4 @@
-"""Recipe steps that derive the model: ``optimize``, ``quantize`` and ``prune``.
+"""Recipe steps that derive the bundle: ``optimize``, ``quantize``, ``prune`` and ``package``.
 
 Each runs the same code as its command (``onnxpipe quantize`` ...), gate included, on the
 bundle being built, and takes over the derived bundle's model, step record, parity,
@@ -8,6 +8,9 @@ validation and bench. A recipe entry holds the command's options by their long n
                  eval: eval/, auto: true, gate: "top1>=0.97"}
     - prune: {method: channels, ratio: 0.3, eval: eval/, gate: "top1>=0.9"}
     - optimize: {level: extended}
+    - package: {target: mobile, fixed_shape: ["input:1,3,224,224"]}
+
+``package`` packs the model as it stands, so it comes after every step that changes it.
 """
 
 from __future__ import annotations
@@ -151,8 +154,44 @@ class OptimizeStep(DerivedStep):
         return lambda bundle, out: optimize_bundle(bundle, out, config)
 
 
+class PackageStep(DerivedStep):
+    """``package``: the mobile ORT-format package (see ``onnxpipe package``)."""
+
+    name: ClassVar[str] = "package"
+    own: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("settings")
+    @classmethod
+    def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from onnxpipe.mobile import LEVELS  # noqa: PLC0415
+
+        unknown = sorted(set(value) - {"target", "fixed_shape", "level"})
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; package takes target, "
+                             "fixed_shape (a list of NAME:DIMS) and level")  # fmt: skip
+        if value.get("target", "mobile") != "mobile":
+            raise ValueError(f"target {value['target']!r}: the only target is 'mobile'")
+        if value.get("level", "basic") not in LEVELS:
+            raise ValueError(f"level {value['level']!r}: use one of {', '.join(LEVELS)}")
+        shapes = value.get("fixed_shape", [])
+        if not isinstance(shapes, list) or not all(isinstance(v, str) for v in shapes):
+            raise ValueError("fixed_shape is a list of NAME:DIMS, e.g. ['input:1,3,224,224']")
+        return value
+
+    def derive(self) -> Derive:
+        """``package_mobile`` with these settings."""
+        from onnxpipe.mobile import package_mobile  # noqa: PLC0415
+
+        shapes = tuple(self.settings.get("fixed_shape", ()))
+        level = self.settings.get("level", "basic")
+        return lambda bundle, out: package_mobile(bundle, out, shapes, level)
+
+
 DERIVED_STEPS: dict[str, type[StepConfig]] = {
     "optimize": OptimizeStep,
     "quantize": QuantizeStep,
     "prune": PruneStep,
+    "package": PackageStep,
 }
+MODEL_CHANGING = ("optimize", "quantize", "prune")
+"""Steps after which an earlier ``package`` would describe a model the bundle no longer has."""

@@ -31,6 +31,7 @@ from onnxpipe.bundle import (
     write_json_atomic,
 )
 from onnxpipe.card import write_docs
+from onnxpipe.derived_steps import MODEL_CHANGING
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
 from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature
 from onnxpipe.steps import ConvertStep, StepConfig, Work, make_step
@@ -68,6 +69,14 @@ def load_recipe(path: Path) -> list[StepConfig]:
         steps.append(make_step(name, settings))
     if not steps or not isinstance(steps[0], ConvertStep):
         raise InputError(f"{path}: the first step must be 'convert' (it creates the model).")
+    names = [step.name for step in steps]
+    if "package" in names:
+        later = [n for n in names[names.index("package") :] if n in MODEL_CHANGING]
+        if later:
+            raise InputError(
+                f"{path}: step 'package' comes before {', '.join(repr(n) for n in later)}, "
+                "which would change the model after it was packed. Move 'package' after them."
+            )
     return steps
 
 

@@ -22,7 +22,8 @@ def eval_npz(tmp_path):
     return tmp_path / "eval.npz", x
 
 
-def _recipe(tmp_path, source: str, spec: str, steps: str):
+def _recipe(tmp_path, steps: str, source: str = model_ref("mlp"), spec: str = MLP):
+    """A recipe file of ``steps`` (YAML list lines) on the test MLP by default."""
     path = tmp_path / "recipe.yaml"
     path.write_text(f"source: {source}\ninputs: ['{spec}']\nsteps:\n{steps}")
     return path
@@ -32,8 +33,6 @@ def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path, eval_npz):
     data, x = eval_npz
     recipe = _recipe(
         tmp_path,
-        model_ref("mlp"),
-        MLP,
         "  - convert\n  - optimize: {level: basic}\n"
         f"  - prune: {{method: lowrank, ratio: 0.3, eval: {data}, "
         "gate: 'cosine>=0.9'}\n"
@@ -66,8 +65,6 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
     data, _ = eval_npz
     recipe = _recipe(
         tmp_path,
-        model_ref("mlp"),
-        MLP,
         f"  - convert\n  - prune: {{method: lowrank, ratio: 0.9, eval: {data}, "
         "gate: 'max_abs<=1e-7'}\n",
     )
@@ -93,10 +90,42 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         ("prune: {method: channels, ratio: 1.5}", "ratio"),
         ("prune: {method: fold, ratio: 0.5}", "method"),
         ("optimize: {level: maximal}", "level"),
+        ("package: {target: watch}", "target"),
+        ("package: {fixed_shape: 'x:1,64'}", "fixed_shape"),
+        ("package: {}\n  - quantize: {mode: dynamic}", "before 'quantize'"),
     ],
 )
 def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needle):
-    recipe = _recipe(tmp_path, model_ref("mlp"), MLP, f"  - convert\n  - {step}\n")
+    recipe = _recipe(tmp_path, f"  - convert\n  - {step}\n")
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and needle in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_package_step_writes_the_mobile_package_of_the_final_model(cli, tmp_path, eval_npz):
+    data, x = eval_npz
+    recipe = _recipe(
+        tmp_path,
+        f"  - convert\n  - quantize: {{mode: dynamic, eval: {data}}}\n"
+        "  - package: {target: mobile, fixed_shape: ['x:1,64']}\n"
+        "  - validate: {ep: 'cpu,mobile'}\n",
+    )
+    out = tmp_path / "out"
+    code, _, err = cli("run", recipe, "-o", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["convert", "quantize", "package", "validate"]
+    assert manifest["mobile"]["fixed_shapes"] == {"x": [1, 64]}
+    assert manifest["validation"]["mobile"]["status"] == "passed"
+    import onnxruntime as ort  # noqa: PLC0415
+
+    mobile = ort.InferenceSession(
+        str(out / "mobile" / "model.ort"), providers=["CPUExecutionProvider"]
+    )
+    types = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert types & {"MatMulInteger", "DynamicQuantizeMatMul"}, (
+        types
+    )  # the quantized model was packed
+    np.testing.assert_allclose(
+        mobile.run(None, {"x": x[:1]})[0], ort_run(out / "model.onnx", {"x": x[:1]})[0], atol=1e-4
+    )
