@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. resize=256,crop=224,mean=127,std=128",
     )
     p.add_argument(
-        "--method", default="minmax", choices=["minmax", "entropy", "percentile", "distribution"]
+        "--method",
+        default="minmax",
+        choices=["minmax", "entropy", "percentile", "distribution"],
+        help="static calibration (distribution is ORT's float8 method: refused for int8, "
+        "with the measured reason)",
     )
     scales = p.add_mutually_exclusive_group()
     scales.add_argument(

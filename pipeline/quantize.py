@@ -81,6 +81,10 @@ class QuantizeSettings(BaseModel):
             raise ValueError("--activation-type applies to --mode static only")
         if self.auto and not self.gates:
             raise ValueError("--auto needs a --gate to search for, e.g. --gate top1>=0.97")
+        if self.method == "distribution":
+            from onnxpipe.graphs.quantize_static import DISTRIBUTION_REFUSED  # noqa: PLC0415
+
+            raise ValueError(DISTRIBUTION_REFUSED)
         return self
 
 

@@ -339,6 +339,23 @@ def test_empty_dir_unreadable_image_and_bad_gate_exit_2(cli, cnn, tmp_path):
     assert code == 2 and "--calib" in err
 
 
+def test_distribution_calibration_is_refused_for_int8(cli, cnn, tmp_path):
+    """ORT's Distribution calibrator is for float8: int8 models came out wrecked, exit 0."""
+    from onnxpipe.errors import PassError
+    from onnxpipe.graphs.quantize_static import QuantizeStaticPass
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static",
+                       "--calib", tmp_path / "calib.npz", "--method", "distribution")  # fmt: skip
+    assert code == 2 and "float8" in err and "minmax, percentile or entropy" in err
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(PassError, match="float8"):
+        QuantizeStaticPass(calibration=[{"x": x}], method="distribution")(
+            ir.load(cnn / "model.onnx")
+        )
+
+
 def test_ort_tools_run_outside_the_users_directory(cli, mlp, tmp_path, monkeypatch):
     # ORT's symbolic shape inference drops files into the current directory when it gives
     # up; quantizing must leave the user's directory as it was.
