@@ -1,15 +1,17 @@
 """Find the channel groups of a graph: output channels that can be cut together, and how.
 
-A *group* is one channel space (axis 1) shared by tensors that must stay aligned: the outputs
-of the Conv/Gemm layers (and MatMul on a 2-D input, as tf2onnx writes a Keras ``Dense``: its
-bias follows in an Add) that produce it (several when residual Adds join them), the ops it
+A *group* is one channel space shared by tensors that must stay aligned: the outputs of the
+Conv, Gemm and MatMul layers that produce it (several when residual Adds join them; a MatMul's
+bias follows in an Add, as tf2onnx writes a Keras ``Dense``), the ops it
 passes through (activations, BatchNormalization, depthwise Conv, per-channel constants,
 global pooling, the ``[N, C, 1, 1] -> [N, C]`` flatten before a classifier, and tf2onnx's
 global pooling of a Keras model: a Transpose to channels-last, then a Reduce over H and W)
 and the layers that consume it (a Conv's, Gemm's or MatMul's input channels). Cutting channel
 ``c`` of a group removes row ``c`` from every producer, the entries ``c`` of every
 pass-through parameter, and column ``c`` from every consumer, so every tensor of the group
-physically shrinks.
+physically shrinks. Channels are axis 1 (NCHW feature maps, ``[batch, features]``), or the
+last axis of a MatMul on a 3-D input (a transformer's FFN, ``Group.axis`` -1), where only
+elementwise ops may pass them on.
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
@@ -81,7 +83,7 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _is_producer(node: ir.Node) -> bool:
-    """A Conv (group 1), Gemm or MatMul with a constant 2-D weight: its outputs can go.
+    """A Conv (group 1), Gemm, or MatMul on a 2-D constant weight: its outputs can go.
 
     A MatMul's channels are the last axis of its output (``[batch, seq, features]`` in a
     transformer); the analysis follows them there (``Group.axis`` -1).

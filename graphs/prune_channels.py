@@ -324,7 +324,7 @@ def refit_consumers(
 
 
 def consumer_bias(node: ir.Node) -> ir.Value | None:
-    """The bias of a Conv/Gemm, or of a MatMul the constant of the one Add after it."""
+    """The bias of a Conv/Gemm; for a MatMul, the constant of the one Add after it."""
     if node.op_type != "MatMul":
         return node.inputs[2] if len(node.inputs) > 2 else None
     uses = list(node.outputs[0].uses())
