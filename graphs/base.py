@@ -114,6 +114,48 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def computed_weights_hint(model: ir.Model, op_types: Sequence[str]) -> str:
+    """Why layers of ``op_types`` offer no weight to compress, when their weights are computed.
+
+    The onnx zoo's light models build every weight with ConstantOfShape; ONNX Runtime's
+    offline optimization folds such subgraphs into initializers. Empty when no such layer.
+    """
+    computed = [
+        n
+        for n in model.graph
+        if n.op_type in op_types
+        and len(n.inputs) > 1
+        and n.inputs[1] is not None
+        and constant(n.inputs[1]) is None
+        and _from_constants(n.inputs[1])
+    ]
+    if not computed:
+        return ""
+    makers = sorted({n.inputs[1].producer().op_type for n in computed})  # type: ignore[union-attr]
+    count = f"{len(computed)} {'/'.join(sorted({n.op_type for n in computed}))} node"
+    return (
+        f" The weights of {count}{'s' if len(computed) > 1 else ''} "
+        f"are computed in the graph ({', '.join(makers)}), not stored: run `onnxpipe "
+        "optimize BUNDLE -o OUT --level basic` first (ONNX Runtime folds them into "
+        "initializers), then compress OUT."
+    )
+
+
+def _from_constants(value: ir.Value, budget: int = 16) -> bool:
+    """Whether ``value`` is computed from constants alone (within ``budget`` nodes)."""
+    stack, seen = [value], 0
+    while stack:
+        current = stack.pop()
+        if constant(current) is not None:
+            continue
+        producer = current.producer()
+        seen += 1
+        if producer is None or seen > budget:
+            return False  # a graph input, or too deep to tell
+        stack.extend(v for v in producer.inputs if v is not None)
+    return True
+
+
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     """An integer attribute of ``node``, or ``default``."""
     attr = node.attributes.get(name)

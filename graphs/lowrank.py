@@ -24,7 +24,7 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
 from onnxpipe.graphs.quant_utils import Feeds, tap_session
 
 logger = logging.getLogger(__name__)
@@ -132,9 +132,10 @@ class LowRankPass(GraphPass[LowRankConfig]):
         cfg = self.config
         candidates = factorable(model, cfg.min_elements)
         if not candidates:
+            hint = computed_weights_hint(model, ("Gemm", "MatMul"))
             raise PassError(
                 "nothing to factor: no Gemm/MatMul with a constant 2-D weight of at least "
-                f"{cfg.min_elements} elements (--method lowrank needs dense layers)."
+                f"{cfg.min_elements} elements (--method lowrank needs dense layers).{hint}"
             )
         layers: dict[str, dict[str, Any]] = {}
         skipped: dict[str, str] = {}

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from pydantic import Field, field_validator
 
-from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
 from onnxpipe.graphs.channel_groups import Group, find_groups, unshare_initializers
 from onnxpipe.graphs.quant_utils import cpu_flags, tap_session
 
@@ -115,10 +115,14 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         prunable = [g for g in groups if not g.blocked]
         skipped = {g.key: sorted(set(g.blocked)) for g in groups if g.blocked}
         if not prunable:
-            reasons = "; ".join(f"{k}: {v[0]}" for k, v in skipped.items()) or "no Conv/Gemm/MatMul"
+            reasons = (
+                "; ".join(f"{k}: {v[0]}" for k, v in skipped.items())
+                or "no Conv/Gemm/MatMul with a constant weight"
+            )
+            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul"))
             raise PassError(
                 "nothing to prune: no Conv/Gemm/MatMul output channels can be cut safely "
-                f"({reasons})."
+                f"({reasons}).{hint}"
             )
         inputs: Mapping[str, np.ndarray] = {}
         if self.config.criterion == "activation":

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,12 @@ class PruneMagnitudePass(GraphPass[PruneMagnitudeConfig]):
         cfg = self.config
         weights = prunable_weights(model, cfg.op_types, cfg.min_size)
         if not weights:
+            hint = computed_weights_hint(model, cfg.op_types) or (
+                " Export with weights as initializers."
+            )
             raise PassError(
                 f"nothing to prune: no constant weight of {', '.join(cfg.op_types)} with at "
-                f"least {cfg.min_size} elements. Export with weights as initializers."
+                f"least {cfg.min_size} elements.{hint}"
             )
         zipped_before = zipped_size(model)
         sparsity_before = weight_sparsity(weights)

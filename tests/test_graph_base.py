@@ -60,3 +60,31 @@ def test_contract_breach_names_the_pass_and_the_steps_before():
 def test_unknown_pass_lists_known_ones():
     with pytest.raises(InputError, match="unknown pass 'nope'"):
         get_pass("nope")
+
+
+def test_computed_weights_hint_names_constant_subgraphs_not_activations():
+    """A weight built from constants (ConstantOfShape) gets the hint; a MatMul of two
+    activations (attention scores) is not a computed weight."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxpipe.graphs.base import computed_weights_hint
+
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["w"], value=numpy_helper.from_array(
+            np.array([0.02], np.float32))),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("MatMul", ["h", "k"], ["y"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 4]) for n in ("x", "k")],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([4, 4], np.int64), "shape")],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    hint = computed_weights_hint(model, ("MatMul",))
+    assert "The weights of 1 MatMul node are computed in the graph (ConstantOfShape)" in hint
+    assert computed_weights_hint(model, ("Gemm",)) == ""

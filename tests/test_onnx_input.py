@@ -67,6 +67,24 @@ def test_onnx_zoo_models_quantize_static(name, cli, tmp_path):
     assert got.shape == want.shape and np.isfinite(got).all()
 
 
+def test_onnx_zoo_pruning_points_to_optimize_and_works_after_it(cli, tmp_path):
+    """The light zoo models compute every weight with ConstantOfShape: nothing to prune until
+    ONNX Runtime's offline optimization folds them into initializers."""
+    bundle = tmp_path / "squeezenet"
+    assert cli("convert", LIGHT / "light_squeezenet.onnx", "-o", bundle, "--no-bench")[0] == 0
+    for method in ("channels", "magnitude"):
+        code, _, err = cli("prune", bundle, "-o", tmp_path / method, "--method", method,
+                           "--ratio", "0.5")  # fmt: skip
+        assert code == 2 and "ConstantOfShape" in err and "--level basic" in err, err
+    folded = tmp_path / "folded"
+    assert cli("optimize", bundle, "-o", folded, "--level", "basic")[0] == 0
+    code, _, err = cli("prune", folded, "-o", tmp_path / "pruned", "--method", "channels",
+                       "--ratio", "0.5")  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "pruned" / "manifest.json").read_text())["steps"][-1]
+    assert metrics["metrics"]["params_after"] < metrics["metrics"]["params_before"]
+
+
 def test_external_data_input_is_read_and_reinlined(cli, tmp_path):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 32)).astype(np.float32)
