@@ -172,7 +172,49 @@ def export_torchscript(
             raise ExportFailed(summarize_error(e), unsupported_ops(e)) from e
         model_ir = ir.load(path)
         # The temp dir goes away: pull any external data into memory first.
-        return ir.external_data.load_to_model(model_ir)
+        model_ir = ir.external_data.load_to_model(model_ir)
+    name_output_dims(model_ir, {d for s in specs for d in s.shape if isinstance(d, str)})
+    return model_ir
+
+
+def name_output_dims(model: ir.Model, symbols: set[str]) -> None:
+    """Rename the output dims the TorchScript exporter names itself after the input symbols.
+
+    Outputs come out as ``[LayerNormalizationoutput_dim_0, ..., 384]`` where they are
+    ``[batch, seq, 384]``; ONNX Runtime's symbolic shape inference derives the input
+    symbols. A dim is renamed only when the inference gives one of ``symbols`` for it; on
+    an inference failure the exporter's names stay.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    loose = [
+        (value, axis)
+        for value in model.graph.outputs
+        if value.shape is not None
+        for axis, dim in enumerate(value.shape)
+        if isinstance(dim, ir.SymbolicDim) and dim.value not in symbols
+    ]
+    if not loose or not symbols:
+        return
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(ir.to_proto(model), auto_merge=True)
+    except Exception as e:  # noqa: BLE001 - any failure leaves the exporter's names
+        logger.debug("output dims keep the exporter's names: %s", e)
+        return
+    shapes = {
+        o.name: [d.dim_param for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output
+    }
+    renamed = []
+    for value, axis in loose:
+        dims = shapes.get(value.name or "", [])
+        new = dims[axis] if axis < len(dims) else ""
+        if new in symbols:
+            dims_now: list[Any] = list(value.shape)  # type: ignore[arg-type]
+            renamed.append(f"{value.name}[{axis}]: {dims_now[axis]} -> {new}")
+            dims_now[axis] = new
+            value.shape = ir.Shape(dims_now)
+    if renamed:
+        logger.info("output dims named after the inputs: %s", "; ".join(renamed))
 
 
 def unsupported_ops(error: BaseException) -> list[str]:
