@@ -319,27 +319,36 @@ class _Analysis:
         return True
 
     def _flatten(self, node: ir.Node) -> None:
+        """``[N, C, 1, 1] -> [N, C]`` (Flatten or Reshape), and Reshapes between such shapes.
+
+        tf2onnx's squeeze-and-excitation reshapes the pooled ``[N, C]`` to ``[N, C, 1, 1]``
+        for the 1x1 convs, and reshapes their outputs to the shape they already have. A
+        Reshape's target keeps ``C`` in position 1, which the cut rewrites.
+        """
         value, out = node.inputs[0], node.outputs[0]
         assert value is not None
-        shape_in, shape_out = value.shape, out.shape
-        ok = (
-            shape_in is not None
-            and shape_out is not None
-            and len(shape_out) == 2
-            and len(shape_in) >= 2
-            and all(d == 1 for d in list(shape_in)[2:])
-        )
+        ok = _unit_spatial(value.shape) and _unit_spatial(out.shape)
         if node.op_type == "Flatten":
-            ok = ok and attr_int(node, "axis", 1) == 1
+            ok = ok and attr_int(node, "axis", 1) == 1 and len(out.shape or ()) == 2
         elif ok:
             target = constant(node.inputs[1])
-            ok = target is not None and target.size == 2 and int(target[0]) in (-1, 0)
+            ok = (
+                target is not None
+                and target.size == len(out.shape)  # type: ignore[arg-type]
+                and int(target[0]) in (-1, 0)
+                and all(int(t) == 1 for t in target.reshape(-1)[2:])
+            )
             if ok:
                 self.reshapes.append((value, node.inputs[1]))  # type: ignore[arg-type]
         if ok:
             self.join(value, out)
         else:
             self._opaque(node, [value])
+
+
+def _unit_spatial(shape: ir.Shape | None) -> bool:
+    """``[N, C]`` or ``[N, C, 1, ...]``: channels on axis 1 and nothing else but the batch."""
+    return shape is not None and len(shape) >= 2 and all(d == 1 for d in list(shape)[2:])
 
 
 def unshare_initializers(model: ir.Model) -> int:

@@ -417,3 +417,58 @@ def test_matmul_over_the_width_of_a_feature_map_consumes_no_channels():
     groups = find_groups(_ir_model(nodes, inits, ["batch", 3, 16, 16]))
     conv = next(g for g in groups if g.key == "conv_w")
     assert any("contracts its last axis" in r for r in conv.blocked)
+
+
+def _keras_se_block() -> ir.Model:
+    """tf2onnx's squeeze-and-excitation: pooled channels-last, reshaped back for 1x1 convs."""
+    rng = np.random.default_rng(14)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32) / 3, name)
+
+    inits = [
+        w("conv_w", 16, 3, 3, 3), w("conv_b", 16), w("red_w", 8, 16, 1, 1), w("red_b", 8),
+        w("exp_w", 16, 8, 1, 1), w("exp_b", 16), w("proj_w", 6, 16, 1, 1),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+        numpy_helper.from_array(np.array([-1, 16, 1, 1], np.int64), "to_16"),
+        numpy_helper.from_array(np.array([-1, 8, 1, 1], np.int64), "to_8"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["f"]),
+        helper.make_node("Transpose", ["f"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("ReduceMean", ["t", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("Reshape", ["pooled", "to_16"], ["p4"]),
+        helper.make_node("Conv", ["p4", "red_w", "red_b"], ["r"]),
+        helper.make_node("Relu", ["r"], ["rr"]),
+        helper.make_node("Reshape", ["rr", "to_8"], ["rr4"]),  # a no-op, as tf2onnx writes it
+        helper.make_node("Conv", ["rr4", "exp_w", "exp_b"], ["e"]),
+        helper.make_node("Sigmoid", ["e"], ["gate"]),
+        helper.make_node("Mul", ["f", "gate"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "proj_w"], ["y"]),
+    ]
+    return _ir_model(nodes, inits, ["batch", 3, 16, 16], opset=18)
+
+
+def test_keras_squeeze_and_excitation_is_cut_through_its_reshapes():
+    model, masked = _keras_se_block(), _keras_se_block()
+    groups = {g.key: g for g in find_groups(model)}
+    main, squeeze = groups["conv_w"], groups["red_w"]
+    assert not main.blocked and not squeeze.blocked, (main.blocked, squeeze.blocked)
+    assert sorted(p.inputs[1].name for p in main.producers) == ["conv_w", "exp_w"]
+    assert sorted(n.inputs[1].name for n in main.consumers) == ["proj_w", "red_w"]
+    keep = np.arange(0, 16, 2)
+    apply_cut(main, keep)
+    assert model.graph.initializers["to_16"].const_value.numpy().tolist() == [-1, 8, 1, 1]
+    drop = np.setdiff1d(np.arange(16), keep)
+    for name in ("red_w", "proj_w"):  # the removed channels' inputs, zeroed in the twin
+        value = masked.graph.initializers[name]
+        array = value.const_value.numpy().copy()
+        array[:, drop] = 0
+        value.const_value = ir.tensor(array, name=name)
+    assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
+    # the squeeze group (8 channels through the no-op Reshape) is cut the same way
+    apply_cut(squeeze, np.arange(4))
+    assert model.graph.initializers["to_8"].const_value.numpy().tolist() == [-1, 4, 1, 1]
+    (out,) = ort_run(model, {"x": X})
+    assert out.shape == (4, 6, 16, 16)
