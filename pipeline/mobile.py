@@ -276,7 +276,8 @@ def package_mobile(
                     metrics={"parity": parity},
                 )
             analysis = partitions(source)
-            dynamic = _dynamic_inputs(model)
+            # the bundle's input specs, less those --fixed-shape fixed
+            dynamic = {s.name: list(s.shape) for s in inputs if s.symbols and s.name not in fixed}
             section = {
                 "ort_file": f"{MOBILE_DIR}/{ORT_FILE}",
                 "operators_config": f"{MOBILE_DIR}/{CONFIG_FILE}",
@@ -316,23 +317,7 @@ def package_mobile(
     return manifest
 
 
-def _dynamic_inputs(model: onnx.ModelProto) -> dict[str, list[int | str]]:
-    """Graph inputs (not initializers) with a symbolic or unknown dim: name -> dims."""
-    weights = {i.name for i in model.graph.initializer}
-    found: dict[str, list[int | str]] = {}
-    for value in model.graph.input:
-        if value.name in weights or not value.type.HasField("tensor_type"):
-            continue
-        dims: list[int | str] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in value.type.tensor_type.shape.dim
-        ]
-        if any(isinstance(d, str) for d in dims):
-            found[value.name] = dims
-    return found
-
-
-def _fixed_example(dims: list[int | str]) -> str:
+def _fixed_example(dims: Sequence[int | str]) -> str:
     """``1,3,224,224`` for ``[batch, 3, 224, 224]``: symbolic dims shown as 1."""
     return ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
 
