@@ -272,7 +272,7 @@ class _Analysis:
         rank = _rank(value) if value is not None else None
         axes: list[int] | None = None
         if node.op_type in REDUCES:
-            axes = _reduce_axes(node)
+            axes = reduce_axes(node)
             keep = attr_int(node, "keepdims", 1)
             if axes is None or rank is None:
                 self._opaque(node, [value] if value is not None else [])
@@ -300,7 +300,7 @@ class _Analysis:
         for user in users:
             if user.op_type not in REDUCES or attr_int(user, "keepdims", 1) != 0:
                 return False
-            axes = _reduce_axes(user)
+            axes = reduce_axes(user)
             if axes is None or sorted(a % 4 for a in axes) != [1, 2]:
                 return False
         for user in users:
@@ -338,7 +338,7 @@ class _Analysis:
             self._opaque(node, [value])
 
 
-def _reduce_axes(node: ir.Node) -> list[int] | None:
+def reduce_axes(node: ir.Node) -> list[int] | None:
     """A Reduce node's axes: the constant input (opset 18+) or the attribute; None if neither."""
     given = constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if given is not None:

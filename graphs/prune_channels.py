@@ -21,7 +21,12 @@ import onnx_ir.passes.common as common
 from pydantic import Field, field_validator
 
 from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
-from onnxpipe.graphs.channel_groups import Group, find_groups, unshare_initializers
+from onnxpipe.graphs.channel_groups import (
+    Group,
+    find_groups,
+    reduce_axes,
+    unshare_initializers,
+)
 from onnxpipe.graphs.quant_utils import cpu_flags, tap_session
 
 logger = logging.getLogger(__name__)
@@ -55,8 +60,11 @@ class PruneChannelsConfig(PassConfig):
         "bias",
         description="with criterion=activation, compensate the consumers of a cut group on "
         "the feeds: bias = fold the removed channels' mean contribution into the bias; "
-        "lstsq = also refit 1x1 Conv/Gemm/MatMul weights by ridge regression (overfits small "
-        "eval sets: on EfficientNet-Lite0 it raised eval top-1 and lowered held-out top-1)",
+        "lstsq = also refit 1x1 Conv/Gemm/MatMul weights by ridge regression, on 4 rows per "
+        "kept channel or more (a classifier behind global mean pooling on the positions of the "
+        "map before it). On EfficientNet-Lite0, 30% of one group cut with channels from 15 "
+        "photos, it lowered the KL on 14 other photos in 20 of 21 groups (block 1: 0.10 -> "
+        "0.012), yet the gated search cut no more with it (0.997x params)",
     )
     ridge: float = Field(
         1.0,
@@ -246,14 +254,18 @@ def collect_inputs(
     """Samples ``[rows, channels]`` of every group consumer's input tensor, keyed by name.
 
     Spatial positions (or tokens) are subsampled so a large feature map costs at most
-    ``max_rows`` rows. Channels are axis 1, except for a MatMul's input (its last axis).
+    ``max_rows`` rows. Channels are axis 1, except for a MatMul's input (its last axis). A
+    consumer behind global mean pooling also gets the feature map before the pooling
+    (:func:`pooled_source`), whose positions give the refit many more rows than the images.
     """
-    axes = {
-        n.inputs[0].name: -1 if n.op_type == "MatMul" else 1
-        for g in groups
-        for n in g.consumers
-        if n.inputs[0] and n.inputs[0].name
-    }
+    axes: dict[str, int] = {}
+    for node in (n for g in groups for n in g.consumers):
+        if node.inputs[0] is None or not node.inputs[0].name:
+            continue
+        axes[node.inputs[0].name] = -1 if node.op_type == "MatMul" else 1
+        source = pooled_source(node.inputs[0])
+        if source is not None and source[0].name:
+            axes[source[0].name] = source[1]
     names = list(axes)
     if not feeds or not names:
         return {}
@@ -268,6 +280,37 @@ def collect_inputs(
                 flat = flat[rng.choice(len(flat), per_batch, replace=False)]
             rows[name].append(flat.astype(np.float32))
     return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def pooled_source(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """The feature map that global mean pooling (then reshapes) turns into ``value``.
+
+    Returns (map, its channel axis): GlobalAveragePool or a ReduceMean over every spatial
+    axis (channels on axis 1), or tf2onnx's ReduceMean over axes 1 and 2 of an NHWC map
+    (channels last). Mean pooling is linear, so a consumer that fits its output on the map's
+    positions fits the pooled output too. None for anything else.
+    """
+    node = value.producer()
+    while node is not None and node.op_type in SHAPE_ONLY and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    if node is None or node.inputs[0] is None:
+        return None
+    source = node.inputs[0]
+    rank = len(source.shape) if source.shape is not None else None
+    if node.op_type == "GlobalAveragePool":
+        return source, 1
+    if node.op_type != "ReduceMean" or rank is None or rank < 3:
+        return None
+    axes = reduce_axes(node)
+    reduced = sorted(a % rank for a in axes) if axes is not None else None
+    if reduced == list(range(2, rank)):
+        return source, 1
+    if reduced == list(range(1, rank - 1)):
+        return source, rank - 1
+    return None
 
 
 def consumer_matrix(node: ir.Node) -> np.ndarray | None:
@@ -298,7 +341,7 @@ def refit_consumers(
     """
     changed = 0
     for node in group.consumers:
-        x = inputs.get(node.inputs[0].name or "") if node.inputs[0] is not None else None
+        x = _fit_rows(node, inputs)
         w = consumer_matrix(node)
         bias = consumer_bias(node)
         if x is None or w is None or bias is None or bias.const_value is None:
@@ -325,6 +368,16 @@ def refit_consumers(
         bias.const_value = ir.tensor((b + delta).astype(b.dtype), name=bias.name)
         changed += 1
     return changed
+
+
+def _fit_rows(node: ir.Node, inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The consumer's input samples for a refit: the map before its pooling where there is one."""
+    value = node.inputs[0]
+    if value is None:
+        return None
+    source = pooled_source(value)
+    pooled = inputs.get(source[0].name or "") if source is not None else None
+    return pooled if pooled is not None else inputs.get(value.name or "")
 
 
 def consumer_bias(node: ir.Node) -> ir.Value | None:

@@ -12,7 +12,12 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxpipe.graphs.channel_groups import find_groups
-from onnxpipe.graphs.prune_channels import PruneChannelsPass, apply_cut, channel_scores
+from onnxpipe.graphs.prune_channels import (
+    PruneChannelsPass,
+    apply_cut,
+    channel_scores,
+    pooled_source,
+)
 from onnxpipe.progress import reporting
 from tests.conftest import model_ref
 from tests.helpers import assert_close, ort_run
@@ -472,3 +477,35 @@ def test_keras_squeeze_and_excitation_is_cut_through_its_reshapes():
     assert model.graph.initializers["to_8"].const_value.numpy().tolist() == [-1, 4, 1, 1]
     (out,) = ort_run(model, {"x": X})
     assert out.shape == (4, 6, 16, 16)
+
+
+def test_pooled_consumer_is_refitted_on_the_map_positions():
+    """A classifier behind global pooling is refitted on the map before it, per position.
+
+    Six images give six pooled rows, too few to fit eight weights per output; the 6 x 256
+    positions of the NHWC map before tf2onnx's ReduceMean are enough, and pooling is linear.
+    """
+    model = _keras_pool_head()
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    source = pooled_source(matmul.inputs[0])
+    assert source is not None and (source[0].name, source[1]) == ("t", 3)
+    rng = np.random.default_rng(13)
+    tune, held = (rng.normal(size=(n, 3, 16, 16)).astype(np.float32) for n in (6, 32))
+    # channels built from 4 shared filters, so the kept ones can stand in for the cut ones
+    mixed = rng.normal(size=(16, 4)) @ rng.normal(size=(4, 27)) + 0.1 * rng.normal(size=(16, 27))
+
+    def correlated() -> ir.Model:
+        model = _keras_pool_head()
+        model.graph.initializers["conv_w"].const_value = ir.tensor(
+            mixed.reshape(16, 3, 3, 3).astype(np.float32), name="conv_w"
+        )
+        return model
+
+    ref = ort_run(correlated(), {"x": held})[0]
+    errors = {}
+    for refit in ("bias", "lstsq"):
+        model = correlated()
+        settings = {"ratio": 0.5, "multiple_of": 1, "refit": refit, "ridge": 0.01}
+        PruneChannelsPass(criterion="activation", feeds=[{"x": tune}], **settings)(model)
+        errors[refit] = float(np.abs(ort_run(model, {"x": held})[0] - ref).mean())
+    assert errors["lstsq"] < 0.5 * errors["bias"], errors
