@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
-from onnxpipe.graphs.quant_utils import Feeds, tap_session
+from onnxpipe.graphs.quant_utils import Feeds, tap_session, token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,9 @@ def input_covariances(
     for feed in feeds:
         mask = feed.get("attention_mask")
         for name, value in zip(names, session.run(names, dict(feed)), strict=True):
-            x = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
-                x = x[mask.reshape(-1).astype(bool)]
-            sums[name] = sums.get(name, 0) + x.T @ x
-            rows[name] = rows.get(name, 0) + len(x)
+            tokens = token_rows(value, mask).astype(np.float64)
+            sums[name] = sums.get(name, 0) + tokens.T @ tokens
+            rows[name] = rows.get(name, 0) + len(tokens)
     return {name: sums[name] / max(rows[name], 1) for name in names}
 
 

@@ -27,7 +27,7 @@ from onnxpipe.graphs.channel_groups import (
     reduce_axes,
     unshare_initializers,
 )
-from onnxpipe.graphs.quant_utils import cpu_flags, tap_session
+from onnxpipe.graphs.quant_utils import cpu_flags, tap_session, token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def collect_inputs(
     """Samples ``[rows, channels]`` of every group consumer's input tensor, keyed by name.
 
     Spatial positions (or tokens) are subsampled so a large feature map costs at most
-    ``max_rows`` rows. Channels are axis 1, except for a MatMul's input (its last axis). A
+    ``max_rows`` rows; a transformer's padded tokens are left out (:func:`token_rows`).
+    Channels are axis 1, except for a MatMul's input (its last axis). A
     consumer behind global mean pooling also gets the feature map before the pooling
     (:func:`pooled_source`), whose positions give the refit many more rows than the images.
     """
@@ -274,8 +275,9 @@ def collect_inputs(
     per_batch = max(1, max_rows // len(feeds))
     rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in feeds:
+        mask = batch.get("attention_mask")
         for name, out in zip(names, session.run(names, dict(batch)), strict=True):
-            flat = np.moveaxis(out, axes[name], -1).reshape(-1, out.shape[axes[name]])
+            flat = token_rows(out, mask, axes[name])
             if len(flat) > per_batch:
                 flat = flat[rng.choice(len(flat), per_batch, replace=False)]
             rows[name].append(flat.astype(np.float32))

@@ -119,6 +119,20 @@ def tap_session(model: ir.Model | onnx.ModelProto, tensors: Sequence[str]) -> An
     )
 
 
+def token_rows(value: np.ndarray, mask: np.ndarray | None, axis: int = -1) -> np.ndarray:
+    """``value`` as ``[rows, channels]`` (channels on ``axis``), padded tokens left out.
+
+    Padding is dropped where ``mask`` (a feed's ``attention_mask``) has the leading
+    ``[batch, seq]`` shape of a 3-D ``value`` whose channels are last: a transformer's
+    padded positions carry no real input, yet as many rows as real tokens in short sentences.
+    """
+    rows = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+    last = axis % value.ndim == value.ndim - 1
+    if mask is not None and last and value.ndim == 3 and value.shape[:2] == mask.shape:
+        rows = rows[mask.reshape(-1).astype(bool)]
+    return rows
+
+
 def load_arrays(path: Path | None) -> dict[str, np.ndarray]:
     """Arrays saved by :func:`save_arrays` (empty when ``path`` is None or absent)."""
     if path is None or not path.is_file():

@@ -509,3 +509,37 @@ def test_pooled_consumer_is_refitted_on_the_map_positions():
         PruneChannelsPass(criterion="activation", feeds=[{"x": tune}], **settings)(model)
         errors[refit] = float(np.abs(ort_run(model, {"x": held})[0] - ref).mean())
     assert errors["lstsq"] < 0.5 * errors["bias"], errors
+
+
+def test_padded_tokens_do_not_choose_the_ffn_channels():
+    """Statistics leave out what the attention_mask marks as padding.
+
+    The padded positions here carry large inputs that light up other hidden features than
+    the real tokens do; counted in, they would decide which features are kept.
+    """
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(8, 7, 16)).astype(np.float32)
+    mask = np.ones((8, 7), np.int64)
+    mask[:, 3:] = 0
+    x[:, 3:] = 12 * rng.normal(size=16).astype(np.float32)  # one loud pattern in every pad
+    proto = ir.to_proto(_token_ffn(residual=False))
+    proto.graph.input.append(
+        helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "seq"])
+    )
+    real = x[:, :3]
+    ref = ort_run(ir.from_proto(proto), {"x": real, "attention_mask": mask[:, :3]})[0]
+    model = ir.from_proto(proto)
+    graph_pass = PruneChannelsPass(
+        ratio=0.5, multiple_of=1, criterion="activation", feeds=[{"x": x, "attention_mask": mask}]
+    )
+    graph_pass(model)
+    masked_error = float(
+        np.abs(ort_run(model, {"x": real, "attention_mask": mask[:, :3]})[0] - ref).mean()
+    )
+    model = ir.from_proto(proto)
+    padded = {"x": x, "attention_mask": np.ones_like(mask)}  # the same tokens, pads counted
+    PruneChannelsPass(ratio=0.5, multiple_of=1, criterion="activation", feeds=[padded])(model)
+    counted_error = float(
+        np.abs(ort_run(model, {"x": real, "attention_mask": mask[:, :3]})[0] - ref).mean()
+    )
+    assert masked_error < 0.5 * counted_error, (masked_error, counted_error)
