@@ -6,7 +6,8 @@ ORT's quantizer skips Gemm (with an error in its log), so a plain Gemm with a co
 (a classifier head) is first rewritten as MatMul + Add; Conv is left alone. Embedding tables
 (Gather on a constant 2-D table) become GatherBlockQuantized, blocked along the hidden axis: on
 all-MiniLM-L6-v2 the word embeddings are half the parameters, so with them the file is 6.3x
-smaller than fp32 instead of 1.66x, at pooled cosine 0.9675 instead of 0.9714.
+smaller than fp32 instead of 1.66x, at pooled cosine 0.9675 instead of 0.9714 (symmetric
+weights; asymmetric, the default, 0.9746 and 0.9765).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ class QuantizeInt4Config(PassConfig):
     """Settings of :class:`QuantizeInt4Pass`."""
 
     block_size: int = Field(default=32, ge=16, description="weights sharing one scale (power of 2)")
-    symmetric: bool = Field(default=True, description="symmetric 4-bit weights (no zero points)")
+    symmetric: bool = Field(
+        default=False,
+        description="symmetric 4-bit weights, no zero points. Off: a block's 16 levels then "
+        "span its own min..max instead of -max..max, which on all-MiniLM-L6-v2 raised pooled "
+        "cosine from 0.9678 to 0.9746 for 2.5% more bytes (6.37x -> 6.21x smaller) at the "
+        "same speed",
+    )
     accuracy_level: int = Field(
         default=4,
         ge=0,

@@ -251,6 +251,33 @@ def test_int4_rewrites_a_gemm_classifier_head_too():
     assert cosine > 0.99, cosine
 
 
+def test_int4_weights_get_zero_points_by_default():
+    """Asymmetric blocks use all 16 levels on a weight that is not centred on zero."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    w = rng.uniform(0.0, 1.0, size=(64, 32)).astype(np.float32)  # e.g. a post-ReLU projection
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    errors = {}
+    for symmetric in (False, True):
+        result = QuantizeInt4Pass(symmetric=symmetric)(model).model
+        (node,) = [n for n in result.graph if n.op_type == "MatMulNBits"]
+        assert (len(node.inputs) > 3 and node.inputs[3] is not None) == (not symmetric)
+        errors[symmetric] = float(np.abs(ort_run(result, {"x": x})[0] - x @ w).mean())
+    assert errors[False] < 0.75 * errors[True], errors
+
+
 def test_int4_stores_embedding_tables_in_4_bits(cli, tmp_path):
     bundle = tmp_path / "bert"
     inputs = ["--input", "input_ids:int64[batch,seq]", "--input", "attention_mask:int64[batch,seq]"]
