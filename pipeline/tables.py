@@ -51,6 +51,9 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
             f"{parity['samples']} samples, passed={parity['passed']}"
             + (f"; {note}" if (note := not_compared_note(parity)) else ""),
         )
+    step = _step_summary(manifest.get("steps", []))
+    if step:
+        table.add_row("step", escape(step))
     for ep, result in manifest.get("validation", {}).items():
         reason = f" ({result['reason']})" if result.get("reason") else ""
         table.add_row(f"validation.{ep}", escape(result["status"] + reason))
@@ -73,6 +76,24 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
             f"p90 {lat['p90']:.2f}, p99 {lat['p99']:.2f}",
         )
     return table
+
+
+def _step_summary(steps: list[dict[str, Any]]) -> str | None:
+    """What the last model-changing step bought: parameters, size, speed (None if none)."""
+    step = next((s for s in reversed(steps) if "size_ratio" in s.get("metrics", {})), None)
+    if step is None:
+        return None
+    m = step["metrics"]
+    parts = []
+    if m.get("params_before") and m.get("params_after") is not None:
+        change = m["params_after"] / m["params_before"] - 1
+        parts.append(f"params {m['params_before']:,} -> {m['params_after']:,} ({change:+.1%})")
+    parts.append(f"{m['size_ratio']:.2f}x smaller")
+    parts.append(
+        f"{m['speedup']:.2f}x the speed (cpu batch 1, p50 {m['p50_ms_before']:.3g} -> "
+        f"{m['p50_ms_after']:.3g} ms)"
+    )
+    return f"{step['name']}: " + ", ".join(parts)
 
 
 def bench_table(records: list[dict[str, Any]]) -> Table:

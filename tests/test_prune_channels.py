@@ -3,6 +3,7 @@ pruned model computes exactly what the original computes with those channels mas
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
+from rich.console import Console
 
 from onnxpipe.graphs.channel_groups import find_groups
 from onnxpipe.graphs.prune_channels import (
@@ -19,6 +21,7 @@ from onnxpipe.graphs.prune_channels import (
     pooled_source,
 )
 from onnxpipe.progress import reporting
+from onnxpipe.tables import summary_table
 from tests.conftest import model_ref
 from tests.helpers import assert_close, ort_run
 
@@ -190,6 +193,11 @@ def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
     assert metrics["search"]["cross_fitted"] is True
     assert metrics["gate"]["cosine"] >= 0.5 and "speedup" in metrics
     assert manifest["validation"]["cpu"]["status"] == "passed"
+    # the table a user sees says what the step bought
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(summary_table(manifest, out))
+    before, after = metrics["params_before"], metrics["params_after"]
+    assert f"prune_channels: params {before:,} -> {after:,}" in console.export_text()
 
 
 def test_cli_prune_channels_unmeetable_gate_exits_1_with_best(cli, cnn_bundle, tmp_path):
