@@ -11,7 +11,8 @@ and the layers that consume it (a Conv's, Gemm's or MatMul's input channels). Cu
 pass-through parameter, and column ``c`` from every consumer, so every tensor of the group
 physically shrinks. Channels are axis 1 (NCHW feature maps, ``[batch, features]``), or the
 last axis of a MatMul on a 3-D input (a transformer's FFN, ``Group.axis`` -1), where only
-elementwise ops may pass them on.
+elementwise ops and Reshapes that keep every token whole (GPT-2's ``[B * S, C]`` Gemms) may
+pass them on.
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
@@ -52,6 +53,21 @@ class Cut:
 
 
 @dataclass
+class ShapeEdit:
+    """The element of a Reshape target that holds a group's channel count.
+
+    ``node.inputs[index]`` is the constant: the Reshape's own target, or the last piece of the
+    Concat that computes it. The cut writes a fresh constant there (equal shape constants are
+    often one shared initializer), into a copy of the Concat when other nodes use it too.
+    """
+
+    node: ir.Node
+    index: int
+    position: int
+    reshape: ir.Node
+
+
+@dataclass
 class Group:
     """One channel space and everything that must change with it."""
 
@@ -62,7 +78,7 @@ class Group:
     tensors: list[ir.Value] = field(default_factory=list)
     cuts: list[Cut] = field(default_factory=list)
     depthwise: list[ir.Node] = field(default_factory=list)
-    reshapes: list[ir.Value] = field(default_factory=list)
+    reshapes: list[ShapeEdit] = field(default_factory=list)
     channels_last: list[ir.Value] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     axis: int = 1
@@ -125,7 +141,8 @@ class _Analysis:
         self.cuts: dict[int, list[tuple[ir.Value, int]]] = {}
         self.consumers: dict[int, list[tuple[ir.Node, ir.Value, int]]] = {}
         self.depthwise: list[tuple[ir.Node, ir.Value]] = []
-        self.reshapes: list[tuple[ir.Value, ir.Value]] = []
+        self.reshapes: list[tuple[ir.Value, ShapeEdit]] = []
+        self.expects: list[tuple[ir.Value, int]] = []  # channel counts that Reshapes fix
         self.channels_last: list[tuple[ir.Value, ir.Value]] = []
         self.absorbed: set[int] = set()
         self.last: set[int] = set()  # ids of rank >= 3 values whose channels are the last axis
@@ -157,6 +174,8 @@ class _Analysis:
             self._opaque(node, acts)
         elif op == "MatMul" and _is_producer(node):
             self._matmul(node)
+        elif op == "Reshape" and self._token_reshape(node):
+            pass
         elif last and op not in UNARY and op not in BINARY:
             self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
         elif _is_producer(node):
@@ -310,6 +329,35 @@ class _Analysis:
         self.channels_last.append((value, out))
         return True
 
+    def _token_reshape(self, node: ir.Node) -> bool:
+        """A Reshape that keeps the channels-last axis whole: ``[B, S, C] <-> [B * S, C]``.
+
+        GPT-2's ``Conv1D`` layers flatten the tokens for a Gemm and restore ``[B, S, C]``
+        after it, with a target computed from the input's shape and a constant ``C`` (a
+        Concat). With the last dim equal on both sides, every row is one token intact, so the
+        channels pass through; the constant ``C`` is what the cut rewrites (ONNX shape
+        inference may not know the restored last dim; the constant says what it is).
+        """
+        value, out = node.inputs[0], node.outputs[0]
+        if value is None or value.shape is None or out.shape is None:
+            return False
+        if not (len(value.shape) == 2 or id(value) in self.last) or len(out.shape) < 2:
+            return False
+        known = value.shape[-1]
+        channels = known if isinstance(known, int) else None
+        edit = _target_edit(node, len(out.shape), channels)
+        # a constant last element fixes the last dim; an inferred one (-1) must be seen equal
+        if edit is None or channels == 1 or (edit.index < 0 and out.shape[-1] != channels):
+            return False
+        if channels is None:  # the group's weights must then agree with the target
+            self.expects.append((value, _last_element(edit)))
+        self.join(value, out)
+        if len(out.shape) > 2:
+            self.last.add(id(out))
+        if edit.index >= 0:
+            self.reshapes.append((value, edit))
+        return True
+
     def _flatten(self, node: ir.Node) -> None:
         """``[N, C, 1, 1] -> [N, C]`` (Flatten or Reshape), and Reshapes between such shapes.
 
@@ -331,11 +379,42 @@ class _Analysis:
                 and all(int(t) == 1 for t in target.reshape(-1)[2:])
             )
             if ok:
-                self.reshapes.append((value, node.inputs[1]))  # type: ignore[arg-type]
+                self.reshapes.append((value, ShapeEdit(node, 1, 1, node)))
         if ok:
             self.join(value, out)
         else:
             self._opaque(node, [value])
+
+
+def _target_edit(reshape: ir.Node, rank: int, channels: int | None) -> ShapeEdit | None:
+    """Where ``reshape``'s target holds ``channels`` as its last element; None if it does not.
+
+    The target is a constant, or a Concat whose last piece is one. A last element of -1
+    needs no edit (index -1). ``channels`` None (unknown): any positive last element.
+    """
+    target = reshape.inputs[1] if len(reshape.inputs) > 1 else None
+    array = constant(target)
+    wanted = (channels,) if channels is not None else ()
+    if array is not None:
+        last = int(array.reshape(-1)[-1]) if array.size == rank else 0
+        if last == -1 and channels is not None:
+            return ShapeEdit(reshape, -1, rank - 1, reshape)
+        ok = last in wanted or (channels is None and last > 0)
+        return ShapeEdit(reshape, 1, rank - 1, reshape) if ok else None
+    concat = target.producer() if target is not None else None
+    if concat is None or concat.op_type != "Concat" or not concat.inputs:
+        return None
+    piece = constant(concat.inputs[-1])
+    last = int(piece.reshape(-1)[-1]) if piece is not None and piece.size else 0
+    if not (last in wanted or (channels is None and last > 0)):
+        return None
+    return ShapeEdit(concat, len(concat.inputs) - 1, piece.size - 1, reshape)  # type: ignore[union-attr]
+
+
+def _last_element(edit: ShapeEdit) -> int:
+    array = constant(edit.node.inputs[edit.index])
+    assert array is not None
+    return int(array.reshape(-1)[edit.position])
 
 
 def reduce_axes(node: ir.Node) -> list[int] | None:
@@ -419,18 +498,22 @@ def find_groups(model: ir.Model) -> list[Group]:
                 group.consumers.append(node)
                 group.cuts.append(Cut(weight, axis))
         group.depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
-        group.reshapes = [shape for v, shape in analysis.reshapes if id(v) in ids]
+        group.reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
+        expected = {n for v, n in analysis.expects if id(v) in ids}
         group.channels_last = [out for v, out in analysis.channels_last if id(v) in ids]
         if ids & analysis.last:
             group.axis = -1
-        _check_sizes(group)
+        _check_sizes(group, expected)
         groups.append(group)
     return groups
 
 
-def _check_sizes(group: Group) -> None:
-    """Every cut must see the same channel count; every sliced weight must be used once."""
-    sizes = set()
+def _check_sizes(group: Group, expected: set[int]) -> None:
+    """Every cut must see one channel count, every sliced weight must be used once.
+
+    ``expected``: counts that Reshape targets fix where the tensor's shape did not say.
+    """
+    sizes = set(expected)
     for cut in group.cuts:
         array = constant(cut.value)
         if array is None or not cut.value.is_initializer():

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
 from onnxpipe.graphs.channel_groups import (
     Group,
+    ShapeEdit,
     find_groups,
     reduce_axes,
     unshare_initializers,
@@ -231,17 +232,47 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
         cut.value.shape = ir.Shape(sliced.shape)
     for node in group.depthwise:
         node.attributes["group"] = ir.AttrInt64("group", n)
-    for shape_value in group.reshapes:
-        target = shape_value.const_value.numpy().copy()  # type: ignore[union-attr]
-        if target[1] > 0:
-            target[1] = n
-            shape_value.const_value = ir.tensor(target, name=shape_value.name)
+    for edit in group.reshapes:
+        _write_channels(edit, n)
     moved = [(v, 3) for v in group.channels_last]
     for value, axis in [(v, group.axis) for v in group.tensors] + moved:
         if value.shape is not None and len(value.shape) > max(axis, -axis - 1):
             dims = list(value.shape)
             dims[axis] = n
             value.shape = ir.Shape(dims)
+
+
+def _write_channels(edit: ShapeEdit, n: int) -> None:
+    """Put ``n`` into a Reshape target's channel element, as a constant of its own.
+
+    A Concat that computes the targets of other Reshapes too (GPT-2's layers share one) is
+    copied for this Reshape first.
+    """
+    old = edit.node.inputs[edit.index]
+    assert old is not None and old.const_value is not None
+    array = old.const_value.numpy().copy()
+    flat = array.reshape(-1)
+    if flat[edit.position] <= 0:  # 0 copies the input's dim, -1 infers it: right as they are
+        return
+    flat[edit.position] = n
+    graph = edit.node.graph
+    assert graph is not None
+    node = edit.node
+    if node is not edit.reshape and len(node.outputs[0].uses()) > 1:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        node = ir.node(node.op_type, list(node.inputs), attrs, name=f"{node.name}_c{n}")
+        graph.insert_before(edit.reshape, node)
+        edit.reshape.replace_input_with(1, node.outputs[0])
+    name = f"{old.name}_c{n}"
+    while name in graph.initializers:
+        name += "_"
+    fresh = ir.Value(
+        name=name, shape=old.shape, type=old.type, const_value=ir.tensor(array, name=name)
+    )
+    graph.register_initializer(fresh)
+    node.replace_input_with(edit.index, fresh)
+    if old.name in graph.initializers and not old.uses() and not old.is_graph_output():
+        del graph.initializers[old.name or ""]
 
 
 def collect_inputs(

@@ -463,6 +463,12 @@ def _keras_se_block() -> ir.Model:
     return _ir_model(nodes, inits, ["batch", 3, 16, 16], opset=18)
 
 
+def _target(model: ir.Model, output: str) -> list[int]:
+    """The constant target of the Reshape that writes ``output``."""
+    reshape = next(n for n in model.graph if n.outputs[0].name == output)
+    return reshape.inputs[1].const_value.numpy().tolist()
+
+
 def test_keras_squeeze_and_excitation_is_cut_through_its_reshapes():
     model, masked = _keras_se_block(), _keras_se_block()
     groups = {g.key: g for g in find_groups(model)}
@@ -472,7 +478,7 @@ def test_keras_squeeze_and_excitation_is_cut_through_its_reshapes():
     assert sorted(n.inputs[1].name for n in main.consumers) == ["proj_w", "red_w"]
     keep = np.arange(0, 16, 2)
     apply_cut(main, keep)
-    assert model.graph.initializers["to_16"].const_value.numpy().tolist() == [-1, 8, 1, 1]
+    assert _target(model, "p4") == [-1, 8, 1, 1]
     drop = np.setdiff1d(np.arange(16), keep)
     for name in ("red_w", "proj_w"):  # the removed channels' inputs, zeroed in the twin
         value = masked.graph.initializers[name]
@@ -482,7 +488,7 @@ def test_keras_squeeze_and_excitation_is_cut_through_its_reshapes():
     assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
     # the squeeze group (8 channels through the no-op Reshape) is cut the same way
     apply_cut(squeeze, np.arange(4))
-    assert model.graph.initializers["to_8"].const_value.numpy().tolist() == [-1, 4, 1, 1]
+    assert _target(model, "rr4") == [-1, 4, 1, 1]
     (out,) = ort_run(model, {"x": X})
     assert out.shape == (4, 6, 16, 16)
 
@@ -551,3 +557,59 @@ def test_padded_tokens_do_not_choose_the_ffn_channels():
         np.abs(ort_run(model, {"x": real, "attention_mask": mask[:, :3]})[0] - ref).mean()
     )
     assert masked_error < 0.5 * counted_error, (masked_error, counted_error)
+
+
+def _gpt2_ffn() -> ir.Model:
+    """Two of GPT-2's Conv1D FFNs: tokens flattened for each Gemm, the [B, S, C] target
+    computed by one Concat that both layers share (as the exporter's CSE leaves it)."""
+    rng = np.random.default_rng(16)
+    inits = [
+        numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in [("rows_16", [-1, 16]), ("rows_32", [-1, 32]), ("zero", [0]),
+                        ("two", [2]), ("c32", [32]), ("c16", [16])]
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "two"], ["lead"]),
+        helper.make_node("Concat", ["lead", "c32"], ["to_hidden"], axis=0),
+        helper.make_node("Concat", ["lead", "c16"], ["to_out"], axis=0),
+    ]
+    for i, (x, y) in enumerate([("x", "y0"), ("y0", "y")]):
+        inits += [
+            numpy_helper.from_array(rng.normal(size=(16, 32)).astype(np.float32) / 4, f"fc{i}"),
+            numpy_helper.from_array(rng.normal(size=32).astype(np.float32), f"fc{i}_b"),
+            numpy_helper.from_array(rng.normal(size=(32, 16)).astype(np.float32) / 6, f"proj{i}"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", [x, "rows_16"], [f"x2_{i}"]),
+            helper.make_node("Gemm", [f"x2_{i}", f"fc{i}", f"fc{i}_b"], [f"h2_{i}"]),
+            helper.make_node("Reshape", [f"h2_{i}", "to_hidden"], [f"h{i}"]),
+            helper.make_node("Tanh", [f"h{i}"], [f"a{i}"]),
+            helper.make_node("Mul", [f"h{i}", f"a{i}"], [f"g{i}"]),  # gating on both paths
+            helper.make_node("Reshape", [f"g{i}", "rows_32"], [f"g2_{i}"]),
+            helper.make_node("Gemm", [f"g2_{i}", f"proj{i}"], [f"o2_{i}"]),
+            helper.make_node("Reshape", [f"o2_{i}", "to_out"], [y]),
+        ]
+    return _ir_model(nodes, inits, ["batch", "seq", 16], opset=18)
+
+
+def test_gpt2_conv1d_ffn_is_cut_through_its_token_reshapes():
+    """The first FFN is cut; the second keeps its 32 features through the shared Concat."""
+    x = np.random.default_rng(17).normal(size=(3, 5, 16)).astype(np.float32)
+    model, masked = _gpt2_ffn(), _gpt2_ffn()
+    groups = {g.key: g for g in find_groups(model) if not g.blocked}
+    assert {"fc0", "fc1"} <= set(groups)
+    group = groups["fc0"]
+    assert group.channels == 32 and group.axis == -1
+    keep = np.arange(0, 32, 3)
+    apply_cut(group, keep)
+    assert _target(model, "g2_0") == [-1, len(keep)] and _target(model, "g2_1") == [-1, 32]
+    reshape = next(n for n in model.graph if n.outputs[0].name == "h0")
+    concat = reshape.inputs[1].producer()  # layer 0's own copy of the shared Concat
+    assert concat is not None
+    assert concat.inputs[1].const_value.numpy().tolist() == [len(keep)]
+    assert model.graph.initializers["c32"].const_value.numpy().tolist() == [32]  # layer 1's
+    rows = masked.graph.initializers["proj0"].const_value.numpy().copy()
+    rows[np.setdiff1d(np.arange(32), keep)] = 0
+    masked.graph.initializers["proj0"].const_value = ir.tensor(rows, name="proj0")
+    assert_close(ort_run(masked, {"x": x}), model, {"x": x}, atol=1e-4)
