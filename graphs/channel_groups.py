@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from onnxpipe.graphs.base import attr_int, constant
 
@@ -463,7 +464,13 @@ def unshare_initializers(model: ir.Model) -> int:
 
 
 def find_groups(model: ir.Model) -> list[Group]:
-    """Every channel group of the model's main graph, blocked ones included (with reasons)."""
+    """Every channel group of the model's main graph, blocked ones included (with reasons).
+
+    Tensor shapes the model does not carry are inferred first (into ``model``): files that
+    ONNX Runtime optimized drop them, and a tensor of unknown rank blocks its group.
+    """
+    if any(o.shape is None for node in model.graph for o in node.outputs):
+        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
     graph = model.graph
     analysis = _Analysis(graph)
     for node in graph:
@@ -506,6 +513,23 @@ def find_groups(model: ir.Model) -> list[Group]:
         _check_sizes(group, expected)
         groups.append(group)
     return groups
+
+
+def layout_hint(groups: list[Group]) -> str:
+    """Advice when a quarter of the groups or more stop at Transposes; else empty.
+
+    tf2onnx leaves NHWC <-> NCHW Transposes around ops it could not convert; one Transpose
+    before a channels-last graph output is no reason to re-optimize.
+    """
+    stopped = sum(1 for g in groups if any("Transpose node" in r for r in g.blocked))
+    if not stopped or stopped * 4 < len(groups):
+        return ""
+    return (
+        f" {stopped} of {len(groups)} layer groups stop at Transpose nodes (the NHWC <-> NCHW "
+        "layout changes tf2onnx leaves around ops it could not convert): `onnxpipe optimize "
+        "BUNDLE -o OUT --level basic` cancels most of them (ONNX Runtime's transpose "
+        "optimizer; standard ONNX ops only), then prune OUT."
+    )
 
 
 def _check_sizes(group: Group, expected: set[int]) -> None:

@@ -25,6 +25,7 @@ from onnxpipe.graphs.channel_groups import (
     Group,
     ShapeEdit,
     find_groups,
+    layout_hint,
     reduce_axes,
     unshare_initializers,
 )
@@ -128,7 +129,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
                 "; ".join(f"{k}: {v[0]}" for k, v in skipped.items())
                 or "no Conv/Gemm/MatMul with a constant weight"
             )
-            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul"))
+            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul")) + layout_hint(groups)
             raise PassError(
                 "nothing to prune: no Conv/Gemm/MatMul output channels can be cut safely "
                 f"({reasons}).{hint}"
@@ -157,6 +158,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         if changes:
             logger.info("pruned %d channel groups: %d -> %d params", len(changes), before, after)
         self.metrics = {
+            **({"hint": hint.strip()} if (hint := layout_hint(groups)) else {}),
             "groups": len(groups),
             "groups_prunable": len(prunable),
             "groups_pruned": len(changes),

@@ -13,7 +13,9 @@ import pytest
 from onnx import helper, numpy_helper
 from rich.console import Console
 
+from onnxpipe.errors import PassError
 from onnxpipe.graphs.channel_groups import find_groups
+from onnxpipe.graphs.cleanup import CleanupPass
 from onnxpipe.graphs.prune_channels import (
     PruneChannelsPass,
     apply_cut,
@@ -613,3 +615,58 @@ def test_gpt2_conv1d_ffn_is_cut_through_its_token_reshapes():
     rows[np.setdiff1d(np.arange(32), keep)] = 0
     masked.graph.initializers["proj0"].const_value = ir.tensor(rows, name="proj0")
     assert_close(ort_run(masked, {"x": x}), model, {"x": x}, atol=1e-4)
+
+
+def _hard_swish_convs(transposed: bool = False) -> onnx.ModelProto:
+    """Conv -> hard-swish (x * relu6(x + 3) / 6) -> Conv, as tf2onnx writes a Keras
+    MobileNetV3 block; ``transposed`` keeps its NHWC Transposes around the activation.
+    No shapes are stored for the tensors between the nodes."""
+    rng = np.random.default_rng(18)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(size=(8, 16, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        numpy_helper.from_array(np.array(1 / 6, np.float32), "sixth"),
+    ]
+    c = "c"
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1])]
+    if transposed:
+        nodes.append(helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]))
+        c = "t"
+    nodes += [
+        helper.make_node("Add", [c, "three"], ["a"]),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["r6"]),
+        helper.make_node("Mul", ["r6", "sixth"], ["g"]),
+        helper.make_node("Mul", [c, "g"], ["hs"]),
+    ]
+    if transposed:
+        nodes.append(helper.make_node("Transpose", ["hs"], ["hs_nchw"], perm=[0, 3, 1, 2]))
+    nodes.append(helper.make_node("Conv", ["hs_nchw" if transposed else "hs", "w1"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_groups_of_a_model_without_stored_shapes_are_found():
+    """ORT-optimized files keep no intermediate shapes; the analysis infers them."""
+    model = ir.serde.deserialize_model(_hard_swish_convs())
+    assert any(o.shape is None for n in model.graph for o in n.outputs)
+    (group,) = [g for g in find_groups(model) if not g.blocked]
+    assert group.key == "w0" and group.channels == 16
+
+
+def test_layout_transposes_are_named_with_the_fix(tmp_path):
+    """Groups that stop at tf2onnx's layout Transposes: the error says to optimize first,
+    and the optimized model is prunable."""
+    model = ir.serde.deserialize_model(_hard_swish_convs(transposed=True))
+    with pytest.raises(PassError, match=r"stop at Transpose.*optimize BUNDLE -o OUT --level basic"):
+        PruneChannelsPass(ratio=0.5, multiple_of=1)(model)
+    optimized = CleanupPass(level="basic")(ir.serde.deserialize_model(_hard_swish_convs(True)))
+    assert not any(n.op_type == "Transpose" for n in optimized.model.graph)
+    assert [g.key for g in find_groups(optimized.model) if not g.blocked] == ["w0"]
