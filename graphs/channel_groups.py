@@ -11,8 +11,9 @@ and the layers that consume it (a Conv's, Gemm's or MatMul's input channels). Cu
 pass-through parameter, and column ``c`` from every consumer, so every tensor of the group
 physically shrinks. Channels are axis 1 (NCHW feature maps, ``[batch, features]``), or the
 last axis of a MatMul on a 3-D input (a transformer's FFN, ``Group.axis`` -1), where only
-elementwise ops and Reshapes that keep every token whole (GPT-2's ``[B * S, C]`` Gemms) may
-pass them on.
+elementwise ops and Reshapes that keep every token whole (GPT-2's ``[B * S, C]`` Gemms,
+tf2onnx's Tensordot for a Keras ``Dense`` on a feature map) may pass them on, and a Shape
+may read the other dims.
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
@@ -176,6 +177,8 @@ class _Analysis:
         elif op == "MatMul" and _is_producer(node):
             self._matmul(node)
         elif op == "Reshape" and self._token_reshape(node):
+            pass
+        elif op == "Shape" and self._reads_other_dims(node):
             pass
         elif last and op not in UNARY and op not in BINARY:
             self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
@@ -359,6 +362,33 @@ class _Analysis:
             self.reshapes.append((value, edit))
         return True
 
+    def _reads_other_dims(self, node: ir.Node) -> bool:
+        """A Shape whose users only pick dims other than the channel axis.
+
+        tf2onnx's ``Tensordot`` (a Keras ``Dense`` on a 4-D input) computes its output shape
+        from the leading dims of its input: Shape -> Cast -> Gather([0, 1, 2]).
+        """
+        value = node.inputs[0]
+        rank = _rank(value) if value is not None else None
+        if (
+            value is None
+            or rank is None
+            or node.attributes.get("start")
+            or "end" in node.attributes
+        ):
+            return False
+        channel = rank - 1 if id(value) in self.last else 1
+        users = [use.node for use in node.outputs[0].uses()]
+        while len(users) == 1 and users[0].op_type == "Cast":
+            users = [use.node for use in users[0].outputs[0].uses()]
+        for user in users:
+            picked = constant(user.inputs[1]) if user.op_type == "Gather" else None
+            if picked is None or attr_int(user, "axis", 0) != 0:
+                return False
+            if any(int(i) % rank == channel for i in picked.reshape(-1)):
+                return False
+        return bool(users)
+
     def _flatten(self, node: ir.Node) -> None:
         """``[N, C, 1, 1] -> [N, C]`` (Flatten or Reshape), and Reshapes between such shapes.
 
@@ -390,8 +420,9 @@ class _Analysis:
 def _target_edit(reshape: ir.Node, rank: int, channels: int | None) -> ShapeEdit | None:
     """Where ``reshape``'s target holds ``channels`` as its last element; None if it does not.
 
-    The target is a constant, or a Concat whose last piece is one. A last element of -1
-    needs no edit (index -1). ``channels`` None (unknown): any positive last element.
+    The target is a constant, or a Concat whose last piece is one (through tf2onnx's Casts).
+    A last element of -1 needs no edit (index -1). ``channels`` None (unknown): any positive
+    last element.
     """
     target = reshape.inputs[1] if len(reshape.inputs) > 1 else None
     array = constant(target)
@@ -403,8 +434,14 @@ def _target_edit(reshape: ir.Node, rank: int, channels: int | None) -> ShapeEdit
         ok = last in wanted or (channels is None and last > 0)
         return ShapeEdit(reshape, 1, rank - 1, reshape) if ok else None
     concat = target.producer() if target is not None else None
+    while concat is not None and concat.op_type == "Cast" and concat.inputs[0] is not None:
+        if len(concat.outputs[0].uses()) != 1:  # tf2onnx casts the computed target to int64
+            return None
+        concat = concat.inputs[0].producer()
     if concat is None or concat.op_type != "Concat" or not concat.inputs:
         return None
+    if concat.outputs[0] is not target and len(concat.outputs[0].uses()) != 1:
+        return None  # shared behind a Cast: a copy would not reach this Reshape alone
     piece = constant(concat.inputs[-1])
     last = int(piece.reshape(-1)[-1]) if piece is not None and piece.size else 0
     if not (last in wanted or (channels is None and last > 0)):

@@ -670,3 +670,53 @@ def test_layout_transposes_are_named_with_the_fix(tmp_path):
     optimized = CleanupPass(level="basic")(ir.serde.deserialize_model(_hard_swish_convs(True)))
     assert not any(n.op_type == "Transpose" for n in optimized.model.graph)
     assert [g.key for g in find_groups(optimized.model) if not g.blocked] == ["w0"]
+
+
+def _keras_tensordot_ffn() -> ir.Model:
+    """tf2onnx's Tensordot for two Keras Dense layers on an NHWC map: rows flattened for each
+    MatMul, the output shape computed from the input's leading dims (Shape -> Cast -> Gather
+    -> Concat with the unit count -> Cast)."""
+    rng = np.random.default_rng(19)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32) / 3, "w1"),
+        numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32) / 4, "w2"),
+        numpy_helper.from_array(np.array([0, 1, 2], np.int64), "free"),
+    ] + [
+        numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in [("rows_8", [-1, 8]), ("rows_16", [-1, 16]), ("u16", [16]), ("u4", [4])]
+    ]  # fmt: skip
+    nodes = []
+    for i, (x, flat, units, w, y) in enumerate(
+        [("x", "rows_8", "u16", "w1", "h"), ("r", "rows_16", "u4", "w2", "y")]
+    ):
+        nodes += [
+            helper.make_node("Shape", [x], [f"s{i}"]),
+            helper.make_node("Cast", [f"s{i}"], [f"s32_{i}"], to=onnx.TensorProto.INT32),
+            helper.make_node("Gather", [f"s32_{i}", "free"], [f"lead{i}"], axis=0),
+            helper.make_node("Cast", [f"lead{i}"], [f"lead64_{i}"], to=onnx.TensorProto.INT64),
+            helper.make_node("Concat", [f"lead64_{i}", units], [f"t{i}"], axis=0),
+            helper.make_node("Cast", [f"t{i}"], [f"target{i}"], to=onnx.TensorProto.INT64),
+            helper.make_node("Reshape", [x, flat], [f"x2_{i}"]),
+            helper.make_node("MatMul", [f"x2_{i}", w], [f"m{i}"]),
+            helper.make_node("Reshape", [f"m{i}", f"target{i}"], [y if i else "m4"]),
+        ]
+        if not i:
+            nodes += [
+                helper.make_node("Add", ["m4", "b1"], ["h"]),
+                helper.make_node("Relu", ["h"], ["r"]),
+            ]
+    return _ir_model(nodes, inits, ["batch", 5, 5, 8], opset=18)
+
+
+def test_keras_dense_on_a_feature_map_is_cut_through_tensordot():
+    x = np.random.default_rng(20).normal(size=(2, 5, 5, 8)).astype(np.float32)
+    model, masked = _keras_tensordot_ffn(), _keras_tensordot_ffn()
+    (group,) = [g for g in find_groups(model) if not g.blocked]
+    assert group.key == "w1" and group.channels == 16
+    keep = np.arange(0, 16, 2)
+    apply_cut(group, keep)
+    rows = masked.graph.initializers["w2"].const_value.numpy().copy()
+    rows[np.setdiff1d(np.arange(16), keep)] = 0
+    masked.graph.initializers["w2"].const_value = ir.tensor(rows, name="w2")
+    assert_close(ort_run(masked, {"x": x}), model, {"x": x}, atol=1e-4)
