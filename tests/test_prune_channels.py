@@ -720,3 +720,20 @@ def test_keras_dense_on_a_feature_map_is_cut_through_tensordot():
     rows[np.setdiff1d(np.arange(16), keep)] = 0
     masked.graph.initializers["w2"].const_value = ir.tensor(rows, name="w2")
     assert_close(ort_run(masked, {"x": x}), model, {"x": x}, atol=1e-4)
+
+
+def test_gpt2_from_a_transformers_config_has_both_ffns_cut(cli, tmp_path):
+    """The dynamo export of GPT-2 as it comes: one Concat builds every layer's [B, S, 256]."""
+    bundle, out = tmp_path / "gpt2", tmp_path / "pruned"
+    spec = "input_ids:int64[batch,seq]"
+    code, _, err = cli(
+        "convert", model_ref("tiny_gpt2"), "-o", bundle, "--input", spec, "--no-bench"
+    )
+    assert code == 0, err
+    args = ("--method", "channels", "--ratio", "0.5", "--multiple-of", "1", "--json")
+    code, stdout, err = cli("prune", bundle, "-o", out, *args)
+    assert code == 0, err
+    metrics = json.loads(stdout)["steps"][-1]["metrics"]
+    cut = {k: v for k, v in metrics["pass"]["channels"].items() if "mlp.c_fc" in k}
+    assert sorted(cut.values()) == [[256, 128], [256, 128]], metrics["pass"]["channels"]
+    assert json.loads(stdout)["validation"]["cpu"]["status"] == "passed"
