@@ -10,7 +10,8 @@ and the layers that consume it (a Conv's, Gemm's or MatMul's input channels). Cu
 ``c`` of a group removes row ``c`` from every producer, the entries ``c`` of every
 pass-through parameter, and column ``c`` from every consumer, so every tensor of the group
 physically shrinks. Channels are axis 1 (NCHW feature maps, ``[batch, features]``), or the
-last axis of a MatMul on a 3-D input (a transformer's FFN, ``Group.axis`` -1), where only
+last axis (a MatMul's output on a 3-D input, a transformer's FFN; an NHWC tensor after a
+Transpose, as tf2onnx writes Keras models; ``Group.channels_last``), where only
 elementwise ops and Reshapes that keep every token whole (GPT-2's ``[B * S, C]`` Gemms,
 tf2onnx's Tensordot for a Keras ``Dense`` on a feature map) may pass them on, and a Shape
 may read the other dims.
@@ -82,10 +83,12 @@ class Group:
     depthwise: list[ir.Node] = field(default_factory=list)
     reshapes: list[ShapeEdit] = field(default_factory=list)
     channels_last: list[ir.Value] = field(default_factory=list)
+    """The tensors (of rank 3 or more) whose channels are the last axis: a transformer's token
+    features, a Keras model's NHWC tensors between tf2onnx's Transposes."""
     blocked: list[str] = field(default_factory=list)
     axis: int = 1
-    """Where the channels sit in ``tensors``: 1, or -1 for the token features of a MatMul on
-    a 3-D input (a transformer's FFN)."""
+    """-1 when some of the group's channels are on the last axis (see ``channels_last``),
+    else 1."""
 
     def producer_cuts(self) -> list[Cut]:
         """The cuts on producer weights (rows = output channels), for scoring."""
@@ -180,7 +183,11 @@ class _Analysis:
             pass
         elif op == "Shape" and self._reads_other_dims(node):
             pass
-        elif last and op not in UNARY and op not in BINARY:
+        elif op == "Transpose" and (self._channels_last_pool(node) or self._layout(node)):
+            pass
+        elif op == "Pad" and self._spatial_pad(node):
+            pass
+        elif last and op not in UNARY and op not in BINARY and op not in REDUCES:
             self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
         elif _is_producer(node):
             trans = op == "Conv" or attr_int(node, "transB", 0) == 1  # weight rows = outputs
@@ -212,8 +219,6 @@ class _Analysis:
             self._pool(node)
         elif op in ("Reshape", "Flatten"):
             self._flatten(node)
-        elif op == "Transpose" and self._channels_last_pool(node):
-            pass
         else:
             self._opaque(node, acts)
 
@@ -291,21 +296,36 @@ class _Analysis:
                 self._per_channel(acts[0], const, node, None)
 
     def _pool(self, node: ir.Node) -> None:
+        """Pooling over positions: the channels stay where they are.
+
+        On axis 1, or on the last axis for a Reduce over an NHWC map (tf2onnx's
+        squeeze-and-excitation of a Keras model).
+        """
         value, out = node.inputs[0], node.outputs[0]
-        rank = _rank(value) if value is not None else None
-        axes: list[int] | None = None
-        if node.op_type in REDUCES:
-            axes = reduce_axes(node)
-            keep = attr_int(node, "keepdims", 1)
-            if axes is None or rank is None:
-                self._opaque(node, [value] if value is not None else [])
-                return
-            axes = [a % rank for a in axes]
-            if 1 in axes or (not keep and 0 in axes):  # channels reduced or moved off axis 1
-                self._opaque(node, [value])  # type: ignore[list-item]
-                return
         assert value is not None
+        rank = _rank(value)
+        last = id(value) in self.last
+        if node.op_type in POOLS:
+            if last:
+                self._opaque(node, [value])  # pooling ops are NCHW
+            else:
+                self.join(value, out)
+            return
+        axes = reduce_axes(node)
+        if axes is None or rank is None:
+            self._opaque(node, [value])
+            return
+        reduced = {a % rank for a in axes}
+        channel = rank - 1 if last else 1
+        keep = attr_int(node, "keepdims", 1)
+        moved = channel - (0 if keep else sum(1 for a in reduced if a < channel))
+        out_rank = rank if keep else rank - len(reduced)
+        if channel in reduced or (not keep and 0 in reduced) or moved not in (1, out_rank - 1):
+            self._opaque(node, [value])  # channels reduced, or moved off axis 1 / the last
+            return
         self.join(value, out)
+        if moved == out_rank - 1 and out_rank > 2:
+            self.last.add(id(out))
 
     def _channels_last_pool(self, node: ir.Node) -> bool:
         """NCHW -> NHWC Transpose whose every user reduces H and W away (``[N, C]`` out).
@@ -331,6 +351,49 @@ class _Analysis:
             self.absorbed.add(id(user))
         self.track(value)
         self.channels_last.append((value, out))
+        return True
+
+    def _layout(self, node: ir.Node) -> bool:
+        """A Transpose that moves the channels to axis 1 or to the last axis.
+
+        tf2onnx keeps a Keras model's NHWC ops (activations, Dense, LayerNorm) between
+        Transposes around the NCHW convs; the channels follow the permutation.
+        """
+        value, out = node.inputs[0], node.outputs[0]
+        perm = node.attributes.get("perm")
+        rank = _rank(value) if value is not None else None
+        if value is None or perm is None or rank is None or rank < 3:
+            return False
+        order = list(perm.as_ints())
+        moved = order.index(rank - 1 if id(value) in self.last else 1)
+        if moved not in (1, rank - 1):
+            return False
+        self.join(value, out)
+        if moved == rank - 1:
+            self.last.add(id(out))
+        return True
+
+    def _spatial_pad(self, node: ir.Node) -> bool:
+        """A constant-mode Pad that adds nothing on the channel axis.
+
+        tf2onnx pads a Keras NHWC map this way before a strided depthwise conv.
+        """
+        value = node.inputs[0]
+        rank = _rank(value) if value is not None else None
+        pads = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = node.inputs[3] if len(node.inputs) > 3 else None
+        mode = node.attributes.get("mode")
+        if value is None or rank is None or pads is None or axes is not None:
+            return False
+        if (mode.as_string() if mode is not None else "constant") != "constant":
+            return False
+        channel = rank - 1 if id(value) in self.last else 1
+        flat = pads.reshape(-1)
+        if flat.size != 2 * rank or flat[channel] != 0 or flat[channel + rank] != 0:
+            return False
+        self.join(value, node.outputs[0])
+        if id(value) in self.last:
+            self.last.add(id(node.outputs[0]))
         return True
 
     def _token_reshape(self, node: ir.Node) -> bool:
@@ -545,28 +608,12 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
         expected = {n for v, n in analysis.expects if id(v) in ids}
         group.channels_last = [out for v, out in analysis.channels_last if id(v) in ids]
+        group.channels_last += [v for v in members if id(v) in analysis.last]
         if ids & analysis.last:
             group.axis = -1
         _check_sizes(group, expected)
         groups.append(group)
     return groups
-
-
-def layout_hint(groups: list[Group]) -> str:
-    """Advice when a quarter of the groups or more stop at Transposes; else empty.
-
-    tf2onnx leaves NHWC <-> NCHW Transposes around ops it could not convert; one Transpose
-    before a channels-last graph output is no reason to re-optimize.
-    """
-    stopped = sum(1 for g in groups if any("Transpose node" in r for r in g.blocked))
-    if not stopped or stopped * 4 < len(groups):
-        return ""
-    return (
-        f" {stopped} of {len(groups)} layer groups stop at Transpose nodes (the NHWC <-> NCHW "
-        "layout changes tf2onnx leaves around ops it could not convert): `onnxpipe optimize "
-        "BUNDLE -o OUT --level basic` cancels most of them (ONNX Runtime's transpose "
-        "optimizer; standard ONNX ops only), then prune OUT."
-    )
 
 
 def _check_sizes(group: Group, expected: set[int]) -> None:

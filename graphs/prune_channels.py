@@ -25,7 +25,6 @@ from onnxpipe.graphs.channel_groups import (
     Group,
     ShapeEdit,
     find_groups,
-    layout_hint,
     reduce_axes,
     unshare_initializers,
 )
@@ -129,7 +128,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
                 "; ".join(f"{k}: {v[0]}" for k, v in skipped.items())
                 or "no Conv/Gemm/MatMul with a constant weight"
             )
-            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul")) + layout_hint(groups)
+            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul"))
             raise PassError(
                 "nothing to prune: no Conv/Gemm/MatMul output channels can be cut safely "
                 f"({reasons}).{hint}"
@@ -158,7 +157,6 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         if changes:
             logger.info("pruned %d channel groups: %d -> %d params", len(changes), before, after)
         self.metrics = {
-            **({"hint": hint.strip()} if (hint := layout_hint(groups)) else {}),
             "groups": len(groups),
             "groups_prunable": len(prunable),
             "groups_pruned": len(changes),
@@ -236,9 +234,10 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
         node.attributes["group"] = ir.AttrInt64("group", n)
     for edit in group.reshapes:
         _write_channels(edit, n)
-    moved = [(v, 3) for v in group.channels_last]
-    for value, axis in [(v, group.axis) for v in group.tensors] + moved:
-        if value.shape is not None and len(value.shape) > max(axis, -axis - 1):
+    last = {id(v) for v in group.channels_last}
+    for value in {id(v): v for v in [*group.tensors, *group.channels_last]}.values():
+        axis = -1 if id(value) in last else 1
+        if value.shape is not None and len(value.shape) > 1:
             dims = list(value.shape)
             dims[axis] = n
             value.shape = ir.Shape(dims)

@@ -118,8 +118,6 @@ def prune_bundle(
         elif settings.method == "channels":
             model, found = _channels(model, ctx, settings, gates, eval_data is not None)
             metrics.update(found)
-            if found["pass"].get("hint"):  # groups left whole by layout Transposes
-                metrics["note"] = found["pass"]["hint"]
         else:
             model, found = _lowrank(model, ctx, settings, gates, eval_data is not None)
             metrics.update(found)
@@ -147,19 +145,14 @@ def _channels(
     # Activation statistics only mean something on real data; generated noise would mislead.
     criterion = "activation" if real_data else "weight"
     probe = PruneChannelsPass(ratio=settings.ratio, multiple_of=settings.multiple_of)
-    from onnxpipe.graphs.channel_groups import (  # noqa: PLC0415
-        find_groups,
-        layout_hint,
-        unshare_initializers,
-    )
+    from onnxpipe.graphs.channel_groups import find_groups, unshare_initializers  # noqa: PLC0415
 
     analysed = copy_model(model)
     unshare_initializers(analysed)  # as the pass does: an equal constant blocks no group
-    every = find_groups(analysed)
-    groups = [g for g in every if not g.blocked]
+    groups = [g for g in find_groups(analysed) if not g.blocked]
     if not groups:
         probe(copy_model(model))  # raises PassError naming why every group is blocked
-    _refuse_uncut(probe, [g.channels for g in groups], settings.ratio, layout_hint(every))
+    _refuse_uncut(probe, [g.channels for g in groups], settings.ratio)
     inputs = collect_inputs(model, groups, ctx.eval_feeds) if real_data else {}
 
     def build(
@@ -182,9 +175,7 @@ def _channels(
     return _gated_search(units, settings.ratio, build, ctx, gates, criterion, collect)
 
 
-def _refuse_uncut(
-    probe: PruneChannelsPass, channels: list[int], ratio: float, hint: str = ""
-) -> None:
+def _refuse_uncut(probe: PruneChannelsPass, channels: list[int], ratio: float) -> None:
     """PassError when ``ratio`` cuts no group once kept counts are rounded up (exit 2).
 
     Without it a small model came back unchanged, with exit 0 and params_reduction 0.
@@ -201,7 +192,7 @@ def _refuse_uncut(
         f"nothing to cut at --ratio {ratio:g}: the prunable layers have "
         f"{', '.join(map(str, sorted(set(channels))))} output channels, and each keeps them all "
         f"once its count is rounded up to {rounding}, at least {cfg.min_channels}. Raise "
-        "--ratio, or pass --multiple-of 1 (smaller, though ORT pads to its block)." + hint
+        "--ratio, or pass --multiple-of 1 (smaller, though ORT pads to its block)."
     )
 
 

@@ -13,9 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 from rich.console import Console
 
-from onnxpipe.errors import PassError
 from onnxpipe.graphs.channel_groups import find_groups
-from onnxpipe.graphs.cleanup import CleanupPass
 from onnxpipe.graphs.prune_channels import (
     PruneChannelsPass,
     apply_cut,
@@ -314,9 +312,11 @@ def _keras_pool_head(keepdims: int = 0) -> ir.Model:
     return _ir_model(nodes, inits, ["batch", 3, 16, 16], opset=18)
 
 
-def test_keras_global_pooling_passes_channels_through_the_transpose():
-    """tf2onnx pools a Keras model channels-last; the conv's channels still reach the Dense."""
-    model, masked = _keras_pool_head(), _keras_pool_head()
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_keras_global_pooling_passes_channels_through_the_transpose(keepdims):
+    """tf2onnx pools a Keras model channels-last; the conv's channels still reach the Dense
+    (on ``[N, C]``, or on ``[N, 1, 1, C]`` with keepdims, whose last axis is still C)."""
+    model, masked = _keras_pool_head(keepdims), _keras_pool_head(keepdims)
     (group,) = [g for g in find_groups(model) if not g.blocked]
     assert group.channels == 16 and [n.op_type for n in group.consumers] == ["MatMul"]
     keep = np.arange(1, 16, 2)
@@ -328,8 +328,6 @@ def test_keras_global_pooling_passes_channels_through_the_transpose():
     transposed = next(n for n in model.graph if n.op_type == "Transpose").outputs[0]
     assert transposed.shape is not None and transposed.shape[3] == 8
     assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
-    # keepdims=1 leaves [N, 1, 1, C]: not the classifier's [N, C], so the group is blocked
-    assert all(g.blocked for g in find_groups(_keras_pool_head(keepdims=1)))
 
 
 def test_a_constant_shared_by_two_layers_no_longer_blocks_them():
@@ -619,16 +617,22 @@ def test_gpt2_conv1d_ffn_is_cut_through_its_token_reshapes():
 
 def _hard_swish_convs(transposed: bool = False) -> onnx.ModelProto:
     """Conv -> hard-swish (x * relu6(x + 3) / 6) -> Conv, as tf2onnx writes a Keras
-    MobileNetV3 block; ``transposed`` keeps its NHWC Transposes around the activation.
-    No shapes are stored for the tensors between the nodes."""
+    MobileNetV3 block. ``transposed``: as tf2onnx leaves it before ORT's optimizer runs, the
+    activation on an NHWC map between Transposes, then a spatial Pad and a
+    squeeze-and-excitation that pools over H and W of the NHWC map. No tensor shapes are
+    stored."""
     rng = np.random.default_rng(18)
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w0"),
-        numpy_helper.from_array(rng.normal(size=(8, 16, 1, 1)).astype(np.float32), "w1"),
-        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
-        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
-        numpy_helper.from_array(np.array(1 / 6, np.float32), "sixth"),
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32) / 3, name)
+
+    scalars = [("three", 3.0), ("lo", 0.0), ("hi", 6.0), ("sixth", 1 / 6)]
+    inits = [w("w0", 16, 3, 3, 3), w("w1", 8, 16, 1, 1), w("sq_w", 4, 16, 1, 1),
+             w("ex_w", 16, 4, 1, 1)]  # fmt: skip
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars]
+    inits += [
+        numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 0, 0, 0], np.int64), "pads"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "hw"),
     ]
     c = "c"
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1])]
@@ -641,16 +645,29 @@ def _hard_swish_convs(transposed: bool = False) -> onnx.ModelProto:
         helper.make_node("Mul", ["r6", "sixth"], ["g"]),
         helper.make_node("Mul", [c, "g"], ["hs"]),
     ]
+    last = "hs"
     if transposed:
-        nodes.append(helper.make_node("Transpose", ["hs"], ["hs_nchw"], perm=[0, 3, 1, 2]))
-    nodes.append(helper.make_node("Conv", ["hs_nchw" if transposed else "hs", "w1"], ["y"]))
+        nodes += [
+            helper.make_node("Pad", ["hs", "pads"], ["padded"]),
+            helper.make_node("ReduceMean", ["padded", "hw"], ["pooled"], keepdims=1),
+            helper.make_node("Transpose", ["pooled"], ["pooled_nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["pooled_nchw", "sq_w"], ["sq"]),
+            helper.make_node("Relu", ["sq"], ["sq_r"]),
+            helper.make_node("Conv", ["sq_r", "ex_w"], ["ex"]),
+            helper.make_node("Sigmoid", ["ex"], ["gate_nchw"]),
+            helper.make_node("Transpose", ["gate_nchw"], ["gate"], perm=[0, 2, 3, 1]),
+            helper.make_node("Mul", ["padded", "gate"], ["scaled"]),
+            helper.make_node("Transpose", ["scaled"], ["hs_nchw"], perm=[0, 3, 1, 2]),
+        ]
+        last = "hs_nchw"
+    nodes.append(helper.make_node("Conv", [last, "w1"], ["y"]))
     graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 16, 16])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
         inits,
     )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def test_groups_of_a_model_without_stored_shapes_are_found():
@@ -661,15 +678,24 @@ def test_groups_of_a_model_without_stored_shapes_are_found():
     assert group.key == "w0" and group.channels == 16
 
 
-def test_layout_transposes_are_named_with_the_fix(tmp_path):
-    """Groups that stop at tf2onnx's layout Transposes: the error says to optimize first,
-    and the optimized model is prunable."""
+def test_keras_nhwc_block_between_transposes_is_cut():
+    """Channels followed through tf2onnx's Transposes, a spatial Pad and an NHWC
+    squeeze-and-excitation: cutting equals zeroing the consumers' columns."""
     model = ir.serde.deserialize_model(_hard_swish_convs(transposed=True))
-    with pytest.raises(PassError, match=r"stop at Transpose.*optimize BUNDLE -o OUT --level basic"):
-        PruneChannelsPass(ratio=0.5, multiple_of=1)(model)
-    optimized = CleanupPass(level="basic")(ir.serde.deserialize_model(_hard_swish_convs(True)))
-    assert not any(n.op_type == "Transpose" for n in optimized.model.graph)
-    assert [g.key for g in find_groups(optimized.model) if not g.blocked] == ["w0"]
+    masked = ir.serde.deserialize_model(_hard_swish_convs(transposed=True))
+    groups = {g.key: g for g in find_groups(model)}
+    main = groups["w0"]
+    assert not main.blocked, main.blocked
+    assert sorted(n.inputs[1].name for n in main.consumers) == ["sq_w", "w1"]
+    keep = np.arange(0, 16, 2)
+    apply_cut(main, keep)
+    drop = np.setdiff1d(np.arange(16), keep)
+    for name in ("sq_w", "w1"):
+        value = masked.graph.initializers[name]
+        array = value.const_value.numpy().copy()
+        array[:, drop] = 0
+        value.const_value = ir.tensor(array, name=name)
+    assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
 
 
 def _keras_tensordot_ffn() -> ir.Model:
