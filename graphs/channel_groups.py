@@ -148,8 +148,6 @@ class _Analysis:
         self.depthwise: list[tuple[ir.Node, ir.Value]] = []
         self.reshapes: list[tuple[ir.Value, ShapeEdit]] = []
         self.expects: list[tuple[ir.Value, int]] = []  # channel counts that Reshapes fix
-        self.channels_last: list[tuple[ir.Value, ir.Value]] = []
-        self.absorbed: set[int] = set()
         self.last: set[int] = set()  # ids of rank >= 3 values whose channels are the last axis
 
     def track(self, value: ir.Value) -> int:
@@ -172,8 +170,6 @@ class _Analysis:
     def visit(self, node: ir.Node) -> None:
         op, ins = node.op_type, list[Any](node.inputs)
         acts = [v for v in ins if v is not None and constant(v) is None]
-        if id(node) in self.absorbed:
-            return
         last = any(id(v) in self.last for v in acts)
         if node.domain not in ("", "ai.onnx"):
             self._opaque(node, acts)
@@ -183,7 +179,7 @@ class _Analysis:
             pass
         elif op == "Shape" and self._reads_other_dims(node):
             pass
-        elif op == "Transpose" and (self._channels_last_pool(node) or self._layout(node)):
+        elif op == "Transpose" and self._layout(node):
             pass
         elif op == "Pad" and self._spatial_pad(node):
             pass
@@ -326,32 +322,6 @@ class _Analysis:
         self.join(value, out)
         if moved == out_rank - 1 and out_rank > 2:
             self.last.add(id(out))
-
-    def _channels_last_pool(self, node: ir.Node) -> bool:
-        """NCHW -> NHWC Transpose whose every user reduces H and W away (``[N, C]`` out).
-
-        Joins the Transpose's input with the Reduce outputs; the NHWC tensor between them
-        keeps its channels on axis 3 (``Group.channels_last``).
-        """
-        value, out = node.inputs[0], node.outputs[0]
-        perm = node.attributes.get("perm")
-        if value is None or perm is None or list(perm.as_ints()) != [0, 2, 3, 1]:
-            return False
-        users = [use.node for use in out.uses()]
-        if not users or out.is_graph_output():
-            return False
-        for user in users:
-            if user.op_type not in REDUCES or attr_int(user, "keepdims", 1) != 0:
-                return False
-            axes = reduce_axes(user)
-            if axes is None or sorted(a % 4 for a in axes) != [1, 2]:
-                return False
-        for user in users:
-            self.join(value, user.outputs[0])
-            self.absorbed.add(id(user))
-        self.track(value)
-        self.channels_last.append((value, out))
-        return True
 
     def _layout(self, node: ir.Node) -> bool:
         """A Transpose that moves the channels to axis 1 or to the last axis.
@@ -607,8 +577,7 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
         group.reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
         expected = {n for v, n in analysis.expects if id(v) in ids}
-        group.channels_last = [out for v, out in analysis.channels_last if id(v) in ids]
-        group.channels_last += [v for v in members if id(v) in analysis.last]
+        group.channels_last = [v for v in members if id(v) in analysis.last]
         if ids & analysis.last:
             group.axis = -1
         _check_sizes(group, expected)
