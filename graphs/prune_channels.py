@@ -410,8 +410,8 @@ def _fit_rows(node: ir.Node, inputs: Mapping[str, np.ndarray]) -> np.ndarray | N
     if value is None:
         return None
     source = pooled_source(value)
-    pooled = inputs.get(source[0].name or "") if source is not None else None
-    return pooled if pooled is not None else inputs.get(value.name or "")
+    before_pooling = inputs.get(source[0].name or "") if source is not None else None
+    return before_pooling if before_pooling is not None else inputs.get(value.name or "")
 
 
 def consumer_bias(node: ir.Node) -> ir.Value | None:
