@@ -6,13 +6,16 @@ documented way to hand onnxpipe a model. Files are never modified.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import re
 import sys
+import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +56,41 @@ def is_callable_ref(source: str) -> bool:
     )
 
 
+def quiet_imports() -> bool:
+    """Whether imports keep their C++ notices off the terminal.
+
+    The CLI without ``--debug`` sets the ``tensorflow`` logger to ERROR.
+    """
+    return logging.getLogger("tensorflow").getEffectiveLevel() >= logging.ERROR
+
+
+@contextlib.contextmanager
+def stderr_kept_back(active: bool) -> Iterator[None]:
+    """Point descriptor 2 at a scratch file; replay what it caught if the body raises.
+
+    TensorFlow logs from C++ while it loads, before its log level applies ("All log
+    messages before absl::InitializeLog() is called are written to STDERR", oneDNN and CUDA
+    notices), whether onnxpipe imports it or a user's module does.
+    """
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def load_callable(ref: str) -> Callable[[], Any]:
     """Import the callable named by ``pkg.module:callable`` or ``path/file.py:callable``.
 
@@ -74,7 +112,8 @@ def load_callable(ref: str) -> Callable[[], Any]:
         # The file may import its neighbours, as `python file.py` would allow.
         sys.path.insert(0, str(path.resolve().parent))
         try:
-            spec.loader.exec_module(module)
+            with stderr_kept_back(quiet_imports()):  # e.g. a file that imports keras
+                spec.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001 - user code may raise anything; report it as input
             raise InputError(
                 f"{target}: importing it raised {type(e).__name__}: {e}. Fix the file, or check "
@@ -84,7 +123,8 @@ def load_callable(ref: str) -> Callable[[], Any]:
             sys.path.remove(str(path.resolve().parent))
     else:
         try:
-            module = importlib.import_module(target)
+            with stderr_kept_back(quiet_imports()):
+                module = importlib.import_module(target)
         except ImportError as e:
             raise InputError(
                 f"{ref}: cannot import module {target!r} ({e}). Install it or pass "

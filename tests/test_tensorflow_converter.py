@@ -407,6 +407,18 @@ def test_cli_convert_keeps_tensorflow_load_noise_off_stderr(tmp_path):
         [*args, "-o", str(tmp_path / "b"), "--debug"], capture_output=True, text=True
     )
     assert debug.returncode == 0 and "absl::InitializeLog" in debug.stderr
+    # a user's file that imports keras itself, before onnxpipe imports TensorFlow
+    net = tmp_path / "net.py"
+    net.write_text(
+        "import keras\n\n\ndef make():\n"
+        "    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])\n"
+    )
+    own = subprocess.run(
+        [sys.executable, "-m", "onnxpipe", "convert", f"{net}:make", "-o", str(tmp_path / "c"),
+         "--no-bench", "--json"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert own.returncode == 0, own.stderr
+    assert "absl::InitializeLog" not in own.stderr and "oneDNN" not in own.stderr
 
 
 def test_import_does_not_pull_tensorflow():

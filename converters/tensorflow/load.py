@@ -9,20 +9,22 @@ Files are only read, never written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import sys
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.converters.source import call_factory, is_callable_ref
+from onnxpipe.converters.source import (
+    call_factory,
+    is_callable_ref,
+    quiet_imports,
+    stderr_kept_back,
+)
 from onnxpipe.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -58,28 +60,6 @@ class TFSource:
     keep: list[Any] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _stderr_kept_back(active: bool) -> Iterator[None]:
-    """Point descriptor 2 at a scratch file; replay what it caught if the body raises."""
-    if not active:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def import_tf() -> tuple[Any, Any]:
     """Import tensorflow and keras (Keras 3 on the TensorFlow backend), quietly.
 
@@ -94,9 +74,8 @@ def import_tf() -> tuple[Any, Any]:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    quiet = logging.getLogger("tensorflow").getEffectiveLevel() >= logging.ERROR
     try:
-        with _stderr_kept_back(quiet):
+        with stderr_kept_back(quiet_imports()):
             import keras
             import tensorflow as tf
     except ImportError as e:
