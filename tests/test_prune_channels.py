@@ -763,3 +763,30 @@ def test_gpt2_from_a_transformers_config_has_both_ffns_cut(cli, tmp_path):
     cut = {k: v for k, v in metrics["pass"]["channels"].items() if "mlp.c_fc" in k}
     assert sorted(cut.values()) == [[256, 128], [256, 128]], metrics["pass"]["channels"]
     assert json.loads(stdout)["validation"]["cpu"]["status"] == "passed"
+
+
+def test_a_weight_shared_by_two_layers_stays_one_tensor():
+    """Two convs on one kernel (tied, or equal ones that dedup merged): copying it would let
+    each copy be cut its own way and the model grow, so its groups stay blocked and the
+    layer before them is still cut."""
+    rng = np.random.default_rng(15)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(size=(8, 16, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "tied"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "tied"], ["c2"]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "tied"], ["y"]),
+    ]
+    model = _ir_model(nodes, inits, ["batch", 3, 16, 16])
+    graph_pass = PruneChannelsPass(ratio=0.25, multiple_of=1, min_channels=1)
+    graph_pass(model)
+    assert graph_pass.metrics["channels"] == {"w0": [16, 12]}
+    assert any("'tied' is shared" in r for r in graph_pass.metrics["skipped"]["w1"])
+    assert [n for n in model.graph.initializers if n.startswith("tied")] == ["tied"]
