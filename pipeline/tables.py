@@ -88,7 +88,8 @@ def _step_summary(steps: list[dict[str, Any]]) -> str | None:
     if m.get("params_before") and m.get("params_after") is not None:
         change = m["params_after"] / m["params_before"] - 1
         parts.append(f"params {m['params_before']:,} -> {m['params_after']:,} ({change:+.1%})")
-    parts.append(f"{m['size_ratio']:.2f}x smaller")
+    ratio = m["size_ratio"]
+    parts.append(f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / max(ratio, 1e-9):.2f}x larger")
     parts.append(
         f"{m['speedup']:.2f}x the speed (cpu batch 1, p50 {m['p50_ms_before']:.3g} -> "
         f"{m['p50_ms_after']:.3g} ms)"

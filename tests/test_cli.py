@@ -316,3 +316,22 @@ def test_onnx_checker_failure_is_reported(tmp_path, cli):
     onnx.save(model, path)
     code, _, err = cli("convert", path, "-o", tmp_path / "out")
     assert code == 2 and "checker" in err and "dup.onnx" in err
+
+
+def test_step_row_says_larger_when_the_model_grew():
+    """Quantizing a model whose weights are computed in the graph stores them: larger."""
+    import io  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+
+    from onnxpipe.tables import summary_table  # noqa: PLC0415
+
+    metrics = {"size_ratio": 0.25, "speedup": 2.0, "p50_ms_before": 20.0, "p50_ms_after": 10.0}
+    manifest = {
+        "model": {"file": "model.onnx", "bytes": 4_000_000, "opset": 9, "sha256": "0" * 64},
+        "inputs": [], "outputs": [],
+        "steps": [{"name": "convert", "metrics": {}}, {"name": "quantize", "metrics": metrics}],
+    }  # fmt: skip
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(summary_table(manifest, Path("out")))
+    assert "quantize: 4.00x larger, 2.00x the speed" in console.export_text()
