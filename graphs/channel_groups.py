@@ -14,7 +14,8 @@ last axis (a MatMul's output on a 3-D input, a transformer's FFN; an NHWC tensor
 Transpose, as tf2onnx writes Keras models; ``Group.channels_last``), where only
 elementwise ops and Reshapes that keep every token whole (GPT-2's ``[B * S, C]`` Gemms,
 tf2onnx's Tensordot for a Keras ``Dense`` on a feature map) may pass them on, and a Shape
-may read the other dims.
+may read the other dims. Constant Pads and Resizes (upsampling) that leave the channel axis
+alone pass channels on too.
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
@@ -213,6 +214,8 @@ class _Analysis:
             self._binary(node, acts)
         elif op in POOLS or op in REDUCES:
             self._pool(node)
+        elif op == "Resize" and self._spatial_resize(node):
+            pass
         elif op in ("Reshape", "Flatten"):
             self._flatten(node)
         else:
@@ -364,6 +367,22 @@ class _Analysis:
         self.join(value, node.outputs[0])
         if id(value) in self.last:
             self.last.add(id(node.outputs[0]))
+        return True
+
+    def _spatial_resize(self, node: ir.Node) -> bool:
+        """A Resize by constant scales that leave the channel axis alone.
+
+        Upsampling in a U-Net or an FPN resizes each channel on its own.
+        """
+        value = node.inputs[0]
+        scales = constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        sizes = node.inputs[3] if len(node.inputs) > 3 else None
+        rank = _rank(value) if value is not None else None
+        if value is None or scales is None or sizes is not None or rank is None:
+            return False
+        if scales.size != rank or scales.reshape(-1)[1] != 1.0 or "axes" in node.attributes:
+            return False
+        self.join(value, node.outputs[0])
         return True
 
     def _token_reshape(self, node: ir.Node) -> bool:

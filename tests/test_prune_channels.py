@@ -790,3 +790,28 @@ def test_a_weight_shared_by_two_layers_stays_one_tensor():
     assert graph_pass.metrics["channels"] == {"w0": [16, 12]}
     assert any("'tied' is shared" in r for r in graph_pass.metrics["skipped"]["w1"])
     assert [n for n in model.graph.initializers if n.startswith("tied")] == ["tied"]
+
+
+def test_upsampling_passes_channels_on():
+    """Resize by [1, 1, 2, 2] (a U-Net's or FPN's upsampling) resizes each channel alone."""
+    rng = np.random.default_rng(21)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(size=(8, 16, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Resize", ["r", "", "scales"], ["u"], mode="nearest"),
+        helper.make_node("Conv", ["u", "w1"], ["y"]),
+    ]
+    model, masked = (_ir_model(nodes, inits, ["batch", 3, 16, 16]) for _ in range(2))
+    (group,) = [g for g in find_groups(model) if not g.blocked]
+    keep = np.arange(0, 16, 2)
+    apply_cut(group, keep)
+    weight = masked.graph.initializers["w1"]
+    array = weight.const_value.numpy().copy()
+    array[:, np.setdiff1d(np.arange(16), keep)] = 0
+    weight.const_value = ir.tensor(array, name="w1")
+    assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
