@@ -478,13 +478,15 @@ def _target_edit(reshape: ir.Node, rank: int, channels: int | None) -> ShapeEdit
     """
     target = reshape.inputs[1] if len(reshape.inputs) > 1 else None
     array = constant(target)
-    wanted = (channels,) if channels is not None else ()
+
+    def fits(last: int) -> bool:
+        return last == channels if channels is not None else last > 0
+
     if array is not None:
         last = int(array.reshape(-1)[-1]) if array.size == rank else 0
         if last == -1 and channels is not None:
             return ShapeEdit(reshape, -1, rank - 1, reshape)
-        ok = last in wanted or (channels is None and last > 0)
-        return ShapeEdit(reshape, 1, rank - 1, reshape) if ok else None
+        return ShapeEdit(reshape, 1, rank - 1, reshape) if fits(last) else None
     concat = target.producer() if target is not None else None
     while concat is not None and concat.op_type == "Cast" and concat.inputs[0] is not None:
         if len(concat.outputs[0].uses()) != 1:  # tf2onnx casts the computed target to int64
@@ -496,7 +498,7 @@ def _target_edit(reshape: ir.Node, rank: int, channels: int | None) -> ShapeEdit
         return None  # shared behind a Cast: a copy would not reach this Reshape alone
     piece = constant(concat.inputs[-1])
     last = int(piece.reshape(-1)[-1]) if piece is not None and piece.size else 0
-    if not (last in wanted or (channels is None and last > 0)):
+    if not fits(last):
         return None
     return ShapeEdit(concat, len(concat.inputs) - 1, piece.size - 1, reshape)  # type: ignore[union-attr]
 
