@@ -87,9 +87,11 @@ class Group:
     """The tensors (of rank 3 or more) whose channels are the last axis: a transformer's token
     features, a Keras model's NHWC tensors between tf2onnx's Transposes."""
     blocked: list[str] = field(default_factory=list)
-    axis: int = 1
-    """-1 when some of the group's channels are on the last axis (see ``channels_last``),
-    else 1."""
+
+    @property
+    def axis(self) -> int:
+        """-1 when some channels sit on the last axis (``channels_last``), else 1."""
+        return -1 if self.channels_last else 1
 
     def producer_cuts(self) -> list[Cut]:
         """The cuts on producer weights (rows = output channels), for scoring."""
@@ -233,6 +235,10 @@ class _Analysis:
         if (_rank(out) or _rank(value) or 0) > 2:
             self.last.add(id(out))
 
+    def _channel_axis(self, value: ir.Value, rank: int) -> int:
+        """Where ``value``'s channels are: its last axis (``self.last``) or axis 1."""
+        return rank - 1 if id(value) in self.last else 1
+
     def _opaque(self, node: ir.Node, acts: list[ir.Value]) -> None:
         what = f"{node.op_type} node {node.name!r}"
         for value in acts:
@@ -315,7 +321,7 @@ class _Analysis:
             self._opaque(node, [value])
             return
         reduced = {a % rank for a in axes}
-        channel = rank - 1 if last else 1
+        channel = self._channel_axis(value, rank)
         keep = attr_int(node, "keepdims", 1)
         moved = channel - (0 if keep else sum(1 for a in reduced if a < channel))
         out_rank = rank if keep else rank - len(reduced)
@@ -338,7 +344,7 @@ class _Analysis:
         if value is None or perm is None or rank is None or rank < 3:
             return False
         order = list(perm.as_ints())
-        moved = order.index(rank - 1 if id(value) in self.last else 1)
+        moved = order.index(self._channel_axis(value, rank))
         if moved not in (1, rank - 1):
             return False
         self.join(value, out)
@@ -360,7 +366,7 @@ class _Analysis:
             return False
         if (mode.as_string() if mode is not None else "constant") != "constant":
             return False
-        channel = rank - 1 if id(value) in self.last else 1
+        channel = self._channel_axis(value, rank)
         flat = pads.reshape(-1)
         if flat.size != 2 * rank or flat[channel] != 0 or flat[channel + rank] != 0:
             return False
@@ -429,7 +435,7 @@ class _Analysis:
             or "end" in node.attributes
         ):
             return False
-        channel = rank - 1 if id(value) in self.last else 1
+        channel = self._channel_axis(value, rank)
         users = [use.node for use in node.outputs[0].uses()]
         while len(users) == 1 and users[0].op_type == "Cast":
             users = [use.node for use in users[0].outputs[0].uses()]
@@ -568,14 +574,22 @@ def _is_weight_use(node: ir.Node, index: int) -> bool:
     return node.op_type in ("Gemm", "MatMul") and index in (0, 1)
 
 
-def find_groups(model: ir.Model) -> list[Group]:
-    """Every channel group of the model's main graph, blocked ones included (with reasons).
+def infer_missing_shapes(model: ir.Model) -> None:
+    """Infer, into ``model``, the tensor shapes it does not carry.
 
-    Tensor shapes the model does not carry are inferred first (into ``model``): files that
-    ONNX Runtime optimized drop them, and a tensor of unknown rank blocks its group.
+    Files that ONNX Runtime optimized drop them, and a tensor of unknown rank blocks its
+    group. Run it once on a model that is copied for many cuts, so that each copy has them.
     """
     if any(o.shape is None for node in model.graph for o in node.outputs):
         common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+
+
+def find_groups(model: ir.Model) -> list[Group]:
+    """Every channel group of the model's main graph, blocked ones included (with reasons).
+
+    Tensor shapes the model does not carry are inferred first (:func:`infer_missing_shapes`).
+    """
+    infer_missing_shapes(model)
     graph = model.graph
     analysis = _Analysis(graph)
     for node in graph:
@@ -613,8 +627,6 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
         expected = {n for v, n in analysis.expects if id(v) in ids}
         group.channels_last = [v for v in members if id(v) in analysis.last]
-        if ids & analysis.last:
-            group.axis = -1
         _check_sizes(group, expected)
         groups.append(group)
     return groups

@@ -234,8 +234,8 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
         node.attributes["group"] = ir.AttrInt64("group", n)
     for edit in group.reshapes:
         _write_channels(edit, n)
-    last = {id(v) for v in group.channels_last}
-    for value in {id(v): v for v in [*group.tensors, *group.channels_last]}.values():
+    last = {id(v) for v in group.channels_last}  # a subset of the group's tensors
+    for value in group.tensors:
         axis = -1 if id(value) in last else 1
         if value.shape is not None and len(value.shape) > 1:
             dims = list(value.shape)
