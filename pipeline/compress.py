@@ -145,8 +145,13 @@ def _channels(
     # Activation statistics only mean something on real data; generated noise would mislead.
     criterion = "activation" if real_data else "weight"
     probe = PruneChannelsPass(ratio=settings.ratio, multiple_of=settings.multiple_of)
-    from onnxpipe.graphs.channel_groups import find_groups, unshare_initializers  # noqa: PLC0415
+    from onnxpipe.graphs.channel_groups import (  # noqa: PLC0415
+        find_groups,
+        infer_missing_shapes,
+        unshare_initializers,
+    )
 
+    infer_missing_shapes(model)  # once here, not in every candidate the search builds
     analysed = copy_model(model)
     unshare_initializers(analysed)  # as the pass does: an equal constant blocks no group
     groups = [g for g in find_groups(analysed) if not g.blocked]
