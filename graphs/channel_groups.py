@@ -17,10 +17,16 @@ tf2onnx's Tensordot for a Keras ``Dense`` on a feature map) may pass them on, an
 may read the other dims. Constant Pads and Resizes (upsampling) that leave the channel axis
 alone pass channels on too.
 
+A Concat on axis 1 (a DenseNet's dense block, a U-Net's skip, a YOLO neck) passes each
+input group's channels on at an offset (:class:`Segment`): the group also cuts, at that
+offset, whatever works on the Concat's output (BatchNorm, per-channel constants, depthwise
+convs, the consumers' input columns, further Concats), and the output shrinks by what the
+group removes.
+
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
-Concat (consumers index its channels by offset), or a weight shared by two nodes (the
-pruning pass first gives each use its own copy: :func:`unshare_initializers`).
+Concat on another axis or whose output is added to a layer's, or a weight shared by two
+nodes (the pruning pass first gives each use its own copy: :func:`unshare_initializers`).
 """
 
 from __future__ import annotations
@@ -49,11 +55,42 @@ REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin"})
 
 
 @dataclass
+class Segment:
+    """Where a group's channels sit in a Concat's output: input ``index`` of ``concat``.
+
+    ``inner``: the segment of the Concat output that this Concat takes in turn (a DenseNet
+    block concatenates its growing features again), None for a group's own tensor. ``start``
+    is the offset when the analysis ran (where sampled activations have the channels);
+    :meth:`offset` is the offset now, after other groups of the same Concat were cut.
+    """
+
+    concat: ir.Node
+    index: int
+    inner: Segment | None = None
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        self.start = self.offset()
+
+    def offset(self) -> int:
+        """The first channel of the group in the outermost Concat's output, as shapes are now."""
+        before = sum(
+            _dim(value, _concat_axis(self.concat)) for value in self.concat.inputs[: self.index]
+        )
+        return before + (self.inner.offset() if self.inner is not None else 0)
+
+
+@dataclass
 class Cut:
-    """One array to slice when the group's channels are cut: ``value`` along ``axis``."""
+    """One array to slice when the group's channels are cut: ``value`` along ``axis``.
+
+    With a ``segment``, the array spans a Concat's output and the group's channels start at
+    the segment's offset on that axis.
+    """
 
     value: ir.Value
     axis: int
+    segment: Segment | None = None
 
 
 @dataclass
@@ -87,6 +124,17 @@ class Group:
     """The tensors (of rank 3 or more) whose channels are the last axis: a transformer's token
     features, a Keras model's NHWC tensors between tf2onnx's Transposes."""
     blocked: list[str] = field(default_factory=list)
+    wide: list[ir.Value] = field(default_factory=list)
+    wide_depthwise: list[ir.Node] = field(default_factory=list)
+    wide_reshapes: list[ShapeEdit] = field(default_factory=list)
+    """Tensors, depthwise convs and Reshape targets that span a Concat's output: their channel
+    count shrinks by what the group removes."""
+    spans: dict[int, Segment] = field(default_factory=dict)
+    """The segment of each consumer (by ``id``) that takes the group through a Concat."""
+
+    def span(self, node: ir.Node) -> Segment | None:
+        """The segment through which ``node`` consumes the group; None when it takes it whole."""
+        return self.spans.get(id(node))
 
     @property
     def axis(self) -> int:
@@ -152,6 +200,7 @@ class _Analysis:
         self.reshapes: list[tuple[ir.Value, ShapeEdit]] = []
         self.expects: list[tuple[ir.Value, int]] = []  # channel counts that Reshapes fix
         self.last: set[int] = set()  # ids of rank >= 3 values whose channels are the last axis
+        self.links: list[tuple[ir.Value, Segment]] = []  # a Concat input and its segment
 
     def track(self, value: ir.Value) -> int:
         self.values[id(value)] = value
@@ -185,6 +234,8 @@ class _Analysis:
         elif op == "Transpose" and self._layout(node):
             pass
         elif op == "Pad" and self._spatial_pad(node):
+            pass
+        elif op == "Concat" and self._channel_concat(node):
             pass
         elif last and op not in UNARY and op not in BINARY and op not in REDUCES:
             self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
@@ -375,6 +426,28 @@ class _Analysis:
             self.last.add(id(node.outputs[0]))
         return True
 
+    def _channel_concat(self, node: ir.Node) -> bool:
+        """A Concat of NCHW maps (or ``[N, C]`` rows) on axis 1 whose inputs' channels are known.
+
+        Each input's group goes on at its offset (:class:`Segment`); the output starts a
+        channel space of its own, which :func:`find_groups` hands to the input groups.
+        """
+        out = node.outputs[0]
+        rank = _rank(out)
+        if rank is None or rank < 2 or _concat_axis(node) != 1 or not node.inputs:
+            return False
+        for value in node.inputs:
+            if value is None or id(value) in self.last or value.shape is None:
+                return False
+            if len(value.shape) != rank or not isinstance(value.shape[1], int):
+                return False
+        self.track(out)
+        for index, value in enumerate(node.inputs):
+            if value is not None and constant(value) is None:
+                self.track(value)
+                self.links.append((value, Segment(node, index)))
+        return True
+
     def _spatial_resize(self, node: ir.Node) -> bool:
         """A Resize by constant scales that leave the channel axis alone.
 
@@ -509,6 +582,19 @@ def _target_edit(reshape: ir.Node, rank: int, channels: int | None) -> ShapeEdit
     return ShapeEdit(concat, len(concat.inputs) - 1, piece.size - 1, reshape)  # type: ignore[union-attr]
 
 
+def _concat_axis(node: ir.Node) -> int:
+    """A Concat's axis, made non-negative with its output's rank (-1 when the rank is unknown)."""
+    rank = _rank(node.outputs[0])
+    return attr_int(node, "axis", 0) % rank if rank else -1
+
+
+def _dim(value: ir.Value | None, axis: int) -> int:
+    assert value is not None and value.shape is not None
+    dim = value.shape[axis]
+    assert isinstance(dim, int), f"{value.name}: dim {axis} is not static"
+    return dim
+
+
 def _last_element(edit: ShapeEdit) -> int:
     array = constant(edit.node.inputs[edit.index])
     assert array is not None
@@ -612,32 +698,79 @@ def find_groups(model: ir.Model) -> list[Group]:
         ]
         if not producers:
             continue
-        ids = {id(v) for v in members}
         first = producers[0]
         group = Group(key=first.inputs[1].name or first.name or "?", channels=0)  # type: ignore[union-attr]
         group.producers = producers  # type: ignore[assignment]
         group.tensors = members
-        for vid in ids:
-            group.blocked += analysis.blocked.get(vid, [])
-            group.cuts += [Cut(p, a) for p, a in analysis.cuts.get(vid, [])]
-            for node, weight, axis in analysis.consumers.get(vid, []):
-                group.consumers.append(node)
-                group.cuts.append(Cut(weight, axis))
-        group.depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
-        group.reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
-        expected = {n for v, n in analysis.expects if id(v) in ids}
         group.channels_last = [v for v in members if id(v) in analysis.last]
-        _check_sizes(group, expected)
+        _collect(group, analysis, members, None)
+        _follow_concats(group, analysis, roots, members, None)
+        ids = {id(v) for v in members}
+        _check_sizes(group, {n for v, n in analysis.expects if id(v) in ids})
         groups.append(group)
     return groups
+
+
+def _collect(
+    group: Group, analysis: _Analysis, members: list[ir.Value], segment: Segment | None
+) -> None:
+    """Add what ``members`` (one channel space) cut to ``group``, at ``segment`` if given."""
+    ids = {id(v) for v in members}
+    via = f"through Concat node {segment.concat.name!r}, " if segment is not None else ""
+    for vid in ids:
+        group.blocked += [via + r for r in analysis.blocked.get(vid, [])]
+        group.cuts += [Cut(p, a, segment) for p, a in analysis.cuts.get(vid, [])]
+        for node, weight, axis in analysis.consumers.get(vid, []):
+            group.consumers.append(node)
+            group.cuts.append(Cut(weight, axis, segment))
+            if segment is not None and id(node) in group.spans:
+                group.blocked.append(f"{via}{node.op_type} node {node.name!r} takes it twice")
+            elif segment is not None:
+                group.spans[id(node)] = segment
+    depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
+    reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
+    if segment is None:
+        group.depthwise, group.reshapes = depthwise, reshapes
+        return
+    group.wide += members
+    group.wide_depthwise += depthwise
+    group.wide_reshapes += reshapes
+    if any(vid in analysis.last for vid in ids):
+        group.blocked.append(via + "its output reaches channels-last tensors")
+
+
+def _follow_concats(
+    group: Group,
+    analysis: _Analysis,
+    roots: dict[int, list[ir.Value]],
+    members: list[ir.Value],
+    inner: Segment | None,
+) -> None:
+    """Hand ``group`` the channel spaces of the Concats that ``members`` feed, recursively."""
+    ids = {id(v) for v in members}
+    for value, link in analysis.links:
+        if id(value) not in ids:
+            continue
+        segment = Segment(link.concat, link.index, inner)
+        out = link.concat.outputs[0]
+        spread = roots[analysis.uf.find(id(out))]
+        if any(v.producer() is not None and _is_producer(v.producer()) for v in spread):  # type: ignore[arg-type]
+            group.blocked.append(
+                f"Concat node {link.concat.name!r}: its output joins a layer's output channels"
+            )
+            continue
+        _collect(group, analysis, spread, segment)
+        _follow_concats(group, analysis, roots, spread, segment)
 
 
 def _check_sizes(group: Group, expected: set[int]) -> None:
     """Every cut must see one channel count, every sliced weight must be used once.
 
-    ``expected``: counts that Reshape targets fix where the tensor's shape did not say.
+    ``expected``: counts that Reshape targets fix where the tensor's shape did not say. A cut
+    through a Concat must span the Concat's whole output instead.
     """
     sizes = set(expected)
+    spanned: list[Cut] = []
     for cut in group.cuts:
         array = constant(cut.value)
         if array is None or not cut.value.is_initializer():
@@ -646,11 +779,18 @@ def _check_sizes(group: Group, expected: set[int]) -> None:
         if cut.axis >= array.ndim:
             group.blocked.append(f"{cut.value.name!r} has no axis {cut.axis}")
             continue
-        sizes.add(array.shape[cut.axis])
+        if cut.segment is None:
+            sizes.add(array.shape[cut.axis])
+        else:
+            spanned.append(cut)
         if len(cut.value.uses()) != 1 or cut.value.is_graph_output():
             group.blocked.append(f"weight {cut.value.name!r} is shared by several nodes")
     if len(sizes) != 1:
         group.blocked.append(f"channel counts disagree: {sorted(sizes)}")
     group.channels = min(sizes) if sizes else 0
+    for cut in spanned:
+        width = _dim(cut.segment.concat.outputs[0], 1)  # type: ignore[union-attr]
+        if constant(cut.value).shape[cut.axis] != width:  # type: ignore[union-attr]
+            group.blocked.append(f"{cut.value.name!r} does not span the Concat's {width} channels")
     if not group.consumers and not group.blocked:
         group.blocked.append("no consumer takes these channels")

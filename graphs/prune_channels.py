@@ -20,7 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from pydantic import Field, field_validator
 
-from onnxpipe.graphs.base import GraphPass, PassConfig, computed_weights_hint
+from onnxpipe.graphs.base import GraphPass, PassConfig, attr_int, computed_weights_hint
 from onnxpipe.graphs.channel_groups import (
     Group,
     ShapeEdit,
@@ -214,26 +214,56 @@ def channel_scores(group: Group, inputs: Mapping[str, np.ndarray] | None = None)
         found = consumer_weights.get(node.inputs[1].name)  # type: ignore[union-attr]
         if found is None:
             continue
-        col = _norms(found)
+        now, then = _columns(group, node)
+        col = _norms(found)[now]
         x = inputs.get(node.inputs[0].name or "") if inputs and node.inputs[0] else None
-        source = np.sqrt((x.astype(np.float64) ** 2).mean(0)) if x is not None else producer
+        rms = np.sqrt((x[:, then].astype(np.float64) ** 2).mean(0)) if x is not None else None
+        source = rms if rms is not None else producer
         score = source * col
         total += score / max(float(score.mean()), 1e-12)
     return total
 
 
+def _columns(group: Group, node: ir.Node) -> tuple[slice, slice]:
+    """The group's input columns of consumer ``node``: in its weight now, in sampled inputs.
+
+    The whole input for a consumer of the group's own tensors; for one behind a Concat, the
+    group's segment, at its offset now (other groups of the Concat may have been cut since the
+    analysis) and at its offset when the inputs were sampled.
+    """
+    segment = group.span(node)
+    if segment is None:
+        return slice(None), slice(None)
+    now, then = segment.offset(), segment.start
+    return slice(now, now + group.channels), slice(then, then + group.channels)
+
+
 def apply_cut(group: Group, keep: np.ndarray) -> None:
     """Keep only channels ``keep`` everywhere in ``group`` (weights, attributes, shapes)."""
     n = len(keep)
+    removed = group.channels - n
+    # offsets in Concat outputs, read before this cut changes the shapes they are summed from
+    offsets = {id(cut): cut.segment.offset() for cut in group.cuts if cut.segment is not None}
     for cut in group.cuts:
         array = cut.value.const_value.numpy()  # type: ignore[union-attr]
-        sliced = np.ascontiguousarray(np.take(array, keep, axis=cut.axis))
+        index = keep
+        if cut.segment is not None:
+            start = offsets[id(cut)]
+            width = array.shape[cut.axis]
+            index = np.concatenate(
+                [np.arange(start), start + keep, np.arange(start + group.channels, width)]
+            )
+        sliced = np.ascontiguousarray(np.take(array, index, axis=cut.axis))
         cut.value.const_value = ir.tensor(sliced, name=cut.value.name)
         cut.value.shape = ir.Shape(sliced.shape)
     for node in group.depthwise:
         node.attributes["group"] = ir.AttrInt64("group", n)
+    for node in group.wide_depthwise:
+        node.attributes["group"] = ir.AttrInt64("group", attr_int(node, "group", 1) - removed)
     for edit in group.reshapes:
         _write_channels(edit, n)
+    for edit in group.wide_reshapes:
+        _write_channels(edit, _element(edit) - removed)
     last = {id(v) for v in group.channels_last}  # a subset of the group's tensors
     for value in group.tensors:
         axis = -1 if id(value) in last else 1
@@ -241,6 +271,19 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
             dims = list(value.shape)
             dims[axis] = n
             value.shape = ir.Shape(dims)
+    for value in group.wide:  # Concat outputs and what follows them: channels on axis 1
+        shape = value.shape
+        if shape is not None and isinstance(width := shape[1], int):
+            dims = list(shape)
+            dims[1] = width - removed
+            value.shape = ir.Shape(dims)
+
+
+def _element(edit: ShapeEdit) -> int:
+    """The channel count a Reshape target holds now."""
+    old = edit.node.inputs[edit.index]
+    assert old is not None and old.const_value is not None
+    return int(old.const_value.numpy().reshape(-1)[edit.position])
 
 
 def _write_channels(edit: ShapeEdit, n: int) -> None:
@@ -383,25 +426,38 @@ def refit_consumers(
         b = bias.const_value.numpy()
         if b.shape != (w.shape[0],):
             continue
-        x64 = x.astype(np.float64)
-        drop = np.setdiff1d(np.arange(w.shape[1]), keep)
-        mean = x64.mean(0)
-        delta = mean[drop] @ w[:, drop].T.astype(np.float64)
-        new_w = w.astype(np.float64)[:, keep]
-        if lstsq and len(x64) >= 4 * len(keep):
-            xk = x64[:, keep] - mean[keep]
-            target = (x64 - mean) @ w.T.astype(np.float64)
-            gram = xk.T @ xk
-            lam = ridge * np.trace(gram) / len(keep) + 1e-12  # shrinks toward the old weights
-            rhs = xk.T @ target + lam * new_w.T
-            new_w = np.linalg.solve(gram + lam * np.eye(len(keep)), rhs).T
-            delta = mean @ w.T.astype(np.float64) - mean[keep] @ new_w.T
+        now, then = _columns(group, node)
+        new_w, delta = _refit(x[:, then].astype(np.float64), w[:, now], keep, lstsq, ridge)
         full = w.astype(np.float64).copy()
-        full[:, keep] = new_w
+        full[:, now] = new_w
         _set_consumer_matrix(node, full.astype(w.dtype))
         bias.const_value = ir.tensor((b + delta).astype(b.dtype), name=bias.name)
         changed += 1
     return changed
+
+
+def _refit(
+    x: np.ndarray, w: np.ndarray, keep: np.ndarray, lstsq: bool, ridge: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """New weights ``w`` [out, in] for inputs ``x`` [rows, in] and the bias shift, ``keep`` left.
+
+    The removed inputs' mean contribution goes to the bias; with ``lstsq`` and enough rows the
+    kept columns are refitted too (the removed ones come back as they were: the cut drops them).
+    """
+    w = w.astype(np.float64)
+    drop = np.setdiff1d(np.arange(w.shape[1]), keep)
+    mean = x.mean(0)
+    delta = mean[drop] @ w[:, drop].T
+    new_w = w.copy()
+    if lstsq and len(x) >= 4 * len(keep):
+        xk = x[:, keep] - mean[keep]
+        target = (x - mean) @ w.T
+        gram = xk.T @ xk
+        lam = ridge * np.trace(gram) / len(keep) + 1e-12  # shrinks toward the old weights
+        rhs = xk.T @ target + lam * w[:, keep].T
+        new_w[:, keep] = np.linalg.solve(gram + lam * np.eye(len(keep)), rhs).T
+        delta = mean @ w.T - mean[keep] @ new_w[:, keep].T
+    return new_w, delta
 
 
 def _fit_rows(node: ir.Node, inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:

@@ -16,6 +16,7 @@ from rich.console import Console
 from onnxpipe.graphs.channel_groups import find_groups
 from onnxpipe.graphs.prune_channels import (
     PruneChannelsPass,
+    _columns,
     apply_cut,
     channel_scores,
     pooled_source,
@@ -153,20 +154,209 @@ def _bn_concat_model() -> ir.Model:
     return _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])
 
 
-def test_batchnorm_is_cut_and_concat_is_refused():
+def test_batchnorm_is_cut_and_concat_passes_channels_on():
     model = _bn_concat_model()
     x = np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    reference = ort_run(model, {"x": x})
     groups = {g.key: g for g in find_groups(model)}
-    assert not groups["w1"].blocked
-    assert any("Concat" in r for r in groups["w2"].blocked)
-    assert any("Concat" in r for r in groups["w3"].blocked)
+    assert [k for k, g in groups.items() if not g.blocked] == ["w1", "w2", "w3"]
+    # w3's channels sit at offset 6 of the Concat's 12: w4's columns 6..11
+    (span,) = [c for c in groups["w3"].cuts if c.segment is not None]
+    assert span.value.name == "w4" and span.segment.offset() == 6
     graph_pass = PruneChannelsPass(ratio=0.5, multiple_of=1, min_channels=1)
     graph_pass(model)
-    assert graph_pass.metrics["channels"] == {"w1": [8, 4]}
+    assert graph_pass.metrics["channels"] == {"w1": [8, 4], "w2": [6, 3], "w3": [6, 3]}
     shapes = {v.name: v.const_value.shape for v in model.graph.initializers.values()}
-    assert shapes["s"] == (4,) and shapes["v"] == (4,) and shapes["w2"] == (6, 4, 1, 1)
+    assert shapes["s"] == (4,) and shapes["v"] == (4,) and shapes["w2"] == (3, 4, 1, 1)
+    assert shapes["w4"] == (2, 6, 1, 1)
     (out,) = ort_run(model, {"x": x})
-    assert out.shape == (1, 2, 4, 4)
+    assert out.shape == reference[0].shape
+
+
+def _dense_block_model() -> ir.Model:
+    """A DenseNet-style block: Concats of Concats, with BatchNorm, a depthwise conv and a
+    per-channel Mul on the concatenated maps."""
+    rng = np.random.default_rng(4)
+
+    def init(name, *shape, low=None):
+        if low is not None:
+            return numpy_helper.from_array(rng.uniform(low, 1.5, shape).astype(np.float32), name)
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["ca"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["ca"], ["a"]),
+        helper.make_node("Conv", ["a", "wb", "bb"], ["b"], kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["a", "b"], ["cat1"], axis=1),
+        helper.make_node("BatchNormalization", ["cat1", "s", "o", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("Conv", ["r", "wc", "bc"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Concat", ["cat1", "c"], ["cat2"], axis=1),
+        helper.make_node("Conv", ["cat2", "wd"], ["dw"], kernel_shape=[3, 3], pads=[1] * 4,
+                         group=18),
+        helper.make_node("Mul", ["dw", "k"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "we", "be"], ["y"], kernel_shape=[1, 1]),
+    ]  # fmt: skip
+    inits = [init("wa", 8, 3, 3, 3), init("ba", 8), init("wb", 6, 8, 1, 1), init("bb", 6),
+             init("s", 14), init("o", 14), init("m", 14), init("v", 14, low=0.5),
+             init("wc", 4, 14, 3, 3), init("bc", 4), init("wd", 18, 1, 3, 3),
+             init("k", 1, 18, 1, 1), init("we", 2, 18, 1, 1), init("be", 2)]  # fmt: skip
+    return _ir_model(nodes, inits, [2, 3, 6, 6], [2, 2, 6, 6])
+
+
+def _mask(group, drop: np.ndarray) -> None:
+    """Zero the consumer columns of ``drop`` (at the group's offsets), leaving shapes alone."""
+    for cut in group.consumer_cuts():
+        start = cut.segment.offset() if cut.segment is not None else 0
+        array = cut.value.const_value.numpy().copy()
+        index = [slice(None)] * array.ndim
+        index[cut.axis] = start + drop
+        array[tuple(index)] = 0
+        cut.value.const_value = ir.tensor(array, name=cut.value.name)
+
+
+def test_dense_block_groups_reach_through_nested_concats():
+    groups = {g.key: g for g in find_groups(_dense_block_model())}
+    assert set(groups) == {"wa", "wb", "wc", "we"}
+    assert groups["we"].blocked  # the graph output
+    for key in ("wa", "wb", "wc"):
+        assert not groups[key].blocked, groups[key].blocked
+    spans = {k: {c.value.name: c.segment.offset() for c in g.cuts if c.segment} for k, g in
+             groups.items()}  # fmt: skip
+    assert spans["wa"] == {"s": 0, "o": 0, "m": 0, "v": 0, "wc": 0, "wd": 0, "k": 0, "we": 0}
+    assert spans["wb"] == {"s": 8, "o": 8, "m": 8, "v": 8, "wc": 8, "wd": 8, "k": 8, "we": 8}
+    assert spans["wc"] == {"wd": 14, "k": 14, "we": 14}
+    assert [n.op_type for n in groups["wa"].consumers] == ["Conv", "Conv", "Conv"]
+
+
+def test_cutting_every_concat_group_equals_masking():
+    """Groups cut one after another (offsets move as earlier segments shrink) == masking."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    pruned, masked = _dense_block_model(), _dense_block_model()
+    twins = {g.key: g for g in find_groups(masked)}
+    keeps = {"wa": np.array([1, 2, 5, 7]), "wb": np.array([0, 3, 4]), "wc": np.array([2])}
+    for group in find_groups(pruned):
+        if group.key in keeps:
+            _mask(twins[group.key], np.setdiff1d(np.arange(group.channels), keeps[group.key]))
+    for group in find_groups(pruned):
+        if group.key in keeps:
+            apply_cut(group, keeps[group.key])
+    shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
+    assert shapes["wd"] == (8, 1, 3, 3) and shapes["we"] == (2, 8, 1, 1) and shapes["s"] == (7,)
+    assert {n.name or n.op_type: n.attributes.get_int("group", 1) for n in pruned.graph
+            if n.op_type == "Conv"}.get("") is None  # fmt: skip
+    depthwise = next(n for n in pruned.graph if n.attributes.get_int("group", 1) > 1)
+    assert depthwise.attributes.get_int("group") == 8
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+
+
+def test_concat_pass_with_refit_shrinks_and_runs():
+    rng = np.random.default_rng(6)
+    feeds = [{"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
+    model = _dense_block_model()
+    before = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    graph_pass = PruneChannelsPass(
+        ratio=0.5, multiple_of=1, min_channels=1, feeds=feeds, criterion="activation", refit="lstsq"
+    )
+    graph_pass(model)
+    assert set(graph_pass.metrics["channels"]) == {"wa", "wb", "wc"}
+    assert graph_pass.metrics["params_after"] < graph_pass.metrics["params_before"]
+    after = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    assert after.shape == before.shape and np.isfinite(after).all()
+
+
+def test_concat_consumer_refit_keeps_the_output_mean():
+    """Cutting the last segment: the 1x1 consumer folds the removed channels' mean into its
+    bias, read at the segment's columns, so the output mean over the data stays exact."""
+    rng = np.random.default_rng(8)
+    feeds = [{"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
+    model = _dense_block_model()
+    before = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    graph_pass = PruneChannelsPass(
+        ratio=0.5,
+        ratios={"wc": 0.5},
+        multiple_of=1,
+        min_channels=1,
+        feeds=feeds,
+        criterion="activation",
+        refit="bias",
+    )
+    graph_pass(model)
+    assert graph_pass.metrics["channels"] == {"wc": [4, 2]}
+    after = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    np.testing.assert_allclose(after.mean((0, 2, 3)), before.mean((0, 2, 3)), atol=1e-4)
+    assert not np.allclose(after, before, atol=1e-3)
+
+
+def test_concat_offsets_move_after_an_earlier_segment_is_cut():
+    model = _dense_block_model()
+    groups = {g.key: g for g in find_groups(model)}
+    consumer = next(n for n in groups["wc"].consumers if n.inputs[1].name == "we")
+    assert _columns(groups["wc"], consumer) == (slice(14, 18), slice(14, 18))
+    apply_cut(groups["wb"], np.array([0, 2, 5]))
+    # in the weights the segment now starts 3 channels earlier; sampled inputs keep 14
+    assert _columns(groups["wc"], consumer) == (slice(11, 15), slice(14, 18))
+
+
+def test_dense_unet_concat_groups_cut_equal_masking(tmp_path):
+    """A torch U-Net with a dense block, as exported: each group behind a Concat is cut and
+    compared with masking its channels, then the pass cuts them all at once and the bundle
+    runs."""
+    from onnxpipe.cli import main
+
+    bundle = tmp_path / "unet"
+    spec = "x:float32[batch,3,16,16]"
+    assert main(["convert", model_ref("dense_unet"), "-o", str(bundle), "--input", spec,
+                 "--no-bench"]) == 0  # fmt: skip
+    x = np.random.default_rng(9).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    spanned = [g for g in find_groups(_load(bundle)) if not g.blocked and g.spans]
+    assert len(spanned) == 5  # encoder 1's output, encoder 2's output, the 3 dense layers
+    for index in range(len(spanned)):
+        pruned, masked = _load(bundle), _load(bundle)
+        group = [g for g in find_groups(pruned) if not g.blocked and g.spans][index]
+        twin = [g for g in find_groups(masked) if not g.blocked and g.spans][index]
+        keep = np.sort(np.argsort(-channel_scores(group))[: group.channels // 2])
+        _mask(twin, np.setdiff1d(np.arange(twin.channels), keep))
+        apply_cut(group, keep)
+        assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    out = tmp_path / "pruned"
+    args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
+    assert main([*args, "--multiple-of", "1", "--json"]) == 0
+    metrics = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
+    assert metrics["pass"]["groups_pruned"] == 9
+    assert ort_run(out / "model.onnx", {"x": x})[0].shape == (2, 2, 16, 16)
+
+
+def test_concat_joined_with_a_layer_output_blocks_its_groups():
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w2"], ["c2"], kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["c1", "c2"], ["cat"], axis=1),
+        helper.make_node("Conv", ["x", "w3"], ["c3"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["cat", "c3"], ["sum"]),
+        helper.make_node("Conv", ["sum", "w4"], ["y"], kernel_shape=[1, 1]),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("w1", (4, 3, 1, 1)), ("w2", (4, 3, 1, 1)), ("w3", (8, 3, 1, 1)),
+              ("w4", (2, 8, 1, 1))]]  # fmt: skip
+    groups = {g.key: g for g in find_groups(_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]))}
+    for key in ("w1", "w2"):
+        assert any("joins a layer's output" in r for r in groups[key].blocked)
+
+
+def test_a_group_concatenated_with_itself_is_blocked():
+    rng = np.random.default_rng(10)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["c1", "c1"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["y"], kernel_shape=[1, 1]),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("w1", (4, 3, 1, 1)), ("w2", (2, 8, 1, 1))]]  # fmt: skip
+    model = _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])
+    (group,) = [g for g in find_groups(model) if g.key == "w1"]
+    assert any("takes it twice" in r for r in group.blocked)
 
 
 def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
