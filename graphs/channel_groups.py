@@ -17,8 +17,8 @@ tf2onnx's Tensordot for a Keras ``Dense`` on a feature map) may pass them on, an
 may read the other dims. Constant Pads and Resizes (upsampling) that leave the channel axis
 alone pass channels on too.
 
-A Concat on axis 1 (a DenseNet's dense block, a U-Net's skip, a YOLO neck) passes each
-input group's channels on at an offset (:class:`Segment`): the group also cuts, at that
+A Concat on the channel axis (a DenseNet's dense block, a U-Net's skip, a YOLO neck) passes
+each input group's channels on at an offset (:class:`Segment`): the group also cuts, at that
 offset, whatever works on the Concat's output (BatchNorm, per-channel constants, depthwise
 convs, the consumers' input columns, further Concats), and the output shrinks by what the
 group removes.
@@ -125,10 +125,11 @@ class Group:
     features, a Keras model's NHWC tensors between tf2onnx's Transposes."""
     blocked: list[str] = field(default_factory=list)
     wide: list[ir.Value] = field(default_factory=list)
+    wide_last: list[ir.Value] = field(default_factory=list)
     wide_depthwise: list[ir.Node] = field(default_factory=list)
     wide_reshapes: list[ShapeEdit] = field(default_factory=list)
-    """Tensors, depthwise convs and Reshape targets that span a Concat's output: their channel
-    count shrinks by what the group removes."""
+    """Tensors (``wide_last``: those with channels last), depthwise convs and Reshape targets
+    that span a Concat's output: their channel count shrinks by what the group removes."""
     spans: dict[int, Segment] = field(default_factory=dict)
     """The segment of each consumer (by ``id``) that takes the group through a Concat."""
 
@@ -427,21 +428,30 @@ class _Analysis:
         return True
 
     def _channel_concat(self, node: ir.Node) -> bool:
-        """A Concat of NCHW maps (or ``[N, C]`` rows) on axis 1 whose inputs' channels are known.
+        """A Concat on the channel axis whose inputs' channel counts are known.
 
-        Each input's group goes on at its offset (:class:`Segment`); the output starts a
-        channel space of its own, which :func:`find_groups` hands to the input groups.
+        Axis 1 of NCHW maps or ``[N, C]`` rows, or the last axis of channels-last tensors
+        (token features, NHWC maps). Each input's group goes on at its offset
+        (:class:`Segment`); the output starts a channel space of its own, which
+        :func:`find_groups` hands to the input groups.
         """
         out = node.outputs[0]
         rank = _rank(out)
-        if rank is None or rank < 2 or _concat_axis(node) != 1 or not node.inputs:
+        if rank is None or rank < 2 or not node.inputs or None in node.inputs:
+            return False
+        last = [id(v) in self.last for v in node.inputs]  # type: ignore[union-attr]
+        if any(last) != all(last):
+            return False
+        axis = _concat_axis(node)
+        if axis != (rank - 1 if all(last) and rank > 2 else 1):
             return False
         for value in node.inputs:
-            if value is None or id(value) in self.last or value.shape is None:
-                return False
-            if len(value.shape) != rank or not isinstance(value.shape[1], int):
+            shape = value.shape  # type: ignore[union-attr]
+            if shape is None or len(shape) != rank or not isinstance(shape[axis], int):
                 return False
         self.track(out)
+        if all(last):
+            self.last.add(id(out))
         for index, value in enumerate(node.inputs):
             if value is not None and constant(value) is None:
                 self.track(value)
@@ -733,10 +743,9 @@ def _collect(
         group.depthwise, group.reshapes = depthwise, reshapes
         return
     group.wide += members
+    group.wide_last += [v for v in members if id(v) in analysis.last]
     group.wide_depthwise += depthwise
     group.wide_reshapes += reshapes
-    if any(vid in analysis.last for vid in ids):
-        group.blocked.append(via + "its output reaches channels-last tensors")
 
 
 def _follow_concats(
@@ -789,7 +798,8 @@ def _check_sizes(group: Group, expected: set[int]) -> None:
         group.blocked.append(f"channel counts disagree: {sorted(sizes)}")
     group.channels = min(sizes) if sizes else 0
     for cut in spanned:
-        width = _dim(cut.segment.concat.outputs[0], 1)  # type: ignore[union-attr]
+        concat = cut.segment.concat  # type: ignore[union-attr]
+        width = _dim(concat.outputs[0], _concat_axis(concat))
         if constant(cut.value).shape[cut.axis] != width:  # type: ignore[union-attr]
             group.blocked.append(f"{cut.value.name!r} does not span the Concat's {width} channels")
     if not group.consumers and not group.blocked:

@@ -271,11 +271,13 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
             dims = list(value.shape)
             dims[axis] = n
             value.shape = ir.Shape(dims)
-    for value in group.wide:  # Concat outputs and what follows them: channels on axis 1
+    wide_last = {id(v) for v in group.wide_last}
+    for value in group.wide:  # Concat outputs and what follows them
         shape = value.shape
-        if shape is not None and isinstance(width := shape[1], int):
+        axis = -1 if id(value) in wide_last else 1
+        if shape is not None and isinstance(width := shape[axis], int):
             dims = list(shape)
-            dims[1] = width - removed
+            dims[axis] = width - removed
             value.shape = ir.Shape(dims)
 
 

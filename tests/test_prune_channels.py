@@ -345,6 +345,35 @@ def test_concat_joined_with_a_layer_output_blocks_its_groups():
         assert any("joins a layer's output" in r for r in groups[key].blocked)
 
 
+def test_concat_of_token_features_on_the_last_axis_equals_masking():
+    """MatMul outputs [B, S, C] concatenated on the last axis, then a MatMul consumer."""
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+        helper.make_node("MatMul", ["x", "w2"], ["h2"]),
+        helper.make_node("Concat", ["h1", "h2"], ["cat"], axis=-1),
+        helper.make_node("Gelu", ["cat"], ["g"], domain=""),
+        helper.make_node("MatMul", ["g", "w3"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("w1", (4, 6)), ("w2", (4, 5)), ("w3", (11, 3))]]  # fmt: skip
+
+    def build():
+        return _ir_model(nodes, inits, [2, 5, 4], [2, 5, 3], opset=20)
+
+    x = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    pruned, masked = build(), build()
+    keeps = {"w1": np.array([0, 2, 5]), "w2": np.array([1, 4])}
+    twins = {g.key: g for g in find_groups(masked)}
+    for group in find_groups(pruned):
+        if group.key in keeps:
+            assert not group.blocked, group.blocked
+            _mask(twins[group.key], np.setdiff1d(np.arange(group.channels), keeps[group.key]))
+            apply_cut(group, keeps[group.key])
+    assert pruned.graph.initializers["w3"].const_value.shape == (5, 3)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+
+
 def test_a_group_concatenated_with_itself_is_blocked():
     rng = np.random.default_rng(10)
     nodes = [
