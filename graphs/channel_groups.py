@@ -21,12 +21,16 @@ A Concat on the channel axis (a DenseNet's dense block, a U-Net's skip, a YOLO n
 each input group's channels on at an offset (:class:`Segment`): the group also cuts, at that
 offset, whatever works on the Concat's output (BatchNorm, per-channel constants, depthwise
 convs, the consumers' input columns, further Concats), and the output shrinks by what the
-group removes.
+group removes. A Split on the channel axis (YOLOv8's C2f) gives each output a slice of the
+group's channels (:class:`Part`): what works on an output is cut by the group's kept channels
+in that slice, the Split's sizes are rewritten, and the group keeps the same share of each
+slice. A consumer may take a group several ways (both halves of a Split, concatenated).
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
-Concat on another axis or whose output is added to a layer's, or a weight shared by two
-nodes (the pruning pass first gives each use its own copy: :func:`unshare_initializers`).
+Concat on another axis, a Concat or Split output added to a layer's output (the two channel
+spaces would have to be cut as one), or a weight shared by two nodes (the pruning pass first
+gives each use its own copy: :func:`unshare_initializers`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -74,10 +79,27 @@ class Segment:
 
     def offset(self) -> int:
         """The first channel of the group in the outermost Concat's output, as shapes are now."""
-        before = sum(
-            _dim(value, _concat_axis(self.concat)) for value in self.concat.inputs[: self.index]
-        )
+        axis = _concat_axis(self.concat)
+        before = sum(static_dim(value, axis) for value in self.concat.inputs[: self.index])
         return before + (self.inner.offset() if self.inner is not None else 0)
+
+
+@dataclass
+class Part:
+    """The slice of a group's channels that a Split on the channel axis gives output ``index``.
+
+    ``start`` and ``length`` are in the group's channels, as the analysis found them.
+    """
+
+    split: ir.Node
+    index: int
+    start: int
+    length: int
+
+    def local(self, keep: np.ndarray) -> np.ndarray:
+        """The kept channels (of the group) that fall in this slice, counted from its start."""
+        inside = keep[(keep >= self.start) & (keep < self.start + self.length)]
+        return inside - self.start
 
 
 @dataclass
@@ -85,12 +107,14 @@ class Cut:
     """One array to slice when the group's channels are cut: ``value`` along ``axis``.
 
     With a ``segment``, the array spans a Concat's output and the group's channels start at
-    the segment's offset on that axis.
+    the segment's offset on that axis. With a ``part``, only that slice of the group's
+    channels reaches the array (through a Split).
     """
 
     value: ir.Value
     axis: int
     segment: Segment | None = None
+    part: Part | None = None
 
 
 @dataclass
@@ -124,18 +148,22 @@ class Group:
     """The tensors (of rank 3 or more) whose channels are the last axis: a transformer's token
     features, a Keras model's NHWC tensors between tf2onnx's Transposes."""
     blocked: list[str] = field(default_factory=list)
-    wide: list[ir.Value] = field(default_factory=list)
+    wide: list[tuple[ir.Value, Part | None]] = field(default_factory=list)
     wide_last: list[ir.Value] = field(default_factory=list)
-    wide_depthwise: list[ir.Node] = field(default_factory=list)
-    wide_reshapes: list[ShapeEdit] = field(default_factory=list)
+    wide_depthwise: list[tuple[ir.Node, Part | None]] = field(default_factory=list)
+    wide_reshapes: list[tuple[ShapeEdit, Part | None]] = field(default_factory=list)
     """Tensors (``wide_last``: those with channels last), depthwise convs and Reshape targets
-    that span a Concat's output: their channel count shrinks by what the group removes."""
-    spans: dict[int, Segment] = field(default_factory=dict)
-    """The segment of each consumer (by ``id``) that takes the group through a Concat."""
+    behind a Concat or a Split: their channel count shrinks by what the group removes (of
+    the part, behind a Split)."""
+    spans: dict[int, list[tuple[Segment | None, Part | None]]] = field(default_factory=dict)
+    """How each consumer (by ``id``) that takes the group through Concats or a Split sees it:
+    one (segment, part) per way in (YOLOv8's C2f concatenates both halves of a Split)."""
+    parts: list[Part] = field(default_factory=list)
+    """The Split outputs the group's channels are divided into (their sizes change)."""
 
-    def span(self, node: ir.Node) -> Segment | None:
-        """The segment through which ``node`` consumes the group; None when it takes it whole."""
-        return self.spans.get(id(node))
+    def span(self, node: ir.Node) -> list[tuple[Segment | None, Part | None]]:
+        """The (segment, part) ways ``node`` consumes the group; empty when it takes it whole."""
+        return self.spans.get(id(node), [])
 
     @property
     def axis(self) -> int:
@@ -202,6 +230,8 @@ class _Analysis:
         self.expects: list[tuple[ir.Value, int]] = []  # channel counts that Reshapes fix
         self.last: set[int] = set()  # ids of rank >= 3 values whose channels are the last axis
         self.links: list[tuple[ir.Value, Segment]] = []  # a Concat input and its segment
+        self.splits: list[tuple[ir.Value, Part]] = []  # a Split input and one output's part
+        self.assembled: dict[int, str] = {}  # Concat and Split outputs: the node, described
 
     def track(self, value: ir.Value) -> int:
         self.values[id(value)] = value
@@ -237,6 +267,8 @@ class _Analysis:
         elif op == "Pad" and self._spatial_pad(node):
             pass
         elif op == "Concat" and self._channel_concat(node):
+            pass
+        elif op == "Split" and self._channel_split(node):
             pass
         elif last and op not in UNARY and op not in BINARY and op not in REDUCES:
             self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
@@ -450,12 +482,42 @@ class _Analysis:
             if shape is None or len(shape) != rank or not isinstance(shape[axis], int):
                 return False
         self.track(out)
+        self.assembled[id(out)] = f"Concat node {node.name!r}"
         if all(last):
             self.last.add(id(out))
         for index, value in enumerate(node.inputs):
             if value is not None and constant(value) is None:
                 self.track(value)
                 self.links.append((value, Segment(node, index)))
+        return True
+
+    def _channel_split(self, node: ir.Node) -> bool:
+        """A Split on the channel axis into outputs of known sizes (YOLOv8's C2f ``chunk``).
+
+        Each output takes a slice of the input's channels (:class:`Part`) and starts a
+        channel space of its own, which :func:`find_groups` hands to the input's group.
+        """
+        value = node.inputs[0] if node.inputs else None
+        rank = _rank(value) if value is not None else None
+        if value is None or rank is None or not node.outputs:
+            return False
+        axis = attr_int(node, "axis", 0) % rank
+        if axis != self._channel_axis(value, rank):
+            return False
+        sizes = []
+        for out in node.outputs:
+            if out.shape is None or len(out.shape) != rank or not isinstance(out.shape[axis], int):
+                return False
+            sizes.append(static_dim(out, axis))
+        start = 0
+        self.track(value)
+        for index, (out, size) in enumerate(zip(node.outputs, sizes, strict=True)):
+            self.track(out)
+            self.assembled[id(out)] = f"Split node {node.name!r}"
+            if id(value) in self.last:
+                self.last.add(id(out))
+            self.splits.append((value, Part(node, index, start, size)))
+            start += size
         return True
 
     def _spatial_resize(self, node: ir.Node) -> bool:
@@ -598,7 +660,8 @@ def _concat_axis(node: ir.Node) -> int:
     return attr_int(node, "axis", 0) % rank if rank else -1
 
 
-def _dim(value: ir.Value | None, axis: int) -> int:
+def static_dim(value: ir.Value | None, axis: int) -> int:
+    """``value``'s size on ``axis``, which the analysis checked is static."""
     assert value is not None and value.shape is not None
     dim = value.shape[axis]
     assert isinstance(dim, int), f"{value.name}: dim {axis} is not static"
@@ -713,8 +776,15 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.producers = producers  # type: ignore[assignment]
         group.tensors = members
         group.channels_last = [v for v in members if id(v) in analysis.last]
-        _collect(group, analysis, members, None)
-        _follow_concats(group, analysis, roots, members, None)
+        group.blocked += [
+            f"its channels are also those of {analysis.assembled[id(v)]}, which other layers "
+            "make (a residual Add)"
+            for v in members
+            if id(v) in analysis.assembled
+        ]
+        _collect(group, analysis, members)
+        _follow_concats(group, analysis, roots, members)
+        _follow_splits(group, analysis, roots, members)
         ids = {id(v) for v in members}
         _check_sizes(group, {n for v, n in analysis.expects if id(v) in ids})
         groups.append(group)
@@ -722,30 +792,39 @@ def find_groups(model: ir.Model) -> list[Group]:
 
 
 def _collect(
-    group: Group, analysis: _Analysis, members: list[ir.Value], segment: Segment | None
+    group: Group,
+    analysis: _Analysis,
+    members: list[ir.Value],
+    segment: Segment | None = None,
+    part: Part | None = None,
 ) -> None:
-    """Add what ``members`` (one channel space) cut to ``group``, at ``segment`` if given."""
+    """Add what ``members`` (one channel space) cut to ``group``, behind ``segment``/``part``."""
     ids = {id(v) for v in members}
     via = f"through Concat node {segment.concat.name!r}, " if segment is not None else ""
+    via += f"through Split node {part.split.name!r}, " if part is not None else ""
     for vid in ids:
         group.blocked += [via + r for r in analysis.blocked.get(vid, [])]
-        group.cuts += [Cut(p, a, segment) for p, a in analysis.cuts.get(vid, [])]
+        group.cuts += [Cut(p, a, segment, part) for p, a in analysis.cuts.get(vid, [])]
         for node, weight, axis in analysis.consumers.get(vid, []):
-            group.consumers.append(node)
-            group.cuts.append(Cut(weight, axis, segment))
-            if segment is not None and id(node) in group.spans:
-                group.blocked.append(f"{via}{node.op_type} node {node.name!r} takes it twice")
-            elif segment is not None:
-                group.spans[id(node)] = segment
+            if id(node) not in group.spans:  # listed once, however many ways it takes it
+                group.consumers.append(node)
+            group.cuts.append(Cut(weight, axis, segment, part))
+            if via:
+                group.spans.setdefault(id(node), []).append((segment, part))
     depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
     reshapes = [edit for v, edit in analysis.reshapes if id(v) in ids]
-    if segment is None:
+    if not via:
         group.depthwise, group.reshapes = depthwise, reshapes
         return
-    group.wide += members
+    group.wide += [(v, part) for v in members]
     group.wide_last += [v for v in members if id(v) in analysis.last]
-    group.wide_depthwise += depthwise
-    group.wide_reshapes += reshapes
+    group.wide_depthwise += [(n, part) for n in depthwise]
+    group.wide_reshapes += [(edit, part) for edit in reshapes]
+
+
+def _joins_a_layer(values: list[ir.Value]) -> bool:
+    """Whether a channel space holds a layer's output (a residual Add joined it to one)."""
+    return any(v.producer() is not None and _is_producer(v.producer()) for v in values)  # type: ignore[arg-type]
 
 
 def _follow_concats(
@@ -753,7 +832,8 @@ def _follow_concats(
     analysis: _Analysis,
     roots: dict[int, list[ir.Value]],
     members: list[ir.Value],
-    inner: Segment | None,
+    inner: Segment | None = None,
+    part: Part | None = None,
 ) -> None:
     """Hand ``group`` the channel spaces of the Concats that ``members`` feed, recursively."""
     ids = {id(v) for v in members}
@@ -761,15 +841,43 @@ def _follow_concats(
         if id(value) not in ids:
             continue
         segment = Segment(link.concat, link.index, inner)
-        out = link.concat.outputs[0]
-        spread = roots[analysis.uf.find(id(out))]
-        if any(v.producer() is not None and _is_producer(v.producer()) for v in spread):  # type: ignore[arg-type]
+        spread = roots[analysis.uf.find(id(link.concat.outputs[0]))]
+        if _joins_a_layer(spread):
             group.blocked.append(
                 f"Concat node {link.concat.name!r}: its output joins a layer's output channels"
             )
             continue
-        _collect(group, analysis, spread, segment)
-        _follow_concats(group, analysis, roots, spread, segment)
+        _collect(group, analysis, spread, segment, part)
+        _follow_concats(group, analysis, roots, spread, segment, part)
+        if any(id(v) in {id(m) for m in spread} for v, _ in analysis.splits):
+            group.blocked.append(f"Concat node {link.concat.name!r}: its output is split again")
+
+
+def _follow_splits(
+    group: Group, analysis: _Analysis, roots: dict[int, list[ir.Value]], members: list[ir.Value]
+) -> None:
+    """Hand ``group`` the channel spaces of the Split outputs its tensors are divided into."""
+    ids = {id(v) for v in members}
+    for value, part in analysis.splits:
+        if id(value) not in ids:
+            continue
+        spread = roots[analysis.uf.find(id(part.split.outputs[part.index]))]
+        if _joins_a_layer(spread):
+            group.blocked.append(
+                f"Split node {part.split.name!r}: output {part.index} joins a layer's output "
+                "channels (a residual Add)"
+            )
+            continue
+        if any(id(v) in {id(m) for m in spread} for v, _ in analysis.splits):
+            name = part.split.name
+            group.blocked.append(f"Split node {name!r}: output {part.index} is split again")
+            continue
+        if any(other.split is not part.split for other in group.parts):
+            group.blocked.append(f"Split node {part.split.name!r}: the channels are split twice")
+            continue
+        group.parts.append(part)
+        _collect(group, analysis, spread, None, part)
+        _follow_concats(group, analysis, roots, spread, None, part)
 
 
 def _check_sizes(group: Group, expected: set[int]) -> None:
@@ -788,7 +896,7 @@ def _check_sizes(group: Group, expected: set[int]) -> None:
         if cut.axis >= array.ndim:
             group.blocked.append(f"{cut.value.name!r} has no axis {cut.axis}")
             continue
-        if cut.segment is None:
+        if cut.segment is None and cut.part is None:
             sizes.add(array.shape[cut.axis])
         else:
             spanned.append(cut)
@@ -798,9 +906,12 @@ def _check_sizes(group: Group, expected: set[int]) -> None:
         group.blocked.append(f"channel counts disagree: {sorted(sizes)}")
     group.channels = min(sizes) if sizes else 0
     for cut in spanned:
-        concat = cut.segment.concat  # type: ignore[union-attr]
-        width = _dim(concat.outputs[0], _concat_axis(concat))
+        if cut.segment is not None:
+            concat = cut.segment.concat
+            width = static_dim(concat.outputs[0], _concat_axis(concat))
+        else:
+            width = cut.part.length  # type: ignore[union-attr]
         if constant(cut.value).shape[cut.axis] != width:  # type: ignore[union-attr]
-            group.blocked.append(f"{cut.value.name!r} does not span the Concat's {width} channels")
+            group.blocked.append(f"{cut.value.name!r} does not span the {width} channels it takes")
     if not group.consumers and not group.blocked:
         group.blocked.append("no consumer takes these channels")

@@ -22,10 +22,13 @@ from pydantic import Field, field_validator
 
 from onnxpipe.graphs.base import GraphPass, PassConfig, attr_int, computed_weights_hint
 from onnxpipe.graphs.channel_groups import (
+    Cut,
     Group,
+    Part,
     ShapeEdit,
     find_groups,
     reduce_axes,
+    static_dim,
     unshare_initializers,
 )
 from onnxpipe.graphs.quant_utils import cpu_flags, tap_session, token_rows
@@ -139,11 +142,12 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         changes: dict[str, list[int]] = {}
         for group in prunable:
             ratio = self._ratio(group)
-            keep_n = self.keep_count(group.channels, ratio)
+            if self.keep_count(group.channels, ratio) >= group.channels:
+                continue
+            keep = self.select(group, channel_scores(group, inputs), ratio)
+            keep_n = len(keep)
             if keep_n >= group.channels:
                 continue
-            scores = channel_scores(group, inputs)
-            keep = np.sort(np.argsort(-scores, kind="stable")[:keep_n])
             if inputs and self.config.refit != "none":
                 refit_consumers(
                     group, keep, inputs, self.config.refit == "lstsq", self.config.ridge
@@ -171,6 +175,22 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         if self.config.ratios is None:
             return self.config.ratio
         return min(self.config.ratios.get(group.key, 0.0), self.config.ratio)
+
+    def select(self, group: Group, scores: np.ndarray, ratio: float) -> np.ndarray:
+        """The channels ``group`` keeps at ``ratio``: the best scored, counted per Split part.
+
+        A group divided by a Split keeps the same share of each part, so that no Split
+        output is left empty and each part's count is rounded like a layer's.
+        """
+        spans = [(p.start, p.length) for p in group.parts] or [(0, group.channels)]
+        chosen = [
+            start
+            + np.argsort(-scores[start : start + length], kind="stable")[
+                : self.keep_count(length, ratio)
+            ]
+            for start, length in spans
+        ]
+        return np.sort(np.concatenate(chosen))
 
     def keep_count(self, channels: int, ratio: float) -> int:
         """Channels a group of ``channels`` keeps at ``ratio``: rounded up to the multiple."""
@@ -214,56 +234,68 @@ def channel_scores(group: Group, inputs: Mapping[str, np.ndarray] | None = None)
         found = consumer_weights.get(node.inputs[1].name)  # type: ignore[union-attr]
         if found is None:
             continue
-        now, then = _columns(group, node)
+        now, then, channel = _columns(group, node)
         col = _norms(found)[now]
         x = inputs.get(node.inputs[0].name or "") if inputs and node.inputs[0] else None
         rms = np.sqrt((x[:, then].astype(np.float64) ** 2).mean(0)) if x is not None else None
-        source = rms if rms is not None else producer
+        source = rms if rms is not None else producer[channel]
         score = source * col
-        total += score / max(float(score.mean()), 1e-12)
+        np.add.at(total, channel, score / max(float(score.mean()), 1e-12))
     return total
 
 
-def _columns(group: Group, node: ir.Node) -> tuple[slice, slice]:
-    """The group's input columns of consumer ``node``: in its weight now, in sampled inputs.
+def _columns(group: Group, node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where consumer ``node`` takes the group: weight columns now, sampled columns, channels.
 
-    The whole input for a consumer of the group's own tensors; for one behind a Concat, the
-    group's segment, at its offset now (other groups of the Concat may have been cut since the
-    analysis) and at its offset when the inputs were sampled.
+    Three index arrays of one length: the input columns of the consumer's weight now, the
+    columns of its sampled inputs, and the group channel each column carries. Every column,
+    in order, for a consumer of the group's own tensors. Behind a Concat, the group's
+    segment: at its offset now (other groups of the Concat may have been cut since the
+    analysis) and at its offset when the inputs were sampled. Behind a Split, the part's
+    channels only; a consumer may take the group several ways (both halves of a Split).
     """
-    segment = group.span(node)
-    if segment is None:
-        return slice(None), slice(None)
-    now, then = segment.offset(), segment.start
-    return slice(now, now + group.channels), slice(then, then + group.channels)
+    views = group.span(node) or [(None, None)]
+    now, then, channel = [], [], []
+    for segment, part in views:
+        width = part.length if part else group.channels
+        first = part.start if part else 0
+        channel.append(np.arange(first, first + width))
+        now.append(np.arange(width) + (segment.offset() if segment else 0))
+        then.append(np.arange(width) + (segment.start if segment else 0))
+    return np.concatenate(now), np.concatenate(then), np.concatenate(channel)
 
 
 def apply_cut(group: Group, keep: np.ndarray) -> None:
     """Keep only channels ``keep`` everywhere in ``group`` (weights, attributes, shapes)."""
     n = len(keep)
-    removed = group.channels - n
-    # offsets in Concat outputs, read before this cut changes the shapes they are summed from
-    offsets = {id(cut): cut.segment.offset() for cut in group.cuts if cut.segment is not None}
+
+    def removed(part: Part | None) -> int:
+        return part.length - len(part.local(keep)) if part else group.channels - n
+
+    # Each cut names the entries it drops; an array that takes the group several ways (both
+    # halves of a Split in one Concat) drops them all at once. Offsets in Concat outputs are
+    # read before this cut changes the shapes they are summed from.
+    dropped: dict[int, tuple[Cut, list[np.ndarray]]] = {}
     for cut in group.cuts:
+        width = cut.part.length if cut.part else group.channels
+        kept = cut.part.local(keep) if cut.part else keep
+        drop = np.setdiff1d(np.arange(width), kept) + (cut.segment.offset() if cut.segment else 0)
+        dropped.setdefault(id(cut.value), (cut, []))[1].append(drop)
+    for cut, drops in dropped.values():
         array = cut.value.const_value.numpy()  # type: ignore[union-attr]
-        index = keep
-        if cut.segment is not None:
-            start = offsets[id(cut)]
-            width = array.shape[cut.axis]
-            index = np.concatenate(
-                [np.arange(start), start + keep, np.arange(start + group.channels, width)]
-            )
+        index = np.setdiff1d(np.arange(array.shape[cut.axis]), np.concatenate(drops))
         sliced = np.ascontiguousarray(np.take(array, index, axis=cut.axis))
         cut.value.const_value = ir.tensor(sliced, name=cut.value.name)
         cut.value.shape = ir.Shape(sliced.shape)
     for node in group.depthwise:
         node.attributes["group"] = ir.AttrInt64("group", n)
-    for node in group.wide_depthwise:
-        node.attributes["group"] = ir.AttrInt64("group", attr_int(node, "group", 1) - removed)
+    for node, part in group.wide_depthwise:
+        groups = attr_int(node, "group", 1) - removed(part)
+        node.attributes["group"] = ir.AttrInt64("group", groups)
     for edit in group.reshapes:
         _write_channels(edit, n)
-    for edit in group.wide_reshapes:
-        _write_channels(edit, _element(edit) - removed)
+    for edit, part in group.wide_reshapes:
+        _write_channels(edit, _element(edit) - removed(part))
     last = {id(v) for v in group.channels_last}  # a subset of the group's tensors
     for value in group.tensors:
         axis = -1 if id(value) in last else 1
@@ -272,13 +304,41 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
             dims[axis] = n
             value.shape = ir.Shape(dims)
     wide_last = {id(v) for v in group.wide_last}
-    for value in group.wide:  # Concat outputs and what follows them
+    for value, part in group.wide:  # behind a Concat or a Split
         shape = value.shape
         axis = -1 if id(value) in wide_last else 1
-        if shape is not None and isinstance(width := shape[axis], int):
+        if shape is not None and isinstance(count := shape[axis], int):
             dims = list(shape)
-            dims[axis] = width - removed
+            dims[axis] = count - removed(part)
             value.shape = ir.Shape(dims)
+    for split in {id(p.split): p.split for p in group.parts}.values():
+        _write_split_sizes(split)
+
+
+def _write_split_sizes(split: ir.Node) -> None:
+    """Give a Split the sizes its outputs have now, as a constant input of its own."""
+    graph = split.graph
+    assert graph is not None
+    axis = attr_int(split, "axis", 0) % len(split.outputs[0].shape or ())
+    sizes = np.array([static_dim(out, axis) for out in split.outputs], np.int64)
+    if "num_outputs" in split.attributes:
+        del split.attributes["num_outputs"]
+    opset = (graph.opset_imports or {}).get("", 13)
+    if opset < 13:
+        split.attributes["split"] = ir.AttrInt64s("split", [int(x) for x in sizes])
+        return
+    name = f"{split.name or 'split'}_sizes"
+    while name in graph.initializers:
+        name += "_"
+    fresh = ir.Value(name=name, shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64),
+                     const_value=ir.tensor(sizes, name=name))  # fmt: skip
+    graph.register_initializer(fresh)
+    old = split.inputs[1] if len(split.inputs) > 1 else None
+    if old is None:
+        split.resize_inputs(2)
+    split.replace_input_with(1, fresh)
+    if old is not None and old.name in graph.initializers and not old.uses():
+        del graph.initializers[old.name or ""]
 
 
 def _element(edit: ShapeEdit) -> int:
@@ -428,8 +488,9 @@ def refit_consumers(
         b = bias.const_value.numpy()
         if b.shape != (w.shape[0],):
             continue
-        now, then = _columns(group, node)
-        new_w, delta = _refit(x[:, then].astype(np.float64), w[:, now], keep, lstsq, ridge)
+        now, then, channel = _columns(group, node)
+        local = np.nonzero(np.isin(channel, keep))[0]  # the kept ones among those columns
+        new_w, delta = _refit(x[:, then].astype(np.float64), w[:, now], local, lstsq, ridge)
         full = w.astype(np.float64).copy()
         full[:, now] = new_w
         _set_consumer_matrix(node, full.astype(w.dtype))

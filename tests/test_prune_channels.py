@@ -205,12 +205,13 @@ def _dense_block_model() -> ir.Model:
 
 
 def _mask(group, drop: np.ndarray) -> None:
-    """Zero the consumer columns of ``drop`` (at the group's offsets), leaving shapes alone."""
+    """Zero the consumer columns of ``drop`` (at the group's offsets, of the Split part a
+    consumer takes), leaving shapes alone."""
     for cut in group.consumer_cuts():
         start = cut.segment.offset() if cut.segment is not None else 0
         array = cut.value.const_value.numpy().copy()
         index = [slice(None)] * array.ndim
-        index[cut.axis] = start + drop
+        index[cut.axis] = start + (cut.part.local(drop) if cut.part is not None else drop)
         array[tuple(index)] = 0
         cut.value.const_value = ir.tensor(array, name=cut.value.name)
 
@@ -292,10 +293,12 @@ def test_concat_offsets_move_after_an_earlier_segment_is_cut():
     model = _dense_block_model()
     groups = {g.key: g for g in find_groups(model)}
     consumer = next(n for n in groups["wc"].consumers if n.inputs[1].name == "we")
-    assert _columns(groups["wc"], consumer) == (slice(14, 18), slice(14, 18))
+    now, then, channel = _columns(groups["wc"], consumer)
+    assert now.tolist() == then.tolist() == [14, 15, 16, 17] and channel.tolist() == [0, 1, 2, 3]
     apply_cut(groups["wb"], np.array([0, 2, 5]))
     # in the weights the segment now starts 3 channels earlier; sampled inputs keep 14
-    assert _columns(groups["wc"], consumer) == (slice(11, 15), slice(14, 18))
+    now, then, _ = _columns(groups["wc"], consumer)
+    assert now.tolist() == [11, 12, 13, 14] and then.tolist() == [14, 15, 16, 17]
 
 
 def test_dense_unet_concat_groups_cut_equal_masking(tmp_path):
@@ -327,6 +330,34 @@ def test_dense_unet_concat_groups_cut_equal_masking(tmp_path):
     assert ort_run(out / "model.onnx", {"x": x})[0].shape == (2, 2, 16, 16)
 
 
+def test_c2f_split_groups_cut_equal_masking(tmp_path):
+    """YOLOv8-style C2f blocks as torch exports them (Split of a Conv output, Concat of the
+    pieces): the group behind the Split is cut like masking; the block whose bottleneck adds
+    a Split output back stays blocked, and the whole pass runs."""
+    from onnxpipe.cli import main
+
+    bundle = tmp_path / "c2f"
+    spec = "x:float32[batch,3,16,16]"
+    assert main(["convert", model_ref("c2f_net"), "-o", str(bundle), "--input", spec,
+                 "--no-bench"]) == 0  # fmt: skip
+    x = np.random.default_rng(15).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    groups = find_groups(_load(bundle))
+    split = [g for g in groups if g.parts and not g.blocked]
+    assert len(split) == 1 and [p.length for p in split[0].parts] == [32, 32]
+    assert sum(any("a residual Add" in r for r in g.blocked) for g in groups) == 2
+    pruned, masked = _load(bundle), _load(bundle)
+    group = next(g for g in find_groups(pruned) if g.parts and not g.blocked)
+    twin = next(g for g in find_groups(masked) if g.parts and not g.blocked)
+    keep = np.sort(np.concatenate([np.arange(0, 32, 2), np.arange(33, 64, 2)]))
+    _mask(twin, np.setdiff1d(np.arange(64), keep))
+    apply_cut(group, keep)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    out = tmp_path / "pruned"
+    args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
+    assert main([*args, "--multiple-of", "1", "--json"]) == 0
+    assert ort_run(out / "model.onnx", {"x": x})[0].shape == (2, 4, 16, 16)
+
+
 def test_concat_joined_with_a_layer_output_blocks_its_groups():
     rng = np.random.default_rng(7)
     nodes = [
@@ -343,6 +374,7 @@ def test_concat_joined_with_a_layer_output_blocks_its_groups():
     groups = {g.key: g for g in find_groups(_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]))}
     for key in ("w1", "w2"):
         assert any("joins a layer's output" in r for r in groups[key].blocked)
+    assert any("also those of Concat" in r for r in groups["w3"].blocked)
 
 
 def test_concat_of_token_features_on_the_last_axis_equals_masking():
@@ -374,18 +406,113 @@ def test_concat_of_token_features_on_the_last_axis_equals_masking():
     assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
-def test_a_group_concatenated_with_itself_is_blocked():
+def _split_model(residual: bool = False, form: str = "input") -> ir.Model:
+    """YOLOv8's C2f in small: a Conv's output split in two halves; the second feeds a Conv;
+    both halves and that Conv's output are concatenated for the last Conv."""
+    rng = np.random.default_rng(12)
+    second = "b" if not residual else "b0"
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        {
+            "input": helper.make_node("Split", ["r1", "halves"], ["s0", "s1"], axis=1),
+            "num_outputs": helper.make_node("Split", ["r1"], ["s0", "s1"], axis=1, num_outputs=2),
+            "attribute": helper.make_node("Split", ["r1"], ["s0", "s1"], axis=1, split=[4, 4]),
+        }[form],
+        helper.make_node("Conv", ["s1", "w2", "b2"], [second], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Concat", ["s0", "s1", "b"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w3", "b3"], ["y"], kernel_shape=[1, 1]),
+    ]
+    if residual:  # the bottleneck's shortcut: a Split output added to a layer's output
+        nodes.insert(4, helper.make_node("Add", ["s1", "b0"], ["b"]))
+    arrays = {"w1": (8, 3, 1, 1), "b1": (8,), "w2": (4, 4, 3, 3), "b2": (4,),
+              "w3": (2, 12, 1, 1), "b3": (2,)}  # fmt: skip
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in arrays.items()]  # fmt: skip
+    if form == "input":
+        inits.append(numpy_helper.from_array(np.array([4, 4], np.int64), "halves"))
+    opset = 11 if form == "attribute" else 18
+    return _ir_model(nodes, inits, [2, 3, 5, 5], [2, 2, 5, 5], opset=opset)
+
+
+def _split_sizes(model: ir.Model) -> list[int]:
+    split = next(n for n in model.graph if n.op_type == "Split")
+    if "split" in split.attributes:
+        return list(split.attributes["split"].as_ints())
+    assert "num_outputs" not in split.attributes
+    return split.inputs[1].const_value.numpy().tolist()
+
+
+@pytest.mark.parametrize("form", ["input", "num_outputs", "attribute"])
+def test_split_parts_are_cut_like_masking_and_sizes_rewritten(form):
+    x = np.random.default_rng(13).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    pruned, masked = _split_model(form=form), _split_model(form=form)
+    groups = {g.key: g for g in find_groups(pruned)}
+    assert not groups["w1"].blocked and not groups["w2"].blocked, groups["w1"].blocked
+    assert [(p.start, p.length) for p in groups["w1"].parts] == [(0, 4), (4, 4)]
+    twins = {g.key: g for g in find_groups(masked)}
+    keeps = {"w1": np.array([0, 2, 5, 7]), "w2": np.array([1, 3])}
+    for key, keep in keeps.items():
+        _mask(twins[key], np.setdiff1d(np.arange(groups[key].channels), keep))
+    for key, keep in keeps.items():
+        apply_cut(groups[key], keep)
+    assert _split_sizes(pruned) == [2, 2]
+    shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
+    assert shapes["w1"] == (4, 3, 1, 1) and shapes["w2"] == (2, 2, 3, 3)
+    assert shapes["w3"] == (2, 6, 1, 1)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+
+
+def test_split_pass_keeps_a_share_of_each_part():
+    model = _split_model()
+    rng = np.random.default_rng(14)
+    feeds = [{"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)} for _ in range(3)]
+    before = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    graph_pass = PruneChannelsPass(
+        ratio=0.5, multiple_of=1, min_channels=1, feeds=feeds, criterion="activation",
+        refit="bias", ratios={"w1": 0.5},
+    )  # fmt: skip
+    graph_pass(model)
+    assert graph_pass.metrics["channels"] == {"w1": [8, 4]}
+    assert _split_sizes(model) == [2, 2]
+    after = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    assert after.shape == before.shape and np.isfinite(after).all()
+
+
+def test_a_split_output_added_to_a_layer_blocks_the_group():
+    groups = {g.key: g for g in find_groups(_split_model(residual=True))}
+    assert any("joins a layer's output" in r for r in groups["w1"].blocked)
+    # and the layer added to the Split output cannot cut that output's channels alone
+    assert any("also those of Split" in r for r in groups["w2"].blocked)
+
+
+def test_a_group_concatenated_with_itself_is_cut_in_both_places():
     rng = np.random.default_rng(10)
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]),
         helper.make_node("Concat", ["c1", "c1"], ["cat"], axis=1),
-        helper.make_node("Conv", ["cat", "w2"], ["y"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["cat", "w2", "b2"], ["y"], kernel_shape=[1, 1]),
     ]
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-             for n, s in [("w1", (4, 3, 1, 1)), ("w2", (2, 8, 1, 1))]]  # fmt: skip
+             for n, s in [("w1", (4, 3, 1, 1)), ("w2", (2, 8, 1, 1)), ("b2", (2,))]]  # fmt: skip
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    pruned, masked = (_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]) for _ in range(2))
+    (group,) = [g for g in find_groups(pruned) if g.key == "w1"]
+    (twin,) = [g for g in find_groups(masked) if g.key == "w1"]
+    assert not group.blocked and len(group.span(group.consumers[0])) == 2
+    _mask(twin, np.array([0, 2]))
+    apply_cut(group, np.array([1, 3]))
+    assert pruned.graph.initializers["w2"].const_value.shape == (2, 4, 1, 1)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    # the refit sees both copies of each channel: bias-only refit keeps the output mean
+    feeds = [{"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)} for _ in range(4)]
     model = _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])
-    (group,) = [g for g in find_groups(model) if g.key == "w1"]
-    assert any("takes it twice" in r for r in group.blocked)
+    before = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    PruneChannelsPass(
+        ratio=0.5, multiple_of=1, min_channels=1, feeds=feeds, criterion="activation", refit="bias"
+    )(model)
+    after = np.concatenate([ort_run(model, f)[0] for f in feeds])
+    np.testing.assert_allclose(after.mean((0, 2, 3)), before.mean((0, 2, 3)), atol=1e-4)
 
 
 def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
