@@ -28,9 +28,10 @@ slice. A consumer may take a group several ways (both halves of a Split, concate
 
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
-Concat on another axis, a Concat or Split output added to a layer's output (the two channel
-spaces would have to be cut as one), or a weight shared by two nodes (the pruning pass first
-gives each use its own copy: :func:`unshare_initializers`).
+Concat on another axis, two Concat or Split outputs added together (their groups would have
+to be cut as one), or a weight shared by two nodes (the pruning pass first gives each use its
+own copy: :func:`unshare_initializers`). A layer whose output is added to a Concat or Split
+output is cut by the groups that make that output, at their offsets, not on its own.
 """
 
 from __future__ import annotations
@@ -777,8 +778,8 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.tensors = members
         group.channels_last = [v for v in members if id(v) in analysis.last]
         group.blocked += [
-            f"its channels are also those of {analysis.assembled[id(v)]}, which other layers "
-            "make (a residual Add)"
+            f"added to the output of {analysis.assembled[id(v)]}: cut with the layers that "
+            "make it"
             for v in members
             if id(v) in analysis.assembled
         ]
@@ -822,9 +823,14 @@ def _collect(
     group.wide_reshapes += [(edit, part) for edit in reshapes]
 
 
-def _joins_a_layer(values: list[ir.Value]) -> bool:
-    """Whether a channel space holds a layer's output (a residual Add joined it to one)."""
-    return any(v.producer() is not None and _is_producer(v.producer()) for v in values)  # type: ignore[arg-type]
+def _joins_another(analysis: _Analysis, values: list[ir.Value]) -> bool:
+    """Whether a channel space holds more than one Concat/Split output (Adds joined them).
+
+    One is fine, even joined to layers' outputs (a residual block on a Concat output, the
+    bottleneck that adds its input back in YOLOv8's C2f): the layers' rows are cut with the
+    group that owns that slice. Two would need their groups cut as one.
+    """
+    return sum(id(v) in analysis.assembled for v in values) > 1
 
 
 def _follow_concats(
@@ -842,9 +848,10 @@ def _follow_concats(
             continue
         segment = Segment(link.concat, link.index, inner)
         spread = roots[analysis.uf.find(id(link.concat.outputs[0]))]
-        if _joins_a_layer(spread):
+        if _joins_another(analysis, spread):
             group.blocked.append(
-                f"Concat node {link.concat.name!r}: its output joins a layer's output channels"
+                f"Concat node {link.concat.name!r}: its output is added to another Concat's "
+                "or Split's"
             )
             continue
         _collect(group, analysis, spread, segment, part)
@@ -862,10 +869,10 @@ def _follow_splits(
         if id(value) not in ids:
             continue
         spread = roots[analysis.uf.find(id(part.split.outputs[part.index]))]
-        if _joins_a_layer(spread):
+        if _joins_another(analysis, spread):
             group.blocked.append(
-                f"Split node {part.split.name!r}: output {part.index} joins a layer's output "
-                "channels (a residual Add)"
+                f"Split node {part.split.name!r}: output {part.index} is added to another "
+                "Concat's or Split's"
             )
             continue
         if any(id(v) in {id(m) for m in spread} for v, _ in analysis.splits):

@@ -275,12 +275,12 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
     # Each cut names the entries it drops; an array that takes the group several ways (both
     # halves of a Split in one Concat) drops them all at once. Offsets in Concat outputs are
     # read before this cut changes the shapes they are summed from.
-    dropped: dict[int, tuple[Cut, list[np.ndarray]]] = {}
+    dropped: dict[tuple[int, int], tuple[Cut, list[np.ndarray]]] = {}
     for cut in group.cuts:
         width = cut.part.length if cut.part else group.channels
         kept = cut.part.local(keep) if cut.part else keep
         drop = np.setdiff1d(np.arange(width), kept) + (cut.segment.offset() if cut.segment else 0)
-        dropped.setdefault(id(cut.value), (cut, []))[1].append(drop)
+        dropped.setdefault((id(cut.value), cut.axis), (cut, []))[1].append(drop)
     for cut, drops in dropped.values():
         array = cut.value.const_value.numpy()  # type: ignore[union-attr]
         index = np.setdiff1d(np.arange(array.shape[cut.axis]), np.concatenate(drops))

@@ -332,8 +332,8 @@ def test_dense_unet_concat_groups_cut_equal_masking(tmp_path):
 
 def test_c2f_split_groups_cut_equal_masking(tmp_path):
     """YOLOv8-style C2f blocks as torch exports them (Split of a Conv output, Concat of the
-    pieces): the group behind the Split is cut like masking; the block whose bottleneck adds
-    a Split output back stays blocked, and the whole pass runs."""
+    pieces; in the second block the bottleneck adds its Split input back): each group behind
+    a Split is cut like masking, and the whole pass runs."""
     from onnxpipe.cli import main
 
     bundle = tmp_path / "c2f"
@@ -343,38 +343,69 @@ def test_c2f_split_groups_cut_equal_masking(tmp_path):
     x = np.random.default_rng(15).standard_normal((2, 3, 16, 16)).astype(np.float32)
     groups = find_groups(_load(bundle))
     split = [g for g in groups if g.parts and not g.blocked]
-    assert len(split) == 1 and [p.length for p in split[0].parts] == [32, 32]
-    assert sum(any("a residual Add" in r for r in g.blocked) for g in groups) == 2
-    pruned, masked = _load(bundle), _load(bundle)
-    group = next(g for g in find_groups(pruned) if g.parts and not g.blocked)
-    twin = next(g for g in find_groups(masked) if g.parts and not g.blocked)
+    assert [[p.length for p in g.parts] for g in split] == [[32, 32], [32, 32]]
+    # the bottleneck that adds its input back is cut with the C2f's first conv
+    assert sum(any("added to the output of Split" in r for r in g.blocked) for g in groups) == 1
     keep = np.sort(np.concatenate([np.arange(0, 32, 2), np.arange(33, 64, 2)]))
-    _mask(twin, np.setdiff1d(np.arange(64), keep))
-    apply_cut(group, keep)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    for index in range(2):
+        pruned, masked = _load(bundle), _load(bundle)
+        group = [g for g in find_groups(pruned) if g.parts and not g.blocked][index]
+        twin = [g for g in find_groups(masked) if g.parts and not g.blocked][index]
+        _mask(twin, np.setdiff1d(np.arange(64), keep))
+        apply_cut(group, keep)
+        assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
     out = tmp_path / "pruned"
     args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
     assert main([*args, "--multiple-of", "1", "--json"]) == 0
     assert ort_run(out / "model.onnx", {"x": x})[0].shape == (2, 4, 16, 16)
 
 
-def test_concat_joined_with_a_layer_output_blocks_its_groups():
+def _residual_concat_model(second_concat: bool = False) -> ir.Model:
+    """Concat(c1, c2) + c3: a layer added to a Concat output (or, with ``second_concat``,
+    another Concat's output)."""
     rng = np.random.default_rng(7)
     nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
         helper.make_node("Conv", ["x", "w2"], ["c2"], kernel_shape=[1, 1]),
         helper.make_node("Concat", ["c1", "c2"], ["cat"], axis=1),
-        helper.make_node("Conv", ["x", "w3"], ["c3"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w3", "b3"], ["c3"], kernel_shape=[1, 1]),
         helper.make_node("Add", ["cat", "c3"], ["sum"]),
-        helper.make_node("Conv", ["sum", "w4"], ["y"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["sum"], ["r"]),
+        helper.make_node("Conv", ["r", "w4"], ["y"], kernel_shape=[1, 1]),
     ]
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
-             [("w1", (4, 3, 1, 1)), ("w2", (4, 3, 1, 1)), ("w3", (8, 3, 1, 1)),
-              ("w4", (2, 8, 1, 1))]]  # fmt: skip
-    groups = {g.key: g for g in find_groups(_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]))}
-    for key in ("w1", "w2"):
-        assert any("joins a layer's output" in r for r in groups[key].blocked)
-    assert any("also those of Concat" in r for r in groups["w3"].blocked)
+    arrays = {"w1": (4, 3, 1, 1), "b1": (4,), "w2": (4, 3, 1, 1), "w3": (8, 3, 1, 1),
+              "b3": (8,), "w4": (2, 8, 1, 1)}  # fmt: skip
+    if second_concat:
+        nodes[3:4] = [
+            helper.make_node("Conv", ["x", "w5"], ["c5"], kernel_shape=[1, 1]),
+            helper.make_node("Conv", ["x", "w6"], ["c6"], kernel_shape=[1, 1]),
+            helper.make_node("Concat", ["c5", "c6"], ["c3"], axis=1),
+        ]
+        arrays.update(w5=(4, 3, 1, 1), w6=(4, 3, 1, 1))
+        del arrays["w3"], arrays["b3"]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in arrays.items()]  # fmt: skip
+    return _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])
+
+
+def test_a_layer_added_to_a_concat_output_is_cut_with_its_groups():
+    x = np.random.default_rng(16).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    pruned, masked = _residual_concat_model(), _residual_concat_model()
+    groups = {g.key: g for g in find_groups(pruned)}
+    assert any("added to the output of Concat" in r for r in groups["w3"].blocked)
+    twins = {g.key: g for g in find_groups(masked)}
+    keeps = {"w1": np.array([0, 3]), "w2": np.array([1, 2])}
+    for key, keep in keeps.items():
+        assert not groups[key].blocked, groups[key].blocked
+        _mask(twins[key], np.setdiff1d(np.arange(4), keep))
+        apply_cut(groups[key], keep)
+    shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
+    assert shapes["w3"] == (4, 3, 1, 1) and shapes["b3"] == (4,) and shapes["w4"] == (2, 4, 1, 1)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    # two Concat outputs added together: their groups would have to be cut as one
+    groups = {g.key: g for g in find_groups(_residual_concat_model(second_concat=True))}
+    for key in ("w1", "w2", "w5", "w6"):
+        assert any("added to another Concat's" in r for r in groups[key].blocked)
 
 
 def test_concat_of_token_features_on_the_last_axis_equals_masking():
@@ -479,11 +510,43 @@ def test_split_pass_keeps_a_share_of_each_part():
     assert after.shape == before.shape and np.isfinite(after).all()
 
 
-def test_a_split_output_added_to_a_layer_blocks_the_group():
-    groups = {g.key: g for g in find_groups(_split_model(residual=True))}
-    assert any("joins a layer's output" in r for r in groups["w1"].blocked)
-    # and the layer added to the Split output cannot cut that output's channels alone
-    assert any("also those of Split" in r for r in groups["w2"].blocked)
+def test_a_layer_added_to_a_split_output_is_cut_with_the_split_group():
+    """C2f's shortcut: the bottleneck's conv rows are cut with the part they are added to."""
+    x = np.random.default_rng(17).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    pruned, masked = _split_model(residual=True), _split_model(residual=True)
+    groups = {g.key: g for g in find_groups(pruned)}
+    assert any("added to the output of Split" in r for r in groups["w2"].blocked)
+    assert not groups["w1"].blocked, groups["w1"].blocked
+    twin = next(g for g in find_groups(masked) if g.key == "w1")
+    keep = np.array([0, 2, 5, 7])
+    _mask(twin, np.setdiff1d(np.arange(8), keep))
+    apply_cut(groups["w1"], keep)
+    shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
+    assert shapes["w2"] == (2, 2, 3, 3) and shapes["b2"] == (2,) and shapes["w3"] == (2, 6, 1, 1)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+
+
+def test_a_conv_added_to_its_own_input_is_cut_on_both_axes():
+    """y = h + conv(h): the conv's rows and columns both belong to h's group."""
+    rng = np.random.default_rng(18)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["h", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Add", ["h", "c2"], ["s"]),
+        helper.make_node("Conv", ["s", "w3"], ["y"], kernel_shape=[1, 1]),
+    ]
+    arrays = {"w1": (6, 3, 1, 1), "w2": (6, 6, 3, 3), "b2": (6,), "w3": (2, 6, 1, 1)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in arrays.items()]  # fmt: skip
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    pruned, masked = (_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]) for _ in range(2))
+    (group,) = [g for g in find_groups(pruned) if not g.blocked]
+    (twin,) = [g for g in find_groups(masked) if not g.blocked]
+    keep = np.array([0, 2, 3])
+    _mask(twin, np.setdiff1d(np.arange(6), keep))
+    apply_cut(group, keep)
+    assert pruned.graph.initializers["w2"].const_value.shape == (3, 3, 3, 3)
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
 def test_a_group_concatenated_with_itself_is_cut_in_both_places():
