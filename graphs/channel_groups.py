@@ -26,6 +26,10 @@ group's channels (:class:`Part`): what works on an output is cut by the group's 
 in that slice, the Split's sizes are rewritten, and the group keeps the same share of each
 slice. A consumer may take a group several ways (both halves of a Split, concatenated).
 
+A grouped Conv (ResNeXt, RegNet) is a layer like the others, except that the groups it
+takes and makes must keep as many channels in each of its blocks (``Group.blocks``); its
+weight's input columns are cut block by block.
+
 A group is *blocked*, with the reason kept, when any of its tensors reaches something that
 would need the removed channels: a graph output, a graph input, an op not listed above, a
 Concat on another axis, two Concat or Split outputs added together (their groups would have
@@ -37,6 +41,7 @@ output is cut by the groups that make that output, at their offsets, not on its 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +121,9 @@ class Cut:
     axis: int
     segment: Segment | None = None
     part: Part | None = None
+    groups: int = 1
+    """A grouped Conv's weight as a consumer (axis 1 holds one block's channels): each block
+    of output rows keeps the columns of its own block of input channels."""
 
 
 @dataclass
@@ -161,6 +169,8 @@ class Group:
     one (segment, part) per way in (YOLOv8's C2f concatenates both halves of a Split)."""
     parts: list[Part] = field(default_factory=list)
     """The Split outputs the group's channels are divided into (their sizes change)."""
+    blocks: int = 1
+    """Equal blocks the channels fall into for grouped Convs: each keeps as many."""
 
     def span(self, node: ir.Node) -> list[tuple[Segment | None, Part | None]]:
         """The (segment, part) ways ``node`` consumes the group; empty when it takes it whole."""
@@ -184,8 +194,19 @@ def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
+def _is_depthwise(node: ir.Node) -> bool:
+    """A Conv with one input channel and one output channel per group."""
+    weight = constant(node.inputs[1])
+    group = attr_int(node, "group", 1)
+    return weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
+
+
 def _is_producer(node: ir.Node) -> bool:
-    """A Conv (group 1), Gemm, or MatMul on a 2-D constant weight: its outputs can go.
+    """A Conv (not depthwise), Gemm, or MatMul on a 2-D constant weight: its outputs can go.
+
+    A grouped Conv (ResNeXt, RegNet) takes its input and makes its output in ``group``
+    blocks: the groups on both sides must keep as many channels in every block
+    (``Group.blocks``).
 
     A MatMul's channels are the last axis of its output (``[batch, seq, features]`` in a
     transformer); the analysis follows them there (``Group.axis`` -1).
@@ -193,7 +214,7 @@ def _is_producer(node: ir.Node) -> bool:
     if node.domain != "" or len(node.inputs) < 2 or constant(node.inputs[1]) is None:
         return False
     if node.op_type == "Conv":
-        return attr_int(node, "group", 1) == 1
+        return attr_int(node, "group", 1) == 1 or not _is_depthwise(node)
     if node.op_type == "Gemm":
         return attr_int(node, "transA", 0) == 0
     if node.op_type == "MatMul":
@@ -233,6 +254,7 @@ class _Analysis:
         self.links: list[tuple[ir.Value, Segment]] = []  # a Concat input and its segment
         self.splits: list[tuple[ir.Value, Part]] = []  # a Split input and one output's part
         self.assembled: dict[int, str] = {}  # Concat and Split outputs: the node, described
+        self.blocks: dict[int, set[int]] = {}  # the group counts of grouped Convs on a tensor
 
     def track(self, value: ir.Value) -> int:
         self.values[id(value)] = value
@@ -281,7 +303,10 @@ class _Analysis:
             bias = constant(ins[2]) if len(ins) > 2 else None
             if bias is not None and bias.size > 1:
                 self.cut(out, ins[2], 0 if op == "Conv" else bias.ndim - 1)  # type: ignore[arg-type]
-        elif op == "Conv" and self._depthwise(node):
+            if op == "Conv" and attr_int(node, "group", 1) > 1:
+                for value in (ins[0], out):
+                    self.blocks.setdefault(id(value), set()).add(attr_int(node, "group", 1))
+        elif op == "Conv" and _is_depthwise(node):
             self.join(ins[0], node.outputs[0])
             self.depthwise.append((node, node.outputs[0]))
             self.cut(ins[0], ins[1], 0)
@@ -337,13 +362,6 @@ class _Analysis:
             return
         self.track(value)
         self.consumers.setdefault(id(value), []).append((node, node.inputs[1], axis))  # type: ignore[arg-type]
-
-    def _depthwise(self, node: ir.Node) -> bool:
-        weight = constant(node.inputs[1])
-        group = attr_int(node, "group", 1)
-        return (
-            weight is not None and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
-        )
 
     def _per_channel(self, act: ir.Value, const: ir.Value, node: ir.Node, rank: int | None) -> None:
         array = constant(const)
@@ -778,8 +796,7 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.tensors = members
         group.channels_last = [v for v in members if id(v) in analysis.last]
         group.blocked += [
-            f"added to the output of {analysis.assembled[id(v)]}: cut with the layers that "
-            "make it"
+            f"added to the output of {analysis.assembled[id(v)]}: cut with the layers that make it"
             for v in members
             if id(v) in analysis.assembled
         ]
@@ -788,6 +805,13 @@ def find_groups(model: ir.Model) -> list[Group]:
         _follow_splits(group, analysis, roots, members)
         ids = {id(v) for v in members}
         _check_sizes(group, {n for v, n in analysis.expects if id(v) in ids})
+        counts = {g for vid in ids for g in analysis.blocks.get(vid, ())}
+        group.blocks = math.lcm(*counts) if counts else 1
+        if group.blocks > 1 and (group.parts or group.channels % group.blocks):
+            group.blocked.append(
+                f"grouped Convs need {group.blocks} equal blocks of its {group.channels} channels"
+                + (", and a Split divides them too" if group.parts else "")
+            )
         groups.append(group)
     return groups
 
@@ -809,7 +833,10 @@ def _collect(
         for node, weight, axis in analysis.consumers.get(vid, []):
             if id(node) not in group.spans:  # listed once, however many ways it takes it
                 group.consumers.append(node)
-            group.cuts.append(Cut(weight, axis, segment, part))
+            grouped = attr_int(node, "group", 1) if node.op_type == "Conv" else 1
+            group.cuts.append(Cut(weight, axis, segment, part, grouped))
+            if grouped > 1 and via:
+                group.blocked.append(f"{via}grouped Conv node {node.name!r} takes it")
             if via:
                 group.spans.setdefault(id(node), []).append((segment, part))
     depthwise = [n for n, out in analysis.depthwise if id(out) in ids]
@@ -904,7 +931,7 @@ def _check_sizes(group: Group, expected: set[int]) -> None:
             group.blocked.append(f"{cut.value.name!r} has no axis {cut.axis}")
             continue
         if cut.segment is None and cut.part is None:
-            sizes.add(array.shape[cut.axis])
+            sizes.add(array.shape[cut.axis] * cut.groups)  # a grouped Conv reads a block
         else:
             spanned.append(cut)
         if len(cut.value.uses()) != 1 or cut.value.is_graph_output():
@@ -918,7 +945,7 @@ def _check_sizes(group: Group, expected: set[int]) -> None:
             width = static_dim(concat.outputs[0], _concat_axis(concat))
         else:
             width = cut.part.length  # type: ignore[union-attr]
-        if constant(cut.value).shape[cut.axis] != width:  # type: ignore[union-attr]
+        if constant(cut.value).shape[cut.axis] * cut.groups != width:  # type: ignore[union-attr]
             group.blocked.append(f"{cut.value.name!r} does not span the {width} channels it takes")
     if not group.consumers and not group.blocked:
         group.blocked.append("no consumer takes these channels")

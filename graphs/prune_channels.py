@@ -180,15 +180,18 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         """The channels ``group`` keeps at ``ratio``: the best scored, counted per Split part.
 
         A group divided by a Split keeps the same share of each part, so that no Split
-        output is left empty and each part's count is rounded like a layer's.
+        output is left empty and each part's count is rounded like a layer's. A group that
+        grouped Convs take or make keeps as many channels in each of their blocks.
         """
         spans = [(p.start, p.length) for p in group.parts] or [(0, group.channels)]
+        counts = [self.keep_count(length, ratio) for _, length in spans]
+        if group.blocks > 1:  # grouped Convs: as many in every block, the total rounded up
+            size = group.channels // group.blocks
+            spans = [(b * size, size) for b in range(group.blocks)]
+            counts = [math.ceil(counts[0] / group.blocks)] * group.blocks
         chosen = [
-            start
-            + np.argsort(-scores[start : start + length], kind="stable")[
-                : self.keep_count(length, ratio)
-            ]
-            for start, length in spans
+            start + np.argsort(-scores[start : start + length], kind="stable")[:count]
+            for (start, length), count in zip(spans, counts, strict=True)
         ]
         return np.sort(np.concatenate(chosen))
 
@@ -216,6 +219,15 @@ def _norms(cut: Any) -> np.ndarray:
     return np.sqrt((array.reshape(array.shape[0], -1) ** 2).sum(1))
 
 
+def _grouped_norms(cut: Any) -> np.ndarray:
+    """Per input channel, the norm of the grouped Conv weights that read it."""
+    array = cut.value.const_value.numpy().astype(np.float64)
+    rows = array.shape[0] // cut.groups
+    # [groups, rows, in / groups, ...] -> [groups, in / groups]: block b's rows read block b
+    blocks = array.reshape(cut.groups, rows, array.shape[1], -1)
+    return np.sqrt((blocks**2).sum(axis=(1, 3))).reshape(-1)
+
+
 def channel_scores(group: Group, inputs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """Importance per channel, summed over the group's consumers.
 
@@ -235,7 +247,7 @@ def channel_scores(group: Group, inputs: Mapping[str, np.ndarray] | None = None)
         if found is None:
             continue
         now, then, channel = _columns(group, node)
-        col = _norms(found)[now]
+        col = _norms(found)[now] if found.groups == 1 else _grouped_norms(found)
         x = inputs.get(node.inputs[0].name or "") if inputs and node.inputs[0] else None
         rms = np.sqrt((x[:, then].astype(np.float64) ** 2).mean(0)) if x is not None else None
         source = rms if rms is not None else producer[channel]
@@ -277,6 +289,9 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
     # read before this cut changes the shapes they are summed from.
     dropped: dict[tuple[int, int], tuple[Cut, list[np.ndarray]]] = {}
     for cut in group.cuts:
+        if cut.groups > 1:
+            _cut_grouped(cut, keep, group.channels)
+            continue
         width = cut.part.length if cut.part else group.channels
         kept = cut.part.local(keep) if cut.part else keep
         drop = np.setdiff1d(np.arange(width), kept) + (cut.segment.offset() if cut.segment else 0)
@@ -339,6 +354,22 @@ def _write_split_sizes(split: ir.Node) -> None:
     split.replace_input_with(1, fresh)
     if old is not None and old.name in graph.initializers and not old.uses():
         del graph.initializers[old.name or ""]
+
+
+def _cut_grouped(cut: Cut, keep: np.ndarray, channels: int) -> None:
+    """A grouped Conv's input columns: each block of rows keeps its own block's channels.
+
+    The weight is ``[out, in / groups, ...]``; output block ``b`` reads input block ``b``.
+    """
+    array = cut.value.const_value.numpy()  # type: ignore[union-attr]
+    rows, size = array.shape[0] // cut.groups, channels // cut.groups
+    pieces = [
+        np.take(array[b * rows : (b + 1) * rows], keep[keep // size == b] - b * size, axis=1)
+        for b in range(cut.groups)
+    ]
+    sliced = np.ascontiguousarray(np.concatenate(pieces))
+    cut.value.const_value = ir.tensor(sliced, name=cut.value.name)
+    cut.value.shape = ir.Shape(sliced.shape)
 
 
 def _element(edit: ShapeEdit) -> int:
@@ -457,7 +488,8 @@ def consumer_matrix(node: ir.Node) -> np.ndarray | None:
     weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
     attrs = {k: a.value for k, a in node.attributes.items()}
     if node.op_type == "Conv":
-        return weight[:, :, 0, 0] if weight.shape[2:] == (1,) * (weight.ndim - 2) else None
+        pointwise = weight.shape[2:] == (1,) * (weight.ndim - 2)
+        return weight[:, :, 0, 0] if pointwise and attr_int(node, "group", 1) == 1 else None
     if node.op_type == "Gemm":
         if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             return None

@@ -210,6 +210,13 @@ def _mask(group, drop: np.ndarray) -> None:
     for cut in group.consumer_cuts():
         start = cut.segment.offset() if cut.segment is not None else 0
         array = cut.value.const_value.numpy().copy()
+        if cut.groups > 1:  # a grouped Conv: block b's rows read block b's channels
+            rows, size = array.shape[0] // cut.groups, group.channels // cut.groups
+            for channel in drop:
+                block = channel // size
+                array[block * rows : (block + 1) * rows, channel - block * size] = 0
+            cut.value.const_value = ir.tensor(array, name=cut.value.name)
+            continue
         index = [slice(None)] * array.ndim
         index[cut.axis] = start + (cut.part.local(drop) if cut.part is not None else drop)
         array[tuple(index)] = 0
@@ -406,6 +413,36 @@ def test_a_layer_added_to_a_concat_output_is_cut_with_its_groups():
     groups = {g.key: g for g in find_groups(_residual_concat_model(second_concat=True))}
     for key in ("w1", "w2", "w5", "w6"):
         assert any("added to another Concat's" in r for r in groups[key].blocked)
+
+
+def test_resnext_grouped_conv_groups_cut_equal_masking(tmp_path):
+    """Grouped 3x3 convs (8 groups) as torch exports them: the groups they take and make
+    keep as many channels in every block, and each cut equals masking."""
+    from onnxpipe.cli import main
+
+    bundle = tmp_path / "resnext"
+    spec = "x:float32[batch,3,8,8]"
+    assert main(["convert", model_ref("resnext_blocks"), "-o", str(bundle), "--input", spec,
+                 "--no-bench"]) == 0  # fmt: skip
+    x = np.random.default_rng(19).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    grouped = [g for g in find_groups(_load(bundle)) if not g.blocked and g.blocks > 1]
+    assert sorted((g.channels, g.blocks) for g in grouped) == [(64, 8)] * 2 + [(128, 8)] * 2
+    for index in range(len(grouped)):
+        pruned, masked = _load(bundle), _load(bundle)
+        group = [g for g in find_groups(pruned) if not g.blocked and g.blocks > 1][index]
+        twin = [g for g in find_groups(masked) if not g.blocked and g.blocks > 1][index]
+        keep = PruneChannelsPass(multiple_of=1).select(group, channel_scores(group), 0.5)
+        size = group.channels // 8
+        assert np.bincount(keep // size, minlength=8).tolist() == [size // 2] * 8
+        _mask(twin, np.setdiff1d(np.arange(group.channels), keep))
+        apply_cut(group, keep)
+        assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    out = tmp_path / "pruned"
+    args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
+    assert main([*args, "--multiple-of", "1"]) == 0
+    metrics = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
+    assert metrics["pass"]["groups_pruned"] == 5  # the four around the grouped convs, the stem
+    assert ort_run(out / "model.onnx", {"x": x})[0].shape == (2, 10)
 
 
 def test_concat_of_token_features_on_the_last_axis_equals_masking():
