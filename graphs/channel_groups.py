@@ -860,6 +860,12 @@ def _joins_another(analysis: _Analysis, values: list[ir.Value]) -> bool:
     return sum(id(v) in analysis.assembled for v in values) > 1
 
 
+def _is_split(analysis: _Analysis, values: list[ir.Value]) -> bool:
+    """Whether a Split divides any of ``values`` (one channel space)."""
+    inside = {id(v) for v in values}
+    return any(id(v) in inside for v, _ in analysis.splits)
+
+
 def _follow_concats(
     group: Group,
     analysis: _Analysis,
@@ -883,7 +889,7 @@ def _follow_concats(
             continue
         _collect(group, analysis, spread, segment, part)
         _follow_concats(group, analysis, roots, spread, segment, part)
-        if any(id(v) in {id(m) for m in spread} for v, _ in analysis.splits):
+        if _is_split(analysis, spread):
             group.blocked.append(f"Concat node {link.concat.name!r}: its output is split again")
 
 
@@ -902,7 +908,7 @@ def _follow_splits(
                 "Concat's or Split's"
             )
             continue
-        if any(id(v) in {id(m) for m in spread} for v, _ in analysis.splits):
+        if _is_split(analysis, spread):
             name = part.split.name
             group.blocked.append(f"Split node {name!r}: output {part.index} is split again")
             continue

@@ -345,8 +345,12 @@ def _write_split_sizes(split: ir.Node) -> None:
     name = f"{split.name or 'split'}_sizes"
     while name in graph.initializers:
         name += "_"
-    fresh = ir.Value(name=name, shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64),
-                     const_value=ir.tensor(sizes, name=name))  # fmt: skip
+    fresh = ir.Value(
+        name=name,
+        shape=ir.Shape([len(sizes)]),
+        type=ir.TensorType(ir.DataType.INT64),
+        const_value=ir.tensor(sizes, name=name),
+    )
     graph.register_initializer(fresh)
     old = split.inputs[1] if len(split.inputs) > 1 else None
     if old is None:
