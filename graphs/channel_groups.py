@@ -60,7 +60,8 @@ UNARY = frozenset(
         "Erf", "Sqrt", "Exp", "Round", "Floor", "Ceil",
     }
 )  # fmt: skip
-BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"})
+BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"})
+"""Elementwise ops on two (Sum, Mean, Max, Min: any number of) tensors of one rank."""
 POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin"})
 

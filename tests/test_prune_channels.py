@@ -586,6 +586,30 @@ def test_a_conv_added_to_its_own_input_is_cut_on_both_axes():
     assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
+def test_variadic_sum_joins_its_inputs_like_add():
+    """Opset-9 models (the onnx zoo's) add residuals with Sum; Mean averages branches."""
+    rng = np.random.default_rng(20)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w2"], ["b"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "w3"], ["c"], kernel_shape=[1, 1]),
+        helper.make_node("Sum", ["a", "b", "c"], ["s"]),
+        helper.make_node("Mean", ["s", "a"], ["m"]),
+        helper.make_node("Conv", ["m", "w4"], ["y"], kernel_shape=[1, 1]),
+    ]
+    arrays = {"w1": (6, 3, 1, 1), "w2": (6, 3, 1, 1), "w3": (6, 3, 1, 1), "w4": (2, 6, 1, 1)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in arrays.items()]  # fmt: skip
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    pruned, masked = (_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4], 9) for _ in range(2))
+    (group,) = [g for g in find_groups(pruned) if not g.blocked]
+    assert len(group.producers) == 3
+    (twin,) = [g for g in find_groups(masked) if not g.blocked]
+    _mask(twin, np.array([1, 4]))
+    apply_cut(group, np.array([0, 2, 3, 5]))
+    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+
+
 def test_a_group_concatenated_with_itself_is_cut_in_both_places():
     rng = np.random.default_rng(10)
     nodes = [
