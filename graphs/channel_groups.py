@@ -141,6 +141,12 @@ class ShapeEdit:
     position: int
     reshape: ir.Node
 
+    def count(self) -> int:
+        """The channel count the target holds now."""
+        array = constant(self.node.inputs[self.index])
+        assert array is not None
+        return int(array.reshape(-1)[self.position])
+
 
 @dataclass
 class Group:
@@ -172,6 +178,14 @@ class Group:
     """The Split outputs the group's channels are divided into (their sizes change)."""
     blocks: int = 1
     """Equal blocks the channels fall into for grouped Convs: each keeps as many."""
+
+    def width(self, part: Part | None) -> int:
+        """How many of the group's channels reach through ``part`` (all of them for None)."""
+        return part.length if part else self.channels
+
+    def kept(self, keep: np.ndarray, part: Part | None) -> np.ndarray:
+        """Kept channels ``keep`` as ``part`` sees them, from its start (all of them for None)."""
+        return part.local(keep) if part else keep
 
     def span(self, node: ir.Node) -> list[tuple[Segment | None, Part | None]]:
         """The (segment, part) ways ``node`` consumes the group; empty when it takes it whole."""
@@ -256,6 +270,15 @@ class _Analysis:
         self.splits: list[tuple[ir.Value, Part]] = []  # a Split input and one output's part
         self.assembled: dict[int, str] = {}  # Concat and Split outputs: the node, described
         self.blocks: dict[int, set[int]] = {}  # the group counts of grouped Convs on a tensor
+        # ops whose handler passes the channels on when it can; otherwise they fall through
+        self.passing = {
+            "Reshape": self._token_reshape,
+            "Shape": self._reads_other_dims,
+            "Transpose": self._layout,
+            "Pad": self._spatial_pad,
+            "Concat": self._channel_concat,
+            "Split": self._channel_split,
+        }
 
     def track(self, value: ir.Value) -> int:
         self.values[id(value)] = value
@@ -282,18 +305,8 @@ class _Analysis:
             self._opaque(node, acts)
         elif op == "MatMul" and _is_producer(node):
             self._matmul(node)
-        elif op == "Reshape" and self._token_reshape(node):
-            pass
-        elif op == "Shape" and self._reads_other_dims(node):
-            pass
-        elif op == "Transpose" and self._layout(node):
-            pass
-        elif op == "Pad" and self._spatial_pad(node):
-            pass
-        elif op == "Concat" and self._channel_concat(node):
-            pass
-        elif op == "Split" and self._channel_split(node):
-            pass
+        elif op in self.passing and self.passing[op](node):
+            pass  # its handler passed the channels on
         elif last and op not in UNARY and op not in BINARY and op not in REDUCES:
             self._opaque(node, acts)  # pooling, BatchNorm, reshapes: written for axis 1
         elif _is_producer(node):
@@ -577,7 +590,7 @@ class _Analysis:
         if edit is None or channels == 1 or (edit.index < 0 and out.shape[-1] != channels):
             return False
         if channels is None:  # the group's weights must then agree with the target
-            self.expects.append((value, _last_element(edit)))
+            self.expects.append((value, edit.count()))
         self.join(value, out)
         if len(out.shape) > 2:
             self.last.add(id(out))
@@ -686,12 +699,6 @@ def static_dim(value: ir.Value | None, axis: int) -> int:
     dim = value.shape[axis]
     assert isinstance(dim, int), f"{value.name}: dim {axis} is not static"
     return dim
-
-
-def _last_element(edit: ShapeEdit) -> int:
-    array = constant(edit.node.inputs[edit.index])
-    assert array is not None
-    return int(array.reshape(-1)[edit.position])
 
 
 def reduce_axes(node: ir.Node) -> list[int] | None:

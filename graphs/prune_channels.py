@@ -269,7 +269,7 @@ def _columns(group: Group, node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.nd
     views = group.span(node) or [(None, None)]
     now, then, channel = [], [], []
     for segment, part in views:
-        width = part.length if part else group.channels
+        width = group.width(part)
         first = part.start if part else 0
         channel.append(np.arange(first, first + width))
         now.append(np.arange(width) + (segment.offset() if segment else 0))
@@ -282,7 +282,7 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
     n = len(keep)
 
     def removed(part: Part | None) -> int:
-        return part.length - len(part.local(keep)) if part else group.channels - n
+        return group.width(part) - len(group.kept(keep, part))
 
     # Each cut names the entries it drops; an array that takes the group several ways (both
     # halves of a Split in one Concat) drops them all at once. Offsets in Concat outputs are
@@ -292,9 +292,9 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
         if cut.groups > 1:
             _cut_grouped(cut, keep, group.channels)
             continue
-        width = cut.part.length if cut.part else group.channels
-        kept = cut.part.local(keep) if cut.part else keep
-        drop = np.setdiff1d(np.arange(width), kept) + (cut.segment.offset() if cut.segment else 0)
+        kept = group.kept(keep, cut.part)
+        drop = np.setdiff1d(np.arange(group.width(cut.part)), kept)
+        drop += cut.segment.offset() if cut.segment else 0
         dropped.setdefault((id(cut.value), cut.axis), (cut, []))[1].append(drop)
     for cut, drops in dropped.values():
         array = cut.value.const_value.numpy()  # type: ignore[union-attr]
@@ -310,7 +310,7 @@ def apply_cut(group: Group, keep: np.ndarray) -> None:
     for edit in group.reshapes:
         _write_channels(edit, n)
     for edit, part in group.wide_reshapes:
-        _write_channels(edit, _element(edit) - removed(part))
+        _write_channels(edit, edit.count() - removed(part))
     last = {id(v) for v in group.channels_last}  # a subset of the group's tensors
     for value in group.tensors:
         axis = -1 if id(value) in last else 1
@@ -374,13 +374,6 @@ def _cut_grouped(cut: Cut, keep: np.ndarray, channels: int) -> None:
     sliced = np.ascontiguousarray(np.concatenate(pieces))
     cut.value.const_value = ir.tensor(sliced, name=cut.value.name)
     cut.value.shape = ir.Shape(sliced.shape)
-
-
-def _element(edit: ShapeEdit) -> int:
-    """The channel count a Reshape target holds now."""
-    old = edit.node.inputs[edit.index]
-    assert old is not None and old.const_value is not None
-    return int(old.const_value.numpy().reshape(-1)[edit.position])
 
 
 def _write_channels(edit: ShapeEdit, n: int) -> None:
