@@ -58,23 +58,14 @@ def test_groups_cover_depthwise_residual_and_classifier(cnn_bundle):
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_cut_equals_masking_the_removed_channels(cnn_bundle, index):
     """Removing channels == zeroing the consumers' columns for them, to float precision."""
-    pruned, masked = _load(cnn_bundle), _load(cnn_bundle)
-    group = [g for g in find_groups(pruned) if not g.blocked][index]
-    twin = [g for g in find_groups(masked) if not g.blocked][index]
-    keep = np.sort(np.argsort(-channel_scores(group))[: group.channels // 2])
-    apply_cut(group, keep)
-    drop = np.setdiff1d(np.arange(twin.channels), keep)
-    for cut in twin.consumer_cuts():
-        array = cut.value.const_value.numpy().copy()
-        index_ = [slice(None)] * array.ndim
-        index_[cut.axis] = drop
-        array[tuple(index_)] = 0
-        cut.value.const_value = ir.tensor(array, name=cut.value.name)
+    chosen = [g for g in find_groups(_load(cnn_bundle)) if not g.blocked][index]
+    keep = np.sort(np.argsort(-channel_scores(chosen))[: chosen.channels // 2])
+    _, groups = _cut_equals_masking(lambda: _load(cnn_bundle), {chosen.key: keep}, {"x": X})
+    group = groups[chosen.key]
     for cut in group.cuts:
         assert cut.value.const_value.shape[cut.axis] == len(keep)
     for node in group.depthwise:
         assert node.attributes["group"].value == len(keep)
-    assert_close(ort_run(masked, {"x": X}), pruned, {"x": X}, atol=1e-4)
 
 
 def test_pass_shrinks_params_and_reports(cnn_bundle):
@@ -223,6 +214,23 @@ def _mask(group, drop: np.ndarray) -> None:
         cut.value.const_value = ir.tensor(array, name=cut.value.name)
 
 
+def _cut_equals_masking(build, keeps: dict, feeds: dict) -> tuple[ir.Model, dict]:
+    """Cut the groups ``keeps`` names (key -> kept channels, in that order) in one model from
+    ``build()``, mask their dropped channels in another, and assert both compute the same.
+
+    Returns the cut model and its groups (as the analysis found them).
+    """
+    pruned, masked = build(), build()
+    groups = {g.key: g for g in find_groups(pruned)}
+    twins = {g.key: g for g in find_groups(masked)}
+    for key, keep in keeps.items():
+        assert not groups[key].blocked, groups[key].blocked
+        _mask(twins[key], np.setdiff1d(np.arange(groups[key].channels), keep))
+        apply_cut(groups[key], keep)
+    assert_close(ort_run(masked, feeds), pruned, feeds, atol=1e-4)
+    return pruned, groups
+
+
 def test_dense_block_groups_reach_through_nested_concats():
     groups = {g.key: g for g in find_groups(_dense_block_model())}
     assert set(groups) == {"wa", "wb", "wc", "we"}
@@ -240,22 +248,12 @@ def test_dense_block_groups_reach_through_nested_concats():
 def test_cutting_every_concat_group_equals_masking():
     """Groups cut one after another (offsets move as earlier segments shrink) == masking."""
     x = np.random.default_rng(5).standard_normal((2, 3, 6, 6)).astype(np.float32)
-    pruned, masked = _dense_block_model(), _dense_block_model()
-    twins = {g.key: g for g in find_groups(masked)}
     keeps = {"wa": np.array([1, 2, 5, 7]), "wb": np.array([0, 3, 4]), "wc": np.array([2])}
-    for group in find_groups(pruned):
-        if group.key in keeps:
-            _mask(twins[group.key], np.setdiff1d(np.arange(group.channels), keeps[group.key]))
-    for group in find_groups(pruned):
-        if group.key in keeps:
-            apply_cut(group, keeps[group.key])
+    pruned, _ = _cut_equals_masking(_dense_block_model, keeps, {"x": x})
     shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
     assert shapes["wd"] == (8, 1, 3, 3) and shapes["we"] == (2, 8, 1, 1) and shapes["s"] == (7,)
-    assert {n.name or n.op_type: n.attributes.get_int("group", 1) for n in pruned.graph
-            if n.op_type == "Conv"}.get("") is None  # fmt: skip
-    depthwise = next(n for n in pruned.graph if n.attributes.get_int("group", 1) > 1)
-    assert depthwise.attributes.get_int("group") == 8
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    groups = [n.attributes.get_int("group", 1) for n in pruned.graph if n.op_type == "Conv"]
+    assert sorted(groups) == [1, 1, 1, 1, 8]  # the depthwise conv, 18 -> 8 channels
 
 
 def test_concat_pass_with_refit_shrinks_and_runs():
@@ -321,14 +319,9 @@ def test_dense_unet_concat_groups_cut_equal_masking(tmp_path):
     x = np.random.default_rng(9).standard_normal((2, 3, 16, 16)).astype(np.float32)
     spanned = [g for g in find_groups(_load(bundle)) if not g.blocked and g.spans]
     assert len(spanned) == 5  # encoder 1's output, encoder 2's output, the 3 dense layers
-    for index in range(len(spanned)):
-        pruned, masked = _load(bundle), _load(bundle)
-        group = [g for g in find_groups(pruned) if not g.blocked and g.spans][index]
-        twin = [g for g in find_groups(masked) if not g.blocked and g.spans][index]
+    for group in spanned:
         keep = np.sort(np.argsort(-channel_scores(group))[: group.channels // 2])
-        _mask(twin, np.setdiff1d(np.arange(twin.channels), keep))
-        apply_cut(group, keep)
-        assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+        _cut_equals_masking(lambda: _load(bundle), {group.key: keep}, {"x": x})
     out = tmp_path / "pruned"
     args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
     assert main([*args, "--multiple-of", "1", "--json"]) == 0
@@ -354,13 +347,8 @@ def test_c2f_split_groups_cut_equal_masking(tmp_path):
     # the bottleneck that adds its input back is cut with the C2f's first conv
     assert sum(any("added to the output of Split" in r for r in g.blocked) for g in groups) == 1
     keep = np.sort(np.concatenate([np.arange(0, 32, 2), np.arange(33, 64, 2)]))
-    for index in range(2):
-        pruned, masked = _load(bundle), _load(bundle)
-        group = [g for g in find_groups(pruned) if g.parts and not g.blocked][index]
-        twin = [g for g in find_groups(masked) if g.parts and not g.blocked][index]
-        _mask(twin, np.setdiff1d(np.arange(64), keep))
-        apply_cut(group, keep)
-        assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    for group in split:
+        _cut_equals_masking(lambda: _load(bundle), {group.key: keep}, {"x": x})
     out = tmp_path / "pruned"
     args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
     assert main([*args, "--multiple-of", "1", "--json"]) == 0
@@ -397,18 +385,11 @@ def _residual_concat_model(second_concat: bool = False) -> ir.Model:
 
 def test_a_layer_added_to_a_concat_output_is_cut_with_its_groups():
     x = np.random.default_rng(16).standard_normal((1, 3, 4, 4)).astype(np.float32)
-    pruned, masked = _residual_concat_model(), _residual_concat_model()
-    groups = {g.key: g for g in find_groups(pruned)}
-    assert any("added to the output of Concat" in r for r in groups["w3"].blocked)
-    twins = {g.key: g for g in find_groups(masked)}
     keeps = {"w1": np.array([0, 3]), "w2": np.array([1, 2])}
-    for key, keep in keeps.items():
-        assert not groups[key].blocked, groups[key].blocked
-        _mask(twins[key], np.setdiff1d(np.arange(4), keep))
-        apply_cut(groups[key], keep)
+    pruned, groups = _cut_equals_masking(_residual_concat_model, keeps, {"x": x})
+    assert any("added to the output of Concat" in r for r in groups["w3"].blocked)
     shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
     assert shapes["w3"] == (4, 3, 1, 1) and shapes["b3"] == (4,) and shapes["w4"] == (2, 4, 1, 1)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
     # two Concat outputs added together: their groups would have to be cut as one
     groups = {g.key: g for g in find_groups(_residual_concat_model(second_concat=True))}
     for key in ("w1", "w2", "w5", "w6"):
@@ -427,16 +408,11 @@ def test_resnext_grouped_conv_groups_cut_equal_masking(tmp_path):
     x = np.random.default_rng(19).standard_normal((2, 3, 8, 8)).astype(np.float32)
     grouped = [g for g in find_groups(_load(bundle)) if not g.blocked and g.blocks > 1]
     assert sorted((g.channels, g.blocks) for g in grouped) == [(64, 8)] * 2 + [(128, 8)] * 2
-    for index in range(len(grouped)):
-        pruned, masked = _load(bundle), _load(bundle)
-        group = [g for g in find_groups(pruned) if not g.blocked and g.blocks > 1][index]
-        twin = [g for g in find_groups(masked) if not g.blocked and g.blocks > 1][index]
+    for group in grouped:
         keep = PruneChannelsPass(multiple_of=1).select(group, channel_scores(group), 0.5)
         size = group.channels // 8
         assert np.bincount(keep // size, minlength=8).tolist() == [size // 2] * 8
-        _mask(twin, np.setdiff1d(np.arange(group.channels), keep))
-        apply_cut(group, keep)
-        assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+        _cut_equals_masking(lambda: _load(bundle), {group.key: keep}, {"x": x})
     out = tmp_path / "pruned"
     args = ["prune", str(bundle), "-o", str(out), "--method", "channels", "--ratio", "0.5"]
     assert main([*args, "--multiple-of", "1"]) == 0
@@ -462,16 +438,9 @@ def test_concat_of_token_features_on_the_last_axis_equals_masking():
         return _ir_model(nodes, inits, [2, 5, 4], [2, 5, 3], opset=20)
 
     x = rng.standard_normal((2, 5, 4)).astype(np.float32)
-    pruned, masked = build(), build()
     keeps = {"w1": np.array([0, 2, 5]), "w2": np.array([1, 4])}
-    twins = {g.key: g for g in find_groups(masked)}
-    for group in find_groups(pruned):
-        if group.key in keeps:
-            assert not group.blocked, group.blocked
-            _mask(twins[group.key], np.setdiff1d(np.arange(group.channels), keeps[group.key]))
-            apply_cut(group, keeps[group.key])
+    pruned, _ = _cut_equals_masking(build, keeps, {"x": x})
     assert pruned.graph.initializers["w3"].const_value.shape == (5, 3)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
 def _split_model(residual: bool = False, form: str = "input") -> ir.Model:
@@ -514,21 +483,13 @@ def _split_sizes(model: ir.Model) -> list[int]:
 @pytest.mark.parametrize("form", ["input", "num_outputs", "attribute"])
 def test_split_parts_are_cut_like_masking_and_sizes_rewritten(form):
     x = np.random.default_rng(13).standard_normal((2, 3, 5, 5)).astype(np.float32)
-    pruned, masked = _split_model(form=form), _split_model(form=form)
-    groups = {g.key: g for g in find_groups(pruned)}
-    assert not groups["w1"].blocked and not groups["w2"].blocked, groups["w1"].blocked
-    assert [(p.start, p.length) for p in groups["w1"].parts] == [(0, 4), (4, 4)]
-    twins = {g.key: g for g in find_groups(masked)}
     keeps = {"w1": np.array([0, 2, 5, 7]), "w2": np.array([1, 3])}
-    for key, keep in keeps.items():
-        _mask(twins[key], np.setdiff1d(np.arange(groups[key].channels), keep))
-    for key, keep in keeps.items():
-        apply_cut(groups[key], keep)
+    pruned, groups = _cut_equals_masking(lambda: _split_model(form=form), keeps, {"x": x})
+    assert [(p.start, p.length) for p in groups["w1"].parts] == [(0, 4), (4, 4)]
     assert _split_sizes(pruned) == [2, 2]
     shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
     assert shapes["w1"] == (4, 3, 1, 1) and shapes["w2"] == (2, 2, 3, 3)
     assert shapes["w3"] == (2, 6, 1, 1)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
 def test_split_pass_keeps_a_share_of_each_part():
@@ -550,17 +511,11 @@ def test_split_pass_keeps_a_share_of_each_part():
 def test_a_layer_added_to_a_split_output_is_cut_with_the_split_group():
     """C2f's shortcut: the bottleneck's conv rows are cut with the part they are added to."""
     x = np.random.default_rng(17).standard_normal((2, 3, 5, 5)).astype(np.float32)
-    pruned, masked = _split_model(residual=True), _split_model(residual=True)
-    groups = {g.key: g for g in find_groups(pruned)}
+    keeps = {"w1": np.array([0, 2, 5, 7])}
+    pruned, groups = _cut_equals_masking(lambda: _split_model(residual=True), keeps, {"x": x})
     assert any("added to the output of Split" in r for r in groups["w2"].blocked)
-    assert not groups["w1"].blocked, groups["w1"].blocked
-    twin = next(g for g in find_groups(masked) if g.key == "w1")
-    keep = np.array([0, 2, 5, 7])
-    _mask(twin, np.setdiff1d(np.arange(8), keep))
-    apply_cut(groups["w1"], keep)
     shapes = {v.name: v.const_value.shape for v in pruned.graph.initializers.values()}
     assert shapes["w2"] == (2, 2, 3, 3) and shapes["b2"] == (2,) and shapes["w3"] == (2, 6, 1, 1)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
 def test_a_conv_added_to_its_own_input_is_cut_on_both_axes():
@@ -576,14 +531,10 @@ def test_a_conv_added_to_its_own_input_is_cut_on_both_axes():
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
              for n, s in arrays.items()]  # fmt: skip
     x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
-    pruned, masked = (_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]) for _ in range(2))
-    (group,) = [g for g in find_groups(pruned) if not g.blocked]
-    (twin,) = [g for g in find_groups(masked) if not g.blocked]
-    keep = np.array([0, 2, 3])
-    _mask(twin, np.setdiff1d(np.arange(6), keep))
-    apply_cut(group, keep)
+    build = lambda: _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])  # noqa: E731
+    pruned, groups = _cut_equals_masking(build, {"w1": np.array([0, 2, 3])}, {"x": x})
+    assert [k for k, g in groups.items() if not g.blocked] == ["w1"]
     assert pruned.graph.initializers["w2"].const_value.shape == (3, 3, 3, 3)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
 
 
 def test_variadic_sum_joins_its_inputs_like_add():
@@ -601,13 +552,10 @@ def test_variadic_sum_joins_its_inputs_like_add():
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
              for n, s in arrays.items()]  # fmt: skip
     x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
-    pruned, masked = (_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4], 9) for _ in range(2))
-    (group,) = [g for g in find_groups(pruned) if not g.blocked]
-    assert len(group.producers) == 3
-    (twin,) = [g for g in find_groups(masked) if not g.blocked]
-    _mask(twin, np.array([1, 4]))
-    apply_cut(group, np.array([0, 2, 3, 5]))
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
+    build = lambda: _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4], 9)  # noqa: E731
+    _, groups = _cut_equals_masking(build, {"w1": np.array([0, 2, 3, 5])}, {"x": x})
+    assert [k for k, g in groups.items() if not g.blocked] == ["w1"]
+    assert len(groups["w1"].producers) == 3
 
 
 def test_a_group_concatenated_with_itself_is_cut_in_both_places():
@@ -620,17 +568,13 @@ def test_a_group_concatenated_with_itself_is_cut_in_both_places():
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
              for n, s in [("w1", (4, 3, 1, 1)), ("w2", (2, 8, 1, 1)), ("b2", (2,))]]  # fmt: skip
     x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
-    pruned, masked = (_ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]) for _ in range(2))
-    (group,) = [g for g in find_groups(pruned) if g.key == "w1"]
-    (twin,) = [g for g in find_groups(masked) if g.key == "w1"]
-    assert not group.blocked and len(group.span(group.consumers[0])) == 2
-    _mask(twin, np.array([0, 2]))
-    apply_cut(group, np.array([1, 3]))
+    build = lambda: _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])  # noqa: E731
+    pruned, groups = _cut_equals_masking(build, {"w1": np.array([1, 3])}, {"x": x})
+    assert len(groups["w1"].span(groups["w1"].consumers[0])) == 2
     assert pruned.graph.initializers["w2"].const_value.shape == (2, 4, 1, 1)
-    assert_close(ort_run(masked, {"x": x}), pruned, {"x": x}, atol=1e-4)
     # the refit sees both copies of each channel: bias-only refit keeps the output mean
     feeds = [{"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)} for _ in range(4)]
-    model = _ir_model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4])
+    model = build()
     before = np.concatenate([ort_run(model, f)[0] for f in feeds])
     PruneChannelsPass(
         ratio=0.5, multiple_of=1, min_channels=1, feeds=feeds, criterion="activation", refit="bias"
