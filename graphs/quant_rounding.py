@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.graphs.base import attr_int
-from onnxpipe.graphs.quant_utils import Feeds, first_samples, tap_session
+from onnxpipe.graphs.quant_utils import Feeds, first_samples, tap_session, token_rows
 from onnxpipe.graphs.quant_weights import PAIR_BOUND
 
 logger = logging.getLogger(__name__)
@@ -56,26 +56,32 @@ def supported(node: ir.Node) -> bool:
 
 
 def input_hessians(
-    model: ir.Model, feeds: Sequence[Feeds], nodes: Sequence[ir.Node]
+    model: ir.Model,
+    feeds: Sequence[Feeds],
+    nodes: Sequence[ir.Node],
+    samples: int = MAX_SAMPLES,
 ) -> dict[str, np.ndarray]:
     """Node name -> ``X^T X / n`` per group ([groups, K, K]) of its input on ``feeds``.
 
     ``X`` holds the rows the node's GEMM multiplies: im2col patches for a Conv (``K`` =
     channels per group x kernel positions, in the weight's order), input rows for
-    Gemm/MatMul. At most :data:`MAX_SAMPLES` samples are used.
+    Gemm/MatMul, a transformer's padded tokens left out (the feed's ``attention_mask``, see
+    :func:`~onnxpipe.graphs.quant_utils.token_rows`). At most ``samples`` samples are used.
     """
     tensors = sorted({v.name for n in nodes if (v := n.inputs[0]) is not None and v.name})
     session = tap_session(model, tensors)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in first_samples(feeds, MAX_SAMPLES):
+    for feed in first_samples(feeds, samples):
         values = dict(zip(tensors, session.run(tensors, feed), strict=True))
+        mask = feed.get("attention_mask")
         for node in nodes:
             x = np.asarray(values[node.inputs[0].name or ""], np.float32)  # type: ignore[union-attr]
             # im2col of a 112x112 layer is large: as many samples at a time as fit the budget
             step = max(1, CHUNK_BYTES // max(_patch_bytes(node, x), 1))
             for start in range(0, len(x), step):
-                rows = _rows(node, x[start : start + step])
+                part = slice(start, start + step)
+                rows = _rows(node, x[part], None if mask is None else mask[part])
                 h = np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)
                 sums[node.name or ""] = sums.get(node.name or "", 0) + h
                 counts[node.name or ""] = counts.get(node.name or "", 0) + rows.shape[1]
@@ -94,10 +100,10 @@ def weight_shape(node: ir.Node) -> tuple[int, ...]:
     return tuple(int(d) for d in shape.numpy()) if shape is not None else ()
 
 
-def _rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
-    """The GEMM rows of ``x`` for ``node``: [groups, rows, K]."""
+def _rows(node: ir.Node, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """The GEMM rows of ``x`` for ``node``: [groups, rows, K] (``mask``: attention mask)."""
     if node.op_type != "Conv":
-        return x.reshape(1, -1, x.shape[-1])
+        return token_rows(x, mask)[None]
     kh, kw = weight_shape(node)[2:4]
     groups = attr_int(node, "group", 1)
     sh, sw = _attr_ints(node, "strides", [1, 1])
@@ -121,18 +127,37 @@ def gptq_round(
     hessian: np.ndarray,
     limits: tuple[int, int],
     paired: bool,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Integer weights [rows, K] for float ``weights`` [rows, K], column by column.
 
-    ``scale``/``zero_point`` are per row; ``hessian`` is [groups, K, K] with the rows split
-    evenly over the groups; ``limits`` the integer range; ``paired`` enforces the int16 pair
-    bound on columns (0, 1), (2, 3)... (symmetric weights only).
+    ``scale``/``zero_point`` are per row ([rows]) or per weight ([rows, K], e.g. int4 blocks
+    along K); ``hessian`` is [groups, K, K] with the rows split evenly over the groups;
+    ``limits`` the integer range; ``paired`` enforces the int16 pair bound on columns
+    (0, 1), (2, 3)... (symmetric weights only). ``order``: the columns in the order to round
+    them (GPTQ's act-order: largest ``H`` diagonal first, so the columns that matter most are
+    rounded while the most columns are left to absorb their error); not with ``paired``.
     """
+    if order is not None:
+        if paired:
+            raise ValueError("gptq_round: a column order breaks the neighbouring pairs")
+        back = np.argsort(order)
+        q = gptq_round(
+            weights[:, order],
+            _per_weight(scale, weights.shape)[:, order],
+            _per_weight(zero_point, weights.shape)[:, order],
+            hessian[:, order][:, :, order],
+            limits,
+            paired,
+        )
+        return q[:, back]
     groups, k = hessian.shape[0], hessian.shape[1]
     w = weights.astype(np.float64).reshape(groups, -1, k).copy()
-    s = scale.astype(np.float64).reshape(groups, -1)
-    s = np.where(s > 0, s, 1.0)  # an all-zero row may carry scale 0; its weights round to 0
-    zp = zero_point.astype(np.float64).reshape(groups, -1)
+    s = _per_weight(scale, weights.shape).reshape(groups, -1, k)
+    # an all-zero row may carry scale 0 (its weights round to 0); ORT's symmetric int4 blocks
+    # have negative scales (the largest magnitude maps to -8)
+    s = np.where(s != 0, s, 1.0)
+    zp = _per_weight(zero_point, weights.shape).reshape(groups, -1, k)
     upper = _inverse_cholesky(hessian)
     q = np.zeros_like(w)
     lo, hi = limits
@@ -142,17 +167,28 @@ def gptq_round(
         stop = min(start + BLOCK, k)
         errors = np.zeros((groups, w.shape[1], stop - start))
         for j in range(start, stop):
-            column = w[:, :, j]
-            qj = np.clip(np.round(column / s) + zp, lo, hi)
+            column, sj, zj = w[:, :, j], s[:, :, j], zp[:, :, j]
+            qj = np.clip(np.round(column / sj) + zj, lo, hi)
             if paired and j % 2:
-                room = PAIR_BOUND + 1 - np.abs(q[:, :, j - 1] - zp)
-                qj = np.clip(qj - zp, -room, room) + zp
+                room = PAIR_BOUND + 1 - np.abs(q[:, :, j - 1] - zj)
+                qj = np.clip(qj - zj, -room, room) + zj
             q[:, :, j] = qj
-            err = (column - (qj - zp) * s) / upper[:, j, j][:, None]
+            err = (column - (qj - zj) * sj) / upper[:, j, j][:, None]
             w[:, :, j + 1 : stop] -= err[:, :, None] * upper[:, None, j, j + 1 : stop]
             errors[:, :, j - start] = err
         w[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
     return q.reshape(weights.shape)
+
+
+def _per_weight(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Per-row (``[rows]``) or per-weight values as a float64 ``[rows, K]`` array."""
+    values = np.asarray(values, np.float64)
+    return np.broadcast_to(values[:, None] if values.ndim == 1 else values, shape)
+
+
+def act_order(hessian: np.ndarray) -> np.ndarray:
+    """Columns by decreasing ``H`` diagonal (summed over groups): GPTQ's act-order."""
+    return np.argsort(-np.einsum("gkk->k", hessian), kind="stable")
 
 
 def _inverse_cholesky(hessian: np.ndarray) -> np.ndarray:

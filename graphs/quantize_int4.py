@@ -13,6 +13,8 @@ weights; asymmetric, the default, 0.9746 and 0.9765).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -22,7 +24,8 @@ from pydantic import Field
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig, attr_int, copy_model
-from onnxpipe.graphs.quant_utils import from_proto, refuse_quantized, to_proto
+from onnxpipe.graphs.quant_rounding import act_order, gptq_round, input_hessians
+from onnxpipe.graphs.quant_utils import Feeds, from_proto, refuse_quantized, to_proto
 from onnxpipe.graphs.quantize_static import split_exclude
 
 logger = logging.getLogger(__name__)
@@ -49,17 +52,37 @@ class QuantizeInt4Config(PassConfig):
         default=True, description="also store Gather embedding tables in 4 bits"
     )
     exclude: tuple[str, ...] = Field(default=(), description="node names kept in float")
+    rounding: Literal["gptq", "nearest"] = Field(
+        default="gptq",
+        description="4-bit values of MatMul weights: error-compensating (GPTQ with act-order, on "
+        "the calibration feeds; to nearest without them) or to nearest",
+    )
+
+
+HESSIAN_SAMPLES = 256
+"""Calibration samples (sentences: every real token is a row) the GPTQ statistics use."""
 
 
 class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
     """Rewrite MatMuls with constant 2-D weights into MatMulNBits.
 
     Refuses a quantized model and a model with no MatMul on constant weights (nothing to do).
+    ``calibration`` feeds (samples like the real inputs) make ``rounding="gptq"`` apply.
     """
 
     name = "quantize_int4"
     config_class = QuantizeInt4Config
     modifies_in_place = False
+
+    def __init__(
+        self,
+        config: QuantizeInt4Config | None = None,
+        *,
+        calibration: Sequence[Feeds] = (),
+        **settings: Any,
+    ) -> None:
+        super().__init__(config, **settings)
+        self.calibration = list(calibration)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Return the model with 4-bit MatMul weights (a new object)."""
@@ -98,14 +121,91 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
                 f"{self.name}: no MatMul with a constant 2-D weight to quantize. int4 is "
                 "weight-only for MatMul (transformers); use --mode static for CNNs."
             )
+        gptq = cfg.rounding == "gptq" and bool(self.calibration)
+        rounded = _gptq_round(result, model, self.calibration) if gptq else []
         self.metrics = {
             "matmulnbits_nodes": done,
+            "rounding": "gptq" if gptq else "nearest",
+            "gptq_rounded_nodes": len(rounded),
             "embedding_tables": tables,
             **({"embeddings_skipped": skipped} if skipped else {}),
             "block_size": cfg.block_size,
         }
         logger.info("quantize_int4: %d MatMul -> MatMulNBits, %d embedding tables", done, tables)
         return ir.passes.PassResult(result, modified=True)
+
+
+def _gptq_round(result: ir.Model, model: ir.Model, feeds: Sequence[Feeds]) -> list[str]:
+    """GPTQ-round the 4-bit weights of ``result``'s MatMulNBits, in place; returns the nodes.
+
+    ``model`` is the float model ORT quantized (MatMuls matched by weight name: ORT stores
+    ``W`` as ``W_Q4``); a weight that several MatMuls share, or whose zero points are not
+    packed uint8, keeps ORT's rounding.
+    """
+    floats: dict[str, ir.Node] = {}
+    for i, node in enumerate(model.graph):
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if weight is not None and weight.const_value is not None and len(weight.uses()) == 1:
+            node.name = f"{node.name}#{i}"  # unique keys for the statistics (a copy's names)
+            floats[weight.name or ""] = node
+    targets = {}
+    for node in result.graph:
+        stored = node.inputs[1] if node.op_type == "MatMulNBits" else None
+        name = (stored.name or "").removesuffix(f"_Q{attr_int(node, 'bits', 4)}") if stored else ""
+        if name in floats and _unpacked(node) is not None:
+            targets[name] = node
+    if not targets:
+        return []
+    nodes = [floats[name] for name in targets]
+    hessians = input_hessians(model, feeds, nodes, HESSIAN_SAMPLES)
+    for name, node in targets.items():
+        q, scale, zero = _unpacked(node)  # type: ignore[misc]
+        k, block = attr_int(node, "K", 0), attr_int(node, "block_size", 32)
+        w = floats[name].inputs[1].const_value.numpy().T  # type: ignore[union-attr]
+        h = hessians[floats[name].name or ""]
+        scales, zeros = (np.repeat(a, block, axis=1)[:, :k] for a in (scale, zero))
+        top = (1 << attr_int(node, "bits", 4)) - 1
+        q[:, :k] = gptq_round(w, scales, zeros, h, (0, top), False, act_order(h))
+        stored = node.inputs[1]
+        assert stored is not None and stored.const_value is not None
+        packed = _pack(q).reshape(stored.const_value.shape.numpy())
+        stored.const_value = ir.tensor(packed, name=stored.name)
+    logger.info("quantize_int4: GPTQ rounding on %d MatMuls", len(targets))
+    return [node.name or "" for node in targets.values()]
+
+
+def _unpacked(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A 4-bit MatMulNBits' values [N, blocks x block_size], scales and zero points [N, blocks].
+
+    None when it is not 4-bit or its zero points are not packed uint8 (absent: 8).
+    """
+    stored, scales = node.inputs[1], node.inputs[2]
+    zeros = node.inputs[3] if len(node.inputs) > 3 else None
+    if attr_int(node, "bits", 4) != 4 or stored is None or scales is None:
+        return None
+    if stored.const_value is None or scales.const_value is None:
+        return None
+    n = attr_int(node, "N", 0)
+    scale = scales.const_value.numpy().astype(np.float64).reshape(n, -1)
+    if zeros is None:
+        zero = np.full(scale.shape, 8.0)
+    elif zeros.const_value is None or zeros.const_value.dtype != ir.DataType.UINT8:
+        return None
+    else:
+        zero = _unpack(zeros.const_value.numpy().reshape(n, -1))[:, : scale.shape[1]]
+    return _unpack(stored.const_value.numpy().reshape(n, -1)), scale, zero.astype(np.float64)
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., m] -> [..., 2m] 4-bit values as float64, low nibble first (MatMulNBits)."""
+    pairs = np.stack([packed & 15, packed >> 4], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], -1).astype(np.float64)
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_unpack`: [..., 2m] values in 0..15 -> uint8 [..., m]."""
+    q = values.astype(np.uint8).reshape(*values.shape[:-1], -1, 2)
+    return (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)
 
 
 def _gemm_as_matmul(model: ir.Model, keep: set[str]) -> None:

@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
     p.add_argument("--mode", required=True, choices=["static", "dynamic", "int4", "fp16"])
-    p.add_argument("--calib", metavar="DATA", help="calibration data (static mode)")
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="calibration data (static; dynamic: smoothing statistics; int4: GPTQ rounding)",
+    )
     p.add_argument("--eval", metavar="DATA", help="gate data (default: the bundle's samples)")
     p.add_argument(
         "--preprocess",
@@ -154,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounding",
         default="gptq",
         choices=["gptq", "nearest"],
-        help="int8 weight rounding: error-compensating on the calibration data (default) or "
-        "to nearest",
+        help="static int8 and int4 weight rounding: error-compensating on the calibration "
+        "data (default; int4 without --calib rounds to nearest) or to nearest",
     )
     p.add_argument(
         "--no-empirical-bias",

@@ -34,7 +34,8 @@ class QuantizeSettings(BaseModel):
 
     mode: Literal["static", "dynamic", "int4", "fp16"] = Field(description="quantization mode")
     calib: str | None = Field(
-        default=None, description="calibration DATA (static; dynamic: smoothing statistics)"
+        default=None,
+        description="calibration DATA (static; dynamic: smoothing statistics; int4: GPTQ rounding)",
     )
     method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
         default="minmax", description="calibration method (static)"
@@ -51,7 +52,8 @@ class QuantizeSettings(BaseModel):
     )
     rounding: Literal["gptq", "nearest"] = Field(
         default="gptq",
-        description="int8 weight rounding (static QDQ): error-compensating or nearest",
+        description="weight rounding (static QDQ int8; int4 with --calib): error-compensating "
+        "(GPTQ) or nearest",
     )
     empirical_bias: bool = Field(
         default=True,
@@ -150,7 +152,10 @@ def _quantize(
     if s.mode == "int4":
         from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
 
-        return _apply(QuantizeInt4Pass(exclude=s.exclude), model)
+        # GPTQ rounding needs calibration data; without --calib the values round to nearest.
+        calib = load_data(s.calib, ctx.inputs) if s.calib else []
+        int4 = QuantizeInt4Pass(exclude=s.exclude, rounding=s.rounding, calibration=calib)
+        return _apply(int4, model)
     pre = QuantizePreprocessPass()
     model = pre(model).model
     if s.mode == "dynamic":

@@ -42,3 +42,19 @@ def assert_close(
         assert want.shape == have.shape, (i, want.shape, have.shape)
         diff = float(np.max(np.abs(want.astype(np.float64) - have.astype(np.float64))))
         assert diff <= atol, f"output {i}: max abs diff {diff} > {atol}"
+
+
+def matmul_model(w: np.ndarray, opset: int = 17) -> ir.Model:
+    """One MatMul node ``mm``: ``y = x @ w`` for ``x`` float32 ``[n, K]``."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    return ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    )
