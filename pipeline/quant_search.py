@@ -8,10 +8,11 @@
    with only that node (and the Relu/Clip it alone feeds, see :func:`fallback_units`)
    quantized, on ORT's real int8 kernels, against the float model on a slice of the
    calibration data (not the eval data the gate is judged on).
-3. Keep units in float, in growing groups, until the gate holds: first those whose float
-   kernels beat ORT's int8 ones here, then by damage per millisecond of float cost
-   (:mod:`onnxpipe.node_cost`, from ORT profiles of the float and the int8 model). Nodes
-   kept in float stay float at run time (``keep_float_weights`` in the static pass).
+3. Keep units in float, in growing groups, until the gate holds, then bisect back to the
+   fewest that hold it (:func:`fewest_passing`): first those whose float kernels beat ORT's
+   int8 ones here, then by damage per millisecond of float cost (:mod:`onnxpipe.node_cost`,
+   from ORT profiles of the float and the int8 model). Nodes kept in float stay float at
+   run time (``keep_float_weights`` in the static pass).
 4. Of the passing candidates, ship the fastest (batch-1 latency, each timed alone in a
    fresh process, taking turns: :func:`onnxpipe.bench.isolated_ms`).
 5. Apply empirical bias correction (:mod:`onnxpipe.graphs.empirical_bias`) to that one only,
@@ -24,7 +25,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -292,23 +293,43 @@ def _float_fallback(
         logger.debug("sensitivity %s: %.5f", unit, damage[unit])
     report("profiling float and int8 kernel times")
     order, costs = _cost_order(model, ctx, units, damage, (ref_path, int8_path))
-    # Damage concentrates in a few units (on EfficientNet-Lite0: the stem conv and the first
-    # depthwise conv), so groups start at one unit and grow geometrically.
-    kept: list[str] = []
-    count = 1
-    limit = max(1, int(len(order) * MAX_FLOAT_SHARE))
-    while count <= limit:
-        kept = [name for unit in order[:count] for name in unit]
-        trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(kept)})
-        row = attempt(trial, f"{describe(cfg)} + {count} units in float")
-        if row["passed"]:
-            break
-        count = max(count + 1, round(count * 1.5))
+    tried: dict[int, list[str]] = {}
+
+    def passes(count: int) -> bool:
+        tried[count] = [name for unit in order[:count] for name in unit]
+        trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(tried[count])})
+        return bool(attempt(trial, f"{describe(cfg)} + {count} units in float")["passed"])
+
+    found = fewest_passing(max(1, int(len(order) * MAX_FLOAT_SHARE)), passes)
+    kept = tried[found if found is not None else max(tried)]
     ranked = [
         {"nodes": list(u), "damage": round(damage[u], 6), "cost_ms": costs.get(u)}
         for u in order[:15]
     ]
     return {"sensitivity": ranked, "kept_float_nodes": kept, "sensitivity_samples": _n(sens_feeds)}
+
+
+def fewest_passing(limit: int, passes: Callable[[int], bool]) -> int | None:
+    """The fewest units kept in float that pass, of counts up to ``limit``; None if none does.
+
+    ``passes(count)`` builds and measures the candidate with the first ``count`` units in
+    float. Damage concentrates in a few units (on EfficientNet-Lite0: the stem conv and the
+    first depthwise conv), so counts grow geometrically from one (1, 2, 3, 4, 6, 9, ...);
+    once one passes, the counts between it and the last that failed are bisected, since a
+    candidate with fewer float units is faster and smaller.
+    """
+    failed, count = 0, 1
+    while count <= limit:
+        if passes(count):
+            while count - failed > 1:
+                middle = (failed + count) // 2
+                if passes(middle):
+                    count = middle
+                else:
+                    failed = middle
+            return count
+        failed, count = count, max(count + 1, round(count * 1.5))
+    return None
 
 
 def _cost_order(

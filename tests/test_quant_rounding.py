@@ -370,3 +370,25 @@ def test_int4_pass_with_calibration_rounds_by_gptq_closer_to_float_on_ort(symmet
     assert plain.metrics["gptq_rounded_nodes"] == 0
     packed = np.arange(256, dtype=np.uint8).reshape(4, 64)
     assert np.array_equal(_pack(_unpack(packed)), packed)
+
+
+@pytest.mark.parametrize(
+    ("first_passing", "tried", "found"),
+    [
+        (5, [1, 2, 3, 4, 6, 5], 5),  # grows 1, 2, 3, 4, 6, then bisects back to 5
+        (10, [1, 2, 3, 4, 6, 9, 14, 11, 10], 10),
+        (1, [1], 1),
+        (40, [1, 2, 3, 4, 6, 9, 14, 21], None),  # nothing up to the limit (24) passes
+    ],
+)
+def test_fewest_passing_grows_then_bisects_to_the_fewest_float_units(first_passing, tried, found):
+    from onnxpipe.quant_search import fewest_passing  # noqa: PLC0415
+
+    calls: list[int] = []
+
+    def passes(count: int) -> bool:
+        calls.append(count)
+        return count >= first_passing
+
+    assert fewest_passing(24, passes) == found
+    assert calls == tried
