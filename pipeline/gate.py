@@ -120,9 +120,12 @@ def gate_metrics(
             keep = np.asarray(mask).reshape(ref.shape[:2] + (1,) * (ref.ndim - 2))
             ref, got = ref * keep, got * keep
         flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
-        norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_got, axis=1)
+        ref_norm, got_norm = np.linalg.norm(flat_ref, axis=1), np.linalg.norm(flat_got, axis=1)
+        norms = ref_norm * got_norm
+        # a zero output agrees only with a zero reference (an all-zero fp16 underflow must fail)
+        both_zero = np.where((ref_norm == 0) & (got_norm == 0), 1.0, 0.0)
         cosines.append(
-            np.where(norms > 0, (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300), 1.0)
+            np.where(norms > 0, (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300), both_zero)
         )
         if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
             ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])

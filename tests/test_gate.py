@@ -51,6 +51,17 @@ def test_metrics_on_known_numbers():
     assert info.value.metrics["top1"] == 0.75
 
 
+def test_an_all_zero_output_fails_a_cosine_gate_unless_the_reference_is_zero_too():
+    # an fp16 model whose tiny logits underflowed to 0 scored cosine 1.0 and passed
+    ref = np.full((2, 4), 5e-8)
+    zero = np.zeros((2, 4))
+    metrics = gate_metrics([[ref]], [[zero]])
+    assert metrics["cosine"] == 0.0
+    with pytest.raises(GateFailed, match="cosine"):
+        enforce([Gate.parse("cosine>=0.999")], metrics, "quantize")
+    assert gate_metrics([[zero]], [[zero]])["cosine"] == 1.0
+
+
 def test_embeddings_have_no_top1_and_a_top1_gate_is_bad_input():
     ref = np.random.default_rng(0).standard_normal((4, 8, 16))
     metrics = gate_metrics([[ref]], [[ref * 1.01]])
