@@ -157,3 +157,26 @@ def _check(feeds: Feeds, specs: Sequence[InputSpec], where: str) -> None:
                 f"{where}: {spec.name!r} has shape {list(array.shape)}, the model takes "
                 f"{list(spec.shape)} (samples on axis 0).{hint}"
             )
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise InputError(
+                f"{where}: {spec.name!r} holds {bad} NaN or infinite values of {array.size}: "
+                "outputs and calibration ranges computed from them mean nothing. Fix or drop "
+                "those samples."
+            )
+    _check_shared_dims(feeds, specs, where)
+
+
+def _check_shared_dims(feeds: Feeds, specs: Sequence[InputSpec], where: str) -> None:
+    """Inputs that share a symbolic dim (``seq`` of ``input_ids`` and ``attention_mask``) agree."""
+    seen: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        for dim, size in zip(spec.shape, feeds[spec.name].shape, strict=False):
+            if not isinstance(dim, str):
+                continue
+            first = seen.setdefault(dim, (int(size), spec.name))
+            if first[0] != size:
+                raise InputError(
+                    f"{where}: dimension {dim!r} is {first[0]} in {first[1]!r} but {size} in "
+                    f"{spec.name!r}; inputs that share it must agree (pad them to one length)."
+                )

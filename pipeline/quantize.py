@@ -16,7 +16,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from onnxpipe.data import load_data
+from onnxpipe.data import Feeds, load_data
 from onnxpipe.errors import InputError, PassError
 from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
@@ -153,7 +153,7 @@ def _quantize(
         from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
 
         # GPTQ rounding needs calibration data; without --calib the values round to nearest.
-        calib = load_data(s.calib, ctx.inputs) if s.calib else []
+        calib = _calibration(s.calib, ctx) if s.calib else []
         int4 = QuantizeInt4Pass(exclude=s.exclude, rounding=s.rounding, calibration=calib)
         return _apply(int4, model)
     pre = QuantizePreprocessPass()
@@ -163,7 +163,7 @@ def _quantize(
 
         # Smoothing statistics: the calibration data, else the eval data the user gave.
         source = "calib" if s.calib else ("eval" if eval_given else None)
-        statistics = load_data(s.calib, ctx.inputs) if s.calib else ctx.eval_feeds
+        statistics = _calibration(s.calib, ctx) if s.calib else ctx.eval_feeds
         dynamic = QuantizeDynamicPass(
             exclude=s.exclude, statistics=statistics if source else (), smooth_alpha=s.smooth_alpha
         )
@@ -187,7 +187,7 @@ def _quantize(
                 smoothing["kept"] = True
         return result, {"preprocess": pre.metrics, **metrics}
     assert s.calib is not None
-    calib = load_data(s.calib, ctx.inputs)
+    calib = _calibration(s.calib, ctx)
     from onnxpipe.graphs.quantize_static import QuantizeStaticPass  # noqa: PLC0415
 
     if s.auto:
@@ -210,6 +210,17 @@ def _quantize(
         )
         result, metrics = _apply(static, model)
     return result, {"preprocess": pre.metrics, "calibration_batches": len(calib), **metrics}
+
+
+def _calibration(data: str, ctx: TransformContext) -> list[Feeds]:
+    """``--calib`` feeds, checked against the inputs and run once through the input model.
+
+    A sample the model cannot run (a token id past the vocabulary) is exit 2 naming the
+    data, not an error from deep inside a calibrator.
+    """
+    feeds = load_data(data, ctx.inputs)
+    ctx.outputs_on(feeds, data)
+    return feeds
 
 
 def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:

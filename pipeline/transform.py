@@ -55,6 +55,7 @@ class TransformContext:
     eval_feeds: list[Feeds]
     scratch: Path
     random: dict[str, str] = field(default_factory=dict)  # output -> the random op it depends on
+    eval_source: str = "the bundle's samples"
     _reference: list[Outputs] | None = field(default=None, repr=False)
 
     def run(
@@ -78,8 +79,23 @@ class TransformContext:
     def reference(self) -> list[Outputs]:
         """Outputs of the input bundle's model on the eval feeds (computed once)."""
         if self._reference is None:
-            self._reference = self.run(self.bundle / MODEL_FILE)
+            self._reference = self.outputs_on(self.eval_feeds, self.eval_source)
         return self._reference
+
+    def outputs_on(self, feeds: Sequence[Feeds], source: str) -> list[Outputs]:
+        """The input bundle's model on user data ``source``.
+
+        Raises:
+            InputError: ORT cannot run the model on it (e.g. token ids past the vocabulary),
+                naming ``source``.
+        """
+        try:
+            return self.run(self.bundle / MODEL_FILE, feeds)
+        except InputError as e:
+            raise InputError(
+                f"{source}: the input model fails on this data ({e.__cause__ or e}). Check "
+                "its values, e.g. token ids within the vocabulary, indices within range."
+            ) from e
 
     def measure(self, model: ir.Model | Path) -> dict[str, Any]:
         """Gate metrics of ``model`` against the input model on the eval feeds."""
@@ -135,6 +151,7 @@ def derive_bundle(
         ctx = TransformContext(
             bundle, manifest, inputs, eval_feeds(bundle, inputs, eval_data), Path(scratch),
             _measurable_outputs(bundle / MODEL_FILE, step_name),
+            eval_data or "the bundle's samples",
         )  # fmt: skip
         if gates:  # a gate the outputs cannot measure is bad input, before any search
             check_applicable(gates, ctx.reference())

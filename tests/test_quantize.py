@@ -360,6 +360,7 @@ def test_already_quantized_model_is_refused(cli, mlp, tmp_path):
         (lambda d: np.savez(d / "bad.npz", y=np.zeros((2, 3, 16, 16), np.float32)), "'y'"),
         (lambda d: np.savez(d / "bad.npz", x=np.zeros((2, 3, 8, 8), np.float32)), "shape"),
         (lambda d: np.savez(d / "bad.npz", x=np.zeros((2, 3, 16, 16), np.float64)), "float64"),
+        (lambda d: np.savez(d / "bad.npz", x=np.full((2, 3, 16, 16), np.nan, np.float32)), "NaN"),
     ],
 )
 def test_mismatched_calibration_data_exits_2(cli, cnn, tmp_path, make, needle):
@@ -367,6 +368,28 @@ def test_mismatched_calibration_data_exits_2(cli, cnn, tmp_path, make, needle):
     code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static",
                        "--calib", tmp_path / "bad.npz")  # fmt: skip
     assert code == 2 and needle in err and "bad.npz" in err
+
+
+def test_token_inputs_of_different_lengths_exit_2_naming_the_dim(cli, bert_bundle, tmp_path):
+    np.savez(tmp_path / "bad.npz", input_ids=np.ones((4, 24), np.int64),
+             attention_mask=np.ones((4, 10), np.int64))  # fmt: skip
+    code, _, err = cli("quantize", bert_bundle, "-o", tmp_path / "q", "--mode", "int4",
+                       "--calib", tmp_path / "bad.npz")  # fmt: skip
+    assert code == 2 and "'seq' is 24 in 'input_ids' but 10 in 'attention_mask'" in err, err
+    assert "bad.npz" in err and not (tmp_path / "q").exists()
+
+
+def test_token_ids_past_the_vocabulary_exit_2_naming_the_data(cli, bert_bundle, tmp_path):
+    tokens = _sentences(0, 8)
+    np.savez(tmp_path / "oov.npz", **{**tokens, "input_ids": tokens["input_ids"] + 5000})
+    for mode in ("int4", "dynamic"):
+        code, _, err = cli("quantize", bert_bundle, "-o", tmp_path / mode, "--mode", mode,
+                           "--calib", tmp_path / "oov.npz")  # fmt: skip
+        assert code == 2 and "oov.npz: the input model fails on this data" in err, err
+    # as --eval data too: named, exit 2
+    code, _, err = cli("quantize", bert_bundle, "-o", tmp_path / "e", "--mode", "int4",
+                       "--eval", tmp_path / "oov.npz")  # fmt: skip
+    assert code == 2 and "oov.npz: the input model fails" in err, err
 
 
 def test_a_folder_of_per_sample_npy_files_names_the_file_and_the_fix(cli, cnn, tmp_path):
