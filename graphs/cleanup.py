@@ -204,10 +204,12 @@ def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> ir.Model:
             hidden_size=cfg.hidden_size,
             opt_level=0,
         )
-    except (KeyError, ValueError, AssertionError, RuntimeError) as e:
+    except (KeyError, ValueError, AssertionError, RuntimeError, IndexError, TypeError) as e:
+        # IndexError: ORT's gpt2 postprocess reads the bias of every Gemm (a bias-free one fails)
         raise PassError(
-            f"onnxruntime.transformers.optimizer ({cfg.transformer}) failed: {e}. Check "
-            "--transformer, --num-heads and --hidden-size."
+            f"onnxruntime.transformers.optimizer ({cfg.transformer}) failed on this graph: "
+            f"{type(e).__name__}: {e}. Check --transformer, --num-heads and --hidden-size, or "
+            "leave --transformer out (the other cleanup passes still run)."
         ) from e
     fused: dict[str, Any] = optimized.get_fused_operator_statistics()
     logger.info("transformer fusions: %s", {k: v for k, v in fused.items() if v})
