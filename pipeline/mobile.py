@@ -110,6 +110,26 @@ def check_mobile_ops(model: onnx.ModelProto, where: Path) -> None:
         )
 
 
+def check_mobile_tensors(model: onnx.ModelProto, where: Path) -> None:
+    """Refuse 4-bit tensors, which the ORT format cannot store.
+
+    ORT writes the .ort file, then cannot load it ("Unsupported tensor data type"); the
+    4-bit tensors come from ``quantize --mode int4``'s embedding tables.
+
+    Raises:
+        InputError: naming the tensors and the fix.
+    """
+    four_bit = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    found = sorted(t.name for t in model.graph.initializer if t.data_type in four_bit)
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise InputError(
+            f"{where}: holds 4-bit tensors ({shown}), which the ORT format cannot store. "
+            "For mobile, quantize with --mode int4 --exclude Gather (embedding tables stay "
+            "float; MatMulNBits weights are packed bytes and convert), or --mode dynamic."
+        )
+
+
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
@@ -228,6 +248,7 @@ def package_mobile(
     fixed = parse_fixed_shapes(fixed_shapes, inputs)
     model = onnx.load(str(bundle / MODEL_FILE))
     check_mobile_ops(model, bundle / MODEL_FILE)
+    check_mobile_tensors(model, bundle / MODEL_FILE)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-mobile-") as scratch:
         source = Path(scratch) / MODEL_FILE
         plain_initializers(model)

@@ -312,6 +312,18 @@ def test_int4_with_calib_rounds_by_gptq_closer_to_float(cli, bert_bundle, tmp_pa
     assert errors["gptq"] < errors["nearest"] * 0.7, errors  # measured 0.0018 vs 0.0039
 
 
+def test_int4_tables_cannot_go_to_ort_format_but_int4_matmuls_can(cli, bert_bundle, tmp_path):
+    for flags in ([], ["--exclude", "Gather"]):
+        int4, package = tmp_path / f"int4{len(flags)}", tmp_path / f"pkg{len(flags)}"
+        assert cli("quantize", bert_bundle, "-o", int4, "--mode", "int4", *flags)[0] == 0
+        code, _, err = cli("package", int4, "-o", package, "--target", "mobile")
+        if flags:
+            assert code == 0, err  # MatMulNBits weights are packed bytes: they convert
+        else:  # ORT wrote a .ort file it then could not load (an internal error, exit 3)
+            assert code == 2 and "4-bit tensors" in err and "--exclude Gather" in err, err
+            assert not package.exists()
+
+
 def test_int4_stores_embedding_tables_in_4_bits(cli, bert_bundle, tmp_path):
     bundle = bert_bundle
     sizes = {}
