@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from onnxpipe.errors import InputError, OnnxPipeError, PassError
+from onnxpipe.errors import InputError, OnnxPipeError, PassError, invalid_settings
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class GraphPass(ir.passes.PassBase, Generic[ConfigT]):
             try:
                 config = self.config_class(**settings)  # type: ignore[assignment]
             except ValueError as e:  # pydantic's ValidationError
-                raise InputError(f"pass {self.name!r}: invalid settings: {e}") from e
+                raise invalid_settings(f"pass {self.name!r}: invalid settings", e) from e
         self.config: ConfigT = config  # type: ignore[assignment]
         self.metrics: dict[str, Any] = {}
 

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxpipe import __version__
-from onnxpipe.errors import InputError, OnnxPipeError
+from onnxpipe.errors import InputError, OnnxPipeError, invalid_settings
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
@@ -527,15 +527,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """``onnxpipe prune BUNDLE -o OUT --method ... --ratio R``: a gated, compressed bundle."""
     from onnxpipe.compress import PruneSettings, check_ratio, prune_bundle  # noqa: PLC0415
 
-    settings = PruneSettings(
-        method=args.method,
-        ratio=check_ratio(args.ratio),
-        scope=args.scope,
-        energy=args.energy,
-        gates=tuple(args.gate),
-        cleanup=not args.no_cleanup,
-        multiple_of=args.multiple_of,
-    )
+    try:
+        settings = PruneSettings(
+            method=args.method,
+            ratio=check_ratio(args.ratio),
+            scope=args.scope,
+            energy=args.energy,
+            gates=tuple(args.gate),
+            cleanup=not args.no_cleanup,
+            multiple_of=args.multiple_of,
+        )
+    except ValueError as e:  # pydantic's ValidationError
+        raise invalid_settings("prune", e) from e
     with _working(args, "pruning"):
         manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)
     _emit(args, manifest, [summary_table(manifest, args.out)])

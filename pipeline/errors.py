@@ -40,3 +40,19 @@ class GateFailed(OnnxPipeError):
     def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.metrics = metrics or {}
+
+
+def invalid_settings(what: str, error: ValueError) -> InputError:
+    """InputError for settings that failed validation, one clause per field.
+
+    pydantic's ValidationError (a ValueError) prints a multi-line dump ending in a link to
+    its docs; users see ``what: energy Input should be less than or equal to 1.`` instead.
+    """
+    details = getattr(error, "errors", None)
+    if not callable(details):
+        return InputError(f"{what}: {error}.")
+    clauses = "; ".join(
+        " ".join([*map(str, item["loc"]), item["msg"].removeprefix("Value error, ")])
+        for item in details()
+    )
+    return InputError(f"{what}: {clauses}.")

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onnxpipe.data import Feeds, load_data
-from onnxpipe.errors import InputError, PassError
+from onnxpipe.errors import PassError, invalid_settings
 from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
 from onnxpipe.graphs.quant_utils import refuse_float16, refuse_quantized
@@ -95,11 +95,7 @@ def settings_from(**values: Any) -> QuantizeSettings:
     try:
         return QuantizeSettings(**values)
     except ValueError as e:  # pydantic's ValidationError
-        messages = "; ".join(
-            " ".join([*map(str, err["loc"]), err["msg"].removeprefix("Value error, ")])
-            for err in e.errors()  # type: ignore[attr-defined]
-        )
-        raise InputError(f"quantize: {messages}.") from e
+        raise invalid_settings("quantize", e) from e
 
 
 def quantize_bundle(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import save_parity_samples, versions
 from onnxpipe.converters.base import ConvertConfig, InputSpec
-from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.errors import GateFailed, InputError, invalid_settings
 from onnxpipe.modelio import DATA_FILE, MODEL_FILE
 from onnxpipe.validate import parse_eps, validate_bundle
 
@@ -230,4 +230,4 @@ def make_step(name: str, settings: dict[str, Any]) -> StepConfig:
     try:
         return steps[name](**settings)
     except ValueError as e:  # pydantic's ValidationError is a ValueError
-        raise InputError(f"step {name!r}: invalid settings: {e}") from e
+        raise invalid_settings(f"step {name!r}: invalid settings", e) from e

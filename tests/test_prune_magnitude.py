@@ -61,6 +61,21 @@ def test_ratio_outside_open_interval_exits_2(cli, mlp_bundle, tmp_path, ratio):
     assert code == 2 and "--ratio" in stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--method", "channels", "--multiple-of", "0"], "prune: multiple_of Input should be"),
+        (["--method", "lowrank", "--energy", "2"], "energy Input should be less than or equal"),
+    ],
+)
+def test_settings_out_of_range_exit_2_in_one_line(cli, mlp_bundle, tmp_path, flags, needle):
+    # --multiple-of 0 was an internal error (exit 3), --energy 2 a pydantic dump with a link
+    code, _, stderr = cli("prune", mlp_bundle, "-o", tmp_path / "o", "--ratio", "0.3", *flags)
+    assert code == 2 and needle in stderr, stderr
+    assert "errors.pydantic.dev" not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def weightless_bundle(tmp_path_factory):
     from onnxpipe.cli import main
