@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -576,6 +577,26 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so temporary files are cleaned up as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _terminate_cleanly() -> Any:
+    """Turn SIGTERM into :class:`Terminated`; returns the handler to restore (None: unchanged).
+
+    A killed run (``timeout``, a CI runner) otherwise left its scratch files behind: 476 MB
+    of GPTQ statistics for a ResNet-50. Only the main thread may set handlers.
+    """
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -584,9 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    previous = _terminate_cleanly()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except Terminated:
+        err.print("onnxpipe: terminated; nothing was written.")
+        return 143
     except OnnxPipeError as e:
         if debug:
             traceback.print_exc()
@@ -610,6 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -284,6 +284,34 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     assert str(garbage) in proc.stderr.replace("\n", "")
 
 
+def test_sigterm_mid_run_cleans_up_like_ctrl_c(cli, mlp_bundle, tmp_path, monkeypatch):
+    """A killed run (timeout, CI) left its scratch dir behind: 476 MB for a ResNet-50."""
+    import signal  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import onnxpipe.cli as cli_module  # noqa: PLC0415
+    import onnxpipe.quantize as quantize  # noqa: PLC0415
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real = quantize._calibration
+
+    def killed(*args, **kwargs):
+        found = real(*args, **kwargs)
+        assert any(scratch.iterdir())  # the run's scratch dir exists at this point
+        os.kill(os.getpid(), signal.SIGTERM)
+        return found
+
+    monkeypatch.setattr(quantize, "_calibration", killed)
+    np.savez(tmp_path / "calib.npz", x=np.ones((4, 64), np.float32))
+    code, _, err = cli("quantize", mlp_bundle, "-o", tmp_path / "q", "--mode", "static",
+                       "--calib", tmp_path / "calib.npz")  # fmt: skip
+    assert code == 143 and "terminated; nothing was written" in err, err
+    assert not list(scratch.iterdir()) and not (tmp_path / "q").exists()
+    assert signal.getsignal(signal.SIGTERM) is not cli_module._on_sigterm  # restored
+
+
 def test_usage_errors_are_exit_2(cli):
     code, _, err = cli("convert")
     assert code == 2 and "--help" in err
