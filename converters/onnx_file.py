@@ -25,6 +25,7 @@ from onnxpipe.converters.base import (
     InputSpec,
 )
 from onnxpipe.errors import InputError
+from onnxpipe.runtime import ORT_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             f"are {[s.name for s in specs]}."
         )
     specs = [overrides.get(s.name, s) for s in specs]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _reference_session(path, model)
 
     def reference(feeds: Feeds) -> list[np.ndarray]:
         return list(session.run(None, dict(feeds)))
@@ -111,6 +112,34 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             notes=notes,
         ),
     )
+
+
+def _reference_session(path: Path, model: ir.Model) -> ort.InferenceSession:
+    """An ORT CPU session on the user's file, or on ``model`` (loaded) if ORT cannot load it.
+
+    ORT cannot load a file whose shape-defining constants (a Slice's starts) sit in external
+    data (``onnx.save(..., size_threshold=0)``), though the same model in memory runs.
+
+    Raises:
+        InputError: ORT cannot load the model either way.
+    """
+    providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except ORT_ERRORS as e:
+        first = e
+    proto = ir.serde.serialize_model(model)
+    if proto.ByteSize() < 2**31 - 1:
+        try:
+            session = ort.InferenceSession(proto.SerializeToString(), providers=providers)
+        except ORT_ERRORS:
+            pass
+        else:
+            logger.info("%s: ORT loads it only with its external data in memory", path)
+            return session
+    raise InputError(
+        f"{path}: ONNX Runtime cannot load the model: {str(first).splitlines()[0][:300]}"
+    ) from first
 
 
 def _check(path: Path, model: ir.Model) -> list[str]:

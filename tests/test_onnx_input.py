@@ -117,6 +117,29 @@ def test_external_data_input_is_read_and_reinlined(cli, tmp_path):
     )
 
 
+def test_shape_constants_in_external_data_are_loaded_in_memory(cli, tmp_path):
+    # ORT refuses to load this file (Reshape's shape is external); the model itself is fine
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+         helper.make_node("Slice", ["r", "start", "end"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 3])],
+        [numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "shape"),
+         numpy_helper.from_array(np.array([0], np.int64), "start"),
+         numpy_helper.from_array(np.array([1], np.int64), "end")],
+    )  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              src / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)  # fmt: skip
+    code, _, err = cli("convert", src / "m.onnx", "-o", tmp_path / "out", "--no-bench")
+    assert code == 0, err
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    got = ort_run(tmp_path / "out" / "model.onnx", {"x": x})[0]
+    np.testing.assert_array_equal(got, x.reshape(-1, 2, 3)[:1])
+
+
 def test_missing_external_data_is_named(cli, tmp_path):
     weight = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
     graph = helper.make_graph(
