@@ -49,6 +49,30 @@ def check_out_dir(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) ->
         raise InputError(f"{out}: exists and is not a directory; pick a new -o.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out}: exists and is not empty. Pick a new -o or pass --overwrite.")
+    _probe_writable(out)
+
+
+def _probe_writable(out: Path) -> None:
+    """InputError unless a directory can be made beside ``out``, checked before any work.
+
+    Parents the probe creates are removed again, so a run that fails later leaves nothing.
+    """
+    missing = []
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)  # innermost first
+        parent = parent.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+    except OSError as e:
+        raise InputError(
+            f"{out}: cannot be written ({e.strerror or e}). Pick a -o in a directory you can write."
+        ) from e
+    finally:
+        for path in missing:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 @contextlib.contextmanager

@@ -312,6 +312,20 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(cli, mlp_bundle, tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) is not cli_module._on_sigterm  # restored
 
 
+def test_an_output_that_cannot_be_created_is_exit_2_before_any_work(cli, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where -o needs a directory")
+    code, _, err = cli("convert", model_ref("gated"), "-o", blocker / "sub" / "out",
+                       "--input", IMAGE)  # fmt: skip
+    assert code == 2 and "cannot be written" in err and "Traceback" not in err, err
+    assert blocker.read_text().startswith("a file")
+    # probing a new -o several directories deep leaves no directories behind
+    from onnxpipe.bundle import check_out_dir  # noqa: PLC0415
+
+    check_out_dir(tmp_path / "x" / "y" / "out", overwrite=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_usage_errors_are_exit_2(cli):
     code, _, err = cli("convert")
     assert code == 2 and "--help" in err
