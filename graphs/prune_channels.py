@@ -20,7 +20,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from pydantic import Field, field_validator
 
-from onnxpipe.graphs.base import GraphPass, PassConfig, attr_int, computed_weights_hint
+from onnxpipe.graphs.base import (
+    GraphPass,
+    PassConfig,
+    attr_int,
+    computed_weights_hint,
+    parameter_count,
+)
 from onnxpipe.graphs.channel_groups import (
     Cut,
     Group,
@@ -86,13 +92,6 @@ class PruneChannelsConfig(PassConfig):
         return value
 
 
-def param_count(model: ir.Model) -> int:
-    """Elements in the main graph's initializers."""
-    return sum(
-        v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None
-    )
-
-
 class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
     """Remove the least important output channels of every prunable Conv/Gemm/MatMul group.
 
@@ -121,7 +120,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         """Cut channels group by group; see the class docstring."""
         from onnxpipe.errors import PassError  # noqa: PLC0415 - errors is a leaf module
 
-        before = param_count(model)
+        before = parameter_count(model)
         unshared = unshare_initializers(model)
         groups = find_groups(model)
         prunable = [g for g in groups if not g.blocked]
@@ -157,7 +156,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
             logger.debug("group %s: %d -> %d channels", group.key, group.channels, keep_n)
         if unshared:  # merge the copies that are still equal
             common.DeduplicateInitializersPass()(model)
-        after = param_count(model)
+        after = parameter_count(model)
         if changes:
             logger.info("pruned %d channel groups: %d -> %d params", len(changes), before, after)
         self.metrics = {

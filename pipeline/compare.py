@@ -23,7 +23,7 @@ from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds
 from onnxpipe.errors import InputError
-from onnxpipe.graphs.base import attr_int
+from onnxpipe.graphs.base import parameter_count
 from onnxpipe.modelio import MODEL_FILE, random_outputs
 from onnxpipe.parity import compare_outputs
 from onnxpipe.runtime import SessionOptions, make_session
@@ -40,63 +40,6 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         counts[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
     return dict(sorted(counts.items()))
-
-
-# Inputs of quantized ops that hold quantization metadata (scales, zero points, group
-# indices), not weights: an int8 or int4 model keeps the parameters of its float original.
-_QUANT_METADATA: dict[str, tuple[int, ...]] = {
-    "QuantizeLinear": (1, 2),
-    "DequantizeLinear": (1, 2),
-    "MatMulInteger": (2, 3),
-    "ConvInteger": (2, 3),
-    "QLinearConv": (1, 2, 4, 5, 6, 7),
-    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
-    "QGemm": (1, 2, 4, 5, 7, 8),
-    "MatMulNBits": (2, 3, 4),
-}
-
-
-def parameter_count(model: ir.Model) -> int:
-    """Elements of the weights, counted alike for a float model and its quantized copies.
-
-    Float initializers, Constant tensors with > 1 element, and quantized weights (their
-    integer elements; MatMulNBits' packed ``K x N``), without the scales and zero points
-    that dequantize them.
-    """
-    metadata: set[str] = set()
-    quantized: dict[str, int] = {}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        meta = _QUANT_METADATA.get(node.op_type)
-        if meta is None:
-            continue
-        for i, value in enumerate(node.inputs):
-            producer = value.producer() if value is not None else None
-            if producer is not None and producer.op_type == "Gather" and i == 0:
-                value = producer.inputs[0]  # a quantized embedding table, rows dequantized
-            if value is None or not value.is_initializer():
-                continue
-            if i in meta:
-                metadata.add(value.name or "")
-            elif node.op_type == "MatMulNBits" and i == 1:
-                quantized[value.name or ""] = attr_int(node, "K", 0) * attr_int(node, "N", 0)
-            elif value.const_value is not None:
-                quantized[value.name or ""] = value.const_value.size
-    total = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for name, value in graph.initializers.items():
-            tensor = value.const_value
-            if name in metadata or tensor is None:
-                continue
-            if name in quantized:
-                total += quantized[name]
-            elif tensor.dtype.is_floating_point():
-                total += tensor.size
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
-            tensor = node.attributes["value"].as_tensor()
-            if tensor.dtype.is_floating_point() and tensor.size > 1:
-                total += tensor.size
-    return total
 
 
 def layout_map(a: InputSpec, b: InputSpec) -> tuple[int, ...] | None:

@@ -29,15 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from onnxpipe.data import Feeds
 from onnxpipe.errors import GateFailed, InputError, PassError
 from onnxpipe.gate import Gate, gate_metrics
-from onnxpipe.graphs.base import GraphPass, copy_model
+from onnxpipe.graphs.base import GraphPass, copy_model, parameter_count
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
-from onnxpipe.graphs.prune_channels import (
-    PruneChannelsPass,
-    collect_inputs,
-    nchwc_block,
-    param_count,
-)
+from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, nchwc_block
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
 from onnxpipe.graphs.quant_utils import refuse_quantized
 from onnxpipe.progress import report
@@ -80,9 +75,9 @@ def optimize_bundle(
     """``onnxpipe optimize``: the cleanup pass as a bundle step (gate: max_abs vs input)."""
 
     def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
-        before = param_count(model)
+        before = parameter_count(model)
         model, metrics = _apply(CleanupPass(config), model)
-        return model, {**metrics, "params_before": before, "params_after": param_count(model)}
+        return model, {**metrics, "params_before": before, "params_after": parameter_count(model)}
 
     return derive_bundle(bundle, out, "optimize", config, transform, (), None, overwrite)
 
@@ -105,7 +100,7 @@ def prune_bundle(
             f"prune --method {settings.method}",
             "Prune the float bundle this one was derived from, then quantize the result.",
         )
-        metrics: dict[str, Any] = {"params_before": param_count(model)}
+        metrics: dict[str, Any] = {"params_before": parameter_count(model)}
         metrics["zipped_bytes_before"] = zipped_size(model)
         if settings.cleanup:
             model, metrics["cleanup"] = _apply(CleanupPass(level="none"), model)
@@ -121,7 +116,7 @@ def prune_bundle(
         else:
             model, found = _lowrank(model, ctx, settings, gates, eval_data is not None)
             metrics.update(found)
-        metrics["params_after"] = param_count(model)
+        metrics["params_after"] = parameter_count(model)
         metrics["params_reduction"] = 1 - metrics["params_after"] / max(metrics["params_before"], 1)
         metrics["zipped_bytes_after"] = zipped_size(model)
         return model, metrics
@@ -313,13 +308,13 @@ def _search(
     chosen: dict[str, float] = {}
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    params = param_count(build({})[0])
+    params = parameter_count(build({})[0])
     for done, row in enumerate(sensitivity):
         report(f"cutting {row['layer']} ({len(chosen)} layers kept)", done, len(sensitivity))
         for level in (ratio, ratio / 2):
             trial = {**chosen, row["layer"]: level}
             candidate = build(trial)[0]
-            if param_count(candidate) >= params:
+            if parameter_count(candidate) >= params:
                 continue  # rounding kept every channel (or rank): nothing gained
             measured = measured_for(trial, candidate)
             ok = all(g.passes(measured) for g in strict)
@@ -328,7 +323,7 @@ def _search(
             if best is None or steps[-1]["damage"] < best["damage"]:
                 best = steps[-1]
             if ok:
-                chosen, params = trial, param_count(candidate)
+                chosen, params = trial, parameter_count(candidate)
                 break
     if best is None:  # every candidate kept all it was asked to cut (rounding)
         raise PassError(

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import model_ref
+
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
@@ -239,3 +241,21 @@ def test_compare_matches_inputs_by_name_in_any_order(cli, tmp_path):
     c = bundle("c", ["feat", "extra"], extra_width=5)
     code, _, err = cli("compare", a, c, "--no-bench")
     assert code == 2 and "extra" in err
+
+
+def test_prune_and_compare_count_the_same_parameters(cli, tmp_path):
+    # prune counted every initializer (int64 shape constants too), compare the weights only:
+    # the same BERT bundle was 457,491 parameters in one and 456,451 in the other
+    bundle, pruned = tmp_path / "bert", tmp_path / "pruned"
+    code, _, err = cli("convert", model_ref("tiny_bert"), "-o", bundle, "--no-bench",
+                       "--input", "input_ids:int64[batch,seq]",
+                       "--input", "attention_mask:int64[batch,seq]")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("prune", bundle, "-o", pruned, "--method", "channels", "--ratio", "0.5")
+    assert code == 0, err
+    step = json.loads((pruned / "manifest.json").read_text())["steps"][-1]["metrics"]
+    code, out, err = cli("compare", bundle, pruned, "--json", "--no-bench")
+    assert code == 0, err
+    params = json.loads(out)["params"]
+    assert (params["a"], params["b"]) == (step["params_before"], step["params_after"])
+    assert params["b"] < params["a"]

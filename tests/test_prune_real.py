@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxpipe.cli import main
-from onnxpipe.graphs.prune_channels import param_count
+from onnxpipe.graphs.base import parameter_count
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,8 @@ def test_efficientnet_channels_fewer_params_and_agreement_on_other_photos(tmp_pa
                  "--eval", str(tmp_path / "tune.npz")]) == 0  # fmt: skip
     step = json.loads((out / "manifest.json").read_text())["steps"][-1]
     assert step["metrics"]["criterion"] == "activation"
-    before = param_count(ir.load(base / "model.onnx"))
-    after = param_count(ir.load(out / "model.onnx"))
+    before = parameter_count(ir.load(base / "model.onnx"))
+    after = parameter_count(ir.load(out / "model.onnx"))
     assert after < 0.97 * before
     feeds = [{"input": held[i : i + 16]} for i in range(0, len(held), 16)]
     ref = _outputs(base / "model.onnx", feeds)
@@ -97,7 +97,7 @@ def test_minilm_lowrank_keeps_embedding_cosine_on_other_sentences(
     # No gate: the gated search takes minutes here; tests/test_prune_lowrank.py covers it.
     assert main(["prune", str(minilm_bundle), "-o", str(out), "--method", "lowrank",
                  "--ratio", "0.5", "--energy", "0.9"]) == 0  # fmt: skip
-    assert param_count(ir.load(out / "model.onnx")) < 0.97 * param_count(
+    assert parameter_count(ir.load(out / "model.onnx")) < 0.97 * parameter_count(
         ir.load(minilm_bundle / "model.onnx")
     )
     cos = _held_out_cosine(quant_bench, minilm_bundle, out)
