@@ -23,7 +23,13 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig, attr_int, copy_model
+from onnxpipe.graphs.base import (
+    GraphPass,
+    PassConfig,
+    attr_int,
+    computed_weights_hint,
+    copy_model,
+)
 from onnxpipe.graphs.quant_rounding import act_order, gptq_round, input_hessians
 from onnxpipe.graphs.quant_utils import Feeds, from_proto, refuse_quantized, to_proto
 from onnxpipe.graphs.quantize_static import split_exclude
@@ -117,9 +123,10 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
         done = sum(1 for n in result.graph if n.op_type == "MatMulNBits")
         tables = sum(1 for n in result.graph if n.op_type == "GatherBlockQuantized")
         if not done:
+            hint = computed_weights_hint(model, ("MatMul", "Gemm"))
             raise PassError(
                 f"{self.name}: no MatMul with a constant 2-D weight to quantize. int4 is "
-                "weight-only for MatMul (transformers); use --mode static for CNNs."
+                f"weight-only for MatMul (transformers); use --mode static for CNNs.{hint}"
             )
         gptq = cfg.rounding == "gptq" and bool(self.calibration)
         rounded = _gptq_round(result, model, self.calibration) if gptq else []

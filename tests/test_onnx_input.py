@@ -85,6 +85,13 @@ def test_onnx_zoo_pruning_points_to_optimize_and_works_after_it(cli, tmp_path):
     assert metrics["metrics"]["params_after"] < metrics["metrics"]["params_before"]
 
 
+def test_onnx_zoo_int4_points_to_optimize_too(cli, tmp_path):
+    bundle = tmp_path / "resnet50"
+    assert cli("convert", LIGHT / "light_resnet50.onnx", "-o", bundle, "--no-bench")[0] == 0
+    code, _, err = cli("quantize", bundle, "-o", tmp_path / "q", "--mode", "int4")
+    assert code == 2 and "ConstantOfShape" in err and "--level basic" in err, err
+
+
 def test_external_data_input_is_read_and_reinlined(cli, tmp_path):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 32)).astype(np.float32)
