@@ -67,15 +67,21 @@ def input_hessians(
     channels per group x kernel positions, in the weight's order), input rows for
     Gemm/MatMul, a transformer's padded tokens left out (the feed's ``attention_mask``, see
     :func:`~onnxpipe.graphs.quant_utils.token_rows`). At most ``samples`` samples are used.
+    Gemm/MatMuls reading one tensor (a transformer's Q, K and V) share one array.
     """
     tensors = sorted({v.name for n in nodes if (v := n.inputs[0]) is not None and v.name})
     session = tap_session(model, tensors)
+    # one statistic per Conv (its kernel shapes the rows), one per tensor for the others
+    keys = {n.name or "": _statistic_key(n) for n in nodes}
+    first: dict[str, ir.Node] = {}
+    for node in nodes:
+        first.setdefault(_statistic_key(node), node)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feed in first_samples(feeds, samples):
         values = dict(zip(tensors, session.run(tensors, feed), strict=True))
         mask = feed.get("attention_mask")
-        for node in nodes:
+        for key, node in first.items():
             x = np.asarray(values[node.inputs[0].name or ""], np.float32)  # type: ignore[union-attr]
             # im2col of a 112x112 layer is large: as many samples at a time as fit the budget
             step = max(1, CHUNK_BYTES // max(_patch_bytes(node, x), 1))
@@ -83,9 +89,17 @@ def input_hessians(
                 part = slice(start, start + step)
                 rows = _rows(node, x[part], None if mask is None else mask[part])
                 h = np.matmul(rows.transpose(0, 2, 1), rows).astype(np.float64)
-                sums[node.name or ""] = sums.get(node.name or "", 0) + h
-                counts[node.name or ""] = counts.get(node.name or "", 0) + rows.shape[1]
-    return {name: sums[name] / max(counts[name], 1) for name in sums}
+                sums[key] = sums.get(key, 0) + h
+                counts[key] = counts.get(key, 0) + rows.shape[1]
+    means = {key: sums[key] / max(counts[key], 1) for key in sums}
+    return {name: means[key] for name, key in keys.items() if key in means}
+
+
+def _statistic_key(node: ir.Node) -> str:
+    value = node.inputs[0]
+    if node.op_type == "Conv" or value is None:
+        return f"node:{node.name or ''}"
+    return f"tensor:{value.name or ''}"
 
 
 def _patch_bytes(node: ir.Node, x: np.ndarray) -> int:

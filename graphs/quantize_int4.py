@@ -67,6 +67,8 @@ class QuantizeInt4Config(PassConfig):
 
 HESSIAN_SAMPLES = 256
 """Calibration samples (sentences: every real token is a row) the GPTQ statistics use."""
+HESSIAN_BYTES = 1 << 30
+"""GPTQ statistics (float64 ``K x K`` per MatMul input) held at once; more take more passes."""
 
 
 class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
@@ -163,22 +165,46 @@ def _gptq_round(result: ir.Model, model: ir.Model, feeds: Sequence[Feeds]) -> li
             targets[name] = node
     if not targets:
         return []
-    nodes = [floats[name] for name in targets]
-    hessians = input_hessians(model, feeds, nodes, HESSIAN_SAMPLES)
-    for name, node in targets.items():
-        q, scale, zero = _unpacked(node)  # type: ignore[misc]
-        k, block = attr_int(node, "K", 0), attr_int(node, "block_size", 32)
-        w = floats[name].inputs[1].const_value.numpy().T  # type: ignore[union-attr]
-        h = hessians[floats[name].name or ""]
-        scales, zeros = (np.repeat(a, block, axis=1)[:, :k] for a in (scale, zero))
-        top = (1 << attr_int(node, "bits", 4)) - 1
-        q[:, :k] = gptq_round(w, scales, zeros, h, (0, top), False, act_order(h))
-        stored = node.inputs[1]
-        assert stored is not None and stored.const_value is not None
-        packed = _pack(q).reshape(stored.const_value.shape.numpy())
-        stored.const_value = ir.tensor(packed, name=stored.name)
+    quantized = {floats[name].name or "": node for name, node in targets.items()}
+    for batch in _within_budget([floats[name] for name in targets]):
+        hessians = input_hessians(model, feeds, batch, HESSIAN_SAMPLES)
+        for matmul in batch:
+            key = matmul.name or ""
+            _round_one(quantized[key], matmul, hessians[key])
     logger.info("quantize_int4: GPTQ rounding on %d MatMuls", len(targets))
     return [node.name or "" for node in targets.values()]
+
+
+def _within_budget(nodes: list[ir.Node]) -> list[list[ir.Node]]:
+    """``nodes`` in runs whose distinct inputs' statistics fit :data:`HESSIAN_BYTES`."""
+    batches: list[list[ir.Node]] = [[]]
+    held: set[str] = set()
+    used = 0
+    for node in nodes:
+        name = node.inputs[0].name if node.inputs[0] is not None else None
+        k = int(node.inputs[1].const_value.shape[0])  # type: ignore[union-attr, arg-type]
+        cost = 0 if name in held else 8 * k * k
+        if batches[-1] and used + cost > HESSIAN_BYTES:
+            batches.append([])
+            held, used, cost = set(), 0, 8 * k * k
+        batches[-1].append(node)
+        held.add(name or "")
+        used += cost
+    return batches
+
+
+def _round_one(node: ir.Node, matmul: ir.Node, h: np.ndarray) -> None:
+    """GPTQ-round MatMulNBits ``node`` from its float ``matmul`` and input statistic ``h``."""
+    q, scale, zero = _unpacked(node)  # type: ignore[misc]
+    k, block = attr_int(node, "K", 0), attr_int(node, "block_size", 32)
+    w = matmul.inputs[1].const_value.numpy().T  # type: ignore[union-attr]
+    scales, zeros = (np.repeat(a, block, axis=1)[:, :k] for a in (scale, zero))
+    top = (1 << attr_int(node, "bits", 4)) - 1
+    q[:, :k] = gptq_round(w, scales, zeros, h, (0, top), False, act_order(h))
+    stored = node.inputs[1]
+    assert stored is not None and stored.const_value is not None
+    packed = _pack(q).reshape(stored.const_value.shape.numpy())
+    stored.const_value = ir.tensor(packed, name=stored.name)
 
 
 def _unpacked(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -392,3 +392,32 @@ def test_fewest_passing_grows_then_bisects_to_the_fewest_float_units(first_passi
 
     assert fewest_passing(24, passes) == found
     assert calls == tried
+
+
+def test_int4_gptq_statistics_shared_per_input_and_batched_to_a_memory_budget(monkeypatch):
+    import onnxpipe.graphs.quantize_int4 as int4  # noqa: PLC0415
+
+    rng = np.random.default_rng(6)
+    # q and k read x (one statistic), o reads their sum: a transformer's shape in miniature
+    inits = [numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), n)
+             for n in ("wq", "wk", "wo")]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("Add", ["q", "k"], ["s"], name="add"),
+             helper.make_node("MatMul", ["s", "wo"], ["y"], name="o")]  # fmt: skip
+    model = _model(nodes, inits, ["n", 64])
+    x = rng.normal(size=(256, 64)).astype(np.float32) @ rng.normal(size=(64, 64)).astype("f")
+    matmuls = [n for n in model.graph if n.op_type == "MatMul"]
+    h = qr.input_hessians(model, [{"x": x}], matmuls)
+    assert h["q"] is h["k"] and h["o"] is not h["q"]
+    results = []
+    for budget in (1 << 30, 1):  # all at once; one MatMul per pass over the data
+        monkeypatch.setattr(int4, "HESSIAN_BYTES", budget)
+        if budget == 1:
+            assert [len(b) for b in int4._within_budget(matmuls)] == [1, 1, 1]
+        else:
+            assert [len(b) for b in int4._within_budget(matmuls)] == [3]
+        result = int4.QuantizeInt4Pass(block_size=16, calibration=[{"x": x}])(model).model
+        assert sum(n.op_type == "MatMulNBits" for n in result.graph) == 3
+        results.append(ort_run(result, {"x": x[:8]})[0])
+    np.testing.assert_array_equal(results[0], results[1])
