@@ -215,7 +215,7 @@ def _calibration(data: str, ctx: TransformContext) -> list[Feeds]:
     data, not an error from deep inside a calibrator.
     """
     feeds = load_data(data, ctx.inputs)
-    ctx.outputs_on(feeds, data)
+    ctx.outputs_on(feeds, data, keep=False)  # a check: a large set's outputs are not held
     return feeds
 
 

@@ -59,12 +59,17 @@ class TransformContext:
     _reference: list[Outputs] | None = field(default=None, repr=False)
 
     def run(
-        self, model: ir.Model | Path, feeds: Sequence[Feeds] | None = None, every: bool = False
+        self,
+        model: ir.Model | Path,
+        feeds: Sequence[Feeds] | None = None,
+        every: bool = False,
+        keep: bool = True,
     ) -> list[Outputs]:
         """Outputs of ``model`` on ORT CPU for every eval feed (or for ``feeds``).
 
         Outputs that depend on a random op are left out (they differ on every run, so no
-        gate can measure them) unless ``every``.
+        gate can measure them) unless ``every``. Without ``keep`` each batch's outputs are
+        dropped as soon as it ran (a check that the model runs; returns an empty list).
         """
         path = model if isinstance(model, Path) else self.save(model, "candidate")
         try:
@@ -72,7 +77,12 @@ class TransformContext:
             names = [o.name for o in session.get_outputs()]
             if not every:
                 names = [n for n in names if n not in self.random]
-            return [list(session.run(names, dict(f))) for f in feeds or self.eval_feeds]
+            outputs = []
+            for feed in feeds or self.eval_feeds:
+                ran = list(session.run(names, dict(feed)))
+                if keep:
+                    outputs.append(ran)
+            return outputs
         except ORT_ERRORS as e:
             raise InputError(f"{path}: ONNX Runtime cannot run the model: {e}") from e
 
@@ -82,15 +92,15 @@ class TransformContext:
             self._reference = self.outputs_on(self.eval_feeds, self.eval_source)
         return self._reference
 
-    def outputs_on(self, feeds: Sequence[Feeds], source: str) -> list[Outputs]:
-        """The input bundle's model on user data ``source``.
+    def outputs_on(self, feeds: Sequence[Feeds], source: str, keep: bool = True) -> list[Outputs]:
+        """The input bundle's model on user data ``source`` (``keep``: see :meth:`run`).
 
         Raises:
             InputError: ORT cannot run the model on it (e.g. token ids past the vocabulary),
                 naming ``source``.
         """
         try:
-            return self.run(self.bundle / MODEL_FILE, feeds)
+            return self.run(self.bundle / MODEL_FILE, feeds, keep=keep)
         except InputError as e:
             raise InputError(
                 f"{source}: the input model fails on this data ({e.__cause__ or e}). Check "
