@@ -67,6 +67,8 @@ class QuantizeInt4Config(PassConfig):
 
 HESSIAN_SAMPLES = 256
 """Calibration samples (sentences: every real token is a row) the GPTQ statistics use."""
+Unpacked = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""A MatMulNBits' 4-bit values [N, blocks x block_size], scales and zero points [N, blocks]."""
 HESSIAN_BYTES = 1 << 30
 """GPTQ statistics (float64 ``K x K`` per MatMul input) held at once; more take more passes."""
 
@@ -157,22 +159,24 @@ def _gptq_round(result: ir.Model, model: ir.Model, feeds: Sequence[Feeds]) -> li
         if weight is not None and weight.const_value is not None and len(weight.uses()) == 1:
             node.name = f"{node.name}#{i}"  # unique keys for the statistics (a copy's names)
             floats[weight.name or ""] = node
-    targets = {}
+    # weight name -> the MatMulNBits and its unpacked values, scales and zero points
+    targets: dict[str, tuple[ir.Node, Unpacked]] = {}
     for node in result.graph:
         stored = node.inputs[1] if node.op_type == "MatMulNBits" else None
         name = (stored.name or "").removesuffix(f"_Q{attr_int(node, 'bits', 4)}") if stored else ""
-        if name in floats and _unpacked(node) is not None:
-            targets[name] = node
+        unpacked = _unpacked(node) if name in floats else None
+        if unpacked is not None:
+            targets[name] = (node, unpacked)
     if not targets:
         return []
-    quantized = {floats[name].name or "": node for name, node in targets.items()}
+    quantized = {floats[name].name or "": target for name, target in targets.items()}
     for batch in _within_budget([floats[name] for name in targets]):
         hessians = input_hessians(model, feeds, batch, HESSIAN_SAMPLES)
         for matmul in batch:
             key = matmul.name or ""
-            _round_one(quantized[key], matmul, hessians[key])
+            _round_one(*quantized[key], matmul, hessians[key])
     logger.info("quantize_int4: GPTQ rounding on %d MatMuls", len(targets))
-    return [node.name or "" for node in targets.values()]
+    return [node.name or "" for node, _ in targets.values()]
 
 
 def _within_budget(nodes: list[ir.Node]) -> list[list[ir.Node]]:
@@ -181,21 +185,24 @@ def _within_budget(nodes: list[ir.Node]) -> list[list[ir.Node]]:
     held: set[str] = set()
     used = 0
     for node in nodes:
-        name = node.inputs[0].name if node.inputs[0] is not None else None
+        name = (node.inputs[0].name if node.inputs[0] is not None else None) or ""
         k = int(node.inputs[1].const_value.shape[0])  # type: ignore[union-attr, arg-type]
         cost = 0 if name in held else 8 * k * k
         if batches[-1] and used + cost > HESSIAN_BYTES:
             batches.append([])
             held, used, cost = set(), 0, 8 * k * k
         batches[-1].append(node)
-        held.add(name or "")
+        held.add(name)
         used += cost
     return batches
 
 
-def _round_one(node: ir.Node, matmul: ir.Node, h: np.ndarray) -> None:
-    """GPTQ-round MatMulNBits ``node`` from its float ``matmul`` and input statistic ``h``."""
-    q, scale, zero = _unpacked(node)  # type: ignore[misc]
+def _round_one(node: ir.Node, unpacked: Unpacked, matmul: ir.Node, h: np.ndarray) -> None:
+    """GPTQ-round MatMulNBits ``node`` from its float ``matmul`` and input statistic ``h``.
+
+    ``unpacked`` is ``node``'s :data:`Unpacked`, read once when the targets were chosen.
+    """
+    q, scale, zero = unpacked
     k, block = attr_int(node, "K", 0), attr_int(node, "block_size", 32)
     w = matmul.inputs[1].const_value.numpy().T  # type: ignore[union-attr]
     scales, zeros = (np.repeat(a, block, axis=1)[:, :k] for a in (scale, zero))
@@ -207,7 +214,7 @@ def _round_one(node: ir.Node, matmul: ir.Node, h: np.ndarray) -> None:
     stored.const_value = ir.tensor(packed, name=stored.name)
 
 
-def _unpacked(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _unpacked(node: ir.Node) -> Unpacked | None:
     """A 4-bit MatMulNBits' values [N, blocks x block_size], scales and zero points [N, blocks].
 
     None when it is not 4-bit or its zero points are not packed uint8 (absent: 8).
