@@ -62,6 +62,14 @@ class CleanupConfig(PassConfig):
 
     @model_validator(mode="after")
     def _heads_need_transformer(self) -> CleanupConfig:
+        if self.transformer is not None:
+            from onnxruntime.transformers.optimizer import MODEL_TYPES  # noqa: PLC0415
+
+            if self.transformer not in MODEL_TYPES:
+                raise ValueError(
+                    f"transformer type {self.transformer!r} is not one ORT's optimizer knows; "
+                    f"use one of {', '.join(sorted(MODEL_TYPES))}"
+                )
         if (self.num_heads or self.hidden_size) and not self.transformer:
             raise ValueError("num_heads/hidden_size only apply with transformer=TYPE")
         if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:

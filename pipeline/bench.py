@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from onnxpipe.errors import InputError, OnnxPipeError
+from onnxpipe.runtime import UNAVAILABLE_EXIT, ProviderUnavailable, check_provider
 
 logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -39,6 +40,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0 or any(b < 1 for b in self.batches):
             raise InputError("bench: --runs and every --batch must be >= 1, --warmup >= 0.")
+        if any(t < 0 for t in self.threads):
+            raise InputError("bench: every --threads must be >= 0 (0: ORT's default).")
 
 
 def bench_model(
@@ -50,6 +53,11 @@ def bench_model(
         InputError: a batch size the model's fixed batch dim cannot take.
     """
     _check_batches(model, inputs, config.batches)
+    for ep in config.eps:  # before any timing: an EP this ORT build lacks is bad input
+        try:
+            check_provider(ep)
+        except ProviderUnavailable as e:
+            raise InputError(f"--ep {ep}: {e}. Bench on an EP this machine has.") from e
     records = []
     for ep in config.eps:
         for batch in config.batches:
@@ -122,6 +130,11 @@ def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
         )
     finally:
         os.unlink(f.name)
+    if proc.returncode == UNAVAILABLE_EXIT:
+        raise InputError(
+            f"--ep {request['ep']}: {proc.stderr.strip().removeprefix('unavailable: ')}. "
+            "Bench on an EP this machine has."
+        )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise OnnxPipeError(f"benchmark of {request['model']} on {request['ep']} failed: {tail[0]}")

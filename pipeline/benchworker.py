@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxpipe.converters.base import InputSpec, random_feeds
-from onnxpipe.runtime import SessionOptions, make_session
+from onnxpipe.runtime import UNAVAILABLE_EXIT, ProviderUnavailable, SessionOptions, make_session
 
 
 def run(request: dict) -> dict:
@@ -83,4 +83,8 @@ def peak_rss_mb() -> float:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(Path(sys.argv[1]).read_text()))))
+    try:
+        print(json.dumps(run(json.loads(Path(sys.argv[1]).read_text()))))
+    except ProviderUnavailable as e:
+        print(f"unavailable: {e}", file=sys.stderr)
+        sys.exit(UNAVAILABLE_EXIT)

@@ -163,6 +163,45 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return data
 
 
+def open_bundle(bundle: Path) -> dict[str, Any]:
+    """The manifest of a bundle whose files are as the manifest recorded them.
+
+    Checks that ``model.onnx`` (and its external data, where the manifest lists it) is there
+    with the recorded sha256, that ``parity.npz`` is there where the manifest has a parity
+    record (onnxpipe stores its samples with it), and that a packaged bundle's
+    ``.ort`` file is there, so no command works on, or ships, a model the manifest does not
+    describe.
+
+    Raises:
+        InputError: not a bundle, or a file is missing or changed since the manifest was written.
+    """
+    from onnxpipe.modelio import DATA_FILE, MODEL_FILE, sha256  # noqa: PLC0415 - modelio loads onnx_ir
+
+    manifest = read_manifest(bundle)
+    model = manifest.get("model") or {}
+    files = [(MODEL_FILE, model.get("sha256"))]
+    if model.get("external_data"):
+        files.append((DATA_FILE, model["external_data"].get("sha256")))
+    mobile = (manifest.get("mobile") or {}).get("ort_file")
+    parity = [PARITY_FILE] if manifest.get("parity") else []  # stored with the parity record
+    names = [name for name, _ in files] + parity + ([mobile] if mobile else [])
+    missing = [name for name in names if not (bundle / name).is_file()]
+    if missing:
+        raise InputError(
+            f"{bundle}: the bundle is incomplete: {', '.join(missing)} missing, though onnxpipe "
+            "wrote it. Re-create the bundle (onnxpipe convert, or the step that made it)."
+        )
+    for name, recorded in files:
+        if recorded and sha256(bundle / name) != recorded:
+            raise InputError(
+                f"{bundle / name}: changed since onnxpipe wrote the bundle (its sha256 is not the "
+                f"manifest's {recorded[:12]}...), so the manifest's numbers are not about it. "
+                "To work on an edited model, make a new bundle of it: onnxpipe convert "
+                f"{bundle / name} -o NEW_BUNDLE."
+            )
+    return manifest
+
+
 def update_manifest(bundle: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Read, change and atomically rewrite a bundle's manifest."""
     manifest = read_manifest(bundle)

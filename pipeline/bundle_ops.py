@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.bench import BenchConfig, bench_model
-from onnxpipe.bundle import read_manifest, update_manifest
+from onnxpipe.bundle import open_bundle, update_manifest
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.errors import GateFailed
@@ -39,7 +39,7 @@ def validate_existing(
     bundle: Path, eps: Sequence[str], require: Sequence[str], data: str | None, atol: float
 ) -> tuple[dict[str, dict[str, Any]], str | None]:
     """Validate ``bundle`` on ``eps``; record ``validation.<ep>``; return results and failure."""
-    manifest = read_manifest(bundle)
+    manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
     results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol)
@@ -54,7 +54,7 @@ def validate_existing(
 
 def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
     """Bench ``bundle``; ``bench`` is the first record, ``bench_records`` all of them."""
-    manifest = read_manifest(bundle)
+    manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
     records = bench_model(

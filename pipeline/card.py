@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onnxpipe.parity import verdict
+
 REPORT_FILE = "report.html"
 BENCH_COLUMNS = (
     "EP",
@@ -105,7 +107,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
     parity = manifest.get("parity")
     if parity:
         out += [
-            "## Parity with the source model",
+            "## Parity",
             "",
             f"Reference: {parity.get('reference')}; {parity.get('samples')} samples at shapes the "
             "export never saw.",
@@ -114,7 +116,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
             "|---|---|---|---|---|",
             f"| {_fmt(parity.get('max_abs_diff'))} | {_fmt(parity.get('max_rel_diff'))} | "
             f"{_fmt(parity.get('cosine'), 7)} | {_fmt(parity.get('top1_agreement'))} | "
-            f"{parity.get('passed')} |",
+            f"{verdict(parity)} |",
             "",
         ]
     validation = manifest.get("validation")

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -428,8 +429,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxpipe.bundle_ops import validate_existing  # noqa: PLC0415
     from onnxpipe.validate import parse_eps  # noqa: PLC0415
 
-    eps = parse_eps(args.ep)
     require = tuple(parse_eps(args.require)) if args.require else ()
+    eps = list(dict.fromkeys([*parse_eps(args.ep), *require]))  # a required EP is validated too
+    if not (args.atol > 0 and math.isfinite(args.atol)):
+        raise InputError(f"--atol {args.atol}: give a tolerance above 0, e.g. --atol 1e-4.")
     with _quiet(args.debug):
         results, failed = validate_existing(args.bundle, eps, require, args.data, args.atol)
     _emit(args, results, [validation_table(results)])
@@ -515,8 +518,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             num_heads=args.num_heads,
             hidden_size=args.hidden_size,
         )
-    except ValueError as e:
-        raise InputError(f"onnxpipe optimize: {e}") from e
+    except ValueError as e:  # pydantic's ValidationError
+        raise invalid_settings("optimize", e) from e
     status = err.status("optimizing", spinner="dots") if not args.json else contextlib.nullcontext()
     with status, _quiet(args.debug):
         manifest = optimize_bundle(args.bundle, args.out, config, args.overwrite)
@@ -549,16 +552,34 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_file_target(path: Path, flag: str) -> None:
+    """Refuse a file to write that is a directory or whose folder is missing or read-only."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(
+            f"{flag} {path}: is a directory; give a file name, e.g. {path}/compare.html."
+        )
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: folder {folder} does not exist; create it first.")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable here; choose another path.")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``onnxpipe compare A B``: the contract's JSON record, a table, or an HTML page."""
     from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415
     from onnxpipe.compare import compare_bundles, render_html  # noqa: PLC0415
 
+    if args.html:  # before the work: a page that cannot be written is bad input
+        _check_file_target(args.html, "--html")
     status = err.status("comparing", spinner="dots") if not args.json else contextlib.nullcontext()
     with status, _quiet(args.debug):
         record = compare_bundles(args.bundle_a, args.bundle_b, args.data, not args.no_bench)
     if args.html:
-        write_text_atomic(args.html, render_html(record))
+        try:
+            write_text_atomic(args.html, render_html(record))
+        except OSError as e:
+            raise InputError(f"--html {args.html}: cannot write it ({e.strerror}).") from e
     _emit(args, record, [compare_table(record)])
     return 0
 

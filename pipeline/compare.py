@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.bench import BenchConfig, bench_model
-from onnxpipe.bundle import read_manifest
+from onnxpipe.bundle import open_bundle
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds
@@ -26,7 +26,7 @@ from onnxpipe.errors import InputError
 from onnxpipe.graphs.base import parameter_count
 from onnxpipe.modelio import MODEL_FILE, random_outputs
 from onnxpipe.parity import compare_outputs
-from onnxpipe.runtime import SessionOptions, make_session
+from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def compare_bundles(
     Raises:
         InputError: not bundles, or their inputs cannot be matched (count, rank, dtype).
     """
-    manifests = {"a": read_manifest(a), "b": read_manifest(b)}
+    manifests = {"a": open_bundle(a), "b": open_bundle(b)}
     specs = {k: bundle_inputs(m) for k, m in manifests.items()}
     if len(specs["a"]) != len(specs["b"]):
         raise InputError(
@@ -90,23 +90,31 @@ def compare_bundles(
                 f"{list(y.shape)} in {b}; compare needs inputs that match by name (or else by "
                 "position) with the same dims, NCHW against NHWC allowed."
             )
-    feeds_a = load_data(data, specs["a"]) if data else parity_feeds(specs["a"])
+    both = [_fixed_by(x, y, m) for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)]
+    feeds_a = load_data(data, specs["a"]) if data else parity_feeds(both)
     sessions = {k: make_session(p / MODEL_FILE, SessionOptions()) for k, p in (("a", a), ("b", b))}
     names = [o.name for o in sessions["a"].get_outputs()]
-    # Outputs fed by a random op (in either model; paired by position) differ on every run.
+    names_b = [o.name for o in sessions["b"].get_outputs()]
+    # Outputs are paired by name when both models name them alike, else by position.
+    order = (
+        [names_b.index(n) for n in names]
+        if set(names) == set(names_b)
+        else list(range(min(len(names), len(names_b))))
+    )
+    # Outputs fed by a random op (in either model) differ on every run.
     random = random_outputs(a / MODEL_FILE)
     random_b = random_outputs(b / MODEL_FILE)
-    for name, name_b in zip(names, [o.name for o in sessions["b"].get_outputs()], strict=False):
-        if name_b in random_b:
-            random.setdefault(name, random_b[name_b])
+    for name, index in zip(names, order, strict=False):
+        if names_b[index] in random_b:
+            random.setdefault(name, random_b[names_b[index]])
     rows: list[dict[str, Any]] = []
     for feeds in feeds_a:
         feeds_b = {
             y.name: (feeds[x.name].transpose(m) if m else feeds[x.name])
             for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)
         }
-        out_a = sessions["a"].run(None, feeds)
-        out_b = sessions["b"].run(None, feeds_b)
+        out_a = _run(sessions["a"], feeds, a)
+        out_b = [_run(sessions["b"], feeds_b, b)[i] for i in order]
         out_b = [_like(o_b, o_a, maps) for o_a, o_b in zip(out_a, out_b, strict=False)]
         compared = compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4)
         rows.extend(r for r in compared if r["output"] not in random)
@@ -130,6 +138,27 @@ def compare_bundles(
             result = bench_model(path / MODEL_FILE, spec_json, config)[0]
             record["latency_ms"][key] = result["latency_ms"]["p50"]
     return record
+
+
+def _fixed_by(x: InputSpec, y: InputSpec, layout: tuple[int, ...] | None) -> InputSpec:
+    """A's input spec with the dims that only B fixes fixed, so generated feeds fit both."""
+    dims_b = y.shape if layout is None else tuple(y.shape[layout.index(i)] for i in range(4))
+    shape = tuple(
+        db if isinstance(db, int) and not isinstance(da, int) else da
+        for da, db in zip(x.shape, dims_b, strict=True)
+    )
+    return InputSpec(x.name, x.dtype, shape)
+
+
+def _run(session: Any, feeds: dict[str, np.ndarray], bundle: Path) -> list[np.ndarray]:
+    try:
+        return list(session.run(None, feeds))
+    except ORT_ERRORS as e:
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        raise InputError(
+            f"{bundle}: its model cannot run the compared inputs ({shapes}): "
+            f"{str(e).splitlines()[0][:200]}. Give --data that fits both bundles."
+        ) from e
 
 
 def _like(out_b: np.ndarray, out_a: np.ndarray, maps: list[tuple[int, ...] | None]) -> np.ndarray:

@@ -29,7 +29,7 @@ from onnxpipe.bundle import (
     atomic_dir,
     check_out_dir,
     load_parity_samples,
-    read_manifest,
+    open_bundle,
     write_failure_report,
     write_json_atomic,
 )
@@ -51,15 +51,19 @@ LEVELS = ("basic", "extended", "all")
 ORT_CONVERT_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, FileNotFoundError)
 # Domains an ORT mobile (full or reduced) build has kernels for.
 MOBILE_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
-_FIXED_RE = re.compile(r"^([^:]+):\[?([0-9,\s]+)\]?$")
+_FIXED_RE = re.compile(r"^(.+):\[?([0-9,\s]+)\]?$")  # a name may hold ':' (tf2onnx's input:0)
 
 
 def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dict[str, list[int]]:
     """``NAME:DIMS`` (``input:1,3,224,224`` or ``input:[1,3,224,224]``) checked against inputs.
 
+    Inputs that share a symbolic dim (``input_ids`` and ``attention_mask`` share ``seq``) must
+    agree on it; an input not named whose symbolic dims the named ones all fix is fixed too.
+
     Raises:
         InputError: the text does not parse, names no input, or has the wrong rank or a dim
-            that contradicts a static one.
+            that contradicts a static one; two values for one input or one shared dim; an
+            input not named that shares some, not all, of its symbolic dims.
     """
     by_name = {s.name: s for s in inputs}
     fixed: dict[str, list[int]] = {}
@@ -85,8 +89,38 @@ def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dic
         ]
         if clash:
             raise InputError(f"--fixed-shape {text!r}: {name}'s static dims {clash} cannot change.")
+        if name in fixed and fixed[name] != dims:
+            raise InputError(f"--fixed-shape: {name} is given twice ({fixed[name]} and {dims}).")
         fixed[name] = dims
-    return fixed
+    return _complete_shared(fixed, inputs)
+
+
+def _complete_shared(
+    fixed: dict[str, list[int]], inputs: Sequence[InputSpec]
+) -> dict[str, list[int]]:
+    """Check the shared symbolic dims of ``fixed`` and fix the inputs they fix entirely."""
+    values: dict[str, tuple[int, str]] = {}
+    for spec in inputs:
+        for dim, size in zip(spec.shape, fixed.get(spec.name, ()), strict=False):
+            if isinstance(dim, str) and values.setdefault(dim, (size, spec.name))[0] != size:
+                first, where = values[dim]
+                raise InputError(
+                    f"--fixed-shape: {where} and {spec.name} share dim {dim!r} but are given "
+                    f"{first} and {size} for it; give both the same size."
+                )
+    completed = dict(fixed)
+    for spec in inputs:
+        symbols = [d for d in spec.shape if isinstance(d, str)]
+        if spec.name in fixed or not any(d in values for d in symbols):
+            continue
+        if not all(d in values for d in symbols):
+            raise InputError(
+                f"--fixed-shape: {spec.name} {list(spec.shape)} shares "
+                f"{[d for d in symbols if d in values]} with the inputs you fixed; fix it too "
+                f"(--fixed-shape {spec.name}:...)."
+            )
+        completed[spec.name] = [d if isinstance(d, int) else values[d][0] for d in spec.shape]
+    return completed
 
 
 def check_mobile_ops(model: onnx.ModelProto, where: Path) -> None:
@@ -242,7 +276,7 @@ def package_mobile(
     if level not in LEVELS:
         raise InputError(f"--level {level!r}: use one of {', '.join(LEVELS)}.")
     started = time.perf_counter()
-    manifest = read_manifest(bundle)
+    manifest = open_bundle(bundle)
     check_out_dir(out, overwrite, protect=(bundle,))
     inputs = bundle_inputs(manifest)
     fixed = parse_fixed_shapes(fixed_shapes, inputs)

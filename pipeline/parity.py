@@ -135,3 +135,9 @@ def not_compared_note(record: dict[str, Any]) -> str | None:
         return None
     ops = ", ".join(sorted(set(left_out.values())))
     return f"not compared: {', '.join(left_out)} (random: {ops})"
+
+
+def verdict(record: dict[str, Any]) -> str:
+    """``passed``, ``failed``, or ``not gated`` for a derived bundle made without ``--gate``."""
+    passed = record.get("passed")
+    return "not gated" if passed is None else ("passed" if passed else "failed")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from onnxpipe.card import BENCH_COLUMNS, bench_row
+from onnxpipe.parity import verdict
 
 _PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#111}
@@ -225,7 +226,7 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
                         _e(parity.get("max_rel_diff")),
                         _e(parity.get("cosine")),
                         _e(parity.get("top1_agreement")),
-                        _status("passed" if parity.get("passed") else "failed"),
+                        _status(verdict(parity)),
                     ]
                 ],
             ),

@@ -54,6 +54,27 @@ class ProviderUnavailable(Exception):
     """The EP cannot run here; the message says why (not installed, fell back to CPU)."""
 
 
+UNAVAILABLE_EXIT = 4
+"""A bench worker's exit status when its EP cannot run here (bad input, not a crash)."""
+
+
+def check_provider(ep: str) -> None:
+    """Raise :class:`ProviderUnavailable` when this ORT build lacks ``ep`` (no model needed).
+
+    A build that has the EP may still fall back to CPU at session time (missing CUDA
+    libraries); :func:`make_session` catches that.
+    """
+    provider = EP_PROVIDERS.get(ep)
+    if provider is None:
+        raise ProviderUnavailable(f"onnxpipe has no session support for EP {ep!r}")
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ProviderUnavailable(
+            f"{provider} is not in this onnxruntime build ({ort.__version__}, providers: "
+            f"{', '.join(available)}); {EP_INSTALL.get(ep, 'see its ORT docs')}"
+        )
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How to build a session: EP short name and intra-op threads (0 = ORT's default)."""
@@ -65,15 +86,8 @@ class SessionOptions:
 
 def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
     """A session on ``options.ep``; raises if ORT does not have it or quietly fell back."""
-    provider = EP_PROVIDERS.get(options.ep)
-    if provider is None:
-        raise ProviderUnavailable(f"onnxpipe has no session support for EP {options.ep!r}")
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise ProviderUnavailable(
-            f"{provider} is not in this onnxruntime build ({ort.__version__}, providers: "
-            f"{', '.join(available)}); {EP_INSTALL.get(options.ep, 'see its ORT docs')}"
-        )
+    check_provider(options.ep)
+    provider = EP_PROVIDERS[options.ep]
     so = ort.SessionOptions()
     if options.threads:
         so.intra_op_num_threads = options.threads

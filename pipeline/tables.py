@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.card import BENCH_COLUMNS, bench_row
-from onnxpipe.parity import not_compared_note
+from onnxpipe.parity import not_compared_note, verdict
 
 
 def _num(value: Any, fmt: str = ".3g") -> str:
@@ -48,7 +48,7 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
             "parity",
             f"max abs {_num(parity['max_abs_diff'])}, cosine "
             f"{_num(parity['cosine'], '.7f')}, top-1 {_num(parity['top1_agreement'])}, "
-            f"{parity['samples']} samples, passed={parity['passed']}"
+            f"{parity['samples']} samples, {verdict(parity)}"
             + (f"; {note}" if (note := not_compared_note(parity)) else ""),
         )
     step = _step_summary(manifest.get("steps", []))
@@ -153,6 +153,8 @@ def compare_table(record: dict[str, Any]) -> Table:
     )
     if note := not_compared_note(out):
         table.add_row("", escape(note), "")
+    for error in out.get("errors") or []:  # outputs that could not be compared, and why
+        table.add_row("not compared", escape(error), "")
     ops_a, ops_b = record["ops"]["a"], record["ops"]["b"]
     for op in sorted(set(ops_a) | set(ops_b)):
         if ops_a.get(op) != ops_b.get(op):

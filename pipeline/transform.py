@@ -25,7 +25,7 @@ from onnxpipe.bundle import (
     atomic_dir,
     check_out_dir,
     load_parity_samples,
-    read_manifest,
+    open_bundle,
     save_parity_samples,
     write_failure_report,
 )
@@ -153,7 +153,7 @@ def derive_bundle(
         GateFailed: the result misses a gate; nothing is written at ``out`` and the numbers
             go to ``<out>.failed.json``.
     """
-    manifest = read_manifest(bundle)
+    manifest = open_bundle(bundle)
     check_out_dir(out, overwrite, protect=(bundle,))
     inputs = bundle_inputs(manifest)
     started = time.perf_counter()
@@ -240,7 +240,7 @@ def _parity_record(
         "top1_agreement": gate["top1"],
         "kl": gate["kl"],
         "tolerance": [str(g) for g in gates] or None,
-        "passed": all(g.passes(gate) for g in gates),
+        "passed": all(g.passes(gate) for g in gates) if gates else None,
         **({"not_compared": random} if random else {}),
         "source_parity": manifest.get("parity"),
     }

@@ -1,7 +1,9 @@
 """Validation of a bundle's model: the ONNX checker, then parity on each execution provider.
 
-The reference is what the bundle stored at conversion (``parity.npz``: the source framework's
-outputs); user data without stored outputs is compared with the model on ORT CPU.
+The reference is what the bundle stored (``parity.npz``): the source framework's outputs at
+conversion, or, in a bundle an optimize/quantize/prune step made, that model's own outputs on
+ORT CPU when it was written (its parity with the input model is in the manifest). User data
+without stored outputs is compared with the model on ORT CPU.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def validate_bundle(
         reason = f"ONNX checker: {checker_error}"
         return {ep: {"status": "failed", "reason": reason} for ep in eps}
     pairs = load_parity_samples(bundle)
-    reference_name = "stored source-framework outputs" if pairs else "onnxruntime cpu"
+    reference_name = _stored_reference(bundle) if pairs else "onnxruntime cpu"
     extra = load_data(data, inputs) if data else ([] if pairs else parity_feeds(inputs))
     if extra:
         try:
@@ -125,6 +127,16 @@ def validate_bundle(
             **({"not_compared": parity["not_compared"]} if "not_compared" in parity else {}),
         }
     return results
+
+
+def _stored_reference(bundle: Path) -> str:
+    """What ``parity.npz`` holds: the source's outputs, or a derived model's own (ORT CPU)."""
+    manifest = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
+    record = {"convert", "validate", "bench", "package"}  # steps that keep the model
+    steps = [s.get("name") for s in manifest.get("steps", []) if s.get("name") not in record]
+    if "source_parity" in (manifest.get("parity") or {}) and steps:
+        return f"stored outputs of this model on ORT CPU (written by onnxpipe {steps[-1]})"
+    return "stored source-framework outputs"
 
 
 def _mobile_session(

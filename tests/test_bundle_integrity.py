@@ -1,0 +1,199 @@
+"""What a bundle claims holds: edited or incomplete bundles are refused, derived parity is honest.
+
+Also the bad-input edges of validate, bench, compare and package found by a bug sweep: each
+gives exit 2 with the fix (or the right result), not an internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.conftest import tree_hash
+
+
+def _onnx_file(
+    path: Path, outputs: tuple[str, ...] = ("y", "z"), batch: str | int = "batch"
+) -> Path:
+    """x [batch, 4] -> y = x W (4 -> 3), z = sum(x) per row: two outputs, in the order given."""
+    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("ReduceSum", ["x", "axes"], ["z"], keepdims=0),
+    ]
+    shapes = {"y": [batch, 3], "z": [batch]}
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shapes[n]) for n in outputs],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture
+def bundle(cli, tmp_path: Path, mlp_bundle: Path) -> Path:
+    """A private copy of the converted MLP bundle, free to damage."""
+    return Path(shutil.copytree(mlp_bundle, tmp_path / "b"))
+
+
+def _edit_weights(model_file: Path) -> None:
+    model = onnx.load(model_file)
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first) * 2, first.name))
+    onnx.save(model, model_file)
+
+
+COMMANDS = {
+    "validate": lambda b, t: ("validate", b),
+    "bench": lambda b, t: ("bench", b, "--runs", "2"),
+    "optimize": lambda b, t: ("optimize", b, "-o", t / "o"),
+    "package": lambda b, t: ("package", b, "-o", t / "p", "--target", "mobile"),
+    "compare": lambda b, t: ("compare", b, b, "--no-bench"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_an_edited_model_is_refused_by_every_command(cli, tmp_path, bundle, command):
+    _edit_weights(bundle / "model.onnx")
+    before = tree_hash(bundle)
+    code, _, err = cli(*COMMANDS[command](bundle, tmp_path))
+    assert code == 2, err
+    assert "model.onnx: changed since onnxpipe wrote the bundle" in err
+    assert "onnxpipe convert" in err  # the way out
+    assert tree_hash(bundle) == before and not (tmp_path / "o").exists()
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("missing", ["model.onnx", "parity.npz"])
+def test_an_incomplete_bundle_is_refused(cli, bundle, missing):
+    (bundle / missing).unlink()
+    code, _, err = cli("validate", bundle)
+    assert code == 2 and f"incomplete: {missing} missing" in err
+
+
+def test_a_derived_bundle_without_gate_says_not_gated(cli, tmp_path, mlp_bundle):
+    out = tmp_path / "pruned"
+    code, _, err = cli("prune", mlp_bundle, "-o", out, "--method", "magnitude", "--ratio", "0.9")
+    assert code == 0, err
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["passed"] is None and parity["tolerance"] is None
+    assert parity["cosine"] < 0.99  # 90% of the weights zeroed: it changed, and says by how much
+    assert "| not gated |" in (out / "README.md").read_text()
+    code, out_text, err = cli("validate", out, "--json")
+    cpu = json.loads(out_text)["cpu"]
+    # parity.npz of a derived bundle holds that model's own outputs, and says so
+    assert code == 0 and cpu["reference"].startswith("stored outputs of this model on ORT CPU")
+
+
+def test_a_required_ep_is_validated_even_when_not_listed(cli, mlp_bundle, tmp_path):
+    bundle = Path(shutil.copytree(mlp_bundle, tmp_path / "b"))
+    code, out, _ = cli("validate", bundle, "--require", "cuda", "--json")
+    results = json.loads(out)
+    assert set(results) == {"cpu", "cuda"}
+    if results["cuda"]["status"] == "unavailable":  # this machine: no CUDA
+        assert code == 1
+    else:
+        assert code == (0 if results["cuda"]["status"] == "passed" else 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("validate", "{b}", "--atol", "-1"), "--atol -1.0: give a tolerance above 0"),
+        (("validate", "{b}", "--atol", "nan"), "--atol nan"),
+        (("bench", "{b}", "--threads", "-1"), "every --threads must be >= 0"),
+        (("bench", "{b}", "--ep", "cpu,tensorrt"), "--ep tensorrt: TensorrtExecutionProvider"),
+        (("optimize", "{b}", "-o", "{t}/o", "--transformer", "foo"), "'foo' is not one ORT"),
+        (("optimize", "{b}", "-o", "{t}/o", "--num-heads", "4"), "only apply with transformer"),
+        (("compare", "{b}", "{b}", "--no-bench", "--html", "{t}"), "is a directory"),
+    ],
+)
+def test_bad_settings_are_exit_2(cli, bundle, tmp_path, args, message):
+    pytest.importorskip("onnxruntime")
+    if "tensorrt" in args[-1]:
+        import onnxruntime as ort
+
+        if "TensorrtExecutionProvider" in ort.get_available_providers():
+            pytest.skip("this onnxruntime has TensorRT")
+    before = tree_hash(bundle)
+    filled = [a.format(b=bundle, t=tmp_path) for a in args]
+    code, _, err = cli(*filled)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and "pydantic" not in err
+    assert tree_hash(bundle) == before
+
+
+def test_compare_pairs_outputs_by_name(cli, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("convert", _onnx_file(tmp_path / "a.onnx"), "-o", a, "--no-bench")[0] == 0
+    swapped = _onnx_file(tmp_path / "b.onnx", outputs=("z", "y"))
+    assert cli("convert", swapped, "-o", b, "--no-bench")[0] == 0
+    code, out, _ = cli("compare", a, b, "--no-bench", "--json")
+    agreement = json.loads(out)["outputs"]
+    assert code == 0 and agreement["errors"] == []
+    assert agreement["max_abs_diff"] == 0.0 and agreement["cosine"] == pytest.approx(1.0)
+
+
+def test_compare_feeds_what_both_models_take(cli, tmp_path):
+    """A dynamic-batch model against its batch-1 export: compared at batch 1, either way round."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("convert", _onnx_file(tmp_path / "a.onnx"), "-o", a, "--no-bench")[0] == 0
+    fixed = _onnx_file(tmp_path / "b.onnx", batch=1)
+    assert cli("convert", fixed, "-o", b, "--no-bench")[0] == 0
+    for first, second in ((a, b), (b, a)):
+        code, out, err = cli("compare", first, second, "--no-bench", "--json")
+        assert code == 0, err
+        assert json.loads(out)["outputs"]["max_abs_diff"] == 0.0
+
+
+def _two_inputs_sharing_seq(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["ids", "mask"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", onnx.TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_fixed_shape_follows_shared_dims(cli, tmp_path):
+    bundle = tmp_path / "b"
+    assert cli("convert", _two_inputs_sharing_seq(tmp_path / "m.onnx"), "-o", bundle)[0] == 0
+    out = tmp_path / "p"
+    code, _, err = cli(
+        "package", bundle, "-o", out, "--target", "mobile", "--fixed-shape", "ids:1,16"
+    )
+    assert code == 0, err
+    mobile = json.loads((out / "manifest.json").read_text())["mobile"]
+    assert mobile["fixed_shapes"] == {"ids": [1, 16], "mask": [1, 16]}  # mask shares batch, seq
+    code, _, err = cli(
+        "package", bundle, "-o", tmp_path / "q", "--target", "mobile",
+        "--fixed-shape", "ids:1,16", "--fixed-shape", "mask:1,8",
+    )  # fmt: skip
+    assert code == 2 and "share dim 'seq' but are given 16 and 8" in err
+    code, _, err = cli(
+        "package", bundle, "-o", tmp_path / "q", "--target", "mobile",
+        "--fixed-shape", "ids:1,16", "--fixed-shape", "ids:2,16",
+    )  # fmt: skip
+    assert code == 2 and "ids is given twice" in err and not (tmp_path / "q").exists()
+
+
+def test_fixed_shape_names_may_hold_a_colon():
+    from onnxpipe.converters.base import InputSpec
+    from onnxpipe.mobile import parse_fixed_shapes
+
+    spec = InputSpec("input:0", "float32", ("batch", 3))
+    assert parse_fixed_shapes(["input:0:2,3"], [spec]) == {"input:0": [2, 3]}
