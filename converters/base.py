@@ -48,6 +48,8 @@ class InputSpec:
     name: str
     dtype: str
     shape: tuple[Dim, ...]
+    high: int | None = None
+    """For integer ids: the rows of the tables they index (generated values stay below it)."""
 
     @classmethod
     def parse(cls, text: str) -> InputSpec:
@@ -88,8 +90,9 @@ class InputSpec:
         return [d for d in self.shape if isinstance(d, str)]
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest form ``{name, dtype, shape}``."""
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        """The manifest form ``{name, dtype, shape}`` (+ ``index_limit`` for table ids)."""
+        entry = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return entry | ({"index_limit": self.high} if self.high is not None else {})
 
 
 class ConvertConfig(BaseModel):
@@ -159,7 +162,10 @@ def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]
 
 
 def random_input(spec: InputSpec, sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
-    """A plausible random array for one input: normal floats, small ids, all-ones masks."""
+    """A plausible random array for one input: normal floats, small ids, all-ones masks.
+
+    Ids stay below ``spec.high`` where the model says how many rows their tables have.
+    """
     shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
     dtype = DTYPES[spec.dtype]
     lowered = spec.name.lower()
@@ -171,6 +177,8 @@ def random_input(spec: InputSpec, sizes: Mapping[str, int], rng: np.random.Gener
         return np.ones(shape, dtype=dtype)
     if "type" in lowered or "segment" in lowered or "position" in lowered:
         return np.zeros(shape, dtype=dtype)
+    if spec.high is not None:
+        return rng.integers(min(1, spec.high - 1), spec.high, shape).astype(dtype)
     return rng.integers(1, 100, shape).astype(dtype)
 
 

@@ -19,7 +19,10 @@ from onnxpipe.runtime import UNAVAILABLE_EXIT, ProviderUnavailable, SessionOptio
 
 def run(request: dict) -> dict:
     """Time ``runs`` inferences after ``warmup``; latency percentiles, throughput, RSS."""
-    specs = [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in request["inputs"]]
+    specs = [
+        InputSpec(s["name"], s["dtype"], tuple(s["shape"]), s.get("index_limit"))
+        for s in request["inputs"]
+    ]
     batch = int(request["batch"])
     # The batch sets the symbols on axis 0 only; a fixed-batch model keeps its batch and its
     # other symbols (sequence lengths) their usual size.
@@ -45,7 +48,8 @@ def run(request: dict) -> dict:
         if time.perf_counter() > deadline and len(times) >= 10:
             break
     lat = np.asarray(times)
-    real_batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+    lead = next(iter(feeds.values()), None)
+    real_batch = int(lead.shape[0]) if lead is not None and lead.ndim else 1
     return {
         "ep": request["ep"],
         "batch": real_batch,

@@ -27,7 +27,7 @@ def bundle_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
             d if isinstance(d, int) else (d or f"{entry['name']}_d{i}")
             for i, d in enumerate(entry["shape"])
         )
-        specs.append(InputSpec(entry["name"], entry["dtype"], shape))
+        specs.append(InputSpec(entry["name"], entry["dtype"], shape, entry.get("index_limit")))
     return specs
 
 

@@ -54,13 +54,9 @@ def _example_feed(inputs: list[dict[str, Any]]) -> str:
     for spec in inputs:
         dims = [d if isinstance(d, int) else 1 for d in spec["shape"]]
         dtype = spec["dtype"] or "float32"
-        maker = "np.random.rand" if dtype.startswith("float") else "np.ones"
-        arg = (
-            ", ".join(map(str, dims))
-            if maker == "np.random.rand"
-            else f"({', '.join(map(str, dims))},)"
-        )
-        lines.append(f'    "{spec["name"]}": {maker}({arg}).astype(np.{dtype}),')
+        maker = "np.random.random" if dtype.startswith("float") else "np.ones"
+        shape = f"({', '.join(map(str, dims))}{',' if len(dims) == 1 else ''})"  # () for a scalar
+        lines.append(f'    "{spec["name"]}": {maker}({shape}).astype(np.{dtype}),')
     return "\n".join(lines)
 
 

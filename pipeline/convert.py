@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from onnxpipe.converters.source import (
 )
 from onnxpipe.data import load_data, parity_feeds, samples_in
 from onnxpipe.errors import ConversionError, GateFailed, InputError
-from onnxpipe.modelio import random_outputs, save_model
+from onnxpipe.modelio import index_limit, random_outputs, save_model
 from onnxpipe.parity import measure_parity
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 
@@ -92,6 +92,7 @@ def convert(
     """
     started = time.perf_counter()
     framework, loaded = resolve_source(source, framework)
+    source_name = describe(source)
     tried: list[dict[str, Any]] = []
     failed_parity: list[tuple[dict[str, Any], str]] = []
     for attempt in get_converter(framework)(loaded, config):
@@ -103,7 +104,7 @@ def convert(
         candidate_dir = workdir / f"attempt-{len(tried)}"
         candidate_dir.mkdir(parents=True, exist_ok=True)
         path = save_model(attempt.result.model, candidate_dir)[0]
-        parity, samples = check_parity(attempt.result, path, atol, data)
+        parity, samples = check_parity(attempt.result, path, atol, data, source_name)
         record.update(
             status="passed" if parity["passed"] else "parity_failed",
             max_abs_diff=parity["max_abs_diff"],
@@ -116,7 +117,6 @@ def convert(
                 attempt.result, path, parity, samples, tried, time.perf_counter() - started
             )
         failed_parity.append((parity, attempt.exporter))
-    source_name = describe(source)
     if failed_parity:
         parity, exporter = failed_parity[0]
         raise GateFailed(
@@ -152,18 +152,68 @@ def _summary(tried: Sequence[dict[str, Any]]) -> str:
 
 
 def check_parity(
-    result: ConversionResult, model_path: Path, atol: float, data: str | None
+    result: ConversionResult,
+    model_path: Path,
+    atol: float,
+    data: str | None,
+    source_name: str = "the source model",
 ) -> tuple[dict[str, Any], list[tuple[dict[str, np.ndarray], list[np.ndarray]]]]:
-    """Parity of the saved ONNX model against ``result.reference`` on generated + user data."""
-    feeds_list = parity_feeds(result.inputs)
-    if data:
-        feeds_list += load_data(data, result.inputs)
+    """Parity of the saved ONNX model against ``result.reference`` on generated + user data.
+
+    Generated integer ids stay below the rows of the tables they index (``index_limit``).
+    When the source cannot run the generated samples (ids that mean something else, a shape
+    tensor as input), parity rests on ``data`` alone, or, without data, the user is asked
+    for some.
+
+    Raises:
+        InputError: the source cannot run the generated samples and no ``data`` was given.
+    """
+    limits = {v.name: index_limit(v) for v in result.model.graph.inputs}
+    result.inputs = [
+        replace(s, high=limits.get(s.name)) if np.dtype(s.dtype).kind in "iu" else s
+        for s in result.inputs
+    ]
+    generated = parity_feeds(result.inputs)
+    user = load_data(data, result.inputs) if data else []
+    try:
+        return _parity_on(result, model_path, atol, generated + user, {id(f) for f in generated})
+    except _SourceRefused as e:
+        if not user:
+            raise InputError(
+                f"{source_name}: the source model cannot run the sample inputs onnxpipe "
+                f"generated for parity ({e}). Give real inputs with --data FILE.npz (one array "
+                "per input, by name)."
+            ) from e
+        logger.warning("parity on --data only: the source refused generated samples (%s)", e)
+        return _parity_on(result, model_path, atol, user, set())
+
+
+class _SourceRefused(Exception):
+    """The source model raised on a generated sample."""
+
+
+def _parity_on(
+    result: ConversionResult,
+    model_path: Path,
+    atol: float,
+    feeds_list: list[dict[str, np.ndarray]],
+    generated: set[int],
+) -> tuple[dict[str, Any], list[tuple[dict[str, np.ndarray], list[np.ndarray]]]]:
     session = make_session(model_path, SessionOptions(ep="cpu"))
     names = [o.name for o in session.get_outputs()]
     samples: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
 
     def reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outs = result.reference(feeds)
+        try:
+            outs = result.reference(feeds)
+        except Exception as e:  # the user's model, in its framework: any error type
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            what = f"at {shapes}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            if id(feeds) in generated:
+                raise _SourceRefused(what) from e
+            raise InputError(
+                f"--data: the source model cannot run these inputs ({what}). Give inputs it runs."
+            ) from e
         samples.append((feeds, outs))
         return outs
 

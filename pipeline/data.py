@@ -9,7 +9,7 @@ feed dicts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +125,32 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
     except (ValueError, OSError) as e:
         raise InputError(f"{path}: not a readable numpy file ({e}).") from e
     count = {len(a) if a.ndim else 1 for a in arrays.values()}
+    scalar = any(a.ndim == 0 for a in arrays.values())
+    if (len(count) != 1 or scalar) and _one_feed(arrays, specs):
+        return [arrays]  # inputs without a sample axis (a scalar, a shape): one run as they are
+    if scalar:
+        raise InputError(
+            f"{path}: holds 0-d arrays, but not every input is 0-d; put samples on axis 0."
+        )
     if len(count) != 1:
-        raise InputError(f"{path}: arrays have different sample counts {sorted(count)}.")
+        raise InputError(
+            f"{path}: arrays have different sample counts {sorted(count)} on axis 0; give every "
+            "input as many samples."
+        )
     n = count.pop()
     return [{k: a[i : i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+
+
+def _one_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
+    """Whether ``arrays`` are one run as they are: each has its input's rank and static dims."""
+    by_name = {s.name: s for s in specs}
+    return set(arrays) == set(by_name) and all(
+        a.ndim == len(by_name[k].shape)
+        and all(
+            not isinstance(d, int) or d == n for d, n in zip(by_name[k].shape, a.shape, strict=True)
+        )
+        for k, a in arrays.items()
+    )
 
 
 def _check(feeds: Feeds, specs: Sequence[InputSpec], where: str) -> None:

@@ -113,6 +113,8 @@ def gate_metrics(
     kls: list[np.ndarray] = []
     for index, (ref_out, got_out) in enumerate(zip(reference, candidate, strict=True)):
         ref, got = ref_out[0].astype(np.float64), got_out[0].astype(np.float64)
+        if ref.ndim == 0:  # a scalar output: one sample of one value
+            ref, got = ref.reshape(1), got.reshape(1)
         if ref.shape != got.shape:
             raise ValueError(f"output shapes differ: {ref.shape} vs {got.shape}")
         mask = masks[index] if masks else None

@@ -69,8 +69,42 @@ def describe_model(directory: Path) -> dict[str, Any]:
     return info
 
 
+# Ops that pass integer ids on unchanged (in value) to the Gather that uses them.
+_ID_PASS = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def index_limit(value: ir.Value) -> int | None:
+    """Rows of the smallest constant table that integer input ``value`` indexes, else None.
+
+    Follows Casts and reshapes to every Gather that takes the ids as indices of a constant
+    (an embedding); other uses (Shape, masks) do not bound the values.
+    """
+    limits: list[int] = []
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for use in current.uses():
+            node = use.node
+            if node.op_type in _ID_PASS and use.idx == 0:
+                pending.extend(node.outputs[:1])
+            elif node.op_type == "Gather" and use.idx == 1:
+                table = node.inputs[0]
+                shape = table.shape if table is not None and table.const_value is not None else None
+                axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+                if shape is not None and isinstance(rows := shape[axis], int) and rows > 0:
+                    limits.append(rows)
+    return min(limits) if limits else None
+
+
 def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The manifest's ``inputs`` and ``outputs``: ``{name, dtype, shape}``, symbols as strings."""
+    """The manifest's ``inputs`` and ``outputs``: ``{name, dtype, shape}``, symbols as strings.
+
+    An integer input that indexes embedding tables also gets ``index_limit`` (:func:`index_limit`),
+    so the samples onnxpipe generates for it later stay in range.
+    """
     initializers = set(model.graph.initializers)
 
     def entry(value: ir.Value) -> dict[str, Any]:
@@ -80,7 +114,12 @@ def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, 
             shape.append(dim if isinstance(dim, int) else (dim.value or None))
         return {"name": value.name, "dtype": dtype, "shape": shape}
 
-    inputs = [entry(v) for v in model.graph.inputs if v.name not in initializers]
+    inputs = []
+    for value in model.graph.inputs:
+        if value.name in initializers:
+            continue
+        limit = index_limit(value) if value.dtype is not None and value.dtype.is_integer() else None
+        inputs.append(entry(value) | ({"index_limit": limit} if limit else {}))
     return inputs, [entry(v) for v in model.graph.outputs]
 
 

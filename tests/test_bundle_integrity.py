@@ -197,3 +197,68 @@ def test_fixed_shape_names_may_hold_a_colon():
 
     spec = InputSpec("input:0", "float32", ("batch", 3))
     assert parse_fixed_shapes(["input:0:2,3"], [spec]) == {"input:0": [2, 3]}
+
+
+def test_generated_ids_stay_inside_a_small_table(cli, tmp_path):
+    """Ids into a 10-row embedding: generated samples stay below 10 everywhere they are made."""
+    from tests.conftest import model_ref
+
+    out = tmp_path / "b"
+    code, _, err = cli(
+        "convert", model_ref("small_vocab"), "-o", out, "--input", "ids:int64[batch,seq]"
+    )
+    assert code == 0, err  # parity, validate and bench all ran on generated ids
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["index_limit"] == 10
+    ids = [v for k, v in np.load(out / "parity.npz").items() if k.startswith("in")]
+    assert ids and all(a.max() < 10 and a.min() >= 0 for a in ids)
+    assert cli("bench", out, "--batch", "1,8", "--runs", "3")[0] == 0
+    assert cli("optimize", out, "-o", tmp_path / "o")[0] == 0
+
+
+def test_a_model_that_cannot_run_generated_samples_asks_for_data(cli, tmp_path):
+    """A shape tensor as input (onnx's test_expand_shape_model1): random values cannot run."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 1]),
+            helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, "n"])],
+    )
+    path = tmp_path / "expand.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, _, err = cli("convert", path, "-o", tmp_path / "b")
+    assert code == 2 and "cannot run the sample inputs onnxpipe generated" in err
+    assert "--data" in err and not (tmp_path / "b").exists()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((3, 1), np.float32), shape=np.array([3, 4], np.int64))
+    code, _, err = cli("convert", path, "-o", tmp_path / "b", "--data", data, "--no-bench")
+    assert code == 0, err  # parity on the given data alone
+
+
+def test_a_scalar_input_model_runs_through_every_command(cli, tmp_path):
+    """x: float32[] (a 0-d input) -> y = 2x: convert, --data, bench, optimize and the card."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])],
+    )
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.array(1.5, np.float32))
+    bundle = tmp_path / "b"
+    code, _, err = cli("convert", path, "-o", bundle, "--data", data)
+    assert code == 0, err  # with bench, on a 0-d feed
+    assert cli("optimize", bundle, "-o", tmp_path / "o")[0] == 0  # its gate metrics
+    card = (bundle / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(
+        compile(snippet.replace('"model.onnx"', repr(str(bundle / "model.onnx"))), "card", "exec"),
+        namespace,
+    )
+    assert namespace["outputs"][0].shape == ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,15 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
         )
     runnable = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
     example = random_feeds(specs, example_sizes(specs))
-    outputs, keys = _run(runnable, specs, example, source)
+    try:
+        outputs, keys = _run(runnable, specs, example, source)
+    except InputError:
+        rows = _embedding_rows(runnable)  # ids 1..99 may be past a small table: retry below it
+        if rows is None or not any(np.dtype(s.dtype).kind in "iu" for s in specs):
+            raise
+        specs = [replace(s, high=rows) if np.dtype(s.dtype).kind in "iu" else s for s in specs]
+        example = random_feeds(specs, example_sizes(specs))
+        outputs, keys = _run(runnable, specs, example, source)
     output_names = output_names_for(len(outputs), keys)
 
     def reference(feeds: Feeds) -> list[np.ndarray]:
@@ -111,6 +120,18 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
                 reference_name=f"torch {torch.__version__}",
             ),
         )
+
+
+def _embedding_rows(model: Any) -> int | None:
+    """Rows of the model's smallest embedding table, None without one (ids must stay below)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    rows = [
+        m.num_embeddings
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag)
+    ]
+    return min(rows) if rows else None
 
 
 def _eval_mode(model: Any) -> None:
