@@ -53,20 +53,38 @@ def load_onnx(path: Path) -> ir.Model:
         ) from e
 
 
-def signature(model: ir.Model) -> list[InputSpec]:
+def signature(model: ir.Model, path: Path | str = "model") -> list[InputSpec]:
     """Input specs of an ONNX graph; unnamed dynamic dims get a symbol ``<input>_d<axis>``.
 
     Initializers listed as graph inputs (IR < 4 models) are not inputs a user feeds.
+
+    Raises:
+        InputError: an input or output that is not a numeric or bool tensor (a sequence, map
+            or optional; strings), which onnxpipe cannot feed or compare.
     """
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for value in values:
+            if value.type is not None and not isinstance(value.type, ir.TensorType):
+                raise InputError(
+                    f"{path}: {kind} {value.name!r} is a {value.type}, not a tensor; onnxpipe "
+                    "handles models whose inputs and outputs are tensors. Wrap the model so "
+                    "the sequence is built (or split) inside it, then convert that."
+                )
     specs = []
     for value in model.graph.inputs:
         if value.const_value is not None or value.name in model.graph.initializers:
             continue
         if value.dtype is None:
-            raise InputError(f"input {value.name!r} has no element type; pass --input for it.")
+            raise InputError(
+                f"{path}: input {value.name!r} has no element type; pass --input for it."
+            )
         dtype = np.dtype(value.dtype.numpy()).name
         if dtype not in DTYPES:
-            raise InputError(f"input {value.name!r} has dtype {dtype}, which onnxpipe cannot feed.")
+            raise InputError(
+                f"{path}: input {value.name!r} has dtype {value.dtype.name.lower()}, which "
+                f"onnxpipe cannot feed (it feeds {', '.join(DTYPES)}). Keep string processing "
+                "(a tokenizer) outside the model and feed its numeric result."
+            )
         dims: list[int | str] = []
         for axis, dim in enumerate(value.shape or ()):
             if isinstance(dim, int) and dim > 0:
@@ -86,7 +104,7 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
     path = Path(source)
     model = load_onnx(path)
     notes = _check(path, model)
-    specs = signature(model)
+    specs = signature(model, path)
     overrides = {s.name: s for s in config.input_specs()}
     unknown = set(overrides) - {s.name for s in specs}
     if unknown:

@@ -183,8 +183,11 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
     if model.get("external_data"):
         files.append((DATA_FILE, model["external_data"].get("sha256")))
     mobile = (manifest.get("mobile") or {}).get("ort_file")
+    if mobile and manifest["mobile"].get("ort_sha256"):
+        files.append((mobile, manifest["mobile"]["ort_sha256"]))
     parity = [PARITY_FILE] if manifest.get("parity") else []  # stored with the parity record
     names = [name for name, _ in files] + parity + ([mobile] if mobile else [])
+    names = list(dict.fromkeys(names))
     missing = [name for name in names if not (bundle / name).is_file()]
     if missing:
         raise InputError(
@@ -193,11 +196,15 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
         )
     for name, recorded in files:
         if recorded and sha256(bundle / name) != recorded:
-            raise InputError(
-                f"{bundle / name}: changed since onnxpipe wrote the bundle (its sha256 is not the "
-                f"manifest's {recorded[:12]}...), so the manifest's numbers are not about it. "
+            fix = (
                 "To work on an edited model, make a new bundle of it: onnxpipe convert "
                 f"{bundle / name} -o NEW_BUNDLE."
+                if name == MODEL_FILE
+                else "Re-create the bundle with the step that made it."
+            )
+            raise InputError(
+                f"{bundle / name}: changed since onnxpipe wrote the bundle (its sha256 is not the "
+                f"manifest's {recorded[:12]}...), so the manifest's numbers are not about it. {fix}"
             )
     return manifest
 

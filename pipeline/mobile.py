@@ -39,7 +39,7 @@ from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import parity_feeds
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
-from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs
+from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs, sha256
 from onnxpipe.parity import measure_parity
 from onnxpipe.runtime import ORT_ERRORS
 
@@ -234,22 +234,31 @@ def partitions(model_path: Path) -> dict[str, dict[str, Any]]:
     from onnxruntime.tools.mobile_helpers import usability_checker as checker  # noqa: PLC0415
 
     shaped = checker.ModelProtoWithShapeInfo(model_path).model_with_shape_info
-    results = {
-        "nnapi": checker.check_nnapi_partitions(shaped, True),
-        "coreml": checker.check_coreml_partitions(
+    checks = {
+        "nnapi": lambda: checker.check_nnapi_partitions(shaped, True),
+        "coreml": lambda: checker.check_coreml_partitions(
             shaped, True, "coreml_supported_mlprogram_ops.md"
         ),
     }
-    return {
-        ep: {
+    results: dict[str, dict[str, Any]] = {}
+    for ep, check in checks.items():
+        try:
+            info = check()
+        except ValueError as e:  # a graph the checker cannot analyse (missing shape info)
+            results[ep] = {
+                "partitions": None, "nodes_supported": None, "nodes_total": len(shaped.graph.node),
+                "unsupported_ops": [], "suitability": "unknown",
+                "reason": f"ORT's usability checker could not analyse the graph: {e}",
+            }  # fmt: skip
+            continue
+        results[ep] = {
             "partitions": info.num_partitions,
             "nodes_supported": info.num_supported_nodes,
             "nodes_total": info.num_nodes,
             "unsupported_ops": sorted(info.unsupported_ops),
             "suitability": info.suitability().name.lower(),
         }
-        for ep, info in results.items()
-    }
+    return results
 
 
 def package_mobile(
@@ -339,6 +348,7 @@ def package_mobile(
                 "fixed_shapes": fixed,
                 "optimization_level": level,
                 "ort_bytes": ort_path.stat().st_size,
+                "ort_sha256": sha256(ort_path),
                 "operators": [
                     ln
                     for ln in config_path.read_text().splitlines()

@@ -62,6 +62,8 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
         parts = [
             f"{ep}: {mobile[ep]['partitions']} partition(s), {mobile[ep]['nodes_supported']}/"
             f"{mobile[ep]['nodes_total']} nodes"
+            if mobile[ep]["partitions"] is not None
+            else f"{ep}: not analysed ({mobile[ep].get('reason')})"
             for ep in ("nnapi", "coreml")
             if ep in mobile
         ]

@@ -169,6 +169,12 @@ def _mobile_session(
             for k, v in feeds.items()
         )
 
+    if set(shapes) != {name for feeds in feeds_list[:1] for name in feeds}:
+        raise ProviderUnavailable(
+            f"{MOBILE_MODEL} takes inputs {sorted(shapes)}, not this bundle's model's "
+            f"{sorted(feeds_list[0]) if feeds_list else []}: it was not made from it. Package "
+            f"again: onnxpipe package {bundle} -o OUT --target mobile"
+        )
     fitting = [f for f in feeds_list if fits(f)]
     if not fitting:
         specs = [

@@ -262,3 +262,52 @@ def test_a_scalar_input_model_runs_through_every_command(cli, tmp_path):
         namespace,
     )
     assert namespace["outputs"][0].shape == ()
+
+
+def test_non_tensor_io_is_refused_naming_the_file(cli, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("SplitToSequence", ["x"], ["s"], axis=0)],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None)],
+    )
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, _, err = cli("convert", path, "-o", tmp_path / "b")
+    assert code == 2 and f"{path}: output 's' is a Sequence" in err and "not a tensor" in err
+
+
+def test_package_survives_a_graph_the_partition_checker_cannot_read(cli, tmp_path):
+    """A RandomNormalLike output: ORT's usability checker raises; the .ort is still made."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("RandomNormalLike", ["x"], ["r"]),
+            helper.make_node("Relu", ["x"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["batch", 4]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "rand.onnx"
+    onnx.save(model, path)
+    assert cli("convert", path, "-o", tmp_path / "b", "--no-bench")[0] == 0
+    code, _, err = cli("package", tmp_path / "b", "-o", tmp_path / "p", "--target", "mobile")
+    assert code == 0, err
+    mobile = json.loads((tmp_path / "p" / "manifest.json").read_text())["mobile"]
+    assert (tmp_path / "p" / "mobile" / "model.ort").is_file()
+    for ep in ("nnapi", "coreml"):
+        if mobile[ep]["partitions"] is None:  # this ORT's checker cannot read the graph
+            assert "usability checker could not analyse" in mobile[ep]["reason"]
+
+
+def test_a_swapped_ort_file_is_refused(cli, tmp_path, mlp_bundle):
+    out = tmp_path / "p"
+    assert cli("package", mlp_bundle, "-o", out, "--target", "mobile")[0] == 0
+    (out / "mobile" / "model.ort").write_bytes(b"not the packaged model")
+    code, _, err = cli("validate", out, "--ep", "mobile")
+    assert code == 2 and "mobile/model.ort: changed since onnxpipe wrote the bundle" in err
