@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -50,6 +51,29 @@ def check_out_dir(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) ->
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out}: exists and is not empty. Pick a new -o or pass --overwrite.")
     _probe_writable(out)
+
+
+def input_paths(*values: Any) -> tuple[Path, ...]:
+    """The existing files and folders that settings name: sources, ``--data``/``--calib``.
+
+    Strings (in settings models, recursively through their fields) count when they are a path
+    or a ``path.py:callable`` whose file exists, so OUT can be refused where it would replace
+    them.
+    """
+    found: list[Path] = []
+    for value in values:
+        if hasattr(value, "model_dump"):
+            found += input_paths(*value.model_dump().values())
+        elif isinstance(value, list | tuple):
+            found += input_paths(*value)
+        elif isinstance(value, str | Path) and str(value):
+            text = str(value)
+            for candidate in (text, text.rsplit(":", 1)[0]):
+                with contextlib.suppress(OSError, ValueError):
+                    if Path(candidate).exists():
+                        found.append(Path(candidate))
+                        break
+    return tuple(dict.fromkeys(found))
 
 
 def _probe_writable(out: Path) -> None:
@@ -121,7 +145,21 @@ def _umask() -> int:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON atomically (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(strict_json(data), indent=2, default=_json_default) + "\n")
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with NaN and infinities as the strings "nan", "inf", "-inf".
+
+    ``json.dumps`` would write the literals NaN and Infinity, which strict JSON parsers reject.
+    """
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v) for v in data]
+    return data
 
 
 def write_failure_report(out: Path, record: dict[str, Any]) -> Path:

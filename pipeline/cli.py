@@ -30,7 +30,7 @@ from onnxpipe.errors import InputError, OnnxPipeError, invalid_settings
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
-err = Console(stderr=True)
+err = Console(stderr=True, emoji=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -372,9 +372,11 @@ def _working(args: argparse.Namespace, label: str) -> Iterator[None]:
 
 def _emit(args: argparse.Namespace, payload: Any, tables: Sequence[Any]) -> None:
     if args.json:
-        print(json.dumps(payload, indent=2, default=str))
+        from onnxpipe.bundle import strict_json  # noqa: PLC0415
+
+        print(json.dumps(strict_json(payload), indent=2, default=str))
         return
-    out = Console()
+    out = Console(emoji=False)
     for table in tables:
         out.print(table)
 
@@ -383,20 +385,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """``onnxpipe convert``."""
     from onnxpipe.steps import BenchStep, ConvertStep, ValidateStep  # noqa: PLC0415
 
-    steps: list[Any] = [
-        ConvertStep(
-            source=args.source,
-            framework=args.framework,
-            inputs=tuple(args.input),
-            opset=args.opset,
-            exporter=args.exporter,
-            nchw=args.nchw,
-            atol=args.atol,
-            data=args.data,
-            unsafe_load=args.unsafe_load,
-        ),
-        ValidateStep(ep=("cpu",), atol=args.atol),
-    ]
+    try:
+        steps: list[Any] = [
+            ConvertStep(
+                source=args.source,
+                framework=args.framework,
+                inputs=tuple(args.input),
+                opset=args.opset,
+                exporter=args.exporter,
+                nchw=args.nchw,
+                atol=args.atol,
+                data=args.data,
+                unsafe_load=args.unsafe_load,
+            ),
+            ValidateStep(ep=("cpu",), atol=args.atol),
+        ]
+    except ValueError as e:  # pydantic's ValidationError: --opset or --atol out of range
+        raise invalid_settings("convert", e) from e
     if not args.no_bench:
         steps.append(BenchStep(batch=(1,), runs=30))
     manifest = _progress_steps(steps, args.out, args)

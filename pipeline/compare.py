@@ -95,11 +95,14 @@ def compare_bundles(
     sessions = {k: make_session(p / MODEL_FILE, SessionOptions()) for k, p in (("a", a), ("b", b))}
     names = [o.name for o in sessions["a"].get_outputs()]
     names_b = [o.name for o in sessions["b"].get_outputs()]
+    if len(names) != len(names_b):
+        raise InputError(
+            f"{a} has {len(names)} outputs ({', '.join(names)}) and {b} has {len(names_b)} "
+            f"({', '.join(names_b)}); compare needs models with the same outputs."
+        )
     # Outputs are paired by name when both models name them alike, else by position.
     order = (
-        [names_b.index(n) for n in names]
-        if set(names) == set(names_b)
-        else list(range(min(len(names), len(names_b))))
+        [names_b.index(n) for n in names] if set(names) == set(names_b) else list(range(len(names)))
     )
     # Outputs fed by a random op (in either model) differ on every run.
     random = random_outputs(a / MODEL_FILE)

@@ -27,11 +27,12 @@ Feeds = dict[str, np.ndarray]
 def parity_feeds(specs: Sequence[InputSpec], min_samples: int = 8, seed: int = 1) -> list[Feeds]:
     """Generated feeds at shapes the export never saw, totalling >= ``min_samples`` samples.
 
-    The export used :func:`example_sizes` (offset 0). Here the first symbol of the first input
-    (usually the batch) runs at 3, 1 and 4, and other symbols at other unseen sizes, because
-    exporters fail silently exactly there.
+    The export used :func:`example_sizes` (offset 0). Here the batch (the first symbol on axis
+    0 of any input, else the first input's first symbol) runs at 3, 1 and 4, and other
+    symbols at other unseen sizes, because exporters fail silently exactly there.
     """
-    first = specs[0].symbols[0] if specs and specs[0].symbols else None
+    leading = [s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)]
+    first = leading[0] if leading else next((s.symbols[0] for s in specs if s.symbols), None)
     runs: list[Feeds] = []
     total = 0
     for i in range(max(min_samples, 3)):

@@ -27,6 +27,7 @@ from onnxpipe.bundle import (
     SCHEMA,
     atomic_dir,
     check_out_dir,
+    input_paths,
     write_failure_report,
     write_json_atomic,
 )
@@ -92,10 +93,7 @@ def run_steps(
 
     On a failed gate nothing is written at ``out``; the numbers go to ``<out>.failed.json``.
     """
-    protect = tuple(
-        Path(s.source) for s in steps if isinstance(s, ConvertStep) and Path(s.source).exists()
-    )
-    check_out_dir(out, overwrite, protect)
+    check_out_dir(out, overwrite, input_paths(*steps))
     done: list[str] = []
     with atomic_dir(out) as tmp:
         work = Work(dir=tmp)

@@ -67,7 +67,9 @@ class ConvertStep(StepConfig):
         default="auto", description="Source framework; auto detects it."
     )
     inputs: tuple[str, ...] = Field(default=(), description="Input specs name:dtype[dims].")
-    opset: int | None = Field(default=None, description="Target opset; None = exporter default.")
+    opset: int | None = Field(
+        default=None, ge=7, le=23, description="Target opset; None = exporter default."
+    )
     exporter: Literal["auto", "dynamo", "torchscript"] = Field(
         default="auto", description="PyTorch exporter; auto = dynamo, then TorchScript."
     )

@@ -24,6 +24,7 @@ from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import (
     atomic_dir,
     check_out_dir,
+    input_paths,
     load_parity_samples,
     open_bundle,
     save_parity_samples,
@@ -154,7 +155,7 @@ def derive_bundle(
             go to ``<out>.failed.json``.
     """
     manifest = open_bundle(bundle)
-    check_out_dir(out, overwrite, protect=(bundle,))
+    check_out_dir(out, overwrite, protect=(bundle, *input_paths(step_config, eval_data)))
     inputs = bundle_inputs(manifest)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxpipe-derive-") as scratch:

@@ -151,7 +151,8 @@ def _run(
             **random_feeds([s for s in specs if s.name in missing], example_sizes(specs)),
             **feeds,
         }
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    # A copy: a model that changes its input in place must not change the feed ORT runs next.
+    tensors = {k: torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in feeds.items()}
     args, kwargs = call_args(model, specs, tensors)
     try:
         with torch.no_grad():

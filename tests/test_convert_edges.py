@@ -1,0 +1,171 @@
+"""Edges of ``convert`` and ``compare`` a bug sweep found, each with the outcome a user expects."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import tree_hash
+
+
+def _source(tmp_path: Path, body: str, name: str = "m.py") -> Path:
+    path = tmp_path / name
+    path.write_text("import torch\nimport torch.nn as nn\n\n" + textwrap.dedent(body))
+    return path
+
+
+def test_out_over_the_source_file_and_data_is_refused(cli, tmp_path):
+    """-o naming the folder that holds model.py (and the --data file) must not replace it."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    source = _source(project, "def make():\n    return nn.Linear(8, 4)\n")
+    data = project / "d.npz"
+    np.savez(data, x=np.ones((2, 8), np.float32))
+    before = tree_hash(project)
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", project, "--overwrite", "--input", "x:float32[batch,8]",
+        "--data", data, "--no-bench",
+    )  # fmt: skip
+    assert code == 2 and "is (or contains, or is inside) the input" in err
+    assert tree_hash(project) == before
+
+
+def test_a_model_that_changes_its_input_in_place_converts(cli, tmp_path):
+    source = _source(
+        tmp_path,
+        """
+        class Scale(nn.Module):
+            def forward(self, x):
+                x.mul_(2)  # a preprocessing wrapper doing x /= 255 in place
+                return x + 1
+
+        def make():
+            return Scale()
+        """,
+    )
+    out = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--input", "x:float32[batch,5]")
+    assert code == 0, err
+    stored = np.load(out / "parity.npz")
+    for key in (k for k in stored.files if k.startswith("in")):
+        out_key = "out" + key[2:].split("/")[0] + "/0"
+        assert np.allclose(stored[out_key], stored[key] * 2 + 1)  # the inputs as fed, unchanged
+    assert cli("validate", out)[0] == 0
+
+
+def test_parity_runs_batch_1_when_the_first_input_is_static(cli, tmp_path):
+    """A branch on batch == 1 that torch.export drops: caught although input 0 has no batch."""
+    source = _source(
+        tmp_path,
+        """
+        class M(nn.Module):
+            def forward(self, temperature, x):
+                if x.shape[0] == 1:
+                    return x / temperature + 1.0
+                return x / temperature
+
+        def make():
+            return M()
+        """,
+    )
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", tmp_path / "b", "--exporter", "dynamo",
+        "--input", "temperature:float32[1]", "--input", "x:float32[batch,4]",
+    )  # fmt: skip
+    assert code == 1 and "does not match" in err and not (tmp_path / "b").exists()
+
+
+def test_equal_infinities_agree(cli, tmp_path):
+    """Masked logits (-inf where masked) match exactly; parity passes and JSON stays strict."""
+    source = _source(
+        tmp_path,
+        """
+        class Masked(nn.Module):
+            def forward(self, x):
+                return x.masked_fill(x < 0, float("-inf"))
+
+        def make():
+            return Masked()
+        """,
+    )
+    out = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--input", "x:float32[batch,6]")
+    assert code == 0, err
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["passed"] and parity["max_abs_diff"] == 0.0
+
+
+def test_a_parity_failure_report_is_strict_json(tmp_path):
+    from onnxpipe.bundle import write_failure_report
+
+    path = write_failure_report(
+        tmp_path / "b", {"metrics": {"max_abs_diff": float("nan"), "x": -np.inf}}
+    )
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["metrics"] == {"max_abs_diff": "nan", "x": "-inf"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--opset", "6"), "opset Input should be greater than or equal to 7"),
+        (("--opset", "24"), "opset Input should be less than or equal to 23"),
+        (("--atol", "nan"), "atol Input should be greater than 0"),
+    ],
+)
+def test_convert_settings_out_of_range_are_exit_2(cli, tmp_path, flags, message):
+    source = _source(tmp_path, "def make():\n    return nn.Linear(8, 4)\n")
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", tmp_path / "b", "--input", "x:float32[b,8]", *flags
+    )
+    assert code == 2 and f"convert: {message}" in err and "pydantic" not in err
+
+
+def test_messages_keep_their_colon_words(cli, tmp_path):
+    """rich would print ``m.py:rocket`` as ``m.py🚀``: emoji codes stay text."""
+    source = _source(tmp_path, "def rocket():\n    raise RuntimeError('no weights here')\n")
+    code, _, err = cli(
+        "convert", f"{source}:rocket", "-o", tmp_path / "b", "--input", "x:float32[b,8]"
+    )
+    assert code == 2 and f"{source}:rocket" in err.replace("\n", "")
+
+
+def test_compare_refuses_models_with_other_outputs(cli, tmp_path):
+    one = _source(tmp_path, "def make():\n    return nn.Linear(8, 4)\n", "one.py")
+    two = _source(
+        tmp_path,
+        """
+        class Two(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 4)
+
+            def forward(self, x):
+                return self.fc(x), x.sum(1)
+
+        def make():
+            return Two()
+        """,
+        "two.py",
+    )
+    for source, out in ((one, "a"), (two, "b")):
+        assert (
+            cli(
+                "convert",
+                f"{source}:make",
+                "-o",
+                tmp_path / out,
+                "--input",
+                "x:float32[b,8]",
+                "--no-bench",
+            )[0]
+            == 0
+        )
+    for first, second in (("a", "b"), ("b", "a")):
+        code, _, err = cli("compare", tmp_path / first, tmp_path / second, "--no-bench")
+        assert code == 2 and "compare needs models with the same outputs" in err
