@@ -140,6 +140,33 @@ def output_names_for(count: int, keys: Sequence[str] | None = None) -> list[str]
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
+def in_declared_order(
+    specs: Sequence[InputSpec], declared: Sequence[str] | None, where: str
+) -> list[InputSpec]:
+    """``specs`` in the model's input order when their names are the model's, in another order.
+
+    Models that take inputs by position would otherwise bind ``--input mask ... --input ids``
+    to the wrong inputs, and parity could not tell (the reference binds them the same way).
+    Names that are not the model's keep their order (they rename its inputs).
+
+    Raises:
+        InputError: some names are the model's and some are not, so the binding is unclear.
+    """
+    if not declared:
+        return list(specs)
+    names = [s.name for s in specs]
+    if names == list(declared)[: len(names)] or not set(names) & set(declared):
+        return list(specs)
+    if set(names) == set(declared) and len(names) == len(declared):
+        by_name = {s.name: s for s in specs}
+        return [by_name[n] for n in declared]
+    raise InputError(
+        f"{where}: the --input names {names} match some of the model's inputs {list(declared)} "
+        "but not in their order. Name every input as the model does (any order), or give "
+        "them in the model's order."
+    )
+
+
 def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]:
     """Distinct sizes >= 2 for every symbol, avoiding the static dims of the specs.
 

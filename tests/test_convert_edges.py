@@ -169,3 +169,26 @@ def test_compare_refuses_models_with_other_outputs(cli, tmp_path):
     for first, second in (("a", "b"), ("b", "a")):
         code, _, err = cli("compare", tmp_path / first, tmp_path / second, "--no-bench")
         assert code == 2 and "compare needs models with the same outputs" in err
+
+
+def test_exported_program_inputs_bind_by_name(cli, tmp_path):
+    """A .pt2 takes its inputs by position: specs named in another order are put in order."""
+    import torch
+
+    class QK(torch.nn.Module):
+        def forward(self, query, key):
+            return query * 2 + key
+
+    path = tmp_path / "qk.pt2"
+    example = (torch.ones(2, 3), torch.ones(2, 3))
+    torch.export.save(torch.export.export(QK(), example), path)
+    out = tmp_path / "b"
+    code, _, err = cli(
+        "convert", path, "-o", out, "--input", "key:float32[2,3]", "--input", "query:float32[2,3]"
+    )
+    assert code == 0, err
+    import onnxruntime as ort
+
+    q, k = np.ones((2, 3), np.float32), np.full((2, 3), 10, np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"query": q, "key": k})[0]
+    assert np.allclose(got, q * 2 + k)

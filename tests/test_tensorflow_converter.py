@@ -454,3 +454,18 @@ def test_keras_applications_sweep(name, size, scale):
     assert [str(s) for s in result.inputs] == [f"input:float32[batch,{size},{size},3]"]
     diff, magnitude = assert_scaled_parity(result, scale)
     print(f"{name}: convert {seconds:.1f}s, max|logit| {magnitude:.3g}, max abs diff {diff:.3g}")
+
+
+def test_input_specs_bind_by_name_in_any_order():
+    """``--input b ... --input a ...`` for a model taking (a, b): b still feeds b."""
+    a = keras.Input((4,), name="a")
+    b = keras.Input((4,), name="b")
+    model = keras.Model([a, b], keras.layers.Dense(3)(a) * 2.0 + b[:, :3])
+    result = convert(model, ConvertConfig(inputs=("b:float32[batch,4]", "a:float32[batch,4]")))
+    assert [v.name for v in result.model.graph.inputs] == ["a", "b"]  # the model's order
+    feeds = {"a": RNG.standard_normal((3, 4)).astype(np.float32)}
+    feeds["b"] = RNG.standard_normal((3, 4)).astype(np.float32) * 10
+    want = model({"a": feeds["a"], "b": feeds["b"]}).numpy()
+    assert np.allclose(ort_run(result.model, feeds)[0], want, atol=1e-5)
+    with pytest.raises(InputError, match="match some of the model's inputs"):
+        convert(model, ConvertConfig(inputs=("b:float32[batch,4]", "c:float32[batch,4]")))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.converters.base import DTYPES, Dim, InputSpec, output_names_for
+from onnxpipe.converters.base import DTYPES, Dim, InputSpec, in_declared_order, output_names_for
 from onnxpipe.converters.tensorflow.load import TFSource
 from onnxpipe.errors import InputError
 
@@ -65,7 +65,8 @@ def resolve_specs(
                 f"({', '.join(d[0] for d in src.inputs)}) but {len(user)} --input spec(s) were "
                 "given. Pass one --input per model input, in the model's order."
             )
-        onnx_specs = list(user)
+        declared = [d[0] for d in src.inputs] if src.inputs is not None else None
+        onnx_specs = in_declared_order(user, declared, src.where)
         tf_specs = [_permute(s, TO_NHWC) if nchw else s for s in onnx_specs]
     else:
         tf_specs = [_declared_spec(src, d) for d in _require_declared(src)]

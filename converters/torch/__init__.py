@@ -24,6 +24,7 @@ from onnxpipe.converters.base import (
     Feeds,
     InputSpec,
     example_sizes,
+    in_declared_order,
     output_names_for,
     random_feeds,
 )
@@ -69,6 +70,7 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             f"{describe(source)}: a PyTorch model does not record its input shapes. Pass one "
             "--input per forward argument, e.g. --input input:float32[batch,3,224,224]."
         )
+    specs = in_declared_order(specs, _positional_names(loaded), describe(source))
     runnable = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
     example = random_feeds(specs, example_sizes(specs))
     try:
@@ -120,6 +122,22 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
                 reference_name=f"torch {torch.__version__}",
             ),
         )
+
+
+def _positional_names(model: Any) -> list[str] | None:
+    """Input names of a model that takes its inputs by position only, in order, else None.
+
+    An ExportedProgram's user inputs, a GraphModule's placeholders, a ScriptModule's forward
+    schema. A plain nn.Module is called by keyword when the spec names are its parameters.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        return list(model.graph_signature.user_inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        return [n.name for n in model.graph.nodes if n.op == "placeholder"]
+    if isinstance(model, torch.jit.ScriptModule):
+        schema = getattr(model.forward, "schema", None)
+        return [a.name for a in schema.arguments[1:]] if schema is not None else None
+    return None
 
 
 def _embedding_rows(model: Any) -> int | None:
