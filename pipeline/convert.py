@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxpipe.converters import get_converter
-from onnxpipe.converters.base import ConversionResult, ConvertConfig
+from onnxpipe.converters.base import ConversionResult, ConvertConfig, InputSpec
 from onnxpipe.converters.source import (
     Loaded,
     call_factory,
@@ -111,6 +112,10 @@ def convert(
             errors=parity["errors"][:3],
         )
         if parity["passed"]:
+            freed = free_output_dims(attempt.result.model, samples, attempt.result.inputs)
+            if freed:  # the declared output shape was wrong: save the model with the fix
+                path = save_model(attempt.result.model, candidate_dir)[0]
+                attempt.result.notes.append(freed)
             first_error = next((t for t in tried if t["status"] != "passed"), None)
             attempt.result.fallback_reason = _reason(first_error) if first_error else None
             return Converted(
@@ -136,6 +141,53 @@ def convert(
     raise ConversionError(
         f"{source_name}: no exporter could convert the model. Tried: {_summary(tried)}. {advice}."
     )
+
+
+def free_output_dims(
+    model: ir.Model,
+    samples: Sequence[tuple[dict[str, np.ndarray], list[np.ndarray]]],
+    specs: Sequence[InputSpec],
+) -> str | None:
+    """Make symbolic the output dims an exporter declared static but that vary between runs.
+
+    The dynamo exporter declares an LSTM's output ``[batch, 3, hidden]`` when it traced a
+    sequence of 3, though the model runs at any length (ORT then warns on every run). A dim
+    whose size follows an input symbol in every sample gets that symbol's name. Returns a
+    note naming the changes, or None when every declared dim held.
+    """
+    changed = []
+    for index, value in enumerate(model.graph.outputs):
+        dims: list[int | str | ir.SymbolicDim] = list(value.shape or ())
+        for axis, dim in enumerate(dims):
+            seen = {outs[index].shape[axis] for _, outs in samples if outs[index].ndim > axis}
+            if not isinstance(dim, int) or seen <= {dim}:
+                continue
+            dims[axis] = _symbol_for(axis, index, samples, specs) or f"{value.name}_d{axis}"
+            changed.append(f"{value.name}[{axis}] {dim} -> {dims[axis]}")
+            value.shape = ir.Shape(dims)
+    if not changed:
+        return None
+    return (
+        "the exporter declared output dims static that vary with the inputs; made symbolic: "
+        + ", ".join(changed)
+    )
+
+
+def _symbol_for(
+    axis: int,
+    index: int,
+    samples: Sequence[tuple[dict[str, np.ndarray], list[np.ndarray]]],
+    specs: Sequence[InputSpec],
+) -> str | None:
+    """The input symbol whose size equals output ``index``'s dim ``axis`` in every sample."""
+    for spec in specs:
+        for position, symbol in enumerate(spec.shape):
+            if isinstance(symbol, str) and all(
+                spec.name in feeds and feeds[spec.name].shape[position] == outs[index].shape[axis]
+                for feeds, outs in samples
+            ):
+                return symbol
+    return None
 
 
 def _reason(record: dict[str, Any]) -> str:

@@ -192,3 +192,35 @@ def test_exported_program_inputs_bind_by_name(cli, tmp_path):
     q, k = np.ones((2, 3), np.float32), np.full((2, 3), 10, np.float32)
     got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"query": q, "key": k})[0]
     assert np.allclose(got, q * 2 + k)
+
+
+def test_lstm_output_keeps_its_sequence_dim_symbolic(cli, tmp_path):
+    """dynamo declares an LSTM's output [batch, 3, 16] (the traced length); it runs at any."""
+    source = _source(
+        tmp_path,
+        """
+        class Seq(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.LSTM(8, 16, batch_first=True)
+
+            def forward(self, x):
+                return self.rnn(x)[0]
+
+        def make():
+            torch.manual_seed(0)
+            return Seq().eval()
+        """,
+    )
+    out = tmp_path / "b"
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", out, "--input", "x:float32[batch,seq,8]",
+        "--exporter", "dynamo", "--no-bench",
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"][0]["shape"] == ["batch", "seq", 16]
+    import onnx
+
+    dims = onnx.load(out / "model.onnx").graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq", 16]
