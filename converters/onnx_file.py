@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
@@ -114,6 +115,9 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
         )
     specs = [overrides.get(s.name, s) for s in specs]
     session = _reference_session(path, model)
+    if config.opset is not None and model.opset_imports.get("") != config.opset:
+        notes.append(f"opset {model.opset_imports.get('')} converted to {config.opset} (--opset)")
+        model = _to_opset(path, model, config.opset)
 
     def reference(feeds: Feeds) -> list[np.ndarray]:
         return list(session.run(None, dict(feeds)))
@@ -130,6 +134,24 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             notes=notes,
         ),
     )
+
+
+def _to_opset(path: Path, model: ir.Model, opset: int) -> ir.Model:
+    """``model`` at ``opset`` by ONNX's version converter; parity then checks the result.
+
+    Raises:
+        InputError: the converter cannot take the model to that opset.
+    """
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+    except Exception as e:  # the converter raises RuntimeError, ValueError or its own errors
+        raise InputError(
+            f"{path}: ONNX's version converter cannot take this model from opset "
+            f"{model.opset_imports.get('')} to --opset {opset} ({str(e).splitlines()[0][:200]}). "
+            "Leave --opset out to keep the file's own opset."
+        ) from e
+    return ir.serde.deserialize_model(converted)
 
 
 def _reference_session(path: Path, model: ir.Model) -> ort.InferenceSession:

@@ -224,3 +224,39 @@ def test_lstm_output_keeps_its_sequence_dim_symbolic(cli, tmp_path):
 
     dims = onnx.load(out / "model.onnx").graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq", 16]
+
+
+def test_opset_is_honoured_or_the_exporter_falls_back(cli, tmp_path):
+    """dynamo writes opset 18+: --opset 13 falls back to TorchScript, saying why."""
+    source = _source(
+        tmp_path, "def make():\n    return nn.Sequential(nn.Linear(8, 4), nn.ReLU())\n"
+    )
+    out = tmp_path / "b"
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", out, "--input", "x:float32[b,8]", "--opset", "13",
+        "--no-bench",
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["opset"] == 13
+    assert manifest["source"]["exporter"] == "torchscript"
+    assert "not the --opset 13 asked" in manifest["source"]["fallback_reason"]
+
+
+def test_an_onnx_file_is_converted_to_the_asked_opset(cli, tmp_path):
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4])],
+    )
+    path = tmp_path / "relu13.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    out = tmp_path / "b"
+    assert cli("convert", path, "-o", out, "--opset", "18", "--no-bench")[0] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["opset"] == 18 and manifest["parity"]["passed"]
+    assert "opset 13 converted to 18 (--opset)" in manifest["source"]["notes"]

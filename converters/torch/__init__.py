@@ -103,6 +103,11 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
         try:
             model = export(target, specs, args, kwargs, output_names, config.opset)
             kept = _check_signature(model, specs)
+            made = model.opset_imports.get("")
+            if config.opset is not None and made != config.opset:
+                raise ExportFailed(
+                    f"it wrote opset {made}, not the --opset {config.opset} asked", []
+                )
         except ExportFailed as e:
             _eval_mode(runnable)
             logger.info("%s exporter failed: %s", name, e)
