@@ -69,15 +69,17 @@ def describe_model(directory: Path) -> dict[str, Any]:
     return info
 
 
-# Ops that pass integer ids on unchanged (in value) to the Gather that uses them.
+# Ops that pass integer ids on to the Gather that uses them: reshapes and casts, and the
+# index arithmetic exporters write around it (Keras 3 maps negative ids: where(i < 0, i + n, i)).
 _ID_PASS = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+_ID_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Where", "Max", "Min", "Clip", "Mod", "Abs"})
 
 
 def index_limit(value: ir.Value) -> int | None:
     """Rows of the smallest constant table that integer input ``value`` indexes, else None.
 
-    Follows Casts and reshapes to every Gather that takes the ids as indices of a constant
-    (an embedding); other uses (Shape, masks) do not bound the values.
+    Follows Casts, reshapes and index arithmetic to every Gather that takes the ids as
+    indices of a constant (an embedding); other uses (Shape, masks) do not bound the values.
     """
     limits: list[int] = []
     pending, seen = [value], set()
@@ -88,7 +90,7 @@ def index_limit(value: ir.Value) -> int | None:
         seen.add(id(current))
         for use in current.uses():
             node = use.node
-            if node.op_type in _ID_PASS and use.idx == 0:
+            if (node.op_type in _ID_PASS and use.idx == 0) or node.op_type in _ID_ARITHMETIC:
                 pending.extend(node.outputs[:1])
             elif node.op_type == "Gather" and use.idx == 1:
                 table = node.inputs[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -469,3 +470,20 @@ def test_input_specs_bind_by_name_in_any_order():
     assert np.allclose(ort_run(result.model, feeds)[0], want, atol=1e-5)
     with pytest.raises(InputError, match="match some of the model's inputs"):
         convert(model, ConvertConfig(inputs=("b:float32[batch,4]", "c:float32[batch,4]")))
+
+
+def test_small_vocab_keras_embedding_gets_ids_in_range(cli, tmp_path):
+    """Keras 3 wraps the ids in index arithmetic before the Gather; the limit is still found."""
+    source = tmp_path / "km.py"
+    source.write_text(
+        "import keras\n"
+        "def make():\n"
+        "    x = keras.Input((None,), dtype='int32', name='tokens')\n"
+        "    e = keras.layers.Embedding(10, 8)(x)\n"
+        "    return keras.Model(x, keras.layers.GlobalAveragePooling1D()(e))\n"
+    )
+    out = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--no-bench")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["index_limit"] == 10
