@@ -133,11 +133,26 @@ class ConversionResult:
     notes: list[str] = field(default_factory=list)
 
 
-def output_names_for(count: int, keys: Sequence[str] | None = None) -> list[str]:
-    """Output names: the source's own keys when it has them, else ``output`` / ``output_i``."""
+def output_names_for(
+    count: int, keys: Sequence[str] | None = None, inputs: Sequence[str] = ()
+) -> list[str]:
+    """Output names: the source's own keys when it has them, else ``output`` / ``output_i``.
+
+    A name an input already has gets ``_out`` (an ONNX graph cannot define a name twice:
+    ``return {"x": ...}`` for input ``x``).
+    """
     if keys and len(keys) == count and len(set(keys)) == count:
-        return [str(k) for k in keys]
-    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+        names = [str(k) for k in keys]
+    else:
+        names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    taken = set(inputs)
+    renamed = []
+    for name in names:
+        while name in taken:
+            name += "_out"
+        taken.add(name)
+        renamed.append(name)
+    return renamed
 
 
 def in_declared_order(

@@ -260,3 +260,24 @@ def test_an_onnx_file_is_converted_to_the_asked_opset(cli, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["opset"] == 18 and manifest["parity"]["passed"]
     assert "opset 13 converted to 18 (--opset)" in manifest["source"]["notes"]
+
+
+def test_an_output_named_like_an_input_is_renamed(cli, tmp_path):
+    source = _source(
+        tmp_path,
+        """
+        class Same(nn.Module):
+            def forward(self, x):
+                return {"x": x * 2}
+
+        def make():
+            return Same()
+        """,
+    )
+    out = tmp_path / "b"
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", out, "--input", "x:float32[b,4]", "--no-bench"
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [o["name"] for o in manifest["outputs"]] == ["x_out"]

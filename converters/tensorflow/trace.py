@@ -147,7 +147,7 @@ def trace(src: TFSource, tf_specs: list[InputSpec]) -> Traced:
         ) from e
     count = len(concrete.outputs)
     keys = seen.get("keys") or src.output_keys
-    names = output_names_for(count, keys)
+    names = output_names_for(count, keys, [s.name for s in tf_specs])
     all_batched = all(s.shape and s.shape[0] == "batch" for s in tf_specs)
     batched = [bool(all_batched and t.shape.rank and t.shape[0] is None) for t in concrete.outputs]
     dtypes = [tf.as_dtype(s.dtype) for s in tf_specs]

@@ -82,7 +82,7 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
         specs = [replace(s, high=rows) if np.dtype(s.dtype).kind in "iu" else s for s in specs]
         example = random_feeds(specs, example_sizes(specs))
         outputs, keys = _run(runnable, specs, example, source)
-    output_names = output_names_for(len(outputs), keys)
+    output_names = output_names_for(len(outputs), keys, [s.name for s in specs])
 
     def reference(feeds: Feeds) -> list[np.ndarray]:
         return _run(runnable, specs, feeds, source)[0]
