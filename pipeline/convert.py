@@ -128,7 +128,8 @@ def convert(
             f"{source_name}: the ONNX model does not match {framework} "
             f"(max abs diff {parity['max_abs_diff']}, tolerance atol={atol} scaled by output "
             f"magnitude{'; ' + parity['errors'][0] if parity['errors'] else ''}). "
-            f"Tried: {_summary(tried)}. Nothing was written as a bundle.",
+            f"Tried: {_summary(tried)}. Nothing was written as a bundle. If that difference is "
+            "acceptable for this model (float16 weights, a different algorithm), raise --atol.",
             metrics={"parity": parity, "attempts": tried},
         )
     ops = sorted({op for t in tried for op in t.get("ops", [])})
@@ -231,10 +232,12 @@ def check_parity(
         return _parity_on(result, model_path, atol, generated + user, {id(f) for f in generated})
     except _SourceRefused as e:
         if not user:
+            specs = ", ".join(str(s) for s in result.inputs)
             raise InputError(
                 f"{source_name}: the source model cannot run the sample inputs onnxpipe "
-                f"generated for parity ({e}). Give real inputs with --data FILE.npz (one array "
-                "per input, by name)."
+                f"generated for parity from the input specs {specs} ({e}). If a spec is wrong, "
+                "fix it with --input; if the values matter (ids, shapes as inputs), give real "
+                "inputs with --data FILE.npz (one array per input, by name)."
             ) from e
         logger.warning("parity on --data only: the source refused generated samples (%s)", e)
         return _parity_on(result, model_path, atol, user, set())

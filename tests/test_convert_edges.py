@@ -281,3 +281,25 @@ def test_an_output_named_like_an_input_is_renamed(cli, tmp_path):
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert [o["name"] for o in manifest["outputs"]] == ["x_out"]
+
+
+def test_a_float16_model_passes_parity_at_the_default_tolerance(cli, tmp_path):
+    """Torch and ORT round float16 differently by an ulp; that is not a conversion error."""
+    source = _source(
+        tmp_path,
+        """
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).half().eval()
+        """,
+    )
+    code, _, err = cli(
+        "convert",
+        f"{source}:make",
+        "-o",
+        tmp_path / "b",
+        "--input",
+        "x:float16[b,16]",
+        "--no-bench",
+    )
+    assert code == 0, err
