@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from onnxpipe.converters.base import ConversionResult, ConvertConfig, ExportAttempt
-from onnxpipe.converters.source import Loaded
 from onnxpipe.errors import InputError
 
 CONVERTERS: dict[str, str] = {
@@ -29,7 +28,7 @@ AttemptsFn = Callable[[Any, ConvertConfig], Iterator[ExportAttempt]]
 
 def _single(fn: Callable[[Any, ConvertConfig], ConversionResult]) -> AttemptsFn:
     def attempts(source: Any, config: ConvertConfig) -> Iterator[ExportAttempt]:
-        result = fn(source.obj if isinstance(source, Loaded) else source, config)
+        result = fn(source, config)  # a Loaded keeps its SOURCE string for messages
         yield ExportAttempt(exporter=result.exporter, result=result)
 
     return attempts

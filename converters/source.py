@@ -144,7 +144,8 @@ def call_factory(ref: str) -> Any:
     """Load ``ref`` and call it with no arguments, reporting user-code failures as input errors."""
     factory = load_callable(ref)
     try:
-        return factory()
+        with stderr_kept_back(quiet_imports()):  # a factory that imports keras inside
+            return factory()
     except Exception as e:  # noqa: BLE001 - user code may raise anything; report it as input
         raise InputError(
             f"{ref}: calling it raised {type(e).__name__}: {e}. The callable must build and "

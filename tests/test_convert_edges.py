@@ -303,3 +303,44 @@ def test_a_float16_model_passes_parity_at_the_default_tolerance(cli, tmp_path):
         "--no-bench",
     )
     assert code == 0, err
+
+
+def test_python_numbers_among_the_outputs_are_compared(cli, tmp_path):
+    source = _source(
+        tmp_path,
+        """
+        class M(nn.Module):
+            def forward(self, x):
+                return x.argmax(-1), x.shape[0]
+
+        def make():
+            return M()
+        """,
+    )
+    out = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--input", "x:float32[batch,4]")
+    assert code == 0, err
+    assert len(json.loads((out / "manifest.json").read_text())["outputs"]) == 2
+
+
+def test_a_failed_dynamo_export_does_not_dump_its_graph(cli, tmp_path):
+    """Data-dependent control flow: torch.export fails and prints the FX graph; not to users."""
+    source = _source(
+        tmp_path,
+        """
+        class Branch(nn.Module):
+            def forward(self, x):
+                if x.sum() > 0:
+                    return x * 2
+                return x
+
+        def make():
+            return Branch()
+        """,
+    )
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", tmp_path / "b", "--input", "x:float32[b,4]",
+        "--exporter", "dynamo",
+    )  # fmt: skip
+    assert code == 2 and "no exporter could convert the model" in err
+    assert "def forward(self" not in err and "torch.ops.aten" not in err

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.converters.base import ConversionResult, ConvertConfig, Feeds, InputSpec
+from onnxpipe.converters.source import Loaded, describe
 from onnxpipe.converters.tensorflow.export import MAX_OPSET, convert_traced
 from onnxpipe.converters.tensorflow.load import load_tf_source
 from onnxpipe.converters.tensorflow.trace import resolve_specs, trace
@@ -40,7 +41,9 @@ def convert(source: str | object, config: ConvertConfig) -> ConversionResult:
             or ``config.opset`` is above what tf2onnx supports.
         ConversionError: tf2onnx failed or met TensorFlow ops it cannot convert.
     """
-    where = source if isinstance(source, str) else "the object passed to convert()"
+    where = (
+        describe(source) if isinstance(source, str | Loaded) else "the object passed to convert()"
+    )
     opset = _opset(config.opset, str(where))
     user_specs = config.input_specs()
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxpipe.converters.source import (
+    Loaded,
     call_factory,
     is_callable_ref,
     quiet_imports,
@@ -99,6 +100,8 @@ def load_tf_source(source: str | object, unsafe_load: bool = False) -> TFSource:
             returned something other than a ``keras.Model`` / ``tf.function``.
     """
     tf, keras = import_tf()
+    if isinstance(source, Loaded):  # built from a SOURCE string: messages name that string
+        return _from_object(source.obj, source.name, tf, keras)
     if not isinstance(source, str):
         return _from_object(source, "the object passed to convert()", tf, keras)
     if is_callable_ref(source):

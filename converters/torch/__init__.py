@@ -188,8 +188,11 @@ def _run(
             "dtype and shape."
         ) from e
     keys = list(out.keys()) if isinstance(out, dict) else None
-    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-    return [x.detach().cpu().numpy() for x in leaves], keys
+    # Python numbers among the outputs (x.shape[0]) are exported as 0-d tensors too.
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor | int | float)]
+    return [
+        x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in leaves
+    ], keys
 
 
 def _specs_from_program(loaded: Any) -> list[InputSpec]:

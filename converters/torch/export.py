@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import re
 import tempfile
@@ -96,19 +98,23 @@ def export_dynamo(
         dynamic_shapes = per_input
     else:
         dynamic_shapes = tuple(per_input[s.name] for s in specs)
+    # A failed torch.export dumps the whole FX graph on stderr; the failure is summarized.
+    debug = logging.getLogger("onnxpipe").isEnabledFor(logging.DEBUG)
+    quiet = contextlib.nullcontext() if debug else contextlib.redirect_stderr(io.StringIO())
     try:
-        program = torch.onnx.export(
-            model,
-            args,
-            kwargs=kwargs or None,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=[s.name for s in specs],
-            output_names=output_names,
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
-        )
+        with quiet:
+            program = torch.onnx.export(
+                model,
+                args,
+                kwargs=kwargs or None,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=[s.name for s in specs],
+                output_names=output_names,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
     except (
         torch.onnx.errors.OnnxExporterError,
         RuntimeError,
