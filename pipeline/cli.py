@@ -529,6 +529,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     with status, _quiet(args.debug):
         manifest = optimize_bundle(args.bundle, args.out, config, args.overwrite)
     _emit(args, manifest, [summary_table(manifest, args.out)])
+    _print_note(args, manifest)
     return 0
 
 
@@ -551,10 +552,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with _working(args, "pruning"):
         manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)
     _emit(args, manifest, [summary_table(manifest, args.out)])
+    _print_note(args, manifest)
+    return 0
+
+
+def _print_note(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
+    """The last step's note (what the user should know about the result), unless --json."""
     note = manifest["steps"][-1]["metrics"].get("note")
     if note and not args.json:
         err.print(f"note: {escape(note)}", soft_wrap=True)
-    return 0
 
 
 def _check_file_target(path: Path, flag: str) -> None:

@@ -133,6 +133,19 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
         raise InputError(
             f"{path}: holds 0-d arrays, but not every input is 0-d; put samples on axis 0."
         )
+    for spec in specs:  # ranks on the arrays as saved, before they are cut into batches
+        array = arrays.get(spec.name)
+        if array is not None and array.ndim != len(spec.shape):
+            raise InputError(
+                f"{path}: {spec.name!r} has shape {list(array.shape)}, the model takes "
+                f"{list(spec.shape)} with samples on axis 0, so the array needs rank "
+                f"{len(spec.shape)}"
+                + (
+                    " (one sample without the batch axis: save it as array[None])."
+                    if array.ndim == len(spec.shape) - 1
+                    else "."
+                )
+            )
     if len(count) != 1:
         raise InputError(
             f"{path}: arrays have different sample counts {sorted(count)} on axis 0; give every "

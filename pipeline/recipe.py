@@ -42,6 +42,26 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 
+# Recipe settings that name files: a relative one is found from the working directory, else
+# from the recipe's own folder (a recipe kept beside its model and data).
+PATH_KEYS = frozenset({"source", "data", "calib", "eval"})
+
+
+def _beside(recipe: Path, value: Any) -> Any:
+    """``value`` pointing into the recipe's folder when it is not found from the working dir."""
+    if not isinstance(value, str) or not value:
+        return value
+    target, sep, query = value.partition("?")  # DIR?resize=256,... names DIR
+    callable_part = ""
+    if ":" in target and not Path(target).exists():  # file.py:callable names file.py
+        target, colon, name = target.rpartition(":")
+        callable_part = colon + name
+    if not target or Path(target).is_absolute() or Path(target).exists():
+        return value
+    moved = recipe.parent / target
+    return str(moved) + callable_part + sep + query if moved.exists() else value
+
+
 def load_recipe(path: Path) -> list[StepConfig]:
     """Parse a recipe file into steps; top-level ``source``/``inputs``/... go to ``convert``.
 
@@ -67,7 +87,11 @@ def load_recipe(path: Path) -> list[StepConfig]:
         settings = dict(settings or {})
         if name == "convert":
             settings = {**shared, **settings}
-        steps.append(make_step(name, settings))
+        settings = {k: _beside(path, v) if k in PATH_KEYS else v for k, v in settings.items()}
+        try:
+            steps.append(make_step(name, settings))
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from e
     if not steps or not isinstance(steps[0], ConvertStep):
         raise InputError(f"{path}: the first step must be 'convert' (it creates the model).")
     names = [step.name for step in steps]

@@ -311,3 +311,14 @@ def test_a_swapped_ort_file_is_refused(cli, tmp_path, mlp_bundle):
     (out / "mobile" / "model.ort").write_bytes(b"not the packaged model")
     code, _, err = cli("validate", out, "--ep", "mobile")
     assert code == 2 and "mobile/model.ort: changed since onnxpipe wrote the bundle" in err
+
+
+def test_a_data_rank_error_shows_the_shape_as_saved(tmp_path):
+    from onnxpipe.converters.base import InputSpec
+    from onnxpipe.data import load_data
+    from onnxpipe.errors import InputError
+
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones(16, np.float32))
+    with pytest.raises(InputError, match=r"'x' has shape \[16\], the model takes \['batch', 16\]"):
+        load_data(str(data), [InputSpec("x", "float32", ("batch", 16))])

@@ -225,3 +225,15 @@ def test_a_transformer_fusion_that_crashes_inside_ort_is_exit_2_with_a_way_out(c
     else:
         assert code == 2 and "failed on this graph" in err and "leave --transformer out" in err
         assert not (tmp_path / "o").exists()
+
+
+def test_optimize_says_when_folding_stores_computed_weights(cli, tmp_path):
+    """A zoo model whose weights come from ConstantOfShape grows when they are stored."""
+    path = next(p for p in ZOO if p.stem == "light_shufflenet")
+    bundle, out = tmp_path / "b", tmp_path / "o"
+    assert cli("convert", path, "-o", bundle, "--no-bench")[0] == 0
+    code, _, err = cli("optimize", bundle, "-o", out)
+    assert code == 0
+    metrics = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
+    assert metrics["params_after"] > 2 * metrics["params_before"]
+    assert "note: parameters" in err and "constant folding stored weights" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -99,6 +100,7 @@ def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needl
     recipe = _recipe(tmp_path, f"  - convert\n  - {step}\n")
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and needle in err and "Traceback" not in err
+    assert str(recipe) in err  # the message names the recipe it is about
     assert not (tmp_path / "out").exists()
 
 
@@ -129,3 +131,24 @@ def test_package_step_writes_the_mobile_package_of_the_final_model(cli, tmp_path
     np.testing.assert_allclose(
         mobile.run(None, {"x": x[:1]})[0], ort_run(out / "model.onnx", {"x": x[:1]})[0], atol=1e-4
     )
+
+
+def test_recipe_paths_are_found_beside_the_recipe(cli, tmp_path, monkeypatch):
+    """A recipe kept beside its model and data runs from any working directory."""
+
+    project = tmp_path / "project"
+    project.mkdir()
+    models_file = model_ref("mlp").rpartition(":")[0]
+    (project / "net.py").write_text(Path(models_file).read_text())
+    np.savez(project / "data.npz", x=np.ones((4, 64), np.float32))
+    recipe = project / "r.yaml"
+    recipe.write_text(
+        "source: net.py:mlp\ninputs: ['x:float32[batch,64]']\ndata: data.npz\nsteps:\n  - convert\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"]["path"] == f"{project / 'net.py'}:mlp"
