@@ -344,3 +344,16 @@ def test_a_failed_dynamo_export_does_not_dump_its_graph(cli, tmp_path):
     )  # fmt: skip
     assert code == 2 and "no exporter could convert the model" in err
     assert "def forward(self" not in err and "torch.ops.aten" not in err
+
+
+def test_misleading_source_messages_name_the_real_problem(cli, tmp_path):
+    noise = tmp_path / "weights.pt"
+    noise.write_bytes(bytes(range(7, 250)) * 2)  # not a zip, not a pickle
+    code, _, err = cli("convert", noise, "-o", tmp_path / "b", "--input", "x:float32[b,8]")
+    assert code == 2 and "not a PyTorch model file" in err and "--unsafe-load" not in err
+    folder = tmp_path / "saved_model"
+    folder.mkdir()
+    code, _, err = cli(
+        "convert", folder, "-o", tmp_path / "b", "--framework", "torch", "--input", "x:float32[b,8]"
+    )
+    assert code == 2 and "a directory (a TensorFlow SavedModel?)" in err

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from onnxpipe.converters.source import Loaded, call_factory, is_callable_ref
+from onnxpipe.converters.source import Loaded, call_factory, framework_of_object, is_callable_ref
 from onnxpipe.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ def load_torch_source(source: str | object, unsafe_load: bool = False) -> Any:
     if is_callable_ref(source):
         return _checked_module(call_factory(source), source)
     path = Path(source)
+    if path.is_dir():
+        raise InputError(
+            f"{source}: a directory (a TensorFlow SavedModel?), not a PyTorch model file. Drop "
+            "--framework torch, or pass a .pt, .pt2 or path/file.py:callable."
+        )
     if not path.is_file():
         raise InputError(f"{source}: no such file. Pass a .pt, .pt2 or path/file.py:callable.")
     if path.suffix.lower() == ".pt2":
@@ -51,6 +56,11 @@ def load_torch_source(source: str | object, unsafe_load: bool = False) -> Any:
 def _checked_module(obj: Any, where: str) -> torch.nn.Module:
     if isinstance(obj, torch.export.ExportedProgram):
         return obj  # type: ignore[return-value]
+    if not isinstance(obj, torch.nn.Module) and framework_of_object(obj) == "tf":
+        raise InputError(
+            f"{where}: is a Keras/TensorFlow model, not PyTorch. Drop --framework torch (or "
+            "pass --framework tf)."
+        )
     if not isinstance(obj, torch.nn.Module):
         raise InputError(
             f"{where}: returned {type(obj).__module__}.{type(obj).__qualname__}, expected a "
@@ -89,6 +99,11 @@ def _load_pt(path: Path, unsafe_load: bool) -> Any:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _looks_saved(path):
+            raise InputError(
+                f"{path}: not a PyTorch model file (neither torch.save's zip archive nor a "
+                "pickle). Pass a TorchScript .pt, a torch.export .pt2 or path/file.py:callable."
+            ) from e
         if not unsafe_load:
             raise InputError(
                 f"{path}: holds a pickled Python object (likely a whole nn.Module saved with "
@@ -97,7 +112,7 @@ def _load_pt(path: Path, unsafe_load: bool) -> Any:
                 "it as TorchScript (.pt) or torch.export (.pt2)."
             ) from e
         obj = _unsafe_load(path)
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, IndexError) as e:
         raise InputError(
             f"{path}: not a PyTorch model file ({type(e).__name__}: {str(e)[:160]}). Pass a "
             "TorchScript .pt, a torch.export .pt2 or path/file.py:callable."
@@ -107,6 +122,13 @@ def _load_pt(path: Path, unsafe_load: bool) -> Any:
             f"{path}: holds only a state_dict ({len(obj)} tensors). {_STATE_DICT_HINT}"
         )
     return _checked_module(obj, str(path))
+
+
+def _looks_saved(path: Path) -> bool:
+    """torch.save writes a zip archive (a pickle inside); older files are a bare pickle (0x80)."""
+    with path.open("rb") as f:
+        head = f.read(1)
+    return zipfile.is_zipfile(path) or head == b"\x80"
 
 
 def _unsafe_load(path: Path) -> Any:
