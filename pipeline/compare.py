@@ -117,7 +117,8 @@ def compare_bundles(
             for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)
         }
         out_a = _run(sessions["a"], feeds, a)
-        out_b = [_run(sessions["b"], feeds_b, b)[i] for i in order]
+        ran_b = _run(sessions["b"], feeds_b, b)
+        out_b = [ran_b[i] for i in order]
         out_b = [_like(o_b, o_a, maps) for o_a, o_b in zip(out_a, out_b, strict=False)]
         compared = compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4)
         rows.extend(r for r in compared if r["output"] not in random)

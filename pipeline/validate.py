@@ -170,7 +170,7 @@ def _mobile_session(
         )
 
     if set(shapes) != {name for feeds in feeds_list[:1] for name in feeds}:
-        raise ProviderUnavailable(
+        raise RuntimeError(  # a failed validation (not an unavailable EP)
             f"{MOBILE_MODEL} takes inputs {sorted(shapes)}, not this bundle's model's "
             f"{sorted(feeds_list[0]) if feeds_list else []}: it was not made from it. Package "
             f"again: onnxpipe package {bundle} -o OUT --target mobile"

@@ -322,3 +322,20 @@ def test_a_data_rank_error_shows_the_shape_as_saved(tmp_path):
     np.savez(data, x=np.ones(16, np.float32))
     with pytest.raises(InputError, match=r"'x' has shape \[16\], the model takes \['batch', 16\]"):
         load_data(str(data), [InputSpec("x", "float32", ("batch", 16))])
+
+
+def test_an_ort_file_of_another_model_fails_mobile_validation(cli, tmp_path, mlp_bundle):
+    """A bundle without the .ort hash (older manifests): the foreign .ort still fails, exit 1."""
+    out, other = tmp_path / "p", tmp_path / "other"
+    assert cli("package", mlp_bundle, "-o", out, "--target", "mobile")[0] == 0
+    assert (
+        cli("convert", _two_inputs_sharing_seq(tmp_path / "m.onnx"), "-o", tmp_path / "b")[0] == 0
+    )
+    assert cli("package", tmp_path / "b", "-o", other, "--target", "mobile")[0] == 0
+    shutil.copy(other / "mobile" / "model.ort", out / "mobile" / "model.ort")
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["mobile"]["ort_sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, text, _ = cli("validate", out, "--ep", "mobile", "--json")
+    result = json.loads(text)["mobile"]
+    assert code == 1 and result["status"] == "failed" and "was not made from it" in result["reason"]
