@@ -229,7 +229,9 @@ def check_parity(
     generated = parity_feeds(result.inputs)
     user = load_data(data, result.inputs) if data else []
     try:
-        return _parity_on(result, model_path, atol, generated + user, {id(f) for f in generated})
+        return _parity_on(
+            result, model_path, atol, generated + user, {id(f) for f in generated}, data
+        )
     except _SourceRefused as e:
         if not user:
             specs = ", ".join(str(s) for s in result.inputs)
@@ -240,7 +242,7 @@ def check_parity(
                 "inputs with --data FILE.npz (one array per input, by name)."
             ) from e
         logger.warning("parity on --data only: the source refused generated samples (%s)", e)
-        return _parity_on(result, model_path, atol, user, set())
+        return _parity_on(result, model_path, atol, user, set(), data)
 
 
 class _SourceRefused(Exception):
@@ -253,6 +255,7 @@ def _parity_on(
     atol: float,
     feeds_list: list[dict[str, np.ndarray]],
     generated: set[int],
+    data: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[dict[str, np.ndarray], list[np.ndarray]]]]:
     session = make_session(model_path, SessionOptions(ep="cpu"))
     names = [o.name for o in session.get_outputs()]
@@ -267,7 +270,8 @@ def _parity_on(
             if id(feeds) in generated:
                 raise _SourceRefused(what) from e
             raise InputError(
-                f"--data: the source model cannot run these inputs ({what}). Give inputs it runs."
+                f"{data}: the source model cannot run these --data inputs ({what}). Give inputs "
+                "it runs."
             ) from e
         samples.append((feeds, outs))
         return outs
