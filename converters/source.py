@@ -122,6 +122,11 @@ def load_callable(ref: str) -> Callable[[], Any]:
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
+        # A module in the working directory imports as `python -m` (or uvicorn) would find it.
+        cwd = str(Path.cwd())
+        added = cwd not in sys.path
+        if added:
+            sys.path.append(cwd)
         try:
             with stderr_kept_back(quiet_imports()):
                 module = importlib.import_module(target)
@@ -130,6 +135,9 @@ def load_callable(ref: str) -> Callable[[], Any]:
                 f"{ref}: cannot import module {target!r} ({e}). Install it or pass "
                 "path/file.py:callable instead."
             ) from e
+        finally:
+            if added:
+                sys.path.remove(cwd)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -112,9 +112,12 @@ def convert(
             errors=parity["errors"][:3],
         )
         if parity["passed"]:
+            outputs = attempt.result.model.graph.outputs
+            declared = [str(v.shape) for v in outputs]
             freed = free_output_dims(attempt.result.model, samples, attempt.result.inputs)
-            if freed:  # the declared output shape was wrong: save the model with the fix
+            if [str(v.shape) for v in outputs] != declared:  # save the model with the fix
                 path = save_model(attempt.result.model, candidate_dir)[0]
+            if freed:
                 attempt.result.notes.append(freed)
             first_error = next((t for t in tried if t["status"] != "passed"), None)
             attempt.result.fallback_reason = _reason(first_error) if first_error else None
@@ -153,14 +156,22 @@ def free_output_dims(
 
     The dynamo exporter declares an LSTM's output ``[batch, 3, hidden]`` when it traced a
     sequence of 3, though the model runs at any length (ORT then warns on every run). A dim
-    whose size follows an input symbol in every sample gets that symbol's name. Returns a
-    note naming the changes, or None when every declared dim held.
+    whose size follows an input symbol in every sample gets that symbol's name; so does an
+    output dim the exporter named itself (tf2onnx's ``unk__82``). Returns a note naming the
+    changes to static dims, or None when every declared dim held.
     """
     changed = []
+    symbols = {d for spec in specs for d in spec.shape if isinstance(d, str)}
     for index, value in enumerate(model.graph.outputs):
         dims: list[int | str | ir.SymbolicDim] = list(value.shape or ())
         for axis, dim in enumerate(dims):
             seen = {outs[index].shape[axis] for _, outs in samples if outs[index].ndim > axis}
+            if isinstance(dim, ir.SymbolicDim) and dim.value not in symbols:
+                name = _symbol_for(axis, index, samples, specs) if len(seen) > 1 else None
+                if name is not None:  # an exporter's own name for an input's dim
+                    dims[axis] = name
+                    value.shape = ir.Shape(dims)
+                continue
             if not isinstance(dim, int) or seen <= {dim}:
                 continue
             dims[axis] = _symbol_for(axis, index, samples, specs) or f"{value.name}_d{axis}"

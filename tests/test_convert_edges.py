@@ -357,3 +357,16 @@ def test_misleading_source_messages_name_the_real_problem(cli, tmp_path):
         "convert", folder, "-o", tmp_path / "b", "--framework", "torch", "--input", "x:float32[b,8]"
     )
     assert code == 2 and "a directory (a TensorFlow SavedModel?)" in err
+
+
+def test_a_module_in_the_working_directory_is_importable(cli, tmp_path, monkeypatch):
+    """``pkg.nets:make`` from the project folder, as ``python -m`` would find it."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    _source(package, "def make():\n    return nn.Linear(8, 4)\n", "nets.py")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(
+        "convert", "pkg.nets:make", "-o", tmp_path / "b", "--input", "x:float32[b,8]", "--no-bench"
+    )
+    assert code == 0, err

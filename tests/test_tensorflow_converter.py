@@ -487,3 +487,20 @@ def test_small_vocab_keras_embedding_gets_ids_in_range(cli, tmp_path):
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"][0]["index_limit"] == 10
+
+
+def test_output_dims_take_the_input_symbols_names(cli, tmp_path):
+    """tf2onnx names a dynamic output dim unk__N; the manifest shows the input's symbol."""
+    source = tmp_path / "seq.py"
+    source.write_text(
+        "import keras\n"
+        "def make():\n"
+        "    x = keras.Input((None, 4), name='x')\n"
+        "    return keras.Model(x, keras.layers.Dense(3)(x))\n"
+    )
+    out = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--no-bench")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == ["batch", "x_dim1", 4]
+    assert manifest["outputs"][0]["shape"] == ["batch", "x_dim1", 3]
