@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -472,35 +473,41 @@ def test_input_specs_bind_by_name_in_any_order():
         convert(model, ConvertConfig(inputs=("b:float32[batch,4]", "c:float32[batch,4]")))
 
 
-def test_small_vocab_keras_embedding_gets_ids_in_range(cli, tmp_path):
-    """Keras 3 wraps the ids in index arithmetic before the Gather; the limit is still found."""
+def _converted_manifest(cli, tmp_path: Path, model_lines: str) -> dict:
+    """Convert ``def make(): <model_lines>`` from a file through the CLI; its manifest."""
     source = tmp_path / "km.py"
-    source.write_text(
-        "import keras\n"
-        "def make():\n"
-        "    x = keras.Input((None,), dtype='int32', name='tokens')\n"
-        "    e = keras.layers.Embedding(10, 8)(x)\n"
-        "    return keras.Model(x, keras.layers.GlobalAveragePooling1D()(e))\n"
-    )
+    lines = textwrap.dedent(model_lines).strip().splitlines()
+    body = "".join(f"    {line}\n" for line in lines)
+    source.write_text(f"import keras\ndef make():\n{body}")
     out = tmp_path / "b"
     code, _, err = cli("convert", f"{source}:make", "-o", out, "--no-bench")
     assert code == 0, err
-    manifest = json.loads((out / "manifest.json").read_text())
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_small_vocab_keras_embedding_gets_ids_in_range(cli, tmp_path):
+    """Keras 3 wraps the ids in index arithmetic before the Gather; the limit is still found."""
+    manifest = _converted_manifest(
+        cli,
+        tmp_path,
+        """
+        x = keras.Input((None,), dtype='int32', name='tokens')
+        e = keras.layers.Embedding(10, 8)(x)
+        return keras.Model(x, keras.layers.GlobalAveragePooling1D()(e))
+        """,
+    )
     assert manifest["inputs"][0]["index_limit"] == 10
 
 
 def test_output_dims_take_the_input_symbols_names(cli, tmp_path):
     """tf2onnx names a dynamic output dim unk__N; the manifest shows the input's symbol."""
-    source = tmp_path / "seq.py"
-    source.write_text(
-        "import keras\n"
-        "def make():\n"
-        "    x = keras.Input((None, 4), name='x')\n"
-        "    return keras.Model(x, keras.layers.Dense(3)(x))\n"
+    manifest = _converted_manifest(
+        cli,
+        tmp_path,
+        """
+        x = keras.Input((None, 4), name='x')
+        return keras.Model(x, keras.layers.Dense(3)(x))
+        """,
     )
-    out = tmp_path / "b"
-    code, _, err = cli("convert", f"{source}:make", "-o", out, "--no-bench")
-    assert code == 0, err
-    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == ["batch", "x_dim1", 4]
     assert manifest["outputs"][0]["shape"] == ["batch", "x_dim1", 3]
