@@ -56,9 +56,9 @@ def check_out_dir(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) ->
 def input_paths(*values: Any) -> tuple[Path, ...]:
     """The existing files and folders that settings name: sources, ``--data``/``--calib``.
 
-    Strings (in settings models, recursively through their fields) count when they are a path
-    or a ``path.py:callable`` whose file exists, so OUT can be refused where it would replace
-    them.
+    Strings (in settings models, recursively through their fields) count when they are a path,
+    a ``path.py:callable`` whose file exists or an image folder with its preprocessing
+    (``DIR?resize=...``), so OUT can be refused where it would replace them.
     """
     found: list[Path] = []
     for value in values:
@@ -68,7 +68,7 @@ def input_paths(*values: Any) -> tuple[Path, ...]:
             found += input_paths(*value)
         elif isinstance(value, str | Path) and str(value):
             text = str(value)
-            for candidate in (text, text.rsplit(":", 1)[0]):
+            for candidate in (text, text.rsplit(":", 1)[0], text.partition("?")[0]):
                 with contextlib.suppress(OSError, ValueError):
                     if Path(candidate).exists():
                         found.append(Path(candidate))

@@ -339,3 +339,14 @@ def test_an_ort_file_of_another_model_fails_mobile_validation(cli, tmp_path, mlp
     code, text, _ = cli("validate", out, "--ep", "mobile", "--json")
     result = json.loads(text)["mobile"]
     assert code == 1 and result["status"] == "failed" and "was not made from it" in result["reason"]
+
+
+def test_input_paths_finds_sources_data_and_image_folders(tmp_path):
+    from onnxpipe.bundle import input_paths
+
+    (tmp_path / "net.py").write_text("")
+    (tmp_path / "photos").mkdir()
+    found = input_paths(
+        f"{tmp_path / 'net.py'}:make", [f"{tmp_path / 'photos'}?resize=256,crop=224"], "cpu", None
+    )
+    assert found == (tmp_path / "net.py", tmp_path / "photos")
