@@ -136,12 +136,19 @@ def convert(
             metrics={"parity": parity, "attempts": tried},
         )
     ops = sorted({op for t in tried for op in t.get("ops", [])})
-    advice = (
-        f"Unsupported op(s): {', '.join(ops)}. Replace them in the model with supported ones "
-        "(or a different implementation of the same math)"
-        if ops
-        else "Rerun with --debug for the exporters' full logs, or try --exporter / --opset"
-    )
+    if any("Cache" in str(t.get("error")) for t in tried):  # transformers' DynamicCache
+        advice = (
+            "The model returns its key/value cache (a transformers Cache object), which no "
+            "exporter takes: build it with use_cache=False (e.g. config.use_cache = False) or "
+            "return only the tensors you need"
+        )
+    elif ops:
+        advice = (
+            f"Unsupported op(s): {', '.join(ops)}. Replace them in the model with supported ones "
+            "(or a different implementation of the same math)"
+        )
+    else:
+        advice = "Rerun with --debug for the exporters' full logs, or try --exporter / --opset"
     raise ConversionError(
         f"{source_name}: no exporter could convert the model. Tried: {_summary(tried)}. {advice}."
     )

@@ -360,20 +360,32 @@ def test_onnx_checker_failure_is_reported(tmp_path, cli):
     assert code == 2 and "checker" in err and "dup.onnx" in err
 
 
-def test_step_row_says_larger_when_the_model_grew():
-    """Quantizing a model whose weights are computed in the graph stores them: larger."""
+def _step_row(step: str, metrics: dict, size: int) -> str:
+    """The summary table's text for a bundle whose last step recorded ``metrics``."""
     import io  # noqa: PLC0415
 
     from rich.console import Console  # noqa: PLC0415
 
     from onnxpipe.tables import summary_table  # noqa: PLC0415
 
-    metrics = {"size_ratio": 0.25, "speedup": 2.0, "p50_ms_before": 20.0, "p50_ms_after": 10.0}
     manifest = {
-        "model": {"file": "model.onnx", "bytes": 4_000_000, "opset": 9, "sha256": "0" * 64},
+        "model": {"file": "model.onnx", "bytes": size, "opset": 9, "sha256": "0" * 64},
         "inputs": [], "outputs": [],
-        "steps": [{"name": "convert", "metrics": {}}, {"name": "quantize", "metrics": metrics}],
+        "steps": [{"name": "convert", "metrics": {}}, {"name": step, "metrics": metrics}],
     }  # fmt: skip
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(summary_table(manifest, Path("out")))
-    assert "quantize: 4.00x larger, 2.00x the speed" in console.export_text()
+    return console.export_text()
+
+
+def test_step_row_says_larger_when_the_model_grew():
+    """Quantizing a model whose weights are computed in the graph stores them: larger."""
+    metrics = {"size_ratio": 0.25, "speedup": 2.0, "p50_ms_before": 20.0, "p50_ms_after": 10.0}
+    text = _step_row("quantize", metrics, 4_000_000)
+    assert "quantize: 4.00x larger, 2.00x the speed" in text
+
+
+def test_step_row_does_not_compare_speeds_too_fast_to_time():
+    metrics = {"size_ratio": 1.0, "speedup": 0.41, "p50_ms_before": 0.02, "p50_ms_after": 0.05}
+    text = _step_row("optimize", metrics, 9_000)
+    assert "speed not compared" in text and "0.41x" not in text

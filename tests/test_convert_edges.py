@@ -370,3 +370,21 @@ def test_a_module_in_the_working_directory_is_importable(cli, tmp_path, monkeypa
         "convert", "pkg.nets:make", "-o", tmp_path / "b", "--input", "x:float32[b,8]", "--no-bench"
     )
     assert code == 0, err
+
+
+def test_a_transformers_cache_output_points_to_use_cache(cli, tmp_path):
+    pytest.importorskip("transformers")
+    source = _source(
+        tmp_path,
+        """
+        from transformers import GPT2Config, GPT2Model
+
+        def make():
+            config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32)
+            return GPT2Model(config).eval()
+        """,
+    )
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", tmp_path / "b", "--input", "input_ids:int64[b,seq]"
+    )
+    assert code == 2 and "use_cache=False" in err.replace("\n", "")
