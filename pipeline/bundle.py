@@ -216,7 +216,13 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
     from onnxpipe.modelio import DATA_FILE, MODEL_FILE, sha256  # noqa: PLC0415 - modelio loads onnx_ir
 
     manifest = read_manifest(bundle)
-    model = manifest.get("model") or {}
+    _check_keys(bundle, manifest)
+    model = manifest["model"]
+    if (bundle / DATA_FILE).exists() and not model.get("external_data"):
+        raise InputError(
+            f"{bundle}: holds {DATA_FILE}, which its manifest does not record, so nothing "
+            "vouches for those weights. Re-create the bundle with onnxpipe."
+        )
     files = [(MODEL_FILE, model.get("sha256"))]
     if model.get("external_data"):
         files.append((DATA_FILE, model["external_data"].get("sha256")))
@@ -245,6 +251,28 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
                 f"manifest's {recorded[:12]}...), so the manifest's numbers are not about it. {fix}"
             )
     return manifest
+
+
+def _check_keys(bundle: Path, manifest: dict[str, Any]) -> None:
+    """InputError unless the manifest has the contract's keys every command reads."""
+    model, mobile = manifest.get("model"), manifest.get("mobile")
+    wrong = [
+        key
+        for key, ok in (
+            ("model", isinstance(model, dict)),
+            ("model.sha256", isinstance(model, dict) and isinstance(model.get("sha256"), str)),
+            ("inputs", isinstance(manifest.get("inputs"), list)),
+            ("outputs", isinstance(manifest.get("outputs"), list)),
+            ("steps", isinstance(manifest.get("steps"), list)),
+            ("mobile", mobile is None or isinstance(mobile, dict)),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise InputError(
+            f"{bundle / MANIFEST}: {', '.join(wrong)} missing or of the wrong type; the manifest "
+            "is damaged. Re-create the bundle with onnxpipe."
+        )
 
 
 def update_manifest(bundle: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

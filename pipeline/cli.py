@@ -321,7 +321,11 @@ def _quiet(debug: bool) -> Iterator[None]:
 
 
 def _progress_steps(
-    steps: Sequence[Any], out: Path, args: argparse.Namespace, title: str | None = None
+    steps: Sequence[Any],
+    out: Path,
+    args: argparse.Namespace,
+    title: str | None = None,
+    protect: Sequence[Path] = (),
 ) -> dict[str, Any]:
     from onnxpipe.recipe import run_steps  # noqa: PLC0415 - keeps --help fast
 
@@ -341,7 +345,8 @@ def _progress_steps(
             bar.update(task, completed=i, description=f"[bold]{name}[/bold]")
 
         with _quiet(args.debug):
-            return run_steps(steps, out, getattr(args, "overwrite", False), progress, title=title)
+            overwrite = getattr(args, "overwrite", False)
+            return run_steps(steps, out, overwrite, progress, title=title, protect=protect)
 
 
 @contextlib.contextmanager
@@ -424,7 +429,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``onnxpipe run RECIPE.yaml``."""
     from onnxpipe.recipe import load_recipe  # noqa: PLC0415
 
-    manifest = _progress_steps(load_recipe(args.recipe), args.out, args)
+    manifest = _progress_steps(load_recipe(args.recipe), args.out, args, protect=(args.recipe,))
     _emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 
@@ -583,6 +588,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.html:  # before the work: a page that cannot be written is bad input
         _check_file_target(args.html, "--html")
+        for bundle in (args.bundle_a, args.bundle_b):
+            if args.html.resolve().is_relative_to(bundle.resolve()):
+                raise InputError(
+                    f"--html {args.html}: inside the compared bundle {bundle}, whose files it "
+                    "would replace or add to; write the page elsewhere."
+                )
     status = err.status("comparing", spinner="dots") if not args.json else contextlib.nullcontext()
     with status, _quiet(args.debug):
         record = compare_bundles(args.bundle_a, args.bundle_b, args.data, not args.no_bench)

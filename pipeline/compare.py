@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def _fixed_by(x: InputSpec, y: InputSpec, layout: tuple[int, ...] | None) -> Inp
         db if isinstance(db, int) and not isinstance(da, int) else da
         for da, db in zip(x.shape, dims_b, strict=True)
     )
-    return InputSpec(x.name, x.dtype, shape)
+    return replace(x, shape=shape)
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], bundle: Path) -> list[np.ndarray]:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -398,7 +399,7 @@ def _mobile_feeds(
     bundle: Path, inputs: Sequence[InputSpec], fixed: dict[str, list[int]]
 ) -> list[dict[str, np.ndarray]]:
     """Stored samples that fit the fixed shapes, plus generated ones at those shapes."""
-    specs = [InputSpec(s.name, s.dtype, tuple(fixed.get(s.name, s.shape))) for s in inputs]
+    specs = [replace(s, shape=tuple(fixed.get(s.name, s.shape))) for s in inputs]
     stored = (
         [feeds for feeds, _ in load_parity_samples(bundle)]
         if (bundle / PARITY_FILE).exists()

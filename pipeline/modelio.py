@@ -92,10 +92,11 @@ def index_limit(value: ir.Value) -> int | None:
             node = use.node
             if (node.op_type in _ID_PASS and use.idx == 0) or node.op_type in _ID_ARITHMETIC:
                 pending.extend(node.outputs[:1])
-            elif node.op_type == "Gather" and use.idx == 1:
+            elif node.op_type in ("Gather", "GatherBlockQuantized") and use.idx == 1:
                 table = node.inputs[0]
                 shape = table.shape if table is not None and table.const_value is not None else None
-                axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+                key = "gather_axis" if node.op_type == "GatherBlockQuantized" else "axis"
+                axis = node.attributes[key].value if key in node.attributes else 0
                 if shape is not None and isinstance(rows := shape[axis], int) and rows > 0:
                     limits.append(rows)
     return min(limits) if limits else None

@@ -112,12 +112,15 @@ def run_steps(
     progress: Progress | None = None,
     source_object: object | None = None,
     title: str | None = None,
+    protect: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Run ``steps`` into a new bundle at ``out``; return its manifest.
 
+    ``out`` may not replace ``protect`` (the recipe file) or any path the steps name.
+
     On a failed gate nothing is written at ``out``; the numbers go to ``<out>.failed.json``.
     """
-    check_out_dir(out, overwrite, input_paths(*steps))
+    check_out_dir(out, overwrite, (*protect, *input_paths(*steps)))
     done: list[str] = []
     with atomic_dir(out) as tmp:
         work = Work(dir=tmp)
@@ -157,6 +160,10 @@ def finalize(work: Work, title: str | None = None) -> dict[str, Any]:
     import onnx_ir as ir  # noqa: PLC0415 - only needed once the model exists
 
     inputs, outputs = io_signature(ir.load(work.dir / MODEL_FILE))
+    known = {s.name: s.high for s in work.inputs if s.high is not None}
+    for entry in inputs:  # a quantized table (GatherBlockQuantized) keeps its input's limit
+        if "index_limit" not in entry and entry["name"] in known:
+            entry["index_limit"] = known[entry["name"]]
     manifest = {
         "schema": SCHEMA,
         "model": describe_model(work.dir),

@@ -350,3 +350,57 @@ def test_input_paths_finds_sources_data_and_image_folders(tmp_path):
         f"{tmp_path / 'net.py'}:make", [f"{tmp_path / 'photos'}?resize=256,crop=224"], "cpu", None
     )
     assert found == (tmp_path / "net.py", tmp_path / "photos")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda m: m["model"].pop("sha256"), "model.sha256"),
+        (lambda m: m.pop("inputs"), "inputs"),
+        (lambda m: m.update(model="model.onnx"), "model"),
+        (lambda m: m.pop("steps"), "steps"),
+    ],
+)
+def test_a_damaged_manifest_is_exit_2(cli, bundle, change, needle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    for args in (("validate", bundle), ("bench", bundle, "--runs", "2")):
+        code, _, err = cli(*args)
+        assert code == 2 and needle in err and "the manifest is damaged" in err
+
+
+def test_unrecorded_external_data_is_refused(cli, bundle):
+    (bundle / "model.onnx.data").write_bytes(b"\0" * 64)
+    code, _, err = cli("bench", bundle, "--runs", "2")
+    assert code == 2 and "model.onnx.data, which its manifest does not record" in err
+
+
+def test_recipe_and_compared_bundles_are_not_overwritten(cli, tmp_path, mlp_bundle):
+    folder = tmp_path / "rdir"
+    folder.mkdir()
+    recipe = folder / "r.yaml"
+    recipe.write_text("source: nowhere.onnx\nsteps:\n  - convert\n")
+    code, _, err = cli("run", recipe, "-o", folder, "--overwrite")
+    assert code == 2 and "is (or contains, or is inside) the input" in err and recipe.exists()
+    before = tree_hash(mlp_bundle)
+    page = mlp_bundle / "manifest.json"
+    code, _, err = cli("compare", mlp_bundle, mlp_bundle, "--no-bench", "--html", page)
+    assert code == 2 and "inside the compared bundle" in err and tree_hash(mlp_bundle) == before
+
+
+def test_index_limits_reach_package_compare_and_derived_bundles(cli, tmp_path):
+    from tests.conftest import model_ref
+
+    out = tmp_path / "b"
+    spec = "ids:int64[batch,seq]"
+    assert (
+        cli("convert", model_ref("small_vocab"), "-o", out, "--input", spec, "--no-bench")[0] == 0
+    )
+    code, _, err = cli("package", out, "-o", tmp_path / "p", "--target", "mobile")
+    assert code == 0, err
+    assert cli("compare", out, out, "--no-bench")[0] == 0
+    code, _, err = cli("quantize", out, "-o", tmp_path / "q", "--mode", "fp16")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["index_limit"] == 10

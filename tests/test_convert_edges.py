@@ -388,3 +388,23 @@ def test_a_transformers_cache_output_points_to_use_cache(cli, tmp_path):
         "convert", f"{source}:make", "-o", tmp_path / "b", "--input", "input_ids:int64[b,seq]"
     )
     assert code == 2 and "use_cache=False" in err.replace("\n", "")
+
+
+def test_spec_names_partly_forwards_parameters_are_refused(cli, tmp_path):
+    """``key`` and ``foo`` for forward(query, key): bound by position, key would feed query."""
+    source = _source(
+        tmp_path,
+        """
+        class QK(nn.Module):
+            def forward(self, query, key):
+                return query * 2 + key
+
+        def make():
+            return QK()
+        """,
+    )
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", tmp_path / "b",
+        "--input", "key:float32[b,3]", "--input", "foo:float32[b,3]",
+    )  # fmt: skip
+    assert code == 2 and "partly forward's parameters" in err

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
+from onnxpipe.modelio import sha256
 from tests.conftest import model_ref, tree_hash
 from tests.helpers import ort_run
 
@@ -127,9 +128,10 @@ def test_custom_domain_op_cannot_be_packaged(cli, tmp_path):
         json.dumps(
             {
                 "schema": "onnxpipe.manifest/1",
-                "model": {"file": "model.onnx"},
+                "model": {"file": "model.onnx", "sha256": sha256(bundle / "model.onnx")},
                 "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
                 "outputs": [],
+                "steps": [],
             }
         )
     )

@@ -7,6 +7,7 @@ so an ``auto`` fallback is never shipped when it is wrong at other shapes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -70,7 +71,10 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
             f"{describe(source)}: a PyTorch model does not record its input shapes. Pass one "
             "--input per forward argument, e.g. --input input:float32[batch,3,224,224]."
         )
-    specs = in_declared_order(specs, _positional_names(loaded), describe(source))
+    declared = _positional_names(loaded)
+    if declared is None:
+        _check_keyword_names(loaded, specs, describe(source))
+    specs = in_declared_order(specs, declared, describe(source))
     runnable = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
     example = random_feeds(specs, example_sizes(specs))
     try:
@@ -133,7 +137,9 @@ def _positional_names(model: Any) -> list[str] | None:
     """Input names of a model that takes its inputs by position only, in order, else None.
 
     An ExportedProgram's user inputs, a GraphModule's placeholders, a ScriptModule's forward
-    schema. A plain nn.Module is called by keyword when the spec names are its parameters.
+    schema. A plain nn.Module is called by keyword when the spec names are its parameters,
+    so its parameter names only matter when some spec names are among them and some not
+    (``key`` and ``foo`` for ``forward(query, key)``): that binding is unclear, exit 2.
     """
     if isinstance(model, torch.export.ExportedProgram):
         return list(model.graph_signature.user_inputs)
@@ -143,6 +149,22 @@ def _positional_names(model: Any) -> list[str] | None:
         schema = getattr(model.forward, "schema", None)
         return [a.name for a in schema.arguments[1:]] if schema is not None else None
     return None
+
+
+def _check_keyword_names(model: Any, specs: Sequence[InputSpec], where: str) -> None:
+    """Refuse spec names of which some, not all, are ``forward`` parameters of ``model``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        return
+    names = [s.name for s in specs]
+    known = [n for n in names if n in params]
+    if known and len(known) < len(names):
+        raise InputError(
+            f"{where}: the --input names {names} are partly forward's parameters {params} "
+            f"({known}) and partly not, so it is unclear which input is which. Name every "
+            "input after its forward parameter, or none of them."
+        )
 
 
 def _embedding_rows(model: Any) -> int | None:
