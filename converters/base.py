@@ -85,6 +85,11 @@ class InputSpec:
         return f"{self.name}:{self.dtype}[{','.join(str(d) for d in self.shape)}]"
 
     @property
+    def integer(self) -> bool:
+        """Integer dtype: ids, which may index a table (see ``high``)."""
+        return np.dtype(self.dtype).kind in "iu"
+
+    @property
     def symbols(self) -> list[str]:
         """The symbolic (dynamic) dims, in order."""
         return [d for d in self.shape if isinstance(d, str)]

@@ -56,6 +56,19 @@ def is_callable_ref(source: str) -> bool:
     )
 
 
+def named_path(text: str) -> tuple[str, str]:
+    """The file or folder a SOURCE or DATA string names, and the rest of the string.
+
+    ``file.py:make`` -> (``file.py``, ``:make``); ``DIR?resize=256`` -> (``DIR``,
+    ``?resize=256``); a plain path -> (path, ""); ``module:callable`` names no file -> ("", text).
+    """
+    head, sep, query = text.partition("?")
+    if is_callable_ref(head):
+        target, colon, attr = head.rpartition(":")
+        return (target, colon + attr + sep + query) if target.endswith(".py") else ("", text)
+    return head, sep + query
+
+
 def quiet_imports() -> bool:
     """Whether imports keep their C++ notices off the terminal.
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.converters.source import named_path
 from onnxpipe.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ def input_paths(*values: Any) -> tuple[Path, ...]:
             found += input_paths(*value)
         elif isinstance(value, str | Path) and str(value):
             text = str(value)
-            for candidate in (text, text.rsplit(":", 1)[0], text.partition("?")[0]):
+            for candidate in (text, named_path(text)[0]):
                 with contextlib.suppress(OSError, ValueError):
-                    if Path(candidate).exists():
+                    if candidate and Path(candidate).exists():
                         found.append(Path(candidate))
                         break
     return tuple(dict.fromkeys(found))

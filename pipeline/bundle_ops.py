@@ -42,7 +42,7 @@ def validate_existing(
     manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
-    results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol)
+    results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol, require)
     manifest = update_manifest(bundle, lambda m: m.setdefault("validation", {}).update(results))
     _rewrite_card(bundle, manifest)
     try:

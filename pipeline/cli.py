@@ -439,8 +439,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxpipe.bundle_ops import validate_existing  # noqa: PLC0415
     from onnxpipe.validate import parse_eps  # noqa: PLC0415
 
+    eps = parse_eps(args.ep)
     require = tuple(parse_eps(args.require)) if args.require else ()
-    eps = list(dict.fromkeys([*parse_eps(args.ep), *require]))  # a required EP is validated too
     if not (args.atol > 0 and math.isfinite(args.atol)):
         raise InputError(f"--atol {args.atol}: give a tolerance above 0, e.g. --atol 1e-4.")
     with _quiet(args.debug):

@@ -240,10 +240,7 @@ def check_parity(
         InputError: the source cannot run the generated samples and no ``data`` was given.
     """
     limits = {v.name: index_limit(v) for v in result.model.graph.inputs}
-    result.inputs = [
-        replace(s, high=limits.get(s.name)) if np.dtype(s.dtype).kind in "iu" else s
-        for s in result.inputs
-    ]
+    result.inputs = [replace(s, high=limits.get(s.name)) if s.integer else s for s in result.inputs]
     generated = parity_feeds(result.inputs)
     user = load_data(data, result.inputs) if data else []
     try:

@@ -158,12 +158,13 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
 def _one_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
     """Whether ``arrays`` are one run as they are: each has its input's rank and static dims."""
     by_name = {s.name: s for s in specs}
-    return set(arrays) == set(by_name) and all(
-        a.ndim == len(by_name[k].shape)
-        and all(
-            not isinstance(d, int) or d == n for d, n in zip(by_name[k].shape, a.shape, strict=True)
-        )
-        for k, a in arrays.items()
+    return set(arrays) == set(by_name) and all(_fits(a, by_name[k]) for k, a in arrays.items())
+
+
+def _fits(array: np.ndarray, spec: InputSpec) -> bool:
+    """``array`` has ``spec``'s rank and its static dims."""
+    return array.ndim == len(spec.shape) and all(
+        not isinstance(d, int) or d == n for d, n in zip(spec.shape, array.shape, strict=True)
     )
 
 
@@ -181,9 +182,7 @@ def _check(feeds: Feeds, specs: Sequence[InputSpec], where: str) -> None:
                 f"{where}: {spec.name!r} is {array.dtype}, the model takes {spec.dtype}. "
                 f"Convert it with .astype('{spec.dtype}')."
             )
-        if array.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d != got for d, got in zip(spec.shape, array.shape, strict=False)
-        ):
+        if not _fits(array, spec):
             hint = (
                 " It looks like one sample without the batch axis: save it as array[None]."
                 if array.ndim == len(spec.shape) - 1

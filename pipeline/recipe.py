@@ -32,6 +32,7 @@ from onnxpipe.bundle import (
     write_json_atomic,
 )
 from onnxpipe.card import write_docs
+from onnxpipe.converters.source import named_path
 from onnxpipe.derived_steps import MODEL_CHANGING
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
 from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature
@@ -51,15 +52,11 @@ def _beside(recipe: Path, value: Any) -> Any:
     """``value`` pointing into the recipe's folder when it is not found from the working dir."""
     if not isinstance(value, str) or not value:
         return value
-    target, sep, query = value.partition("?")  # DIR?resize=256,... names DIR
-    callable_part = ""
-    if ":" in target and not Path(target).exists():  # file.py:callable names file.py
-        target, colon, name = target.rpartition(":")
-        callable_part = colon + name
+    target, rest = named_path(value)
     if not target or Path(target).is_absolute() or Path(target).exists():
         return value
     moved = recipe.parent / target
-    return str(moved) + callable_part + sep + query if moved.exists() else value
+    return str(moved) + rest if moved.exists() else value
 
 
 def load_recipe(path: Path) -> list[StepConfig]:

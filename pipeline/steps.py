@@ -150,8 +150,9 @@ class ValidateStep(StepConfig):
     def run(self, work: Work) -> None:
         """Fill ``validation.<ep>``; raise :class:`GateFailed` on a failed or required EP."""
         started = time.perf_counter()
-        eps = list(dict.fromkeys([*self.ep, *self.require]))  # a required EP is validated too
-        results = validate_bundle(work.dir, eps, work.inputs, self.data, self.atol)
+        results = validate_bundle(
+            work.dir, self.ep, work.inputs, self.data, self.atol, self.require
+        )
         work.manifest.setdefault("validation", {}).update(results)
         work.record_step(
             self.name,

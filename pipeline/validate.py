@@ -67,8 +67,13 @@ def validate_bundle(
     inputs: Sequence[Any],
     data: str | None = None,
     atol: float = 1e-4,
+    require: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
-    """``validation.<ep>`` records: passed / failed / unavailable, with the reason and numbers."""
+    """``validation.<ep>`` records: passed / failed / unavailable, with the reason and numbers.
+
+    A ``require``d EP is validated too, whether or not ``eps`` lists it.
+    """
+    eps = list(dict.fromkeys([*eps, *require]))
     model = bundle / MODEL_FILE
     checker_error = check_model(model)
     if checker_error:

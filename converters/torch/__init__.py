@@ -81,9 +81,9 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
         outputs, keys = _run(runnable, specs, example, source)
     except InputError:
         rows = _embedding_rows(runnable)  # ids 1..99 may be past a small table: retry below it
-        if rows is None or not any(np.dtype(s.dtype).kind in "iu" for s in specs):
+        if rows is None or not any(s.integer for s in specs):
             raise
-        specs = [replace(s, high=rows) if np.dtype(s.dtype).kind in "iu" else s for s in specs]
+        specs = [replace(s, high=rows) if s.integer else s for s in specs]
         example = random_feeds(specs, example_sizes(specs))
         outputs, keys = _run(runnable, specs, example, source)
     output_names = output_names_for(len(outputs), keys, [s.name for s in specs])
