@@ -118,6 +118,11 @@ class ConvertConfig(BaseModel):
     unsafe_load: bool = Field(
         default=False, description="Allow full-pickle loading (torch.load, Keras lambda layers)."
     )
+    data: str | None = Field(
+        default=None,
+        description="Real inputs (--data); a PyTorch model that refuses generated values "
+        "(ids past a small table, one_hot) is exported on their first batch.",
+    )
 
     def input_specs(self) -> list[InputSpec]:
         """The parsed ``inputs``."""

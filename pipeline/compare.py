@@ -92,7 +92,7 @@ def compare_bundles(
                 "position) with the same dims, NCHW against NHWC allowed."
             )
     both = [_fixed_by(x, y, m) for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)]
-    feeds_a = load_data(data, specs["a"]) if data else parity_feeds(both)
+    feeds_a = load_data(data, both) if data else parity_feeds(both)
     sessions = {k: make_session(p / MODEL_FILE, SessionOptions()) for k, p in (("a", a), ("b", b))}
     names = [o.name for o in sessions["a"].get_outputs()]
     names_b = [o.name for o in sessions["b"].get_outputs()]

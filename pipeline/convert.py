@@ -92,6 +92,8 @@ def convert(
         GateFailed: every converted model disagreed with the source framework.
     """
     started = time.perf_counter()
+    if data is not None and config.data is None:
+        config = config.model_copy(update={"data": data})
     framework, loaded = resolve_source(source, framework)
     source_name = describe(source)
     tried: list[dict[str, Any]] = []
@@ -141,6 +143,12 @@ def convert(
             "The model returns its key/value cache (a transformers Cache object), which no "
             "exporter takes: build it with use_cache=False (e.g. config.use_cache = False) or "
             "return only the tensors you need"
+        )
+    elif any("Cannot view a tensor" in str(t.get("error")) for t in tried):
+        advice = (
+            "torch.export cannot .view() a non-contiguous tensor at symbolic shapes (T5's "
+            "attention does); the TorchScript exporter can: use --exporter torchscript (or "
+            "auto), or .reshape() / .contiguous() there in the model"
         )
     elif ops:
         advice = (
@@ -260,6 +268,12 @@ def check_parity(
         return _parity_on(result, model_path, atol, user, set(), data)
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, cut at a word boundary under ``limit``."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 class _SourceRefused(Exception):
     """The source model raised on a generated sample."""
 
@@ -281,7 +295,8 @@ def _parity_on(
             outs = result.reference(feeds)
         except Exception as e:  # the user's model, in its framework: any error type
             shapes = {k: list(v.shape) for k, v in feeds.items()}
-            what = f"at {shapes}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            cause = e.__cause__ if isinstance(e, InputError) and e.__cause__ else e  # not advice
+            what = f"at {shapes}: {type(cause).__name__}: {_first_line(cause)}"
             if id(feeds) in generated:
                 raise _SourceRefused(what) from e
             raise InputError(

@@ -152,6 +152,12 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
             "input as many samples."
         )
     n = count.pop()
+    if n % batch and {s.shape[0] if s.shape else None for s in specs} == {batch}:
+        shapes = ", ".join(f"{k} {list(a.shape)}" for k, a in arrays.items())
+        raise InputError(
+            f"{path}: holds {n} samples ({shapes}), but the model takes a fixed batch of "
+            f"{batch}; give a multiple of {batch} samples."
+        )
     return [{k: a[i : i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
 
 

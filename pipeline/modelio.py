@@ -78,28 +78,97 @@ _ID_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Where", "Max", "Min", "Clip", 
 def index_limit(value: ir.Value) -> int | None:
     """Rows of the smallest constant table that integer input ``value`` indexes, else None.
 
-    Follows Casts, reshapes and index arithmetic to every Gather that takes the ids as
-    indices of a constant (an embedding); other uses (Shape, masks) do not bound the values.
+    Follows Casts, reshapes and index arithmetic to every Gather (or GatherND: ``param[ids]``)
+    that takes the ids as indices of a constant (an embedding); other uses (Shape, masks) do
+    not bound the values.
+    A constant added on the way (``ids + 3``) lowers the limit by as much; a Where takes the
+    ids back unshifted (Keras 3's where(i < 0, i + n, i) leaves valid ids as they are).
     """
     limits: list[int] = []
-    pending, seen = [value], set()
+    pending: list[tuple[ir.Value, int]] = [(value, 0)]
+    seen: set[int] = set()
     while pending:
-        current = pending.pop()
+        current, offset = pending.pop()
         if id(current) in seen:
             continue
         seen.add(id(current))
         for use in current.uses():
             node = use.node
             if (node.op_type in _ID_PASS and use.idx == 0) or node.op_type in _ID_ARITHMETIC:
-                pending.extend(node.outputs[:1])
+                pending.append((node.outputs[0], offset + _shift(node, use.idx)))
             elif node.op_type in ("Gather", "GatherBlockQuantized") and use.idx == 1:
                 table = node.inputs[0]
                 shape = table.shape if table is not None and table.const_value is not None else None
                 key = "gather_axis" if node.op_type == "GatherBlockQuantized" else "axis"
                 axis = node.attributes[key].value if key in node.attributes else 0
-                if shape is not None and isinstance(rows := shape[axis], int) and rows > 0:
-                    limits.append(rows)
+                if shape is not None and isinstance(rows := shape[axis], int) and rows > offset:
+                    limits.append(rows - offset)
+            elif node.op_type == "GatherND" and use.idx == 1:
+                found = _gather_nd_rows(node)  # param[idx]: indices [..., k] into k dims
+                if found is not None and found > offset:
+                    limits.append(found - offset)
     return min(limits) if limits else None
+
+
+def _gather_nd_rows(node: ir.Node) -> int | None:
+    """The smallest of the dims a GatherND's index tuples address in its constant data."""
+    data, indices = node.inputs[0], node.inputs[1]
+    if data is None or data.const_value is None or data.shape is None:
+        return None
+    if indices is None or indices.shape is None or not indices.shape.rank():
+        return None
+    width = indices.shape[-1]
+    batch = node.attributes["batch_dims"].value if "batch_dims" in node.attributes else 0
+    if not isinstance(width, int) or batch + width > data.shape.rank():
+        return None
+    dims = [data.shape[batch + i] for i in range(width)]
+    sizes = [d for d in dims if isinstance(d, int) and d > 0]
+    return min(sizes) if sizes and len(sizes) == len(dims) else None
+
+
+def _shift(node: ir.Node, idx: int) -> int:
+    """What ``node`` adds to the ids arriving at input ``idx``: ``ids + 3`` is 3, a Where resets."""
+    if node.op_type == "Where":
+        return 0 if idx == 0 else -_where_offset(node, idx)
+    if node.op_type not in ("Add", "Sub") or len(node.inputs) != 2:
+        return 0
+    other = _int_scalar(node.inputs[1 - idx])
+    if other is None or (node.op_type == "Sub" and idx == 1):
+        return 0
+    return other if node.op_type == "Add" else -other
+
+
+def _where_offset(node: ir.Node, idx: int) -> int:
+    """The offset the ids carried into a Where branch, so that the Where's output has none.
+
+    The branch value was produced from the ids by a constant ``Add``/``Sub`` (or came as is);
+    undoing it here leaves ids that reach a Gather through the Where unshifted.
+    """
+    branch = node.inputs[idx]
+    producer = branch.producer() if branch is not None else None
+    if producer is None or producer.op_type not in ("Add", "Sub"):
+        return 0
+    for i, operand in enumerate(producer.inputs[:2]):
+        if operand is not None and _int_scalar(operand) is None:
+            return _shift(producer, i)
+    return 0
+
+
+def _int_scalar(value: ir.Value | None) -> int | None:
+    """The integer a one-element constant (initializer or Constant node) holds, else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    producer = value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        attr = producer.attributes.get("value")
+        tensor = attr.value if attr is not None else None
+    if tensor is None:
+        return None
+    array = tensor.numpy()
+    if array.size != 1 or array.dtype.kind not in "iu":
+        return None
+    return int(array.reshape(-1)[0])
 
 
 def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -111,7 +111,7 @@ def test_a_required_ep_is_validated_even_when_not_listed(cli, mlp_bundle, tmp_pa
         (("validate", "{b}", "--atol", "-1"), "--atol -1.0: give a tolerance above 0"),
         (("validate", "{b}", "--atol", "nan"), "--atol nan"),
         (("bench", "{b}", "--threads", "-1"), "every --threads must be >= 0"),
-        (("bench", "{b}", "--ep", "cpu,tensorrt"), "--ep tensorrt: TensorrtExecutionProvider"),
+        (("bench", "{b}", "--ep", "tensorrt"), "--ep tensorrt: TensorrtExecutionProvider"),
         (("optimize", "{b}", "-o", "{t}/o", "--transformer", "foo"), "'foo' is not one ORT"),
         (("optimize", "{b}", "-o", "{t}/o", "--num-heads", "4"), "only apply with transformer"),
         (("compare", "{b}", "{b}", "--no-bench", "--html", "{t}"), "is a directory"),
@@ -130,6 +130,20 @@ def test_bad_settings_are_exit_2(cli, bundle, tmp_path, args, message):
     assert code == 2 and message in err, err
     assert "Traceback" not in err and "pydantic" not in err
     assert tree_hash(bundle) == before
+
+
+def test_bench_leaves_out_an_ep_this_machine_lacks(cli, bundle, caplog):
+    """--ep cpu,tensorrt on a CPU-only build: the CPU records, and a warning for TensorRT."""
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has TensorRT")
+    code, out, err = cli("bench", bundle, "--ep", "cpu,tensorrt", "--runs", "3", "--json")
+    assert code == 0, err
+    assert [r["ep"] for r in json.loads(out)] == ["cpu"]
+    assert "--ep tensorrt not benched" in caplog.text
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["bench"]["ep"] == "cpu"
 
 
 def test_compare_pairs_outputs_by_name(cli, tmp_path):
@@ -153,6 +167,21 @@ def test_compare_feeds_what_both_models_take(cli, tmp_path):
         code, out, err = cli("compare", first, second, "--no-bench", "--json")
         assert code == 0, err
         assert json.loads(out)["outputs"]["max_abs_diff"] == 0.0
+
+
+def test_compare_data_against_a_fixed_batch_names_the_samples_saved(cli, tmp_path):
+    """6 samples against a fixed batch of 4: one message naming (6, 4), either way round."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("convert", _onnx_file(tmp_path / "a.onnx"), "-o", a, "--no-bench")[0] == 0
+    fixed = _onnx_file(tmp_path / "b.onnx", batch=4)
+    assert cli("convert", fixed, "-o", b, "--no-bench")[0] == 0
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((6, 4), np.float32))
+    for first, second in ((a, b), (b, a)):
+        code, _, err = cli("compare", first, second, "--no-bench", "--data", data)
+        assert code == 2 and "holds 6 samples (x [6, 4])" in err and "fixed batch of 4" in err
+    np.savez(data, x=np.ones((8, 4), np.float32))
+    assert cli("compare", a, b, "--no-bench", "--data", data)[0] == 0
 
 
 def _two_inputs_sharing_seq(path: Path) -> Path:
@@ -214,6 +243,67 @@ def test_generated_ids_stay_inside_a_small_table(cli, tmp_path):
     assert ids and all(a.max() < 10 and a.min() >= 0 for a in ids)
     assert cli("bench", out, "--batch", "1,8", "--runs", "3")[0] == 0
     assert cli("optimize", out, "-o", tmp_path / "o")[0] == 0
+
+
+_INDEXING = """
+import torch
+import torch.nn as nn
+
+
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.table(ids + 3)  # ids 0..6 only
+
+
+class Rows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rows = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, ids):
+        return self.rows[ids]
+
+
+class OneHot(nn.Module):
+    def forward(self, ids):
+        return nn.functional.one_hot(ids, 6).float()
+"""
+
+
+@pytest.mark.parametrize(("name", "limit"), [("Shifted", 7), ("Rows", 5)])
+def test_ids_shifted_or_indexing_a_parameter_stay_inside_the_table(cli, tmp_path, name, limit):
+    """``table(ids + 3)`` and ``param[ids]`` convert without --data; later runs stay in range."""
+    (tmp_path / "idx.py").write_text(_INDEXING)
+    out = tmp_path / "b"
+    code, _, err = cli(
+        "convert", f"{tmp_path / 'idx.py'}:{name}", "-o", out, "--input", "ids:int64[batch,seq]"
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["index_limit"] == limit
+    assert cli("bench", out, "--batch", "1,8", "--runs", "3")[0] == 0
+
+
+def test_a_model_refusing_generated_ids_is_exported_on_the_data(cli, tmp_path):
+    """one_hot(ids, 6) leaves no table in the graph: generated ids fail; --data converts it."""
+    (tmp_path / "idx.py").write_text(_INDEXING)
+    source = f"{tmp_path / 'idx.py'}:OneHot"
+    code, _, err = cli("convert", source, "-o", tmp_path / "a", "--input", "ids:int64[batch]")
+    assert code == 2 and "--data" in err and not (tmp_path / "a").exists()
+    data = tmp_path / "ids.npz"
+    np.savez(data, ids=np.arange(8, dtype=np.int64) % 6)
+    out = tmp_path / "b"
+    code, _, err = cli("convert", source, "-o", out, "--input", "ids:int64[batch]", "--data", data)
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
+    np.savez(data, ids=np.full(8, 9, dtype=np.int64))
+    code, _, err = cli("convert", source, "-o", tmp_path / "c", "--input", "ids:int64[batch]",
+                       "--data", data)  # fmt: skip
+    assert code == 2 and "ids.npz" in err
 
 
 def test_a_model_that_cannot_run_generated_samples_asks_for_data(cli, tmp_path):

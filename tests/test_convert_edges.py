@@ -194,6 +194,65 @@ def test_exported_program_inputs_bind_by_name(cli, tmp_path):
     assert np.allclose(got, q * 2 + k)
 
 
+def test_exported_program_symbols_get_readable_names(cli, tmp_path):
+    """torch saves its own symbols (s77); the manifest shows batch and one shared length."""
+    import torch
+
+    class Masked(torch.nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    example = (torch.ones(2, 5), torch.ones(2, 5))
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(Masked(), example, dynamic_shapes=shapes), path)
+    out = tmp_path / "b"
+    code, _, err = cli("convert", path, "-o", out, "--no-bench")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "x_dim1"], ["batch", "x_dim1"]]
+    assert manifest["outputs"][0]["shape"] == ["batch", "x_dim1"]
+
+
+def test_a_view_dynamo_cannot_trace_is_not_called_an_unsupported_op(cli, tmp_path):
+    """T5's attention views a non-contiguous tensor at symbolic shapes: dynamo fails there."""
+    pytest.importorskip("transformers")
+    source = _source(
+        tmp_path,
+        """
+        def make():
+            from transformers import T5Config, T5EncoderModel
+
+            config = T5Config(vocab_size=120, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                              num_heads=2)
+            return T5EncoderModel(config)
+        """,
+    )
+    code, _, err = cli(
+        "convert", f"{source}:make", "-o", tmp_path / "a", "--exporter", "dynamo",
+        "--input", "input_ids:int64[batch,seq]", "--no-bench",
+    )  # fmt: skip
+    assert code == 2 and "--exporter torchscript" in err and "Unsupported op" not in err
+
+
+def test_any_error_in_the_users_forward_is_bad_input(cli, tmp_path):
+    source = _source(
+        tmp_path,
+        """
+        class Broken(nn.Module):
+            def forward(self, x):
+                return self.missing(x)
+
+        def make():
+            return Broken()
+        """,
+    )
+    code, _, err = cli("convert", f"{source}:make", "-o", tmp_path / "b", "--input",
+                       "x:float32[batch,4]")  # fmt: skip
+    assert code == 2 and "AttributeError: 'Broken' object has no attribute 'missing'" in err
+
+
 def test_lstm_output_keeps_its_sequence_dim_symbolic(cli, tmp_path):
     """dynamo declares an LSTM's output [batch, 3, 16] (the traced length); it runs at any."""
     source = _source(

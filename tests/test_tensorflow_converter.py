@@ -499,6 +499,37 @@ def test_small_vocab_keras_embedding_gets_ids_in_range(cli, tmp_path):
     assert manifest["inputs"][0]["index_limit"] == 10
 
 
+def test_inputs_that_must_share_a_length_get_one_symbol(cli, tmp_path):
+    """ids, token types and a mask, each Input((None,)): parity feeds them one length."""
+    manifest = _converted_manifest(
+        cli,
+        tmp_path,
+        """
+        ids = keras.Input((None,), dtype='int32', name='input_ids')
+        types = keras.Input((None,), dtype='int32', name='token_type_ids')
+        mask = keras.Input((None,), dtype='float32', name='mask')
+        e = keras.layers.Embedding(30, 4)(ids) + keras.layers.Embedding(2, 4)(types)
+        return keras.Model([ids, types, mask], e * keras.ops.expand_dims(mask, -1))
+        """,
+    )
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "seq"]] * 3
+    assert [i.get("index_limit") for i in manifest["inputs"]] == [30, 2, None]
+    assert manifest["outputs"][0]["shape"] == ["batch", "seq", 4]
+
+
+def test_inputs_of_independent_lengths_keep_their_symbols(cli, tmp_path):
+    manifest = _converted_manifest(
+        cli,
+        tmp_path,
+        """
+        a = keras.Input((None,), name='a')
+        b = keras.Input((None,), name='b')
+        return keras.Model([a, b], keras.ops.mean(a, 1) + keras.ops.mean(b, 1))
+        """,
+    )
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "a_dim1"], ["batch", "b_dim1"]]
+
+
 def test_output_dims_take_the_input_symbols_names(cli, tmp_path):
     """tf2onnx names a dynamic output dim unk__N; the manifest shows the input's symbol."""
     manifest = _converted_manifest(

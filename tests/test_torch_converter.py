@@ -71,6 +71,18 @@ def test_torchscript_and_exported_program_files(tmp_path):
     assert_close([want], ep.model, {name: x})
 
 
+def test_a_scripted_module_in_memory_converts(tmp_path):
+    """torch.jit.script(model) from a factory or the API, not only torch.jit.load's."""
+    model = models.gated()
+    scripted = torch.jit.script(model)
+    x = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    done = convert(scripted, ConvertConfig(inputs=IMAGE), tmp_path / "w").result
+    assert done.exporter == "torchscript"
+    assert_close([want], done.model, {"x": x})
+
+
 def test_state_dict_file_is_refused_with_what_to_pass(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(models.gated().state_dict(), path)

@@ -19,7 +19,7 @@ from onnxpipe.converters.base import ConversionResult, ConvertConfig, Feeds, Inp
 from onnxpipe.converters.source import Loaded, describe
 from onnxpipe.converters.tensorflow.export import MAX_OPSET, convert_traced
 from onnxpipe.converters.tensorflow.load import load_tf_source
-from onnxpipe.converters.tensorflow.trace import resolve_specs, trace
+from onnxpipe.converters.tensorflow.trace import resolve_specs, share_unknown_dims, trace
 from onnxpipe.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ def convert(source: str | object, config: ConvertConfig) -> ConversionResult:
     src = load_tf_source(source, unsafe_load=config.unsafe_load)
     onnx_specs, tf_specs = resolve_specs(src, user_specs, config.nchw)
     traced = trace(src, tf_specs)
+    shared = None
+    if not user_specs:
+        onnx_specs, tf_specs, shared = share_unknown_dims(traced, onnx_specs)
     nchw = [config.nchw and len(s.shape) == 4 for s in tf_specs]
     proto = convert_traced(traced, [s.name for s in onnx_specs], nchw, opset, src.where)
     model = ir.serde.deserialize_model(proto)
@@ -67,6 +70,8 @@ def convert(source: str | object, config: ConvertConfig) -> ConversionResult:
     notes = [f"tf2onnx {tf2onnx.__version__}, opset {opset}"]
     if config.nchw:
         notes.append("rank-4 inputs transposed to NCHW (--nchw)")
+    if shared:
+        notes.append(shared)
     return ConversionResult(
         model=model,
         framework="tf",

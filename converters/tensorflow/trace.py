@@ -10,12 +10,20 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from onnxpipe.converters.base import DTYPES, Dim, InputSpec, in_declared_order, output_names_for
+from onnxpipe.converters.base import (
+    DTYPES,
+    Dim,
+    InputSpec,
+    example_sizes,
+    in_declared_order,
+    output_names_for,
+    random_feeds,
+)
 from onnxpipe.converters.tensorflow.load import TFSource
 from onnxpipe.errors import InputError
 
@@ -158,3 +166,56 @@ def trace(src: TFSource, tf_specs: list[InputSpec]) -> Traced:
 
     logger.debug("%s: traced %d input(s), outputs %s", src.where, len(tf_specs), names)
     return Traced(concrete, tf_specs, names, batched, run)
+
+
+def share_unknown_dims(
+    traced: Traced, onnx_specs: list[InputSpec]
+) -> tuple[list[InputSpec], list[InputSpec], str | None]:
+    """One symbol for the unknown dims the model's inputs must share; (onnx, tf specs, note).
+
+    Each declared ``None`` dim gets its own symbol (``input_ids_dim1``, ``mask_dim1``), so
+    parity would feed those inputs different lengths. When the model fails on that, but runs
+    once the symbols on the same axis are one (``seq``), the inputs share that length and the
+    specs say so; otherwise they are left as they are.
+    """
+    tf_specs = traced.tf_specs
+    groups: dict[int, list[str]] = {}
+    for spec in tf_specs:
+        for axis, dim in enumerate(spec.shape):
+            if axis and isinstance(dim, str) and dim not in groups.setdefault(axis, []):
+                groups[axis].append(dim)
+    shared = {axis: symbols for axis, symbols in groups.items() if len(symbols) > 1}
+    if not shared or _runs(traced, tf_specs):
+        return onnx_specs, tf_specs, None
+    taken = {d for s in tf_specs for d in s.symbols}
+    rename: dict[str, str] = {}
+    for axis, symbols in shared.items():
+        name = "seq" if axis == 1 and "seq" not in taken else f"dim{axis}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        rename |= dict.fromkeys(symbols, name)
+
+    def renamed(specs: list[InputSpec]) -> list[InputSpec]:
+        return [replace(s, shape=tuple(rename.get(str(d), d) for d in s.shape)) for s in specs]
+
+    if not _runs(traced, renamed(tf_specs)):
+        return onnx_specs, tf_specs, None
+    note = "; ".join(
+        f"{', '.join(symbols)} are one dim, {rename[symbols[0]]!r} (the model fails when they "
+        "differ)"
+        for symbols in shared.values()
+    )
+    logger.info("%s", note)
+    return renamed(onnx_specs), renamed(tf_specs), note
+
+
+def _runs(traced: Traced, specs: list[InputSpec]) -> bool:
+    """Whether TensorFlow runs ``specs`` at distinct symbol sizes (ids of 1 fit any table)."""
+    probe = [replace(s, high=2) if s.integer else s for s in specs]
+    feeds = random_feeds(probe, example_sizes(probe))
+    try:
+        traced.run([feeds[s.name] for s in probe])
+    except Exception:  # noqa: BLE001 - the user's model, in its framework, may raise anything
+        return False
+    return True

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from onnxpipe.converters.base import (
     ConversionResult,
     ConvertConfig,
+    Dim,
     ExportAttempt,
     Feeds,
     InputSpec,
@@ -76,16 +77,7 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
         _check_keyword_names(loaded, specs, describe(source))
     specs = in_declared_order(specs, declared, describe(source))
     runnable = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
-    example = random_feeds(specs, example_sizes(specs))
-    try:
-        outputs, keys = _run(runnable, specs, example, source)
-    except InputError:
-        rows = _embedding_rows(runnable)  # ids 1..99 may be past a small table: retry below it
-        if rows is None or not any(s.integer for s in specs):
-            raise
-        specs = [replace(s, high=rows) if s.integer else s for s in specs]
-        example = random_feeds(specs, example_sizes(specs))
-        outputs, keys = _run(runnable, specs, example, source)
+    specs, example, outputs, keys = _example_run(runnable, specs, source, config.data)
     output_names = output_names_for(len(outputs), keys, [s.name for s in specs])
 
     def reference(feeds: Feeds) -> list[np.ndarray]:
@@ -167,6 +159,45 @@ def _check_keyword_names(model: Any, specs: Sequence[InputSpec], where: str) -> 
         )
 
 
+def _example_run(
+    runnable: Any, specs: list[InputSpec], source: str | object, data: str | None
+) -> tuple[list[InputSpec], Feeds, list[np.ndarray], list[str] | None]:
+    """Run the model once on the example the exporters trace: specs, feeds, outputs, keys.
+
+    Generated values first; then ids below the smallest embedding table (ids 1..99 may be
+    past it); then ids of 1 (``ids + 3`` into a table, ``one_hot(ids, 6)``); then the first
+    batch of ``data``. Parity later generates ids below the limit the graph shows.
+
+    Raises:
+        InputError: the model fails on all of them (names the --data file when it failed).
+    """
+    tries = [specs]
+    if any(s.integer for s in specs):
+        rows = _embedding_rows(runnable)
+        tries += [
+            [replace(s, high=top) if s.integer else s for s in specs] for top in (rows, 2) if top
+        ]
+    refused: InputError | None = None
+    for tried in tries:
+        example = random_feeds(tried, example_sizes(tried))
+        try:
+            return tried, example, *_run(runnable, tried, example, source)
+        except InputError as e:
+            refused = refused or e
+    assert refused is not None
+    if data is None:
+        if any(s.integer for s in specs):
+            raise InputError(
+                f"{refused} If the values matter (ids into a small table, one_hot), give real "
+                "inputs with --data FILE.npz (one array per input, by name)."
+            ) from refused
+        raise refused
+    from onnxpipe.data import load_data  # the pipeline's reader; it imports this package
+
+    example = load_data(data, specs)[0]
+    return specs, example, *_run(runnable, specs, example, source, data)
+
+
 def _embedding_rows(model: Any) -> int | None:
     """Rows of the model's smallest embedding table, None without one (ids must stay below)."""
     if not isinstance(model, torch.nn.Module):
@@ -186,9 +217,16 @@ def _eval_mode(model: Any) -> None:
 
 
 def _run(
-    model: Any, specs: Sequence[InputSpec], feeds: Feeds, source: str | object
+    model: Any,
+    specs: Sequence[InputSpec],
+    feeds: Feeds,
+    source: str | object,
+    data: str | None = None,
 ) -> tuple[list[np.ndarray], list[str] | None]:
-    """Run the PyTorch model on numpy feeds; flat numpy outputs and the output keys if a dict."""
+    """Run the PyTorch model on numpy feeds; flat numpy outputs and the output keys if a dict.
+
+    ``data`` names the --data file the feeds came from, for the message when the model fails.
+    """
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         # Inputs the exported graph dropped as unused still need a value in PyTorch.
@@ -202,12 +240,17 @@ def _run(
     try:
         with torch.no_grad():
             out = model(*args, **kwargs)
-    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
+    except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in tensors.items())
+        failed = f"({type(e).__name__}: {str(e)[:200]})"
+        if data is not None:
+            raise InputError(
+                f"{data}: {describe(source)} failed on the first batch of these --data inputs "
+                f"{shapes} {failed}. Give inputs the model runs."
+            ) from e
         raise InputError(
-            f"{describe(source)}: the model failed on inputs {shapes} ({type(e).__name__}: "
-            f"{str(e)[:200]}). Check that --input matches the forward arguments in order, "
-            "dtype and shape."
+            f"{describe(source)}: the model failed on inputs {shapes} {failed}. Check that "
+            "--input matches the forward arguments in order, dtype and shape."
         ) from e
     keys = list(out.keys()) if isinstance(out, dict) else None
     # Python numbers among the outputs (x.shape[0]) are exported as 0-d tensors too.
@@ -218,11 +261,17 @@ def _run(
 
 
 def _specs_from_program(loaded: Any) -> list[InputSpec]:
-    """Input specs recorded in an ExportedProgram (user inputs, symbolic dims as symbols)."""
+    """Input specs recorded in an ExportedProgram (user inputs, symbolic dims as symbols).
+
+    A saved program keeps torch's own symbol names (``s77``), not the ``Dim`` names: a
+    symbol first seen on axis 0 is called ``batch``, others ``<input>_dim<axis>``, and inputs
+    that share a symbol share the name.
+    """
     if not isinstance(loaded, torch.export.ExportedProgram):
         return []
     user_inputs = set(loaded.graph_signature.user_inputs)
     specs = []
+    names: dict[str, str] = {}
     for node in loaded.graph.nodes:
         if node.op != "placeholder" or node.name not in user_inputs:
             continue
@@ -232,13 +281,21 @@ def _specs_from_program(loaded: Any) -> list[InputSpec]:
         dtype = str(val.dtype).removeprefix("torch.")
         if dtype not in _TORCH_DTYPES:
             return []
-        dims = [int(d) if isinstance(d, int) else _symbol(d) for d in val.shape]
+        dims: list[Dim] = []
+        for axis, dim in enumerate(val.shape):
+            if isinstance(dim, int):
+                dims.append(int(dim))
+                continue
+            text = str(dim)
+            if text not in names:
+                wanted = "batch" if axis == 0 else f"{node.name}_dim{axis}"
+                names[text] = _symbol(wanted if wanted not in names.values() else text)
+            dims.append(names[text])
         specs.append(InputSpec(node.name, dtype, tuple(dims)))
     return specs
 
 
-def _symbol(dim: Any) -> str:
-    text = str(dim)
+def _symbol(text: str) -> str:
     return text if text.isidentifier() else "d_" + "".join(c if c.isalnum() else "_" for c in text)
 
 

@@ -23,7 +23,8 @@ TORCHSCRIPT_DEFAULT_OPSET = 17
 _OP_PATTERNS = (
     re.compile(r"OpOverload\(op='([\w.]+)'"),
     re.compile(r"operator '([\w:.]+)'"),
-    re.compile(r"torch\.ops\.([\w]+\.[\w]+)"),
+    # Not "While executing %view_4 ... target=torch.ops.aten.view": the node a failure hit.
+    re.compile(r"(?<!target=)torch\.ops\.([\w]+\.[\w]+)"),
 )
 
 
@@ -44,8 +45,11 @@ def call_args(
     transformers model whatever the order of its forward parameters.
     """
     names = [s.name for s in specs]
-    if isinstance(model, (torch.export.ExportedProgram, torch.fx.GraphModule)):
-        # Graphs from torch.export take their user inputs positionally.
+    if isinstance(
+        model, (torch.export.ExportedProgram, torch.fx.GraphModule, torch.jit.ScriptModule)
+    ):
+        # Graphs from torch.export take their user inputs positionally; so does TorchScript,
+        # whose exporter cannot trace a wrapper around a scripted module.
         return tuple(tensors[n] for n in names), {}
     forward = getattr(model, "forward", None)
     try:
@@ -126,7 +130,33 @@ def export_dynamo(
         raise ExportFailed(summarize_error(e), unsupported_ops(e)) from e
     if program is None:
         raise ExportFailed("torch.onnx.export returned no program", [])
+    if isinstance(model, torch.export.ExportedProgram):
+        _rename_symbols(program.model, specs)
     return program.model
+
+
+def _rename_symbols(model: ir.Model, specs: Sequence[InputSpec]) -> None:
+    """Name an exported program's dims (torch's ``s77``) after the specs' symbols, everywhere."""
+    names: dict[str, str] = {}
+    by_name = {s.name: s for s in specs}
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name or "")
+        for want, got in zip(spec.shape if spec else (), value.shape or (), strict=False):
+            if isinstance(want, str) and isinstance(got, ir.SymbolicDim) and got.value:
+                names.setdefault(got.value, want)
+    if not names:
+        return
+    values = [*model.graph.inputs, *(o for node in model.graph for o in node.outputs)]
+    for value in values:
+        if value.shape is not None and any(
+            isinstance(d, ir.SymbolicDim) and d.value in names for d in value.shape
+        ):
+            value.shape = ir.Shape(
+                [
+                    names[d.value] if isinstance(d, ir.SymbolicDim) and d.value in names else d
+                    for d in value.shape
+                ]
+            )
 
 
 def export_torchscript(
