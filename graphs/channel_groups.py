@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -715,13 +716,16 @@ def _unit_spatial(shape: ir.Shape | None) -> bool:
     return shape is not None and len(shape) >= 2 and all(d == 1 for d in list(shape)[2:])
 
 
-def unshare_initializers(model: ir.Model) -> int:
-    """Give every extra use of a shared multi-element initializer its own copy; returns how many.
+def unshare_initializers(model: ir.Model) -> list[tuple[str, str]]:
+    """Give every extra use of a shared multi-element initializer its own copy.
+
+    Returns (copy, original) name pairs, for :func:`merge_equal_copies` after the cut.
 
     Deduplication merges equal constants (zero biases, the untouched BatchNorm parameters of
     ``keras.applications(weights=None)``), and a shared constant blocks its group: cutting it
-    for one layer would cut it for the others. Copies compute the same thing; run
-    ``DeduplicateInitializersPass`` after the cut to merge what is still equal.
+    for one layer would cut it for the others. Copies compute the same thing; the ones still
+    equal after the cut are merged back (a tied embedding read by a Gather and, through a
+    Transpose, by the LM head: GPT-2 would otherwise ship its largest table twice).
 
     A weight shared by layers (the weight input of two Conv/Gemm/MatMul nodes: tied, or
     equal and merged by dedup) stays one tensor and its groups stay blocked: each copy would
@@ -729,7 +733,7 @@ def unshare_initializers(model: ir.Model) -> int:
     constant-filled expand weights dedup merges: +22.6% parameters at ratio 0.3).
     """
     graph = model.graph
-    copies = 0
+    copies: list[tuple[str, str]] = []
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
         uses = list(value.uses())
@@ -749,8 +753,39 @@ def unshare_initializers(model: ir.Model) -> int:
             )
             graph.register_initializer(copy)
             node.replace_input_with(index, copy)
-            copies += 1
+            copies.append((fresh, name))
     return copies
+
+
+def merge_equal_copies(model: ir.Model, copies: Sequence[tuple[str, str]]) -> int:
+    """Merge each copy back into its original, or an earlier copy, that it still equals.
+
+    Returns how many copies were merged.
+    """
+    graph = model.graph
+    kept: dict[str, list[ir.Value]] = {}  # per original: the tensors left standing
+    merged = 0
+    for fresh, name in copies:
+        copy = graph.initializers.get(fresh)
+        if copy is None or copy.const_value is None:
+            continue
+        standing = kept.setdefault(name, [v for v in [graph.initializers.get(name)] if v])
+        target = next((v for v in standing if _equal_constants(v, copy)), None)
+        if target is None:
+            standing.append(copy)
+            continue
+        for node, index in list(copy.uses()):
+            node.replace_input_with(index, target)
+        del graph.initializers[fresh]
+        merged += 1
+    return merged
+
+
+def _equal_constants(a: ir.Value, b: ir.Value) -> bool:
+    x, y = a.const_value, b.const_value
+    if x is None or y is None or x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    return bool(np.array_equal(x.numpy(), y.numpy()))
 
 
 def _is_weight_use(node: ir.Node, index: int) -> bool:

@@ -216,8 +216,10 @@ def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> ir.Model:
         # IndexError: ORT's gpt2 postprocess reads the bias of every Gemm (a bias-free one fails)
         raise PassError(
             f"onnxruntime.transformers.optimizer ({cfg.transformer}) failed on this graph: "
-            f"{type(e).__name__}: {e}. Check --transformer, --num-heads and --hidden-size, or "
-            "leave --transformer out (the other cleanup passes still run)."
+            f"{type(e).__name__}: {e}. ORT's fusion scripts match the graphs its own export "
+            "scripts write, and some exports (dynamo's GPT-2) do not fit them. Check "
+            "--transformer, --num-heads and --hidden-size, or leave --transformer out (the "
+            "other cleanup passes still run)."
         ) from e
     fused: dict[str, Any] = optimized.get_fused_operator_statistics()
     logger.info("transformer fusions: %s", {k: v for k, v in fused.items() if v})

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 from pydantic import Field, field_validator
 
 from onnxpipe.graphs.base import (
@@ -33,6 +32,7 @@ from onnxpipe.graphs.channel_groups import (
     Part,
     ShapeEdit,
     find_groups,
+    merge_equal_copies,
     reduce_axes,
     static_dim,
     unshare_initializers,
@@ -154,8 +154,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
             apply_cut(group, keep)
             changes[group.key] = [group.channels, keep_n]
             logger.debug("group %s: %d -> %d channels", group.key, group.channels, keep_n)
-        if unshared:  # merge the copies that are still equal
-            common.DeduplicateInitializersPass()(model)
+        merge_equal_copies(model, unshared)
         after = parameter_count(model)
         if changes:
             logger.info("pruned %d channel groups: %d -> %d params", len(changes), before, after)

@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,33 @@ def refuse_float16(model: ir.Model, pass_name: str) -> None:
                 f"{pass_name}: the model already holds float16 weights ({value.name!r}). "
                 "Start from the float32 bundle."
             )
+
+
+# ORT's CPU fusions (optimize --level extended/all): Conv/Gemm with their activation, and the
+# NCHWc-layout kernels. Quantizers and pruning passes look for Conv/Gemm/MatMul and would pass
+# these by silently (static int8: the convs stay float) or fail inside ORT (NCHWc reorders).
+_CPU_FUSED = frozenset({"FusedConv", "FusedGemm"})
+
+
+def refuse_cpu_fused(model: ir.Model, pass_name: str, verb: str) -> None:
+    """Raise :class:`PassError` when ``model`` holds ORT's CPU-fused or NCHWc ops.
+
+    ``verb`` names what to do first ("Quantize", "Prune").
+    """
+    found = Counter(
+        f"{node.domain}:{node.op_type}"
+        for node in model.graph.all_nodes()
+        if node.domain == "com.microsoft.nchwc"
+        or (node.domain == "com.microsoft" and node.op_type in _CPU_FUSED)
+    )
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        raise PassError(
+            f"{pass_name}: the model holds ONNX Runtime's CPU-fused ops ({ops}) from optimize "
+            f"--level extended or all, which {pass_name.split()[0]} cannot see through. {verb} "
+            "the bundle this one was optimized from, then optimize the result (or optimize at "
+            "--level basic)."
+        )
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -109,6 +109,7 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
         model = copy_model(model)
         if "Gemm" not in op_types:
             _gemm_as_matmul(model, set(nodes))
+        folded = _fold_weight_transposes(model, set(nodes))
         proto, skipped = to_proto(model), None
         if cfg.embeddings and "Gather" not in op_types and _tables(model, set(nodes)):
             proto, skipped = _at_opset_21(proto)
@@ -139,6 +140,7 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
             "rounding": "gptq" if gptq else "nearest",
             "gptq_rounded_nodes": len(rounded),
             "embedding_tables": tables,
+            **({"transposed_weights_folded": folded} if folded else {}),
             **({"embeddings_skipped": skipped} if skipped else {}),
             "block_size": cfg.block_size,
         }
@@ -281,6 +283,41 @@ def _gemm_as_matmul(model: ir.Model, keep: set[str]) -> None:
         name = old.name
         model.graph.remove(node, safe=True)
         result.name = name
+
+
+def _fold_weight_transposes(model: ir.Model, keep: set[str]) -> int:
+    """Give MatMuls that read ``Transpose(constant)`` a transposed constant; returns how many.
+
+    A tied LM head (GPT-2: logits = h @ wte.T) reads the embedding table through a
+    Transpose, which ORT's 4-bit quantizer does not look through: the head stayed float, the
+    largest weight of the model, next to the table's 4-bit copy. Its own transposed copy is
+    quantized like any MatMul weight. Nodes named in ``keep`` stay.
+    """
+    folded = 0
+    for node in list(model.graph):
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        producer = weight.producer() if weight is not None else None
+        if producer is None or producer.op_type != "Transpose" or node.name in keep:
+            continue
+        source = producer.inputs[0]
+        perm = producer.attributes["perm"].value if "perm" in producer.attributes else None
+        if source is None or list(perm or (1, 0)) != [1, 0]:
+            continue
+        tensor = source.const_value
+        if tensor is None or len(tensor.shape) != 2:
+            continue
+        array = np.ascontiguousarray(tensor.numpy().T)
+        name = f"{source.name}.T"
+        while name in model.graph.initializers:
+            name += "_"
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=source.type,
+                         const_value=ir.tensor(array, name=name))  # fmt: skip
+        model.graph.register_initializer(value)
+        node.replace_input_with(1, value)
+        if not producer.outputs[0].uses() and not producer.outputs[0].is_graph_output():
+            model.graph.remove(producer, safe=True)
+        folded += 1
+    return folded
 
 
 def _tables(model: ir.Model, keep: set[str]) -> int:

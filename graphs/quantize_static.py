@@ -177,6 +177,15 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         if not self.calibration and not cached:
             raise PassError(f"{self.name}: static quantization needs calibration data (--calib).")
         nodes, op_types = split_exclude(model, cfg.exclude, self.name)
+        # ORT gives a quantized Softmax output the fixed scale 1/256: probabilities under
+        # 0.002 become 0 (most of a 1000-class output). A final Softmax costs nothing in float.
+        final_softmax = [
+            n.name
+            for n in model.graph
+            if n.op_type == "Softmax" and n.name and n.name not in nodes
+            and any(o.is_graph_output() for o in n.outputs)
+        ]  # fmt: skip
+        nodes = [*nodes, *final_softmax]
         activation = resolve_activation_type(cfg.activation_type)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         extra: dict[str, Any] = {"CalibPercentile": cfg.percentile}
@@ -214,8 +223,9 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             "activation_type": activation,
             "weight_type": "int8",
             "vnni": has_vnni(),
-            "excluded_nodes": nodes,
+            "excluded_nodes": [n for n in nodes if n not in final_softmax],
             "excluded_op_types": sorted(op_types),
+            **({"float_output_softmax": final_softmax} if final_softmax else {}),
             "quantize_nodes": quant,
             "saturation_safe_weights": safe,
             "rounding": cfg.rounding,

@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxpipe import __version__
-from onnxpipe.errors import InputError, OnnxPipeError, invalid_settings
+from onnxpipe.errors import GateFailed, InputError, OnnxPipeError, invalid_settings
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
@@ -649,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     previous = _terminate_cleanly()
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -658,6 +659,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxPipeError as e:
         if debug:
             traceback.print_exc()
+        if isinstance(e, GateFailed) and args is not None and getattr(args, "json", False):
+            # a script reading --json gets the numbers too, not empty input
+            record = e.report or {"error": str(e), "metrics": e.metrics}
+            _emit(args, {"status": "gate_failed", **record}, [])
         label = {1: "gate failed", 2: "error"}.get(e.exit_code, "internal error")
         err.print(
             f"[bold red]onnxpipe: {label}:[/bold red] {escape(str(e))}",

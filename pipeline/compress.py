@@ -34,7 +34,7 @@ from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, nchwc_block
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
-from onnxpipe.graphs.quant_utils import refuse_quantized
+from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_quantized
 from onnxpipe.progress import report
 from onnxpipe.transform import TransformContext, derive_bundle
 
@@ -108,6 +108,7 @@ def prune_bundle(
             f"prune --method {settings.method}",
             "Prune the float bundle this one was derived from, then quantize the result.",
         )
+        refuse_cpu_fused(model, f"prune --method {settings.method}", "Prune")
         metrics: dict[str, Any] = {"params_before": parameter_count(model)}
         metrics["zipped_bytes_before"] = zipped_size(model)
         if settings.cleanup:
@@ -178,7 +179,9 @@ def _channels(
     if not gates:
         pruned, metrics = build(None)
         return pruned, {"pass": metrics, "criterion": criterion}
-    units = [g.key for g in groups]
+    # A layer whose kept count rounds up to all its channels at this ratio has nothing to cut:
+    # measured, it would show "damage 0" as if it were free.
+    units = [g.key for g in groups if probe.keep_count(g.channels, settings.ratio) < g.channels]
     collect = (lambda feeds: collect_inputs(model, groups, feeds)) if real_data else None
     return _gated_search(units, settings.ratio, build, ctx, gates, criterion, collect)
 

@@ -37,9 +37,15 @@ class GateFailed(OnnxPipeError):
 
     exit_code = 1
 
-    def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        metrics: dict[str, Any] | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.metrics = metrics or {}
+        self.report = report  # what ``<out>.failed.json`` holds, once written
 
 
 def invalid_settings(what: str, error: ValueError) -> InputError:

@@ -1,12 +1,15 @@
 """The accuracy gate shared by every optimization step: ``--gate top1>=0.98`` and friends.
 
 A gate compares a candidate model's outputs with its reference's (the step's input model) on
-the same eval feeds. Metrics, all on the first output unless said otherwise:
+the same eval feeds. Metrics:
 
-- ``top1``: share of samples whose argmax agrees (classifiers: 2-D outputs).
-- ``cosine``: mean over samples of the cosine between flattened per-sample outputs.
+- ``cosine``: mean over samples of the cosine between flattened per-sample outputs, for the
+  worst output (a detector's box head counts as much as its class scores); ``cosine_min``
+  is the lowest single sample of any output.
 - ``max_abs``: largest absolute difference over every output.
-- ``kl``: mean KL(softmax(reference) || softmax(candidate)) per sample (classifiers).
+- ``top1``: share of samples whose argmax agrees, on the first output (class scores,
+  ``[batch, classes]``).
+- ``kl``: mean KL(softmax(reference) || softmax(candidate)) per sample, first output.
 """
 
 from __future__ import annotations
@@ -108,51 +111,68 @@ def gate_metrics(
     """
     # Per-sample numbers are computed batch by batch: eval batches may differ in shape
     # (other sequence lengths), so raw outputs cannot be concatenated.
-    cosines: list[np.ndarray] = []
+    count = len(reference[0]) if reference else 0
+    cosines: list[list[np.ndarray]] = [[] for _ in range(count)]
     agree: list[np.ndarray] = []
     kls: list[np.ndarray] = []
     for index, (ref_out, got_out) in enumerate(zip(reference, candidate, strict=True)):
-        ref, got = ref_out[0].astype(np.float64), got_out[0].astype(np.float64)
-        if ref.ndim == 0:  # a scalar output: one sample of one value
-            ref, got = ref.reshape(1), got.reshape(1)
-        if ref.shape != got.shape:
-            raise ValueError(f"output shapes differ: {ref.shape} vs {got.shape}")
         mask = masks[index] if masks else None
-        if mask is not None and ref.ndim >= 3 and np.shape(mask) == ref.shape[:2]:
-            keep = np.asarray(mask).reshape(ref.shape[:2] + (1,) * (ref.ndim - 2))
-            ref, got = ref * keep, got * keep
-        flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
-        ref_norm, got_norm = np.linalg.norm(flat_ref, axis=1), np.linalg.norm(flat_got, axis=1)
-        norms = ref_norm * got_norm
-        # a zero output agrees only with a zero reference (an all-zero fp16 underflow must fail)
-        both_zero = np.where((ref_norm == 0) & (got_norm == 0), 1.0, 0.0)
-        cosines.append(
-            np.where(norms > 0, (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300), both_zero)
-        )
-        if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
-            ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])
-        if ref.ndim == 2 and ref.shape[1] > 1:
-            agree.append(ref.argmax(1) == got.argmax(1))
-            p, q = _softmax(ref), _softmax(got)
-            kls.append((p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12)))).sum(1))
-    all_cosines = np.concatenate(cosines)
+        for j, (ref_j, got_j) in enumerate(zip(ref_out, got_out, strict=True)):
+            ref, got = _per_sample(ref_j, got_j, mask)
+            flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+            ref_norm = np.linalg.norm(flat_ref, axis=1)
+            got_norm = np.linalg.norm(flat_got, axis=1)
+            norms = ref_norm * got_norm
+            # a zero output agrees only with a zero reference (an all-zero fp16 underflow fails)
+            both_zero = np.where((ref_norm == 0) & (got_norm == 0), 1.0, 0.0)
+            products = (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300)
+            cosines[j].append(np.where(norms > 0, products, both_zero))
+            if j:
+                continue
+            if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
+                ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])
+            if ref.ndim == 2 and ref.shape[1] > 1:
+                agree.append(ref.argmax(1) == got.argmax(1))
+                p, q = _softmax(ref), _softmax(got)
+                log_ratio = np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))
+                kls.append((p * log_ratio).sum(1))
+    per_output = [np.concatenate(c) for c in cosines]
     max_abs = max(
         float(np.max(np.abs(r.astype(np.float64) - c.astype(np.float64)))) if r.size else 0.0
         for ref, got in zip(reference, candidate, strict=True)
         for r, c in zip(ref, got, strict=True)
     )
     metrics: dict[str, Any] = {
-        "samples": len(all_cosines),
-        "cosine": float(all_cosines.mean()),
-        "cosine_min": float(all_cosines.min()),
+        "samples": len(per_output[0]),
+        "cosine": min(float(c.mean()) for c in per_output),
+        "cosine_min": min(float(c.min()) for c in per_output),
         "max_abs": max_abs,
         "top1": None,
         "kl": None,
     }
-    if agree and len(agree) == len(cosines):
+    if agree and len(agree) == len(cosines[0]):
         metrics["top1"] = float(np.concatenate(agree).mean())
         metrics["kl"] = float(np.concatenate(kls).mean())
     return metrics
+
+
+def _per_sample(
+    ref_out: np.ndarray, got_out: np.ndarray, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One output of both models in float64 with samples on axis 0, padding masked out.
+
+    Raises:
+        ValueError: the two outputs differ in shape.
+    """
+    ref, got = ref_out.astype(np.float64), got_out.astype(np.float64)
+    if ref.ndim == 0:  # a scalar output: one sample of one value
+        ref, got = ref.reshape(1), got.reshape(1)
+    if ref.shape != got.shape:
+        raise ValueError(f"output shapes differ: {ref.shape} vs {got.shape}")
+    if mask is not None and ref.ndim >= 3 and np.shape(mask) == ref.shape[:2]:
+        keep = np.asarray(mask).reshape(ref.shape[:2] + (1,) * (ref.ndim - 2))
+        ref, got = ref * keep, got * keep
+    return ref, got
 
 
 def check_applicable(gates: Sequence[Gate], reference: Sequence[Outputs]) -> None:

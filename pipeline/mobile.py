@@ -331,14 +331,13 @@ def package_mobile(
                     f"{validation['reason']} (max abs {parity['max_abs_diff']})."
                 )
                 config = {"target": "mobile", "fixed_shapes": fixed, "level": level}
-                report = write_failure_report(
-                    out,
-                    {"failed_step": "package", "error": message, "config": config,
-                     "metrics": {"parity": parity}},
-                )  # fmt: skip
+                record = {"failed_step": "package", "error": message, "config": config,
+                          "metrics": {"parity": parity}}  # fmt: skip
+                report = write_failure_report(out, record)
                 raise GateFailed(
                     f"{message} Nothing was written at {out}; numbers: {report}",
                     metrics={"parity": parity},
+                    report=record,
                 )
             analysis = partitions(source)
             # the bundle's input specs, less those --fixed-shape fixed

@@ -205,6 +205,8 @@ def auto_static(
     chosen = min(chosen_pool, key=lambda i: latency[i])
     rows[chosen]["chosen"] = True
     logger.info("auto: chose %s", rows[chosen]["config"])
+    if fallback:  # the float nodes of the model shipped (or whose numbers a failure shows)
+        fallback["kept_float_nodes"] = rows[chosen].get("float_nodes", [])
     result, refined = models[chosen][0], dict[str, Any]()
     if settings.empirical_bias:
         result, refined = _refine(model, ctx, calib, gates, rows[chosen], result)
@@ -293,20 +295,18 @@ def _float_fallback(
         logger.debug("sensitivity %s: %.5f", unit, damage[unit])
     report("profiling float and int8 kernel times")
     order, costs = _cost_order(model, ctx, units, damage, (ref_path, int8_path))
-    tried: dict[int, list[str]] = {}
 
     def passes(count: int) -> bool:
-        tried[count] = [name for unit in order[:count] for name in unit]
-        trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(tried[count])})
+        names = [name for unit in order[:count] for name in unit]
+        trial = cfg.model_copy(update={"exclude": tuple(cfg.exclude) + tuple(names)})
         return bool(attempt(trial, f"{describe(cfg)} + {count} units in float")["passed"])
 
-    found = fewest_passing(max(1, int(len(order) * MAX_FLOAT_SHARE)), passes)
-    kept = tried[found if found is not None else max(tried)]
+    fewest_passing(max(1, int(len(order) * MAX_FLOAT_SHARE)), passes)
     ranked = [
         {"nodes": list(u), "damage": round(damage[u], 6), "cost_ms": costs.get(u)}
         for u in order[:15]
     ]
-    return {"sensitivity": ranked, "kept_float_nodes": kept, "sensitivity_samples": _n(sens_feeds)}
+    return {"sensitivity": ranked, "sensitivity_samples": _n(sens_feeds)}
 
 
 def fewest_passing(limit: int, passes: Callable[[int], bool]) -> int | None:

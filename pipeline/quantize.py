@@ -20,7 +20,7 @@ from onnxpipe.data import Feeds, load_data
 from onnxpipe.errors import PassError, invalid_settings
 from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
-from onnxpipe.graphs.quant_utils import refuse_float16, refuse_quantized
+from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_float16, refuse_quantized
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 from onnxpipe.transform import TransformContext, derive_bundle
 
@@ -116,6 +116,7 @@ def quantize_bundle(
     def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
         refuse_quantized(model, f"quantize --mode {settings.mode}")
         refuse_float16(model, f"quantize --mode {settings.mode}")
+        refuse_cpu_fused(model, f"quantize --mode {settings.mode}", "Quantize")
         result, metrics = _quantize(model, ctx, settings, gates, eval_data is not None)
         check_cpu_kernels(ctx.save(result, "ep-check"), ctx)
         return result, metrics

@@ -134,16 +134,14 @@ def run_steps(
                     f", after {', '.join(done)}" if done else ""
                 )
                 if isinstance(e, GateFailed):
-                    report = write_failure_report(
-                        out,
-                        {
-                            **work.manifest,
-                            "failed_step": step.name,
-                            "error": str(e),
-                            "metrics": e.metrics,
-                        },
-                    )
-                    raise GateFailed(f"{where}: {e} Numbers: {report}", e.metrics) from e
+                    record = {
+                        **work.manifest,
+                        "failed_step": step.name,
+                        "error": str(e),
+                        "metrics": e.metrics,
+                    }
+                    report = write_failure_report(out, record)
+                    raise GateFailed(f"{where}: {e} Numbers: {report}", e.metrics, record) from e
                 raise type(e)(f"{where}: {e}") from e
             done.append(step.name)
         if progress:

@@ -33,7 +33,7 @@ from onnxpipe.bundle import (
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import Feeds, load_data, parity_feeds
-from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.errors import GateFailed, InputError, PassError
 from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
 from onnxpipe.modelio import MODEL_FILE, random_outputs, save_model
 from onnxpipe.recipe import finalize
@@ -186,18 +186,20 @@ def derive_bundle(
                 _require_valid(work.manifest["validation"]["cpu"], step_name)
                 work.manifest["bench"] = metrics.pop("_bench_after")
                 result = finalize(work)
+        except PassError as e:  # the step refused this model: say which bundle holds it
+            raise PassError(f"{bundle / MODEL_FILE}: {e}") from e
         except GateFailed as e:
             numbers = metrics or e.metrics
-            report = write_failure_report(
-                out,
-                {
-                    "failed_step": step_name,
-                    "error": str(e),
-                    "config": step_config.model_dump(mode="json"),
-                    "metrics": numbers,
-                },
-            )
-            raise GateFailed(f"{e} Nothing was written at {out}; numbers: {report}", numbers) from e
+            record = {
+                "failed_step": step_name,
+                "error": str(e),
+                "config": step_config.model_dump(mode="json"),
+                "metrics": numbers,
+            }
+            report = write_failure_report(out, record)
+            raise GateFailed(
+                f"{e} Nothing was written at {out}; numbers: {report}", numbers, record
+            ) from e
     return result
 
 

@@ -109,3 +109,18 @@ def test_eval_batches_of_different_sequence_lengths():
     metrics = gate_metrics(ref, got, masks)
     assert metrics["samples"] == 5 and metrics["cosine"] == pytest.approx(1.0)
     assert metrics["top1"] is None
+
+
+def test_cosine_holds_on_every_output():
+    """A detector's box head counts as much as its class scores: the worst output decides."""
+    rng = np.random.default_rng(0)
+    scores, boxes = rng.standard_normal((6, 10)), rng.standard_normal((6, 4))
+    damaged = boxes.copy()
+    damaged[:, 0] = -damaged[:, 0]  # one coordinate flipped: the box head is off
+    metrics = gate_metrics([[scores, boxes]], [[scores, damaged]])
+    per_sample = (boxes * damaged).sum(1) / (np.linalg.norm(boxes, axis=1) ** 2)
+    assert metrics["cosine"] == pytest.approx(per_sample.mean())
+    assert metrics["cosine_min"] == pytest.approx(per_sample.min())
+    assert metrics["top1"] == 1.0  # the class scores are untouched
+    with pytest.raises(GateFailed, match="cosine"):
+        enforce([Gate.parse("cosine>=0.99")], metrics, "prune")

@@ -1229,3 +1229,46 @@ def test_upsampling_passes_channels_on():
     array[:, np.setdiff1d(np.arange(16), keep)] = 0
     weight.const_value = ir.tensor(array, name="w1")
     assert_close(ort_run(masked, {"x": X}), model, {"x": X}, atol=1e-4)
+
+
+def test_a_tied_embedding_stays_one_tensor(tmp_path):
+    """GPT-2's table is read by a Gather and, transposed, by the LM head: it is not copied."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((100, 16)).astype(np.float32)  # over dedup's 1024 elements
+    w1 = rng.standard_normal((16, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 16)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["b"]),
+        helper.make_node("Transpose", ["table"], ["head"], perm=[1, 0]),
+        helper.make_node("MatMul", ["b", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5, 100])],
+        [numpy_helper.from_array(a, n) for a, n in ((table, "table"), (w1, "w1"), (w2, "w2"))],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    pruned = PruneChannelsPass(ratio=0.5, multiple_of=8)(model).model
+    shapes = sorted(tuple(v.shape) for v in pruned.graph.initializers.values())
+    assert shapes == [(16, 32), (32, 16), (100, 16)]  # one table, the hidden layer halved
+
+
+def test_gated_search_measures_only_layers_the_ratio_cuts(cli, cnn_bundle, tmp_path):
+    """At 0.3 with multiples of 8, 16 and 24 channels stay whole: no "damage 0" rows for them."""
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype("f4"))
+    code, stdout, err = cli(
+        "prune", cnn_bundle, "-o", tmp_path / "p", "--method", "channels", "--ratio", "0.3",
+        "--multiple-of", "8", "--eval", data, "--gate", "cosine>=0.5", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(stdout)["steps"][-1]["metrics"]["search"]["sensitivity"]
+    channels = {g.key: g.channels for g in find_groups(ir.load(cnn_bundle / "model.onnx"))}
+    assert rows and all(channels[r["layer"]] == 32 for r in rows)

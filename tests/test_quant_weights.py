@@ -180,3 +180,28 @@ def test_integer_limits_follow_the_saturation_safe_layout():
     assert integer_limits(depthwise, (8, 1, 3, 3), True, False) == ((-127, 127), False)
     assert integer_limits(spatial, (4, 8, 3, 3), False, False) == ((-127, 127), False)
     assert integer_limits(pointwise, (4, 8, 1, 1), True, True) == ((-64, 64), False)
+
+
+def test_a_final_softmax_stays_float():
+    """ORT's fixed 1/256 softmax scale zeroes a 1000-class model's small probabilities."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((1000, 32)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc", transB=1),
+            helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["n", 1000])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((16, 32)).astype(np.float32)
+    q = QuantizeStaticPass(calibration=[{"x": x}], empirical_bias=False)
+    result = q(model).model
+    assert q.metrics["float_output_softmax"] == ["softmax"]
+    assert next(n for n in result.graph if n.op_type == "Softmax").outputs[0].is_graph_output()
+    got, want = ort_run(result, {"x": x})[0], ort_run(model, {"x": x})[0]
+    assert (got > 0).all()  # every class keeps its probability
+    assert np.abs(got - want).max() < 2e-4

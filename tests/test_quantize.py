@@ -175,11 +175,15 @@ def test_image_directory_calibration(cli, cnn, tmp_path):
 
 def test_gate_failure_exits_1_and_writes_no_bundle(cli, cnn, cnn_data, tmp_path):
     out = tmp_path / "q"
-    code, _, err = cli("quantize", cnn, "-o", out, "--mode", "static",
-                       "--calib", cnn_data / "calib.npz", "--gate", "max_abs<=1e-9")  # fmt: skip
+    calib = cnn_data / "calib.npz"
+    code, stdout, err = cli("quantize", cnn, "-o", out, "--mode", "static", "--json",
+                            "--calib", calib, "--gate", "max_abs<=1e-9")  # fmt: skip
     assert code == 1, err
     assert "max_abs" in err and not out.exists()
     assert (tmp_path / "q.failed.json").exists()
+    printed = json.loads(stdout)  # --json: the numbers on stdout too, for scripts
+    assert printed.pop("status") == "gate_failed"
+    assert printed == json.loads((tmp_path / "q.failed.json").read_text())
 
 
 def test_auto_reports_its_progress_candidate_by_candidate(cnn, cnn_data, tmp_path):
@@ -190,8 +194,11 @@ def test_auto_reports_its_progress_candidate_by_candidate(cnn, cnn_data, tmp_pat
     seen: list[tuple[str, int | None, int | None]] = []
     settings = settings_from(mode="static", calib=str(cnn_data / "calib.npz"), auto=True,
                              gates=("max_abs<=1e-9",))  # fmt: skip
-    with reporting(lambda *a: seen.append(a)), pytest.raises(GateFailed):
+    with reporting(lambda *a: seen.append(a)), pytest.raises(GateFailed) as failed:
         quantize_bundle(cnn, tmp_path / "q", settings, str(cnn_data / "eval.npz"))
+    auto = failed.value.metrics["auto"]  # the float nodes of the candidate whose numbers show
+    chosen = next(r for r in auto["candidates"] if r.get("chosen"))
+    assert auto["kept_float_nodes"] == chosen.get("float_nodes", [])
     texts = [t for t, _, _ in seen]
     assert texts[0].startswith("candidate 1: qdq")
     counted = [(d, n) for t, d, n in seen if t.startswith("sensitivity of")]
@@ -247,6 +254,39 @@ def test_int4_rewrites_a_gemm_classifier_head_too():
     assert [o.name for o in result.graph.outputs] == ["y"]
     got = ort_run(result, {"x": x})[0]
     want = x @ w.T + b  # 4-bit weights, int8 activations: close, not exact
+    cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cosine > 0.99, cosine
+
+
+def test_int4_quantizes_a_tied_head_read_through_a_transpose():
+    """GPT-2's logits = h @ wte.T: the head becomes MatMulNBits, no float table is left."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((100, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]),
+         helper.make_node("Transpose", ["table"], ["head"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5, 100])],
+        [numpy_helper.from_array(table, "table")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    graph_pass = QuantizeInt4Pass()
+    result = graph_pass(model).model
+    ops = [n.op_type for n in result.graph]
+    assert "MatMulNBits" in ops and "Transpose" not in ops
+    floats = [v.name for v in result.graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
+    assert all(result.graph.initializers[n].const_value.size < 100 * 64 for n in floats)
+    assert graph_pass.metrics["transposed_weights_folded"] == 1
+    ids = rng.integers(0, 100, (3, 5))
+    got = ort_run(result, {"ids": ids})[0]
+    want = table[ids] @ table.T
     cosine = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
     assert cosine > 0.99, cosine
 
@@ -474,3 +514,19 @@ def test_pruning_a_quantized_bundle_says_prune_the_float_one(cli, mlp, tmp_path,
     assert code == 2, err
     assert "already quantized" in err and "Prune the float bundle" in err
     assert "Traceback" not in err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("level", ["extended", "all"])
+def test_ort_fused_cpu_ops_are_refused_by_quantize_and_prune(cli, cnn, cnn_data, tmp_path, level):
+    """FusedConv / NCHWc ops hide the convs: static int8 kept them float, NCHWc was exit 3."""
+    optimized = tmp_path / "opt"
+    assert cli("optimize", cnn, "-o", optimized, "--level", level)[0] == 0
+    steps = [
+        ("quantize", optimized, "-o", tmp_path / "q", "--mode", "static",
+         "--calib", cnn_data / "calib.npz"),
+        ("prune", optimized, "-o", tmp_path / "p", "--method", "channels", "--ratio", "0.5"),
+    ]  # fmt: skip
+    for args in steps:
+        code, _, err = cli(*args)
+        assert code == 2 and "CPU-fused ops" in err and "opt/model.onnx" in err, err
+        assert "optimized from, then optimize the result" in err
