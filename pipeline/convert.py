@@ -7,6 +7,7 @@ against the source framework at unseen shapes, and one that fails is not used.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -133,8 +134,7 @@ def convert(
             f"{source_name}: the ONNX model does not match {framework} "
             f"(max abs diff {parity['max_abs_diff']}, tolerance atol={atol} scaled by output "
             f"magnitude{'; ' + parity['errors'][0] if parity['errors'] else ''}). "
-            f"Tried: {_summary(tried)}. Nothing was written as a bundle. If that difference is "
-            "acceptable for this model (float16 weights, a different algorithm), raise --atol.",
+            f"Tried: {_summary(tried)}. Nothing was written as a bundle. {_parity_advice(parity)}",
             metrics={"parity": parity, "attempts": tried},
         )
     ops = sorted({op for t in tried for op in t.get("ops", [])})
@@ -162,6 +162,10 @@ def convert(
     )
 
 
+_PLACEHOLDER = re.compile(r"unk__\d+")
+"""tf2onnx's name for an output dim it could not infer."""
+
+
 def free_output_dims(
     model: ir.Model,
     samples: Sequence[tuple[dict[str, np.ndarray], list[np.ndarray]]],
@@ -172,8 +176,9 @@ def free_output_dims(
     The dynamo exporter declares an LSTM's output ``[batch, 3, hidden]`` when it traced a
     sequence of 3, though the model runs at any length (ORT then warns on every run). A dim
     whose size follows an input symbol in every sample gets that symbol's name; so does an
-    output dim the exporter named itself (tf2onnx's ``unk__82``). Returns a note naming the
-    changes to static dims, or None when every declared dim held.
+    output dim the exporter named itself (tf2onnx's ``unk__82``), and one of those that never
+    changed across the samples becomes its size. Returns a note naming the changes to static
+    dims, or None when every declared dim held.
     """
     changed = []
     symbols = {d for spec in specs for d in spec.shape if isinstance(d, str)}
@@ -185,6 +190,10 @@ def free_output_dims(
                 name = _symbol_for(axis, index, samples, specs) if len(seen) > 1 else None
                 if name is not None:  # an exporter's own name for an input's dim
                     dims[axis] = name
+                    value.shape = ir.Shape(dims)
+                elif len(seen) == 1 and _PLACEHOLDER.fullmatch(str(dim.value or "")):
+                    # tf2onnx's unk__443 for a dim that never changed (an attention's features)
+                    dims[axis] = seen.pop()
                     value.shape = ir.Shape(dims)
                 continue
             if not isinstance(dim, int) or seen <= {dim}:
@@ -252,9 +261,20 @@ def check_parity(
     generated = parity_feeds(result.inputs)
     user = load_data(data, result.inputs) if data else []
     try:
-        return _parity_on(
-            result, model_path, atol, generated + user, {id(f) for f in generated}, data
-        )
+        ort_refused: list[str] = []
+        parity, samples = _parity_on(
+            result, model_path, atol, generated + user, {id(f) for f in generated}, data,
+            ort_refused,
+        )  # fmt: skip
+        if user and ort_refused and len(ort_refused) == len(parity["errors"]):
+            # an image model at the 5x6 pixels generated for its free dims, say: the user's
+            # own inputs decide
+            logger.warning(
+                "parity on --data only: ONNX Runtime cannot run the generated samples (%s)",
+                ort_refused[0],
+            )
+            return _parity_on(result, model_path, atol, user, set(), data)
+        return parity, samples
     except _SourceRefused as e:
         if not user:
             specs = ", ".join(str(s) for s in result.inputs)
@@ -268,9 +288,38 @@ def check_parity(
         return _parity_on(result, model_path, atol, user, set(), data)
 
 
+def _parity_advice(parity: dict[str, Any]) -> str:
+    """What to do about a failed parity: a tolerance only helps when numbers differ."""
+    if not parity["errors"]:
+        return (
+            "If that difference is acceptable for this model (float16 weights, a different "
+            "algorithm), raise --atol."
+        )
+    return (
+        "That is not a tolerance question: the ONNX model gives other output shapes, or "
+        "ONNX Runtime cannot run it at some generated shapes (a Keras layer may trace "
+        "differently with unknown dims, as TimeDistributed over a None time axis does). Fix "
+        "those dims with --input at the sizes you deploy, or give --data at real sizes."
+    )
+
+
 def _first_line(error: BaseException, limit: int = 200) -> str:
-    """The first line of ``error``'s message, cut at a word boundary under ``limit``."""
-    line = (str(error).strip().splitlines() or [""])[0]
+    """The line of ``error``'s message that says what failed, cut under ``limit``.
+
+    The first line, except after TensorFlow's "Graph execution error:" and Keras's
+    "Exception encountered when calling X.call().", whose cause follows (``ConcatOp :
+    Dimension 1 in both shapes must be equal ...``), behind a traceback or a kernel name.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m|\{\{function_node [^}]*\}\}\s*", "", str(error))
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    if line.startswith(("Graph execution error", "Exception encountered when calling")):
+        causes = [
+            ln
+            for ln in lines[1:]
+            if not ln[0].isspace() and not ln.startswith(("Detected at node", "Arguments received"))
+        ]
+        line = f"{line.removesuffix(':')} {causes[0]}" if causes else line
     return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
@@ -285,7 +334,9 @@ def _parity_on(
     feeds_list: list[dict[str, np.ndarray]],
     generated: set[int],
     data: str | None = None,
+    ort_refused: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[dict[str, np.ndarray], list[np.ndarray]]]]:
+    """Parity on ``feeds_list``; ORT's failures on generated feeds are added to ``ort_refused``."""
     session = make_session(model_path, SessionOptions(ep="cpu"))
     names = [o.name for o in session.get_outputs()]
     samples: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
@@ -310,6 +361,9 @@ def _parity_on(
         try:
             return list(session.run(None, feeds))
         except ORT_ERRORS as e:
+            if ort_refused is not None and id(feeds) in generated:
+                shapes = {k: list(v.shape) for k, v in feeds.items()}
+                ort_refused.append(f"at {shapes}: {str(e).splitlines()[0][:200]}")
             raise RuntimeError(str(e).splitlines()[0]) from e
 
     random = random_outputs(model_path)

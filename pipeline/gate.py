@@ -196,12 +196,22 @@ def enforce(gates: Sequence[Gate], metrics: dict[str, Any], step: str) -> None:
     """Raise :class:`GateFailed` with the numbers when any gate is not met."""
     failed = [g for g in gates if not g.passes(metrics)]
     if failed:
-        shown = ", ".join(f"{g.metric}={_fmt(metrics.get(g.metric))} (needs {g})" for g in failed)
+        shown = ", ".join(
+            f"{g.metric}={_fmt(metrics.get(g.metric), g.value)} (needs {g.metric}{g.op}{g.value!r})"
+            for g in failed
+        )
         raise GateFailed(
             f"{step}: accuracy gate failed: {shown} on {metrics.get('samples')} eval samples.",
             metrics={"gate": [str(g) for g in gates], **metrics},
         )
 
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
+def _fmt(value: Any, other: Any = None) -> str:
+    """``value`` in 4 significant digits, or as many as it takes to differ from ``other``."""
+    if value is None:
+        return "n/a"
+    for digits in range(4, 16):
+        text = f"{value:.{digits}g}"
+        if other is None or text != f"{other:.{digits}g}":
+            return text
+    return f"{value:.16g}"

@@ -305,7 +305,17 @@ def package_mobile(
             for item in bundle.iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-            ort_path, config_path = to_ort_format(source, tmp / MOBILE_DIR, level)
+            try:
+                ort_path, config_path = to_ort_format(source, tmp / MOBILE_DIR, level)
+            except InputError as e:  # name the bundle, not the scratch copy
+                reason = str(e).removeprefix(f"{source}: ")
+                hint = (
+                    f" The model may not run at --fixed-shape {' '.join(fixed_shapes)}: give "
+                    "sizes it takes (those it was converted or validated at)."
+                    if fixed
+                    else ""
+                )
+                raise InputError(f"{bundle / MODEL_FILE}: {reason.rstrip('.')}.{hint}") from e
             feeds = _mobile_feeds(bundle, inputs, fixed)
             reference = make_session(source, SessionOptions(level=level))
             mobile = make_session(ort_path, SessionOptions())

@@ -467,3 +467,41 @@ def test_spec_names_partly_forwards_parameters_are_refused(cli, tmp_path):
         "--input", "key:float32[b,3]", "--input", "foo:float32[b,3]",
     )  # fmt: skip
     assert code == 2 and "partly forward's parameters" in err
+
+
+def test_parity_rests_on_data_when_ort_cannot_run_the_generated_sizes(tmp_path, caplog):
+    """An image model ORT cannot run at the 5x6 pixels generated for free dims, say."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpipe.convert import check_parity
+    from onnxpipe.converters.base import ConversionResult, InputSpec
+    from tests.helpers import ort_run
+
+    w = np.random.default_rng(0).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],  # 7x7 valid: needs 7 pixels or more
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "oh", "ow"])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    path = tmp_path / "model.onnx"
+    ir.save(model, path)
+
+    def framework(feeds):  # a framework that runs any size (zeros where the conv has none)
+        x = feeds["x"]
+        if min(x.shape[2:]) < 7:
+            return [np.zeros((len(x), 2, 0, 0), np.float32)]
+        return ort_run(model, feeds)
+
+    spec = InputSpec("x", "float32", ("batch", 3, "h", "w"))
+    result = ConversionResult(model, "onnx", "none", [spec], framework, "test framework")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype("f4"))
+    parity, _ = check_parity(result, path, 1e-4, str(data))
+    assert parity["passed"] and parity["samples"] == 4
+    assert "ONNX Runtime cannot run the generated samples" in caplog.text
+    parity, _ = check_parity(result, path, 1e-4, None)  # without data: a failure, not advice
+    assert not parity["passed"] and parity["errors"]

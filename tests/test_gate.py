@@ -124,3 +124,8 @@ def test_cosine_holds_on_every_output():
     assert metrics["top1"] == 1.0  # the class scores are untouched
     with pytest.raises(GateFailed, match="cosine"):
         enforce([Gate.parse("cosine>=0.99")], metrics, "prune")
+
+
+def test_a_failed_gate_shows_enough_digits_to_see_the_miss():
+    with pytest.raises(GateFailed, match=r"cosine=0\.99998 \(needs cosine>=0\.9999999\)"):
+        enforce([Gate.parse("cosine>=0.9999999")], {"cosine": 0.99997868, "samples": 4}, "q")

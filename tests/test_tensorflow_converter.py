@@ -473,16 +473,106 @@ def test_input_specs_bind_by_name_in_any_order():
         convert(model, ConvertConfig(inputs=("b:float32[batch,4]", "c:float32[batch,4]")))
 
 
-def _converted_manifest(cli, tmp_path: Path, model_lines: str) -> dict:
-    """Convert ``def make(): <model_lines>`` from a file through the CLI; its manifest."""
+def _convert_lines(cli, tmp_path: Path, model_lines: str) -> tuple[int, str, Path]:
+    """Convert ``def make(): <model_lines>`` from a file through the CLI: (code, stderr, out)."""
     source = tmp_path / "km.py"
     lines = textwrap.dedent(model_lines).strip().splitlines()
     body = "".join(f"    {line}\n" for line in lines)
-    source.write_text(f"import keras\ndef make():\n{body}")
+    source.write_text(f"import keras\nimport tensorflow as tf\ndef make():\n{body}")
     out = tmp_path / "b"
     code, _, err = cli("convert", f"{source}:make", "-o", out, "--no-bench")
+    return code, err, out
+
+
+def _converted_manifest(cli, tmp_path: Path, model_lines: str) -> dict:
+    """Convert ``def make(): <model_lines>`` from a file through the CLI; its manifest."""
+    code, err, out = _convert_lines(cli, tmp_path, model_lines)
     assert code == 0, err
     return json.loads((out / "manifest.json").read_text())
+
+
+def test_parity_runs_the_keras_model_as_the_user_does(cli, tmp_path):
+    """TimeDistributed traced with a None time axis maps over the batch: eager Keras shows it."""
+    code, err, out = _convert_lines(
+        cli,
+        tmp_path,
+        """
+        x = keras.Input((None, 4))
+        return keras.Model(x, keras.layers.TimeDistributed(keras.layers.Dense(3))(x))
+        """,
+    )
+    assert code == 1 and "not a tolerance question" in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (  # a stateful RNN assigns its state when called: exit 3 before
+            """
+            x = keras.Input((10, 4), batch_size=2)
+            return keras.Model(x, keras.layers.LSTM(5, stateful=True)(x))
+            """,
+            "stateful=False",
+        ),
+        (  # Keras 3 lowers a float argmax through Bitcast
+            """
+            x = keras.Input((4,))
+            return keras.Model(x, keras.ops.argmax(keras.layers.Dense(5)(x), axis=-1))
+            """,
+            "use tf.math.argmax",
+        ),
+        (  # bilinear UpSampling2D cannot be traced with unknown height and width
+            """
+            x = keras.Input((None, None, 3))
+            up = keras.layers.UpSampling2D(2, interpolation="bilinear")
+            return keras.Model(x, up(keras.layers.Conv2D(4, 3, padding="same")(x)))
+            """,
+            "--input input:float32[batch,224,224,3]",
+        ),
+        (  # the real cause follows Keras's first line
+            """
+            x = keras.Input((None, None, 3))
+            a = keras.layers.Conv2D(4, 3, padding="same")(x)
+            b = keras.layers.Conv2D(8, 3, strides=2, padding="same")(a)
+            return keras.Model(x, keras.layers.Concatenate()([a, keras.layers.UpSampling2D(2)(b)]))
+            """,
+            "ConcatOp : Dimension 1 in both shapes must be equal",
+        ),
+    ],
+)
+def test_keras_models_onnx_cannot_hold_say_why(cli, tmp_path, lines, message):
+    code, err, out = _convert_lines(cli, tmp_path, lines)
+    assert code == 2 and message in err and not out.exists(), err
+    assert "Traceback" not in err
+
+
+def test_a_tf_function_taking_a_dict_converts_with_its_keys_as_names(tmp_path):
+    import tensorflow as tf
+
+    w = tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3))
+    spec = tf.TensorSpec([None, 4], tf.float32)
+
+    @tf.function(input_signature=[{"b": spec, "a": spec}])
+    def f(d):
+        return d["a"] @ w - 2.0 * (d["b"] @ w)
+
+    result = convert(f, ConvertConfig())
+    assert [s.name for s in result.inputs] == ["a", "b"]
+    a, b = np.ones((2, 4), np.float32), np.full((2, 4), 3, np.float32)
+    np.testing.assert_allclose(ort_run(result.model, {"a": a, "b": b})[0], a @ w - 2 * (b @ w))
+
+
+def test_an_output_dim_that_never_changes_is_its_size(cli, tmp_path):
+    """tf2onnx names MultiHeadAttention's feature dim unk__N; it is always 8."""
+    manifest = _converted_manifest(
+        cli,
+        tmp_path,
+        """
+        x = keras.Input((None, 8), name="x")
+        return keras.Model(x, keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(x, x))
+        """,
+    )
+    assert manifest["outputs"][0]["shape"] == ["batch", "x_dim1", 8]
 
 
 def test_small_vocab_keras_embedding_gets_ids_in_range(cli, tmp_path):
@@ -542,3 +632,32 @@ def test_output_dims_take_the_input_symbols_names(cli, tmp_path):
     )
     assert manifest["inputs"][0]["shape"] == ["batch", "x_dim1", 4]
     assert manifest["outputs"][0]["shape"] == ["batch", "x_dim1", 3]
+
+
+def test_package_at_a_size_the_model_cannot_take_names_the_bundle(cli, tmp_path):
+    """A U-Net needs even sizes: the error names the bundle and the --fixed-shape, no temp path."""
+    source = tmp_path / "unet.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import keras
+
+            def make():
+                x = keras.Input((None, None, 3))
+                a = keras.layers.Conv2D(4, 3, padding="same")(x)
+                b = keras.layers.Conv2D(8, 3, strides=2, padding="same")(a)
+                up = keras.layers.UpSampling2D(2)(b)
+                return keras.Model(x, keras.layers.Concatenate()([a, up]))
+            """
+        )
+    )
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((2, 16, 24, 3)).astype("f4"))
+    bundle = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", bundle, "--data", data, "--no-bench",
+                       "--input", "input:float32[batch,h,w,3]")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("package", bundle, "-o", tmp_path / "pk", "--target", "mobile",
+                       "--fixed-shape", "input:1,15,23,3")  # fmt: skip
+    assert code == 2 and f"{bundle / 'model.onnx'}:" in err and "input:1,15,23,3" in err
+    assert "onnxpipe-mobile-" not in err

@@ -110,7 +110,18 @@ def convert_traced(
     import tensorflow as tf
     import tf2onnx
 
-    graph_def, tf_inputs, tf_outputs = freeze(traced)
+    if not logging.getLogger("onnxpipe").isEnabledFor(logging.DEBUG):
+        # tf2onnx logs its failures with their tracebacks; the error below says what failed
+        logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)
+    try:
+        graph_def, tf_inputs, tf_outputs = freeze(traced)
+    except (ValueError, TypeError, tf.errors.OpError) as e:
+        raise ConversionError(
+            f"{where}: the model's variables cannot be frozen into constants "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). A model that updates its "
+            "variables when called (a stateful RNN, a layer that assigns in call) has no ONNX "
+            "form: rebuild it stateless (stateful=False) and feed the state as inputs."
+        ) from e
     rename = dict(zip(tf_inputs, onnx_names, strict=True))
     rename.update(zip(tf_outputs, traced.output_names, strict=True))
     as_nchw = [name for name, flag in zip(tf_inputs, nchw, strict=True) if flag]
@@ -140,13 +151,38 @@ def convert_traced(
         ) from e
     unsupported = unsupported_ops(proto.graph)
     if unsupported:
+        known = [_OP_ADVICE[op] for op in unsupported if op in _OP_ADVICE]
+        advice = (
+            " ".join(dict.fromkeys(known))
+            if known
+            else "Replace the layers that use them with other Keras layers, or try another "
+            f"--opset (<= {MAX_OPSET}); ops missing in tf2onnx cannot be exported to ONNX by "
+            "onnxpipe."
+        )
         raise ConversionError(
             f"{where}: tf2onnx cannot convert these TensorFlow op(s): "
-            f"{', '.join(unsupported)}. Replace the layers that use them with standard Keras "
-            "layers, or try another --opset (<= "
-            f"{MAX_OPSET}); ops missing in tf2onnx cannot be exported to ONNX by onnxpipe."
+            f"{', '.join(unsupported)}. {advice}"
         )
     return proto
+
+
+_LOOKUP = (
+    "Preprocessing layers with tables (StringLookup, IntegerLookup, Hashing, TextVectorization) "
+    "have no ONNX form here: run them outside the exported model (tf.data or the client) and "
+    "export from the first numeric layer."
+)
+_OP_ADVICE = {
+    "Bitcast": "Keras 3 computes keras.ops.argmax/argmin on floats through Bitcast (its -0.0 "
+    "test), which tf2onnx cannot convert: use tf.math.argmax in the model, or take the argmax "
+    "of the exported outputs.",
+    "Bucketize": "Discretization (Bucketize) has no ONNX form here: bucket the values outside "
+    "the exported model and export from the first numeric layer.",
+    **dict.fromkeys(
+        ("LookupTableFindV2", "LookupTableSizeV2", "HashTableV2", "MutableHashTableV2",
+         "StringToHashBucketFast", "StaticRegexReplace", "StringLower", "StringSplitV2"),
+        _LOOKUP,
+    ),
+}  # fmt: skip
 
 
 def unsupported_ops(graph: onnx.GraphProto) -> list[str]:

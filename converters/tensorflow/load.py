@@ -52,6 +52,8 @@ class TFSource:
             model, ``tf.function`` without an input signature).
         output_keys: the model's own output names, if it has them.
         keep: objects that must stay alive while ``call`` is used (a loaded SavedModel).
+        eager: ``call`` runs the model the way the user does (a Keras model, eagerly), which
+            can differ from its trace: the parity reference is then ``call``, not the trace.
     """
 
     where: str
@@ -59,6 +61,7 @@ class TFSource:
     inputs: list[Declared] | None
     output_keys: list[str] | None = None
     keep: list[Any] = field(default_factory=list)
+    eager: bool = False
 
 
 def import_tf() -> tuple[Any, Any]:
@@ -225,18 +228,40 @@ def _from_object(obj: Any, where: str, tf: Any, keras: Any) -> TFSource:
     if hasattr(obj, "get_concrete_function") and callable(obj):
         signature = getattr(obj, "input_signature", None)
         declared = None
+        call = obj
         if signature is not None:
             flat = tf.nest.flatten(signature)
             names = _arg_names(obj, len(flat))
+            if any(isinstance(arg, dict | list | tuple) for arg in signature):
+                # a dict (or nested) argument: inputs are its leaves, named by their keys
+                paths = _leaf_paths(signature)
+                names = [path.split("/")[-1] for path in paths]
+                if len(set(names)) != len(names):
+                    names = [path.replace("/", "_") for path in paths]
+
+                def call(*tensors: Any) -> Any:
+                    return obj(*tf.nest.pack_sequence_as(signature, list(tensors)))
+
             declared = [
                 (spec.name or names[i], spec.dtype.name, _dims(spec.shape))
                 for i, spec in enumerate(flat)
             ]
-        return TFSource(where, obj, declared)
+        return TFSource(where, call, declared)
     raise InputError(
         f"{where}: returned {type(obj).__module__}.{type(obj).__qualname__}, expected a "
         "keras.Model or a tf.function with an input_signature (or an nn.Module for PyTorch)."
     )
+
+
+def _leaf_paths(structure: Any, prefix: str = "") -> list[str]:
+    """``a/b`` paths of a nested structure's leaves, in ``tf.nest.flatten`` order."""
+    if isinstance(structure, dict):
+        items: list[tuple[str, Any]] = [(str(k), structure[k]) for k in sorted(structure)]
+    elif isinstance(structure, list | tuple):
+        items = [(str(i), v) for i, v in enumerate(structure)]
+    else:
+        return [prefix]
+    return [p for key, v in items for p in _leaf_paths(v, f"{prefix}/{key}" if prefix else key)]
 
 
 def _arg_names(fn: Any, count: int) -> list[str]:
@@ -286,7 +311,8 @@ def from_keras_model(model: Any, where: str) -> TFSource:
         return model(args, training=False)
 
     output_keys = getattr(model, "output_names", None)
-    return TFSource(where, call, declared, list(output_keys) if output_keys else None, [model])
+    outputs = list(output_keys) if output_keys else None
+    return TFSource(where, call, declared, outputs, [model], eager=True)
 
 
 def _clean_names(declared: list[Declared]) -> list[Declared]:

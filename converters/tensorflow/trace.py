@@ -103,6 +103,12 @@ def _declared_spec(src: TFSource, declared: tuple[str, str, Any]) -> InputSpec:
         raise InputError(
             f"{src.where}: input {name!r} has dtype {dtype}, which onnxpipe cannot feed. "
             f"Supported: {', '.join(DTYPES)}."
+            + (
+                " Move the string preprocessing (StringLookup, TextVectorization) out of the "
+                "model and export from the integer ids."
+                if dtype == "string"
+                else ""
+            )
         )
     stem = _NON_WORD.sub("_", name)
     dims: list[Dim] = [
@@ -148,10 +154,19 @@ def trace(src: TFSource, tf_specs: list[InputSpec]) -> Traced:
     try:
         concrete = function.get_concrete_function()
     except (ValueError, TypeError, tf.errors.OpError) as e:
+        free = [s for s in tf_specs if any(isinstance(d, str) for d in s.shape[1:])]
+        unknown = (
+            "; or the model cannot be traced with those dims unknown (bilinear UpSampling2D "
+            "cannot): fix them with --input, e.g. "
+            f"--input {free[0].name}:{free[0].dtype}[{','.join(_fixed(free[0].shape))}]"
+            if free
+            else ""
+        )
         raise InputError(
             f"{src.where}: TensorFlow rejected the inputs "
             f"{', '.join(str(s) for s in tf_specs)} while tracing ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:240]}). Check --input: count, dtype, rank and layout."
+            f"{str(e).splitlines()[0][:240]}). Check --input: count, dtype, rank and layout"
+            f"{unknown}."
         ) from e
     count = len(concrete.outputs)
     keys = seen.get("keys") or src.output_keys
@@ -162,10 +177,19 @@ def trace(src: TFSource, tf_specs: list[InputSpec]) -> Traced:
 
     def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
         tensors = [tf.convert_to_tensor(a, dtype=d) for a, d in zip(arrays, dtypes, strict=True)]
-        return [o.numpy() for o in function(*tensors)]
+        # A Keras model runs eagerly, as the user runs it: its trace with unknown dims can
+        # compute something else (Keras 3's TimeDistributed maps over the batch axis then),
+        # and a reference that is the converted trace itself would never show it.
+        outputs = flat_call(*tensors) if src.eager else function(*tensors)
+        return [np.asarray(o) for o in outputs]
 
     logger.debug("%s: traced %d input(s), outputs %s", src.where, len(tf_specs), names)
     return Traced(concrete, tf_specs, names, batched, run)
+
+
+def _fixed(shape: tuple[Dim, ...]) -> list[str]:
+    """``shape`` as an example spec: batch stays, other symbols become a typical size."""
+    return [str(d) if isinstance(d, int) or i == 0 else "224" for i, d in enumerate(shape)]
 
 
 def share_unknown_dims(
