@@ -141,6 +141,9 @@ class ConversionResult:
     reference_name: str
     fallback_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    alternate: Reference | None = None
+    """The source run another way it runs (TensorFlow's trace of an eager Keras model): how
+    much the two differ is the source's own noise, a floor for the parity tolerance."""
 
 
 def output_names_for(

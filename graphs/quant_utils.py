@@ -75,7 +75,8 @@ def refuse_float16(model: ir.Model, pass_name: str) -> None:
         if value.dtype == ir.DataType.FLOAT16:
             raise PassError(
                 f"{pass_name}: the model already holds float16 weights ({value.name!r}). "
-                "Start from the float32 bundle."
+                "Start from the float32 bundle (a Keras mixed_float16 model: convert it built "
+                "under the float32 policy)."
             )
 
 

@@ -36,6 +36,8 @@ class BenchConfig:
     runs: int = 50
     warmup: int = 5
     max_seconds: float = 60.0
+    sizes: tuple[tuple[str, int], ...] = ()
+    """Sizes of dynamic dims other than the batch (default 8): (symbol, size) pairs."""
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0 or any(b < 1 for b in self.batches):
@@ -56,6 +58,7 @@ def bench_model(
             is available here.
     """
     _check_batches(model, inputs, config.batches)
+    _check_sizes(model, inputs, config.sizes)
     missing: dict[str, str] = {}
     for ep in config.eps:  # before any timing: an EP this ORT build lacks is not benched
         try:
@@ -76,6 +79,7 @@ def bench_model(
                         "runs": config.runs,
                         "warmup": config.warmup,
                         "max_seconds": config.max_seconds,
+                        "sizes": dict(config.sizes),
                     }
                     records.append(_run_worker(request))
         except _Unavailable as e:  # listed by ORT, but its session fell back to CPU
@@ -132,6 +136,23 @@ def _check_batches(model: Path, inputs: Sequence[dict[str, Any]], batches: Seque
             f"({signature}). Bench at --batch {fixed}, or convert again with a symbolic batch "
             "dim (e.g. --input name:float32[batch,...])."
         )
+
+
+def _check_sizes(
+    model: Path, inputs: Sequence[dict[str, Any]], sizes: Sequence[tuple[str, int]]
+) -> None:
+    """InputError for a ``--size`` symbol the model's inputs do not have, or its batch."""
+    symbols = [d for s in inputs for d in s["shape"][1:] if isinstance(d, str)]
+    batch = {s["shape"][0] for s in inputs if s["shape"] and isinstance(s["shape"][0], str)}
+    for symbol, _ in sizes:
+        if symbol in batch:
+            raise InputError(f"--size {symbol}: that is the batch dim; set it with --batch.")
+        if symbol not in symbols:
+            known = ", ".join(dict.fromkeys(symbols)) or "none"
+            raise InputError(
+                f"{model}: --size {symbol}: no input has a dynamic dim of that name (the "
+                f"model's: {known})."
+            )
 
 
 def _run_worker(request: dict[str, Any]) -> dict[str, Any]:

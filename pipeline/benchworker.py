@@ -27,7 +27,12 @@ def run(request: dict) -> dict:
     # The batch sets the symbols on axis 0 only; a fixed-batch model keeps its batch and its
     # other symbols (sequence lengths) their usual size.
     batch_axes = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)}
-    sizes = {sym: (batch if sym in batch_axes else 8) for spec in specs for sym in spec.symbols}
+    given = request.get("sizes") or {}  # --size SYMBOL=N
+    sizes = {
+        sym: (batch if sym in batch_axes else int(given.get(sym, 8)))
+        for spec in specs
+        for sym in spec.symbols
+    }
     feeds = random_feeds(specs, sizes, seed=0)
     if request.get("feeds"):  # given inputs (e.g. a real sentence) instead of random ones
         with np.load(request["feeds"]) as given:

@@ -14,7 +14,7 @@ from onnxpipe.converters.base import InputSpec
 from onnxpipe.errors import GateFailed
 from onnxpipe.modelio import MODEL_FILE
 from onnxpipe.steps import raise_on_failed_validation
-from onnxpipe.validate import validate_bundle
+from onnxpipe.validate import source_tolerance, validate_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def validate_existing(
     manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
+    atol = source_tolerance(manifest, atol)
     results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol, require)
     manifest = update_manifest(bundle, lambda m: m.setdefault("validation", {}).update(results))
     _rewrite_card(bundle, manifest)

@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="SYMBOL=N",
+        help="size of a dynamic dim other than the batch (default 8), e.g. --size seq=128 "
+        "--size height=224",
+    )
     _common(p)
 
     p = sub.add_parser("package", help="package a bundle for a target (mobile: ORT format)")
@@ -464,11 +472,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=_ints(args.threads, "--threads"),
         runs=args.runs,
         warmup=args.warmup,
+        sizes=_symbol_sizes(args.size),
     )
     with err.status("benchmarking", spinner="dots") if not args.json else contextlib.nullcontext():
         records = bench_existing(args.bundle, config)
     _emit(args, records, [bench_table(records)])
     return 0
+
+
+def _symbol_sizes(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``--size SYMBOL=N`` flags as (symbol, size) pairs."""
+    pairs = []
+    for text in texts:
+        symbol, _, size = text.partition("=")
+        if not symbol.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise InputError(f"--size {text!r}: write SYMBOL=N with N >= 1, e.g. --size seq=128.")
+        pairs.append((symbol.strip(), int(size)))
+    return tuple(pairs)
 
 
 def cmd_package(args: argparse.Namespace) -> int:

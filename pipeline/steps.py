@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import save_parity_samples, versions
 from onnxpipe.converters.base import ConvertConfig, InputSpec
 from onnxpipe.errors import GateFailed, InputError, invalid_settings
 from onnxpipe.modelio import DATA_FILE, MODEL_FILE
-from onnxpipe.validate import parse_eps, validate_bundle
+from onnxpipe.validate import parse_eps, source_tolerance, validate_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ class ValidateStep(StepConfig):
     def run(self, work: Work) -> None:
         """Fill ``validation.<ep>``; raise :class:`GateFailed` on a failed or required EP."""
         started = time.perf_counter()
-        results = validate_bundle(
-            work.dir, self.ep, work.inputs, self.data, self.atol, self.require
-        )
+        atol = source_tolerance(work.manifest, self.atol)
+        results = validate_bundle(work.dir, self.ep, work.inputs, self.data, atol, self.require)
         work.manifest.setdefault("validation", {}).update(results)
         work.record_step(
             self.name,
@@ -186,6 +185,10 @@ class BenchStep(StepConfig):
     threads: tuple[int, ...] = Field(default=(0,), description="intra-op threads; 0 = ORT default.")
     runs: int = Field(default=50, ge=1, description="Timed runs per configuration.")
     warmup: int = Field(default=5, ge=0, description="Untimed runs first.")
+    size: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description="Sizes of dynamic dims other than the batch (default 8), e.g. {seq: 128}.",
+    )
 
     @field_validator("ep", mode="before")
     @classmethod
@@ -201,6 +204,7 @@ class BenchStep(StepConfig):
             threads=self.threads,
             runs=self.runs,
             warmup=self.warmup,
+            sizes=tuple(self.size.items()),
         )
         records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
         work.manifest["bench"] = records[0]

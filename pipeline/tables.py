@@ -154,10 +154,11 @@ def compare_table(record: dict[str, Any]) -> Table:
     lat = record["latency_ms"]
     table.add_row("p50 ms (cpu, batch 1)", _num(lat["a"], ".2f"), _num(lat["b"], ".2f"))
     out = record["outputs"]
-    table.add_row(
+    table.add_row(  # B's numbers against A: one cell, A is the reference
         "agreement (B vs A)",
-        f"max abs {_num(out['max_abs_diff'])}",
-        f"cosine {_num(out['cosine'], '.7f')}, top-1 {_num(out['top1_agreement'])}",
+        "reference",
+        f"max abs {_num(out['max_abs_diff'])}, cosine {_num(out['cosine'], '.7f')}, "
+        f"top-1 {_num(out['top1_agreement'])}",
     )
     if note := not_compared_note(out):
         table.add_row("", escape(note), "")

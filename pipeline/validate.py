@@ -134,6 +134,17 @@ def validate_bundle(
     return results
 
 
+def source_tolerance(manifest: dict[str, Any], atol: float) -> float:
+    """``atol``, or twice the source's own noise where convert measured it (no tighter).
+
+    Stored outputs of a source that differs from itself by 1.1e-4 cannot be matched to 1e-4.
+    """
+    parity = manifest.get("parity")
+    tolerance = parity.get("tolerance") if isinstance(parity, dict) else None
+    noise = tolerance.get("source_noise") if isinstance(tolerance, dict) else None
+    return max(atol, 2 * float(noise)) if isinstance(noise, int | float) else atol
+
+
 def _stored_reference(bundle: Path) -> str:
     """What ``parity.npz`` holds: the source's outputs, or a derived model's own (ORT CPU)."""
     manifest = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}

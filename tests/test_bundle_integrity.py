@@ -175,6 +175,8 @@ def test_compare_data_against_a_fixed_batch_names_the_samples_saved(cli, tmp_pat
     assert cli("convert", _onnx_file(tmp_path / "a.onnx"), "-o", a, "--no-bench")[0] == 0
     fixed = _onnx_file(tmp_path / "b.onnx", batch=4)
     assert cli("convert", fixed, "-o", b, "--no-bench")[0] == 0
+    code, out, _ = cli("compare", a, b, "--no-bench")  # the table: A is the reference
+    assert code == 0 and "reference" in out and "max abs 0" in out
     data = tmp_path / "d.npz"
     np.savez(data, x=np.ones((6, 4), np.float32))
     for first, second in ((a, b), (b, a)):

@@ -505,3 +505,50 @@ def test_parity_rests_on_data_when_ort_cannot_run_the_generated_sizes(tmp_path, 
     assert "ONNX Runtime cannot run the generated samples" in caplog.text
     parity, _ = check_parity(result, path, 1e-4, None)  # without data: a failure, not advice
     assert not parity["passed"] and parity["errors"]
+
+
+def test_the_tolerance_is_no_tighter_than_the_sources_own_noise(tmp_path, caplog):
+    """A source whose batched run differs from its one-at-a-time run by 3e-4 passes at 1e-4."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxpipe.convert import check_parity
+    from onnxpipe.converters.base import ConversionResult, InputSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    path = tmp_path / "model.onnx"
+    ir.save(model, path)
+    spec = InputSpec("x", "float32", ("batch", 4))
+
+    def noisy(feeds):  # batched kernels round differently: 3e-4 off when batched
+        x = feeds["x"]
+        return [2 * x + np.float32(3e-4 if len(x) > 1 else 0)]
+
+    result = ConversionResult(model, "onnx", "none", [spec], noisy, "noisy framework")
+    parity, _ = check_parity(result, path, 1e-4, None)
+    tolerance = parity["tolerance"]  # noise relative to the output's magnitude, as atol is
+    assert parity["passed"] and 5e-5 < tolerance["source_noise"] <= 3e-4
+    assert tolerance["atol"] == pytest.approx(2 * tolerance["source_noise"])
+    assert "differs from itself" in caplog.text
+
+    def off(feeds):  # off by 3e-4 at every batch size: no noise, a real difference
+        return [2 * feeds["x"] + np.float32(3e-4)]
+
+    result = ConversionResult(model, "onnx", "none", [spec], off, "framework")
+    parity, _ = check_parity(result, path, 1e-4, None)
+    assert not parity["passed"] and "source_noise" not in parity["tolerance"]
+
+
+def test_validate_holds_stored_outputs_to_the_measured_noise():
+    from onnxpipe.validate import source_tolerance
+
+    noisy = {"parity": {"tolerance": {"atol": 2.4e-4, "source_noise": 1.2e-4}}}
+    assert source_tolerance(noisy, 1e-4) == pytest.approx(2.4e-4)
+    assert source_tolerance(noisy, 1e-3) == 1e-3  # never tighter than asked
+    assert source_tolerance({"parity": {"tolerance": {"atol": 1e-4}}}, 1e-4) == 1e-4

@@ -247,3 +247,29 @@ def test_package_parity_failure_writes_the_report_and_no_bundle(bundle, cli, tmp
     assert report["failed_step"] == "package"
     assert report["metrics"]["parity"]["max_abs_diff"] >= 1.0
     assert not (tmp_path / "m").exists()
+
+
+def test_bench_sizes_a_dynamic_dim_as_asked(cli, tmp_path):
+    """An image model with free height and width is timed at --size, not 8x8 pixels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((2, 3, 3, 3), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "h", "w"])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    bundle = tmp_path / "b"
+    assert cli("convert", path, "-o", bundle, "--no-bench")[0] == 0
+    code, out, err = cli("bench", bundle, "--runs", "3", "--size", "h=64", "--size", "w=48",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)[0]["shapes"]["x"] == [1, 3, 64, 48]
+    for bad, message in (("q=4", "no input has a dynamic dim"), ("batch=2", "--batch"),
+                         ("h=0", "SYMBOL=N")):  # fmt: skip
+        code, _, err = cli("bench", bundle, "--runs", "3", "--size", bad)
+        assert code == 2 and message in err, err

@@ -80,6 +80,11 @@ def convert(source: str | object, config: ConvertConfig) -> ConversionResult:
         reference=_reference(traced.run, onnx_specs, nchw, keep=src.keep),
         reference_name=f"tensorflow {tf.__version__}",
         notes=notes,
+        alternate=(
+            _reference(traced.run_traced, onnx_specs, nchw, keep=src.keep)
+            if traced.run_traced is not None
+            else None
+        ),
     )
 
 

@@ -52,6 +52,8 @@ class Traced:
     output_names: list[str]
     output_batched: list[bool]
     run: Callable[[list[np.ndarray]], list[np.ndarray]]
+    run_traced: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None
+    """The traced function, where ``run`` is the eager model: TensorFlow's other way to run it."""
 
 
 def resolve_specs(
@@ -175,16 +177,19 @@ def trace(src: TFSource, tf_specs: list[InputSpec]) -> Traced:
     batched = [bool(all_batched and t.shape.rank and t.shape[0] is None) for t in concrete.outputs]
     dtypes = [tf.as_dtype(s.dtype) for s in tf_specs]
 
-    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def run(arrays: list[np.ndarray], traced: bool = False) -> list[np.ndarray]:
         tensors = [tf.convert_to_tensor(a, dtype=d) for a, d in zip(arrays, dtypes, strict=True)]
         # A Keras model runs eagerly, as the user runs it: its trace with unknown dims can
         # compute something else (Keras 3's TimeDistributed maps over the batch axis then),
         # and a reference that is the converted trace itself would never show it.
-        outputs = flat_call(*tensors) if src.eager else function(*tensors)
+        outputs = flat_call(*tensors) if src.eager and not traced else function(*tensors)
         return [np.asarray(o) for o in outputs]
 
+    def run_traced(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return run(arrays, traced=True)
+
     logger.debug("%s: traced %d input(s), outputs %s", src.where, len(tf_specs), names)
-    return Traced(concrete, tf_specs, names, batched, run)
+    return Traced(concrete, tf_specs, names, batched, run, run_traced if src.eager else None)
 
 
 def _fixed(shape: tuple[Dim, ...]) -> list[str]:
