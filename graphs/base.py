@@ -156,6 +156,20 @@ def _from_constants(value: ir.Value, budget: int = 16) -> bool:
     return True
 
 
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer named ``name`` (``_`` appended until unused)."""
+    while name in graph.initializers:
+        name += "_"
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     """An integer attribute of ``node``, or ``default``."""
     attr = node.attributes.get(name)

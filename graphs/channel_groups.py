@@ -50,7 +50,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxpipe.graphs.base import attr_int, constant
+from onnxpipe.graphs.base import attr_int, constant, new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -742,18 +742,9 @@ def unshare_initializers(model: ir.Model) -> list[tuple[str, str]]:
         if sum(_is_weight_use(node, index) for node, index in uses) >= 2:
             continue
         for k, (node, index) in enumerate(uses[1:], start=1):
-            fresh = f"{name}__{k}"
-            while fresh in graph.initializers:
-                fresh += "_"
-            copy = ir.Value(
-                name=fresh,
-                shape=value.shape,
-                type=value.type,
-                const_value=ir.tensor(tensor.numpy().copy(), name=fresh),
-            )
-            graph.register_initializer(copy)
+            copy = new_initializer(graph, f"{name}__{k}", tensor.numpy().copy())
             node.replace_input_with(index, copy)
-            copies.append((fresh, name))
+            copies.append((copy.name or "", name))
     return copies
 
 

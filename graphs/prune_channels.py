@@ -24,6 +24,7 @@ from onnxpipe.graphs.base import (
     PassConfig,
     attr_int,
     computed_weights_hint,
+    new_initializer,
     parameter_count,
 )
 from onnxpipe.graphs.channel_groups import (
@@ -340,16 +341,7 @@ def _write_split_sizes(split: ir.Node) -> None:
     if opset < 13:
         split.attributes["split"] = ir.AttrInt64s("split", [int(x) for x in sizes])
         return
-    name = f"{split.name or 'split'}_sizes"
-    while name in graph.initializers:
-        name += "_"
-    fresh = ir.Value(
-        name=name,
-        shape=ir.Shape([len(sizes)]),
-        type=ir.TensorType(ir.DataType.INT64),
-        const_value=ir.tensor(sizes, name=name),
-    )
-    graph.register_initializer(fresh)
+    fresh = new_initializer(graph, f"{split.name or 'split'}_sizes", sizes)
     old = split.inputs[1] if len(split.inputs) > 1 else None
     if old is None:
         split.resize_inputs(2)
@@ -395,13 +387,7 @@ def _write_channels(edit: ShapeEdit, n: int) -> None:
         node = ir.node(node.op_type, list(node.inputs), attrs, name=f"{node.name}_c{n}")
         graph.insert_before(edit.reshape, node)
         edit.reshape.replace_input_with(1, node.outputs[0])
-    name = f"{old.name}_c{n}"
-    while name in graph.initializers:
-        name += "_"
-    fresh = ir.Value(
-        name=name, shape=old.shape, type=old.type, const_value=ir.tensor(array, name=name)
-    )
-    graph.register_initializer(fresh)
+    fresh = new_initializer(graph, f"{old.name}_c{n}", array)
     node.replace_input_with(edit.index, fresh)
     if old.name in graph.initializers and not old.uses() and not old.is_graph_output():
         del graph.initializers[old.name or ""]

@@ -29,6 +29,7 @@ from onnxpipe.graphs.base import (
     attr_int,
     computed_weights_hint,
     copy_model,
+    new_initializer,
 )
 from onnxpipe.graphs.quant_rounding import act_order, gptq_round, input_hessians
 from onnxpipe.graphs.quant_utils import Feeds, from_proto, refuse_quantized, to_proto
@@ -307,13 +308,7 @@ def _fold_weight_transposes(model: ir.Model, keep: set[str]) -> int:
         if tensor is None or len(tensor.shape) != 2:
             continue
         array = np.ascontiguousarray(tensor.numpy().T)
-        name = f"{source.name}.T"
-        while name in model.graph.initializers:
-            name += "_"
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=source.type,
-                         const_value=ir.tensor(array, name=name))  # fmt: skip
-        model.graph.register_initializer(value)
-        node.replace_input_with(1, value)
+        node.replace_input_with(1, new_initializer(model.graph, f"{source.name}.T", array))
         if not producer.outputs[0].uses() and not producer.outputs[0].is_graph_output():
             model.graph.remove(producer, safe=True)
         folded += 1

@@ -9,6 +9,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxpipe.graphs.base import attr_int
+
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
@@ -100,7 +102,7 @@ def index_limit(value: ir.Value) -> int | None:
                 table = node.inputs[0]
                 shape = table.shape if table is not None and table.const_value is not None else None
                 key = "gather_axis" if node.op_type == "GatherBlockQuantized" else "axis"
-                axis = node.attributes[key].value if key in node.attributes else 0
+                axis = attr_int(node, key, 0)
                 if shape is not None and isinstance(rows := shape[axis], int) and rows > offset:
                     limits.append(rows - offset)
             elif node.op_type == "GatherND" and use.idx == 1:
@@ -118,7 +120,7 @@ def _gather_nd_rows(node: ir.Node) -> int | None:
     if indices is None or indices.shape is None or not indices.shape.rank():
         return None
     width = indices.shape[-1]
-    batch = node.attributes["batch_dims"].value if "batch_dims" in node.attributes else 0
+    batch = attr_int(node, "batch_dims", 0)
     if not isinstance(width, int) or batch + width > data.shape.rank():
         return None
     dims = [data.shape[batch + i] for i in range(width)]
