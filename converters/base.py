@@ -118,6 +118,11 @@ class ConvertConfig(BaseModel):
     unsafe_load: bool = Field(
         default=False, description="Allow full-pickle loading (torch.load, Keras lambda layers)."
     )
+    signature: str | None = Field(
+        default=None,
+        min_length=1,
+        description="SavedModel signature to convert; None = serving_default or the only one.",
+    )
     data: str | None = Field(
         default=None,
         description="Real inputs (--data); a PyTorch model that refuses generated values "

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", help="DATA for parity besides generated samples (.npz, dir, callable)")
     p.add_argument("--unsafe-load", action="store_true", help="allow full-pickle loading")
+    p.add_argument(
+        "--signature", metavar="NAME", help="SavedModel signature (default: serving_default)"
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the batch-1 CPU benchmark")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
@@ -410,6 +413,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 atol=args.atol,
                 data=args.data,
                 unsafe_load=args.unsafe_load,
+                signature=args.signature,
             ),
             ValidateStep(ep=("cpu",), atol=args.atol),
         ]

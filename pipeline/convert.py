@@ -97,6 +97,11 @@ def convert(
         config = config.model_copy(update={"data": data})
     framework, loaded = resolve_source(source, framework)
     source_name = describe(source)
+    if config.signature is not None and framework != "tf":
+        raise InputError(
+            f"{source_name}: --signature {config.signature} picks a TensorFlow SavedModel "
+            f"signature; this is a {framework} model. Drop --signature."
+        )
     tried: list[dict[str, Any]] = []
     failed_parity: list[tuple[dict[str, Any], str]] = []
     for attempt in get_converter(framework)(loaded, config):

@@ -77,6 +77,9 @@ class ConvertStep(StepConfig):
     atol: float = Field(default=1e-4, gt=0, description="Parity tolerance, scaled by magnitude.")
     data: str | None = Field(default=None, description="User DATA for parity, besides generated.")
     unsafe_load: bool = Field(default=False, description="Allow full-pickle loading.")
+    signature: str | None = Field(
+        default=None, min_length=1, description="TensorFlow SavedModel signature to convert."
+    )
 
     def run(self, work: Work, source_object: object | None = None) -> None:
         """Convert into ``work.dir`` and fill the model, I/O, source and parity records.
@@ -93,6 +96,7 @@ class ConvertStep(StepConfig):
             exporter=self.exporter,
             nchw=self.nchw,
             unsafe_load=self.unsafe_load,
+            signature=self.signature,
         )
         with tempfile.TemporaryDirectory(prefix="onnxpipe-convert-") as tmp:
             done = convert(

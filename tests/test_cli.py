@@ -237,6 +237,11 @@ BAD_INPUTS = {
         ["--input", "x:float32[batch,4]"],
         "special_zeta",
     ),
+    "--signature on torch": (
+        lambda t: model_ref("gated"),
+        ["--input", IMAGE, "--signature", "serving_default"],
+        "Drop --signature",
+    ),
     "unknown file type": (
         lambda t: (t / "m.bin").write_bytes(b"x") and t / "m.bin",
         [],

@@ -302,6 +302,32 @@ def test_saved_model_without_serving_signature(tmp_path):
     assert str(tmp_path / "nosig") in str(info.value)
 
 
+def test_saved_model_signature_is_picked_by_name(tmp_path):
+    module = tf.Module()
+    module.v = tf.Variable(2.0)
+    double = tf.function(lambda x: {"y": x * module.v}, input_signature=[tf.TensorSpec((None, 3))])
+    shift = tf.function(lambda x: {"y": x + module.v}, input_signature=[tf.TensorSpec((None, 3))])
+    path = tmp_path / "two"
+    tf.saved_model.save(module, str(path), signatures={"double": double, "shift": shift})
+    with pytest.raises(InputError, match="--signature NAME") as info:
+        convert(str(path), ConvertConfig())
+    assert "double, shift" in str(info.value)
+    feeds = {"x": np.full((2, 3), 5.0, "float32")}
+    assert np.allclose(
+        ort_run(convert(str(path), ConvertConfig(signature="shift")).model, feeds), 7
+    )
+    assert np.allclose(
+        ort_run(convert(str(path), ConvertConfig(signature="double")).model, feeds), 10
+    )
+    with pytest.raises(InputError, match="no signature 'triple'"):
+        convert(str(path), ConvertConfig(signature="triple"))
+    keras_file = tmp_path / "m.keras"
+    two_input_model().save(keras_file)
+    with pytest.raises(InputError, match="SavedModel directory only") as info:
+        convert(str(keras_file), ConvertConfig(signature="shift"))
+    assert str(keras_file) in str(info.value)
+
+
 def test_directory_that_is_not_a_saved_model(tmp_path):
     with pytest.raises(InputError, match="not a SavedModel") as info:
         convert(str(tmp_path), ConvertConfig())

@@ -47,7 +47,7 @@ def convert(source: str | object, config: ConvertConfig) -> ConversionResult:
     opset = _opset(config.opset, str(where))
     user_specs = config.input_specs()
     started = time.perf_counter()
-    src = load_tf_source(source, unsafe_load=config.unsafe_load)
+    src = load_tf_source(source, config.unsafe_load, config.signature)
     onnx_specs, tf_specs = resolve_specs(src, user_specs, config.nchw)
     traced = trace(src, tf_specs)
     shared = None
@@ -68,6 +68,8 @@ def convert(source: str | object, config: ConvertConfig) -> ConversionResult:
         time.perf_counter() - started,
     )
     notes = [f"tf2onnx {tf2onnx.__version__}, opset {opset}"]
+    if src.signature is not None:
+        notes.append(f"SavedModel signature {src.signature!r}")
     if config.nchw:
         notes.append("rank-4 inputs transposed to NCHW (--nchw)")
     if shared:

@@ -54,6 +54,7 @@ class TFSource:
         keep: objects that must stay alive while ``call`` is used (a loaded SavedModel).
         eager: ``call`` runs the model the way the user does (a Keras model, eagerly), which
             can differ from its trace: the parity reference is then ``call``, not the trace.
+        signature: the SavedModel signature converted, for the record.
     """
 
     where: str
@@ -62,6 +63,7 @@ class TFSource:
     output_keys: list[str] | None = None
     keep: list[Any] = field(default_factory=list)
     eager: bool = False
+    signature: str | None = None
 
 
 def import_tf() -> tuple[Any, Any]:
@@ -94,15 +96,26 @@ def import_tf() -> tuple[Any, Any]:
     return tf, keras
 
 
-def load_tf_source(source: str | object, unsafe_load: bool = False) -> TFSource:
-    """Load ``source`` into a ``TFSource``.
+def load_tf_source(
+    source: str | object, unsafe_load: bool = False, signature: str | None = None
+) -> TFSource:
+    """Load ``source`` into a ``TFSource``; ``signature`` picks a SavedModel's signature.
 
     Raises:
         InputError: the path does not exist or is not a Keras/TensorFlow model, a Keras file
-            needs ``--unsafe-load``, a SavedModel has no serving signature, or a callable
+            needs ``--unsafe-load``, a SavedModel has no serving signature (or not the
+            ``signature`` asked, or one was asked of something else), or a callable
             returned something other than a ``keras.Model`` / ``tf.function``.
     """
     tf, keras = import_tf()
+    path = Path(source) if isinstance(source, str) and not is_callable_ref(source) else None
+    if signature is not None and (path is None or not path.is_dir()):
+        where = source.name if isinstance(source, Loaded) else source
+        raise InputError(
+            f"{where if isinstance(where, str) else 'the object passed to convert()'}: "
+            f"--signature {signature} applies to a SavedModel directory only. Drop it, or "
+            "pass the SavedModel directory."
+        )
     if isinstance(source, Loaded):  # built from a SOURCE string: messages name that string
         return _from_object(source.obj, source.name, tf, keras)
     if not isinstance(source, str):
@@ -111,7 +124,7 @@ def load_tf_source(source: str | object, unsafe_load: bool = False) -> TFSource:
         return _from_object(call_factory(source), source, tf, keras)
     path = Path(source)
     if path.is_dir():
-        return _load_saved_model(path, tf)
+        return _load_saved_model(path, tf, signature)
     if not path.is_file():
         raise InputError(
             f"{source}: no such file or directory. Pass a .keras or .h5 file, a SavedModel "
@@ -177,7 +190,7 @@ def _check_h5(path: Path) -> None:
         )
 
 
-def _load_saved_model(path: Path, tf: Any) -> TFSource:
+def _load_saved_model(path: Path, tf: Any, asked: str | None = None) -> TFSource:
     if not ((path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists()):
         raise InputError(
             f"{path}: is a directory but not a SavedModel (no saved_model.pb inside). Pass the "
@@ -191,14 +204,26 @@ def _load_saved_model(path: Path, tf: Any) -> TFSource:
             f"{str(e)[:240]})."
         ) from e
     signatures = dict(getattr(loaded, "signatures", {}) or {})
-    if "serving_default" in signatures:
+    found = ", ".join(sorted(signatures)) or "none"
+    if asked is not None:
+        if asked not in signatures:
+            raise InputError(
+                f"{path}: SavedModel has no signature {asked!r} (signatures found: {found}). "
+                "Pass one of those to --signature."
+            )
+        name = asked
+    elif "serving_default" in signatures:
         name = "serving_default"
     elif len(signatures) == 1:
         name = next(iter(signatures))
-    else:
-        found = ", ".join(sorted(signatures)) or "none"
+    elif signatures:
         raise InputError(
-            f"{path}: SavedModel has no serving signature (signatures found: {found}). "
+            f"{path}: SavedModel has several signatures and none is serving_default "
+            f"(signatures found: {found}). Pick one with --signature NAME."
+        )
+    else:
+        raise InputError(
+            f"{path}: SavedModel has no serving signature (signatures found: none). "
             "Export it with a serving_default signature: keras_model.export(dir), or "
             "tf.saved_model.save(obj, dir, signatures=obj.__call__.get_concrete_function(spec))."
         )
@@ -213,7 +238,7 @@ def _load_saved_model(path: Path, tf: Any) -> TFSource:
     def call(*tensors: Any) -> Any:
         return signature(**dict(zip(keys, tensors, strict=True)))
 
-    return TFSource(str(path), call, declared, None, keep=[loaded, signature])
+    return TFSource(str(path), call, declared, None, keep=[loaded, signature], signature=name)
 
 
 def _dims(shape: Any) -> tuple[int | None, ...] | None:
