@@ -27,18 +27,11 @@ from onnxpipe.graphs.base import (
     new_initializer,
     parameter_count,
 )
-from onnxpipe.graphs.channel_groups import (
-    Cut,
-    Group,
-    Part,
-    ShapeEdit,
-    find_groups,
-    merge_equal_copies,
-    reduce_axes,
-    static_dim,
-    unshare_initializers,
-)
+from onnxpipe.graphs.channel_groups import find_groups
+from onnxpipe.graphs.channel_space import Cut, Group, Part, ShapeEdit, static_dim
+from onnxpipe.graphs.channel_walk import reduce_axes
 from onnxpipe.graphs.quant_utils import cpu_flags, tap_session, token_rows
+from onnxpipe.graphs.shared_weights import merge_equal_copies, unshare_initializers
 
 logger = logging.getLogger(__name__)
 

@@ -149,11 +149,8 @@ def _channels(
     # Activation statistics only mean something on real data; generated noise would mislead.
     criterion = "activation" if real_data else "weight"
     probe = PruneChannelsPass(ratio=settings.ratio, multiple_of=settings.multiple_of)
-    from onnxpipe.graphs.channel_groups import (  # noqa: PLC0415
-        find_groups,
-        infer_missing_shapes,
-        unshare_initializers,
-    )
+    from onnxpipe.graphs.channel_groups import find_groups, infer_missing_shapes  # noqa: PLC0415
+    from onnxpipe.graphs.shared_weights import unshare_initializers  # noqa: PLC0415
 
     infer_missing_shapes(model)  # once here, not in every candidate the search builds
     analysed = copy_model(model)
