@@ -141,6 +141,26 @@ class Group:
         """The (segment, part) ways ``node`` consumes the group; empty when it takes it whole."""
         return self.spans.get(id(node), [])
 
+    def columns(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where consumer ``node`` takes the group: weight columns now, sampled columns, channels.
+
+        Three index arrays of one length: the input columns of the consumer's weight now, the
+        columns of its sampled inputs, and the group channel each column carries. Every column,
+        in order, for a consumer of the group's own tensors. Behind a Concat, the group's
+        segment: at its offset now (other groups of the Concat may have been cut since the
+        analysis) and at its offset when the inputs were sampled. Behind a Split, the part's
+        channels only; a consumer may take the group several ways (both halves of a Split).
+        """
+        views = self.span(node) or [(None, None)]
+        now, then, channel = [], [], []
+        for segment, part in views:
+            width = self.width(part)
+            first = part.start if part else 0
+            channel.append(np.arange(first, first + width))
+            now.append(np.arange(width) + (segment.offset() if segment else 0))
+            then.append(np.arange(width) + (segment.start if segment else 0))
+        return np.concatenate(now), np.concatenate(then), np.concatenate(channel)
+
     @property
     def axis(self) -> int:
         """-1 when some channels sit on the last axis (``channels_last``), else 1."""

@@ -30,9 +30,10 @@ from onnxpipe.data import Feeds
 from onnxpipe.errors import GateFailed, InputError, PassError
 from onnxpipe.gate import Gate, gate_metrics
 from onnxpipe.graphs.base import GraphPass, copy_model, parameter_count
+from onnxpipe.graphs.channel_refit import collect_inputs
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
-from onnxpipe.graphs.prune_channels import PruneChannelsPass, collect_inputs, nchwc_block
+from onnxpipe.graphs.prune_channels import PruneChannelsPass, nchwc_block
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
 from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_quantized
 from onnxpipe.progress import report

@@ -14,13 +14,8 @@ from onnx import helper, numpy_helper
 from rich.console import Console
 
 from onnxpipe.graphs.channel_groups import find_groups
-from onnxpipe.graphs.prune_channels import (
-    PruneChannelsPass,
-    _columns,
-    apply_cut,
-    channel_scores,
-    pooled_source,
-)
+from onnxpipe.graphs.channel_refit import pooled_source
+from onnxpipe.graphs.prune_channels import PruneChannelsPass, apply_cut, channel_scores
 from onnxpipe.progress import reporting
 from onnxpipe.tables import summary_table
 from tests.conftest import model_ref
@@ -298,11 +293,11 @@ def test_concat_offsets_move_after_an_earlier_segment_is_cut():
     model = _dense_block_model()
     groups = {g.key: g for g in find_groups(model)}
     consumer = next(n for n in groups["wc"].consumers if n.inputs[1].name == "we")
-    now, then, channel = _columns(groups["wc"], consumer)
+    now, then, channel = groups["wc"].columns(consumer)
     assert now.tolist() == then.tolist() == [14, 15, 16, 17] and channel.tolist() == [0, 1, 2, 3]
     apply_cut(groups["wb"], np.array([0, 2, 5]))
     # in the weights the segment now starts 3 channels earlier; sampled inputs keep 14
-    now, then, _ = _columns(groups["wc"], consumer)
+    now, then, _ = groups["wc"].columns(consumer)
     assert now.tolist() == [11, 12, 13, 14] and then.tolist() == [14, 15, 16, 17]
 
 
