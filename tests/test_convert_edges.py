@@ -474,8 +474,8 @@ def test_parity_rests_on_data_when_ort_cannot_run_the_generated_sizes(tmp_path, 
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxpipe.convert import check_parity
     from onnxpipe.converters.base import ConversionResult, InputSpec
+    from onnxpipe.source_parity import check_parity
     from tests.helpers import ort_run
 
     w = np.random.default_rng(0).standard_normal((2, 3, 7, 7)).astype(np.float32)
@@ -512,8 +512,8 @@ def test_the_tolerance_is_no_tighter_than_the_sources_own_noise(tmp_path, caplog
     import onnx_ir as ir
     from onnx import TensorProto, helper
 
-    from onnxpipe.convert import check_parity
     from onnxpipe.converters.base import ConversionResult, InputSpec
+    from onnxpipe.source_parity import check_parity
 
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "x"], ["y"])],
