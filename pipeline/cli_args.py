@@ -101,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--level",
-        default="basic",
-        choices=["basic", "extended", "all"],
-        help="ORT optimization level baked into the .ort model (basic keeps it "
-        "portable to NNAPI/CoreML; all is for the CPU EP only)",
+        default="auto",
+        choices=["auto", "basic", "extended", "all"],
+        help="ORT optimization level baked into the .ort model (auto: extended for an int8 "
+        "QDQ model, whose int8 kernels basic leaves unfused, else basic, portable to "
+        "NNAPI/CoreML; all is for the CPU EP only)",
     )
     p.add_argument("--overwrite", action="store_true")
     _common(p)

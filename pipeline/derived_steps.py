@@ -171,7 +171,7 @@ class PackageStep(DerivedStep):
                              "fixed_shape (a list of NAME:DIMS) and level")  # fmt: skip
         if value.get("target", "mobile") != "mobile":
             raise ValueError(f"target {value['target']!r}: the only target is 'mobile'")
-        if value.get("level", "basic") not in LEVELS:
+        if value.get("level", "auto") not in LEVELS:
             raise ValueError(f"level {value['level']!r}: use one of {', '.join(LEVELS)}")
         shapes = value.get("fixed_shape", [])
         if not isinstance(shapes, list) or not all(isinstance(v, str) for v in shapes):
@@ -183,7 +183,7 @@ class PackageStep(DerivedStep):
         from onnxpipe.mobile import package_mobile  # noqa: PLC0415
 
         shapes = tuple(self.settings.get("fixed_shape", ()))
-        level = self.settings.get("level", "basic")
+        level = self.settings.get("level", "auto")
         return lambda bundle, out: package_mobile(bundle, out, shapes, level)
 
 

@@ -191,22 +191,41 @@ def _mobile_session(
             f"{sorted(feeds_list[0]) if feeds_list else []}: it was not made from it. Package "
             f"again: onnxpipe package {bundle} -o OUT --target mobile"
         )
-    fitting = [f for f in feeds_list if fits(f)]
+    recorded = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
+    fitting = [f for part in feeds_list for f in _rebatched(part, shapes) if fits(f)]
     if not fitting:
+        limits = {e["name"]: e.get("index_limit") for e in recorded.get("inputs", [])}
         specs = [
             InputSpec(
                 i.name,
                 np.dtype(_ORT_TYPES.get(i.type, "float32")).name,
                 tuple(d if isinstance(d, int) else f"{i.name}_{n}" for n, d in enumerate(i.shape)),
+                limits.get(i.name),  # ids stay inside their embedding table, as in package
             )
             for i in session.get_inputs()
         ]
         fitting = parity_feeds(specs)
-    recorded = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
     level = recorded.get("mobile", {}).get("optimization_level", "basic")
     cpu = make_session(bundle / MODEL_FILE, SessionOptions(ep="cpu", level=level))
     expected = {id(feeds): list(cpu.run(None, feeds)) for feeds in fitting}
     return session, fitting, expected, f"{MODEL_FILE} on ORT CPU at level {level}"
+
+
+def _rebatched(feeds: dict[str, np.ndarray], shapes: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """``feeds`` cut into the fixed batch of an ORT model packaged with one (else as is).
+
+    Stored and ``--data`` samples come 8 to a batch; a model packaged at batch 1 takes them
+    one at a time.
+    """
+    fixed = {shapes[k][0] for k, v in feeds.items() if k in shapes and shapes[k] and v.ndim}
+    batch = next(iter(fixed)) if len(fixed) == 1 else None
+    sizes = {v.shape[0] for v in feeds.values() if v.ndim}
+    if not isinstance(batch, int) or batch < 1 or len(sizes) != 1:
+        return [feeds]
+    size = sizes.pop()
+    if size == batch or size % batch:
+        return [feeds]
+    return [{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, size, batch)]
 
 
 _ORT_TYPES = {

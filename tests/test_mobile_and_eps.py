@@ -273,3 +273,75 @@ def test_bench_sizes_a_dynamic_dim_as_asked(cli, tmp_path):
                          ("h=0", "SYMBOL=N")):  # fmt: skip
         code, _, err = cli("bench", bundle, "--runs", "3", "--size", bad)
         assert code == 2 and message in err, err
+
+
+def _ops_in_config(package) -> str:
+    return (package / "mobile" / "required_operators.config").read_text()
+
+
+def test_static_int8_keeps_its_int8_kernels_in_the_mobile_package(bundle, cli, tmp_path, caplog):
+    """At ORT's basic level the QDQ pairs stay unfused and model.ort runs in float (the bundle
+    claimed int8): the default level (auto) is extended for a QDQ model, basic warns."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(16, 3, 16, 16)).astype(np.float32))
+    int8 = tmp_path / "int8"
+    assert cli("quantize", bundle, "-o", int8, "--mode", "static", "--calib",
+               tmp_path / "calib.npz")[0] == 0  # fmt: skip
+    auto = tmp_path / "auto"
+    code, _, err = cli("package", int8, "-o", auto, "--target", "mobile", "--fixed-shape",
+                       "x:1,3,16,16")  # fmt: skip
+    assert code == 0, err
+    mobile = json.loads((auto / "manifest.json").read_text())["mobile"]
+    assert mobile["optimization_level"] == "extended" and "auto" in mobile["level_note"]
+    assert "QLinearConv" in _ops_in_config(auto)
+    ort_ops = {n for line in mobile["operators"] for n in line.split(";")[-1].split(",")}
+    assert "QLinearConv" in ort_ops and "Conv" not in ort_ops
+    basic = tmp_path / "basic"
+    code, _, err = cli("package", int8, "-o", basic, "--target", "mobile", "--level", "basic")
+    assert code == 0, err
+    assert "QLinearConv" not in _ops_in_config(basic)
+    assert "runs its layers in float" in caplog.text
+    assert (
+        "--level extended"
+        in json.loads((basic / "manifest.json").read_text())["mobile"]["level_note"]
+    )
+    plain = tmp_path / "plain"  # a float model stays at basic, portable to NNAPI/CoreML
+    assert cli("package", bundle, "-o", plain, "--target", "mobile")[0] == 0
+    plain_mobile = json.loads((plain / "manifest.json").read_text())["mobile"]
+    assert plain_mobile["optimization_level"] == "basic" and "level_note" not in plain_mobile
+
+
+def test_partition_analysis_is_of_the_graph_model_ort_holds(bundle, cli, tmp_path):
+    """At --level extended Conv+Relu become com.microsoft FusedConv, which NNAPI lacks: the
+    analysis must count the optimized graph, not the bundle's model."""
+    out = tmp_path / "ext"
+    code, _, err = cli("package", bundle, "-o", out, "--target", "mobile", "--fixed-shape",
+                       "x:1,3,16,16", "--level", "extended")  # fmt: skip
+    assert code == 0, err
+    mobile = json.loads((out / "manifest.json").read_text())["mobile"]
+    assert "FusedConv" in _ops_in_config(out)
+    assert "com.microsoft:FusedConv" in mobile["nnapi"]["unsupported_ops"]
+    assert mobile["nnapi"]["nodes_supported"] < mobile["nnapi"]["nodes_total"]
+    bundle_nodes = len(onnx.load(str(bundle / "model.onnx")).graph.node)
+    assert mobile["nnapi"]["nodes_total"] < bundle_nodes  # fused: fewer nodes than the input
+
+
+def test_validate_mobile_runs_the_data_at_a_fixed_batch_and_ids_in_their_table(cli, tmp_path):
+    """--data comes 8 to a batch and is run one sample at a time on a batch-1 package; the
+    generated ids stay inside the 10-row table (they used to index past it: exit 1)."""
+    src = tmp_path / "vocab"
+    assert cli("convert", model_ref("small_vocab"), "-o", src, "--input",
+               "ids:int64[batch,seq]", "--no-bench")[0] == 0  # fmt: skip
+    out = tmp_path / "pkg"
+    code, _, err = cli("package", src, "-o", out, "--target", "mobile", "--fixed-shape",
+                       "ids:1,5")  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = cli("validate", out, "--ep", "mobile", "--json")
+    assert code == 0 and json.loads(stdout)["mobile"]["status"] == "passed", err
+    ids = np.random.default_rng(0).integers(0, 10, (16, 5))
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    code, stdout, err = cli("validate", out, "--ep", "mobile", "--data", tmp_path / "ids.npz",
+                            "--json")  # fmt: skip
+    result = json.loads(stdout)["mobile"]
+    assert code == 0 and result["status"] == "passed", err
+    assert result["samples"] >= 16  # the 16 of --data (and the stored batch-1 sample)
