@@ -59,16 +59,43 @@ def _beside(recipe: Path, value: Any) -> Any:
     return str(moved) + rest if moved.exists() else value
 
 
+_NEGATIONS = {"per_tensor": "per_channel"}
+"""The CLI's flags that switch a setting off, by the setting (``--per-tensor``)."""
+
+
+def _cli_spellings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A step's settings as the commands' long options may also spell them.
+
+    ``activation-type`` is ``activation_type``; a flag that turns a setting off
+    (``no_empirical_bias: true``, ``per_tensor: true``) is that setting, false.
+    """
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        positive = _NEGATIONS.get(name) or (name[3:] if name.startswith("no_") else None)
+        if positive is not None and isinstance(value, bool):
+            out[positive] = not value
+        else:
+            out[name] = value
+    return out
+
+
 def load_recipe(path: Path) -> list[StepConfig]:
     """Parse a recipe file into steps; top-level ``source``/``inputs``/... go to ``convert``.
 
     Raises:
         InputError: the file is missing, not YAML, or describes unknown or invalid steps.
     """
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; pass the recipe's .yaml file.")
     if not path.is_file():
         raise InputError(f"{path}: no such recipe file.")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path}: is not UTF-8 text ({e.reason}); save the recipe as UTF-8."
+        ) from e
     except yaml.YAMLError as e:
         raise InputError(f"{path}: not valid YAML ({e}).") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
@@ -81,7 +108,12 @@ def load_recipe(path: Path) -> list[StepConfig]:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise InputError(f"{path}: each step is 'name' or 'name: {{settings}}', got {entry!r}.")
         ((name, settings),) = entry.items()
-        settings = dict(settings or {})
+        if settings is not None and not isinstance(settings, dict):
+            raise InputError(
+                f"{path}: step {name!r} takes a mapping of settings ('{name}: {{key: value}}'), "
+                f"got {settings!r}."
+            )
+        settings = _cli_spellings(dict(settings or {}))
         if name == "convert":
             settings = {**shared, **settings}
         settings = {k: _beside(path, v) if k in PATH_KEYS else v for k, v in settings.items()}
@@ -91,6 +123,11 @@ def load_recipe(path: Path) -> list[StepConfig]:
             raise InputError(f"{path}: {e}") from e
     if not steps or not isinstance(steps[0], ConvertStep):
         raise InputError(f"{path}: the first step must be 'convert' (it creates the model).")
+    if any(isinstance(step, ConvertStep) for step in steps[1:]):
+        raise InputError(
+            f"{path}: 'convert' may only be the first step: a second one would replace the model "
+            "while the records of the steps before it stayed. Make a recipe per model."
+        )
     names = [step.name for step in steps]
     if "package" in names:
         later = [n for n in names[names.index("package") :] if n in MODEL_CHANGING]

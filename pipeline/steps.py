@@ -137,6 +137,13 @@ class ConvertStep(StepConfig):
         )
 
 
+def _eps(value: Any) -> Any:
+    """``cpu,cuda`` or ``[cpu, cuda]`` in a recipe: checked EP names (others left to pydantic)."""
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    return tuple(parse_eps(value)) if isinstance(value, str) else value
+
+
 class ValidateStep(StepConfig):
     """Checker and parity on each EP; ``unavailable`` EPs fail only when required."""
 
@@ -149,7 +156,7 @@ class ValidateStep(StepConfig):
     @field_validator("ep", "require", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return tuple(parse_eps(value)) if isinstance(value, str) else value
+        return _eps(value)
 
     def run(self, work: Work) -> None:
         """Fill ``validation.<ep>``; raise :class:`GateFailed` on a failed or required EP."""
@@ -197,7 +204,7 @@ class BenchStep(StepConfig):
     @field_validator("ep", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return tuple(parse_eps(value)) if isinstance(value, str) else value
+        return _eps(value)
 
     def run(self, work: Work) -> None:
         """Fill ``bench`` (the first record) and ``bench_records`` (all of them)."""

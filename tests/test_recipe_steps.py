@@ -62,6 +62,35 @@ def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path, eval_npz):
     assert y.shape == (16, 10)
 
 
+def test_recipe_that_is_not_utf8_or_a_directory_is_exit_2(cli, tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes(b"source: m.py:make\xff\nsteps:\n  - convert\n")
+    code, _, err = cli("run", latin, "-o", tmp_path / "out")
+    assert code == 2 and "UTF-8" in err and str(latin) in err
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    code, _, err = cli("run", folder, "-o", tmp_path / "out")
+    assert code == 2 and "is a directory" in err
+
+
+def test_recipe_takes_the_commands_spellings_of_options(tmp_path):
+    """README: steps take the command's long options; --per-tensor, --no-empirical-bias and
+    hyphens are spelled as the command spells them."""
+    from onnxpipe.recipe import load_recipe
+
+    recipe = _recipe(
+        tmp_path,
+        "  - convert\n  - quantize: {mode: static, calib: c.npz, per_tensor: true, "
+        "no_empirical_bias: true, activation-type: int8}\n"
+        "  - validate: {ep: [CPU]}\n",
+    )
+    steps = load_recipe(recipe)
+    settings = steps[1].settings  # type: ignore[attr-defined]
+    assert settings["per_channel"] is False and settings["empirical_bias"] is False
+    assert settings["activation_type"] == "int8"
+    assert steps[2].ep == ("cpu",)  # type: ignore[attr-defined]
+
+
 def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eval_npz):
     data, _ = eval_npz
     recipe = _recipe(
@@ -94,6 +123,10 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         ("package: {target: watch}", "target"),
         ("package: {fixed_shape: 'x:1,64'}", "fixed_shape"),
         ("package: {}\n  - quantize: {mode: dynamic}", "before 'quantize'"),
+        ("bench: [1, 4]", "takes a mapping"),
+        ("bench: 5", "takes a mapping"),
+        ("validate: {ep: [CPU, gpu]}", "gpu"),
+        ("quantize: {mode: fp16}\n  - convert", "may only be the first step"),
     ],
 )
 def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needle):
