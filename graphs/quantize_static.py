@@ -180,11 +180,11 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         # ORT gives a quantized Softmax output the fixed scale 1/256: probabilities under
         # 0.002 become 0 (most of a 1000-class output). A final Softmax costs nothing in float.
         final_softmax = [
-            n.name
+            name
             for n in model.graph
-            if n.op_type == "Softmax" and n.name and n.name not in nodes
-            and any(o.is_graph_output() for o in n.outputs)
-        ]  # fmt: skip
+            if n.op_type == "Softmax" and n.name not in nodes
+            for name in _to_output(n)
+        ]
         nodes = [*nodes, *final_softmax]
         activation = resolve_activation_type(cfg.activation_type)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -359,3 +359,26 @@ def split_exclude(
             f"the model. Op types present: {', '.join(sorted(ops))}."
         )
     return [e for e in exclude if e in names], {e for e in exclude if e in ops and e not in names}
+
+
+_SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"})
+
+
+def _to_output(softmax: ir.Node) -> list[str]:
+    """``softmax`` and the shape-only nodes that take its output to a graph output, by name.
+
+    Empty when the output goes anywhere else (a Softmax inside attention is quantized as
+    usual). A ``reshape(-1, 1000, 1, 1)`` after the final Softmax would otherwise carry the
+    quantized probabilities (96.5% of EfficientNet-Lite0's became exactly 0).
+    """
+    chain = [softmax]
+    node = softmax
+    while not node.outputs[0].is_graph_output():
+        uses = list(node.outputs[0].uses())
+        if len(uses) != 1 or uses[0].node.op_type not in _SHAPE_ONLY or uses[0].idx != 0:
+            return []
+        node = uses[0].node
+        chain.append(node)
+    if not all(n.name for n in chain):
+        return []
+    return [n.name or "" for n in chain]

@@ -9,7 +9,10 @@ the same eval feeds. Metrics:
 - ``max_abs``: largest absolute difference over every output.
 - ``top1``: share of samples whose argmax agrees, on the first output (class scores,
   ``[batch, classes]``).
-- ``kl``: mean KL(softmax(reference) || softmax(candidate)) per sample, first output.
+- ``kl``: mean KL(softmax(reference) || softmax(candidate)) per sample, first output; of
+  the outputs themselves when they already are probabilities (a model ending in Softmax).
+
+Infinities both outputs hold in the same place (masked logits) count as equal.
 """
 
 from __future__ import annotations
@@ -92,6 +95,23 @@ def primary(gates: Sequence[Gate]) -> tuple[str, bool]:
     return gates[0].metric, gates[0].op == ">="
 
 
+def _probabilities(x: np.ndarray) -> bool:
+    """Rows that are already a distribution (non-negative, summing to 1): softmax outputs."""
+    return bool(x.size) and bool(x.min() >= 0) and bool(np.abs(x.sum(1) - 1).max() < 1e-3)
+
+
+def _finite_pair(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both outputs in float64, with the infinities they share (masked logits) set to 0.
+
+    An infinity on one side only stays, and fails cosine and max_abs as it should.
+    """
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    shared = np.isinf(ref) & (ref == got)
+    if shared.any():
+        ref, got = np.where(shared, 0.0, ref), np.where(shared, 0.0, got)
+    return ref, got
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -119,26 +139,32 @@ def gate_metrics(
         mask = masks[index] if masks else None
         for j, (ref_j, got_j) in enumerate(zip(ref_out, got_out, strict=True)):
             ref, got = _per_sample(ref_j, got_j, mask)
-            flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+            flat_ref, flat_got = _finite_pair(ref.reshape(len(ref), -1), got.reshape(len(got), -1))
             ref_norm = np.linalg.norm(flat_ref, axis=1)
             got_norm = np.linalg.norm(flat_got, axis=1)
             norms = ref_norm * got_norm
             # a zero output agrees only with a zero reference (an all-zero fp16 underflow fails)
             both_zero = np.where((ref_norm == 0) & (got_norm == 0), 1.0, 0.0)
-            products = (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300)
-            cosines[j].append(np.where(norms > 0, products, both_zero))
+            with np.errstate(invalid="ignore", over="ignore"):
+                products = (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300)
+            finite = np.isfinite(products)  # an infinity on one side: no agreement
+            cosine = np.where(norms > 0, np.where(finite, products, 0.0), both_zero)
+            cosines[j].append(np.where(np.isfinite(norms), cosine, 0.0))
             if j:
                 continue
             if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
                 ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])
             if ref.ndim == 2 and ref.shape[1] > 1:
                 agree.append(ref.argmax(1) == got.argmax(1))
-                p, q = _softmax(ref), _softmax(got)
+                if _probabilities(ref):  # a model ending in Softmax: KL of its own outputs
+                    p, q = ref, np.maximum(got, 0.0)
+                else:
+                    p, q = _softmax(ref), _softmax(got)
                 log_ratio = np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))
                 kls.append((p * log_ratio).sum(1))
     per_output = [np.concatenate(c) for c in cosines]
     max_abs = max(
-        float(np.max(np.abs(r.astype(np.float64) - c.astype(np.float64)))) if r.size else 0.0
+        float(np.max(np.abs(np.subtract(*_finite_pair(r, c))))) if r.size else 0.0
         for ref, got in zip(reference, candidate, strict=True)
         for r, c in zip(ref, got, strict=True)
     )

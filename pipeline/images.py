@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,7 @@ def load_images(
     for f in files:
         try:
             with Image.open(f) as img:
-                rgb = img.convert("L" if channels == 1 else "RGB")
+                rgb = _eight_bit(img).convert("L" if channels == 1 else "RGB")
                 arrays.append(_resize_crop(rgb, resize, crop))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise InputError(
@@ -157,3 +158,22 @@ def _resize_crop(img: object, resize: int, crop: int) -> np.ndarray:
     img = img.resize(size, Image.Resampling.BILINEAR)
     left, top = (img.width - crop) // 2, (img.height - crop) // 2
     return np.asarray(img.crop((left, top, left + crop, top + crop)), np.float32)
+
+
+def _eight_bit(img: Any) -> Any:
+    """``img`` (a PIL image) with 8-bit samples; Pillow's convert() clips 16 bits, not scales.
+
+    A 16-bit PNG of a photo became an all-white frame (0.98-1.00 after /255), and calibration
+    and the gate silently ran on it. 16-bit values are scaled by 1/257 (65535 -> 255); float
+    images are taken as 0..1 when they stay in it, else clipped to 0..255.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scaled = values * 255.0 if values.size and values.max() <= 1.0 else values
+    else:
+        scaled = values / 257.0 if img.mode != "I" or values.max(initial=0) > 255 else values
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")

@@ -129,3 +129,30 @@ def test_cosine_holds_on_every_output():
 def test_a_failed_gate_shows_enough_digits_to_see_the_miss():
     with pytest.raises(GateFailed, match=r"cosine=0\.99998 \(needs cosine>=0\.9999999\)"):
         enforce([Gate.parse("cosine>=0.9999999")], {"cosine": 0.99997868, "samples": 4}, "q")
+
+
+def test_kl_of_probabilities_is_taken_on_them_not_on_their_softmax():
+    """The softmax of probabilities is near uniform: a broken int8 classifier ending in Softmax
+    scored kl 0.084 (true 2.87) and passed kl<=0.1."""
+    p = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
+    q = np.array([[0.1, 0.45, 0.45], [0.1, 0.8, 0.1]])
+    true_kl = float((p * np.log(p / q)).sum(1).mean())
+    metrics = gate_metrics([[p]], [[q]])
+    assert metrics["kl"] == pytest.approx(true_kl) and true_kl > 0.8
+    zeroed = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # int8 zeroed the small classes
+    assert gate_metrics([[p]], [[zeroed]])["kl"] > 3
+    logits = np.log(p)  # logits keep the softmax: the same number
+    assert gate_metrics([[logits]], [[np.log(q)]])["kl"] == pytest.approx(true_kl)
+
+
+def test_infinities_in_the_same_place_are_equal():
+    """Masked logits (-inf) in both models: cosine and max_abs read the finite values."""
+    ref = np.array([[1.0, -np.inf, 2.0], [0.5, 1.0, -np.inf]])
+    got = ref + np.array([[1e-4, 0.0, 0.0], [0.0, -1e-4, 0.0]])
+    metrics = gate_metrics([[ref]], [[got]])
+    assert metrics["max_abs"] == pytest.approx(1e-4) and metrics["cosine"] > 0.999999
+    assert metrics["top1"] == 1.0 and np.isfinite(metrics["kl"])
+    moved = got.copy()
+    moved[0, 1] = 0.0  # an infinity on one side only fails
+    one_sided = gate_metrics([[ref]], [[moved]])
+    assert one_sided["max_abs"] == np.inf and one_sided["cosine_min"] == 0.0

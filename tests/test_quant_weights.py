@@ -182,26 +182,37 @@ def test_integer_limits_follow_the_saturation_safe_layout():
     assert integer_limits(pointwise, (4, 8, 1, 1), True, True) == ((-64, 64), False)
 
 
-def test_a_final_softmax_stays_float():
-    """ORT's fixed 1/256 softmax scale zeroes a 1000-class model's small probabilities."""
+@pytest.mark.parametrize("reshaped", [False, True])
+def test_a_final_softmax_stays_float(reshaped):
+    """ORT's fixed 1/256 softmax scale zeroes a 1000-class model's small probabilities; a
+    Reshape after the Softmax (EfficientNet's [N, 1000, 1, 1] head) leaves it final."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((1000, 32)) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc", transB=1),
+        helper.make_node(
+            "Softmax", ["logits"], ["p" if reshaped else "prob"], name="softmax", axis=1
+        ),
+    ]
+    out_shape: list = ["n", 1000]
+    if reshaped:
+        nodes.append(helper.make_node("Reshape", ["p", "shape"], ["prob"], name="to4d"))
+        out_shape = ["n", 1000, 1, 1]
     graph = helper.make_graph(
-        [
-            helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc", transB=1),
-            helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1),
-        ],
+        nodes,
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
-        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["n", 1000])],
-        [numpy_helper.from_array(w, "w")],
-    )
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(np.array([-1, 1000, 1, 1], np.int64), "shape")],
+    )  # fmt: skip
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     x = rng.standard_normal((16, 32)).astype(np.float32)
     q = QuantizeStaticPass(calibration=[{"x": x}], empirical_bias=False)
     result = q(model).model
-    assert q.metrics["float_output_softmax"] == ["softmax"]
-    assert next(n for n in result.graph if n.op_type == "Softmax").outputs[0].is_graph_output()
+    assert q.metrics["float_output_softmax"] == (["softmax", "to4d"] if reshaped else ["softmax"])
+    softmax = next(n for n in result.graph if n.op_type == "Softmax")
+    assert all(u.node.op_type != "QuantizeLinear" for u in softmax.outputs[0].uses())
     got, want = ort_run(result, {"x": x})[0], ort_run(model, {"x": x})[0]
     assert (got > 0).all()  # every class keeps its probability
     assert np.abs(got - want).max() < 2e-4

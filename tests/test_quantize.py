@@ -530,3 +530,23 @@ def test_ort_fused_cpu_ops_are_refused_by_quantize_and_prune(cli, cnn, cnn_data,
         code, _, err = cli(*args)
         assert code == 2 and "CPU-fused ops" in err and "opt/model.onnx" in err, err
         assert "optimized from, then optimize the result" in err
+
+
+def test_sixteen_bit_grayscale_images_load_as_the_same_picture(tmp_path):
+    """Pillow's convert('L') clips 16-bit samples: a 16-bit PNG photo became a white frame."""
+    from PIL import Image
+
+    from onnxpipe.converters.base import InputSpec
+    from onnxpipe.images import ImageSpec, load_images
+
+    gray = np.random.default_rng(0).integers(0, 256, (16, 16)).astype(np.uint8)
+    for depth, array in (("8", gray), ("16", gray.astype(np.uint16) * 257)):
+        folder = tmp_path / depth
+        folder.mkdir()
+        Image.fromarray(array).save(folder / "photo.png")
+    spec = [InputSpec("x", "float32", ("batch", 1, 16, 16))]
+    eight = load_images(tmp_path / "8", ImageSpec(crop=16), spec, 1)[0]["x"]
+    sixteen = load_images(tmp_path / "16", ImageSpec(crop=16), spec, 1)[0]["x"]
+    assert Image.open(tmp_path / "16" / "photo.png").mode.startswith("I")
+    np.testing.assert_array_equal(sixteen, eight)
+    assert sixteen.min() < 50 and sixteen.max() > 200  # the picture, not a white frame
