@@ -16,6 +16,8 @@ import platform
 import shutil
 import stat
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -231,7 +233,13 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
     if mobile and manifest["mobile"].get("ort_sha256"):
         files.append((mobile, manifest["mobile"]["ort_sha256"]))
     parity = [PARITY_FILE] if manifest.get("parity") else []  # stored with the parity record
-    names = [name for name, _ in files] + parity + ([mobile] if mobile else [])
+    samples = manifest.get("parity_samples")
+    if isinstance(samples, dict) and samples.get("sha256"):
+        files.append((PARITY_FILE, samples["sha256"]))
+    config = (manifest.get("mobile") or {}).get("operators_config")
+    if config and manifest["mobile"].get("operators_config_sha256"):
+        files.append((config, manifest["mobile"]["operators_config_sha256"]))
+    names = [name for name, _ in files] + parity + [p for p in (mobile, config) if p]
     names = list(dict.fromkeys(names))
     missing = [name for name in names if not (bundle / name).is_file()]
     if missing:
@@ -251,7 +259,35 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
                 f"{bundle / name}: changed since onnxpipe wrote the bundle (its sha256 is not the "
                 f"manifest's {recorded[:12]}...), so the manifest's numbers are not about it. {fix}"
             )
+    _check_signature(bundle, manifest)
     return manifest
+
+
+def _check_signature(bundle: Path, manifest: dict[str, Any]) -> None:
+    """InputError unless the manifest's ``inputs``/``outputs`` are model.onnx's own."""
+    import onnx_ir as ir  # noqa: PLC0415 - heavy; only once the bundle's files check out
+
+    from onnxpipe.modelio import MODEL_FILE, io_signature  # noqa: PLC0415
+
+    def plain(entries: Any) -> list[Any]:
+        return [
+            {k: e.get(k) for k in ("name", "dtype", "shape")} if isinstance(e, dict) else e
+            for e in entries
+        ]
+
+    inputs, outputs = io_signature(ir.load(bundle / MODEL_FILE))
+    for key, actual in (("inputs", inputs), ("outputs", outputs)):
+        recorded, real = plain(manifest[key]), plain(actual)
+        if recorded != real:
+            wrong = next(
+                ((r, a) for r, a in zip(recorded, real, strict=False) if r != a),
+                (recorded, real),  # another count
+            )
+            raise InputError(
+                f"{bundle / MANIFEST}: its {key} are not those of {MODEL_FILE} ({wrong[0]} where "
+                f"the model has {wrong[1]}); the manifest was edited or damaged. Re-create the "
+                "bundle with onnxpipe."
+            )
 
 
 def _check_keys(bundle: Path, manifest: dict[str, Any]) -> None:
@@ -305,21 +341,49 @@ def save_parity_samples(
     return kept
 
 
+NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+"""What numpy raises on a damaged .npz: truncated, bit rot, empty, a member not an array."""
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at ``path``, read now (no pickles).
+
+    Raises:
+        InputError: the file is not a readable .npz of arrays (truncated, damaged, empty, or
+            a member that is not a numpy array), named with the reason.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except NPZ_ERRORS as e:
+        raise InputError(f"{path}: not a readable numpy file ({type(e).__name__}: {e}).") from e
+    bad = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if bad:
+        raise InputError(f"{path}: member(s) {bad} are not numpy arrays; save it with np.savez.")
+    return arrays
+
+
 def load_parity_samples(bundle: Path) -> list[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
     """The stored (feeds, reference outputs) pairs, or [] when the bundle has none."""
     path = bundle / PARITY_FILE
     if not path.is_file():
         return []
     runs: dict[int, tuple[dict[str, np.ndarray], dict[int, np.ndarray]]] = {}
-    with np.load(path, allow_pickle=False) as npz:
-        for key in npz.files:
+    try:
+        arrays = read_npz(path)
+        for key, array in arrays.items():
             kind, _, name = key.partition("/")
             index = int(kind[3:] if kind.startswith("out") else kind[2:])
             feeds, outs = runs.setdefault(index, ({}, {}))
             if kind.startswith("out"):
-                outs[int(name)] = npz[key]
+                outs[int(name)] = array
             else:
-                feeds[name] = npz[key]
+                feeds[name] = array
+    except (InputError, ValueError) as e:
+        raise InputError(
+            f"{path}: the bundle's stored parity samples are damaged ({e}). Re-create the "
+            "bundle (onnxpipe convert, or the step that made it)."
+        ) from e
     return [(f, [o[j] for j in sorted(o)]) for _, (f, o) in sorted(runs.items())]
 
 

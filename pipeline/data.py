@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxpipe.bundle import NPZ_ERRORS, read_npz
 from onnxpipe.converters.base import InputSpec, example_sizes, random_feeds
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError
@@ -121,10 +122,9 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
                 )
             arrays = {specs[0].name: np.load(path, allow_pickle=False)}
         else:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path}: not a readable numpy file ({e}).") from e
+            arrays = read_npz(path)
+    except NPZ_ERRORS as e:
+        raise InputError(f"{path}: not a readable numpy file ({type(e).__name__}: {e}).") from e
     count = {len(a) if a.ndim else 1 for a in arrays.values()}
     scalar = any(a.ndim == 0 for a in arrays.values())
     if (len(count) != 1 or scalar) and _one_feed(arrays, specs):

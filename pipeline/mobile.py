@@ -400,6 +400,7 @@ def package_mobile(
                 "optimization_level": level,
                 "ort_bytes": ort_path.stat().st_size,
                 "ort_sha256": sha256(ort_path),
+                "operators_config_sha256": sha256(config_path),
                 "operators": [
                     ln
                     for ln in config_path.read_text().splitlines()

@@ -24,6 +24,7 @@ import yaml
 
 from onnxpipe.bundle import (
     MANIFEST,
+    PARITY_FILE,
     SCHEMA,
     atomic_dir,
     check_out_dir,
@@ -35,7 +36,7 @@ from onnxpipe.card import write_docs
 from onnxpipe.converters.source import named_path
 from onnxpipe.derived_steps import MODEL_CHANGING
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
-from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature
+from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature, sha256
 from onnxpipe.steps import ConvertStep, StepConfig, Work, make_step
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def finalize(work: Work, title: str | None = None) -> dict[str, Any]:
     }
     if title:
         manifest["title"] = title
+    if (work.dir / PARITY_FILE).is_file():  # validate reads its outputs as the reference
+        manifest["parity_samples"] = {"file": PARITY_FILE, "sha256": sha256(work.dir / PARITY_FILE)}
     write_json_atomic(work.dir / MANIFEST, manifest)
     write_docs(work.dir, manifest)
     return manifest

@@ -462,6 +462,51 @@ def test_a_damaged_manifest_is_exit_2(cli, bundle, change, needle):
         assert code == 2 and needle in err and "the manifest is damaged" in err
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["inputs"][0].update(name="renamed"),
+        lambda m: m["inputs"][0].update(shape=["batch", 32]),
+        lambda m: m["outputs"][0].update(dtype="float16"),
+    ],
+)
+def test_a_manifest_signature_other_than_the_models_is_exit_2(cli, bundle, change):
+    """validate passed such a bundle; bench and package were exit 3."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    for args in (("validate", bundle), ("bench", bundle, "--runs", "2")):
+        code, _, err = cli(*args)
+        assert code == 2 and "are not those of model.onnx" in err, err
+
+
+def test_edited_or_damaged_parity_samples_are_exit_2(cli, bundle):
+    """Edited reference outputs made validate blame the model (exit 1, written into the
+    manifest); a truncated parity.npz was exit 3 in every command."""
+    assert json.loads((bundle / "manifest.json").read_text())["parity_samples"]["sha256"]
+    original = (bundle / "parity.npz").read_bytes()
+    arrays = dict(np.load(bundle / "parity.npz"))
+    key = next(k for k in arrays if k.startswith("out"))
+    arrays[key] = arrays[key] + 1.0
+    np.savez(bundle / "parity.npz", **arrays)
+    code, _, err = cli("validate", bundle)
+    assert code == 2 and "parity.npz: changed since onnxpipe wrote the bundle" in err
+    (bundle / "parity.npz").write_bytes(original[: len(original) // 2])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.pop("parity_samples")  # a bundle written before the hash was recorded
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = cli("validate", bundle)
+    assert code == 2 and "stored parity samples are damaged" in err, err
+
+
+def test_a_packaged_bundle_without_its_operators_config_is_exit_2(cli, bundle, tmp_path):
+    out = tmp_path / "pkg"
+    assert cli("package", bundle, "-o", out, "--target", "mobile")[0] == 0
+    (out / "mobile" / "required_operators.config").unlink()
+    code, _, err = cli("validate", out, "--ep", "cpu,mobile")
+    assert code == 2 and "required_operators.config missing" in err
+
+
 def test_unrecorded_external_data_is_refused(cli, bundle):
     (bundle / "model.onnx.data").write_bytes(b"\0" * 64)
     code, _, err = cli("bench", bundle, "--runs", "2")

@@ -130,7 +130,7 @@ def test_custom_domain_op_cannot_be_packaged(cli, tmp_path):
                 "schema": "onnxpipe.manifest/1",
                 "model": {"file": "model.onnx", "sha256": sha256(bundle / "model.onnx")},
                 "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
-                "outputs": [],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4]}],
                 "steps": [],
             }
         )
