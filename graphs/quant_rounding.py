@@ -23,7 +23,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.graphs.base import attr_int
-from onnxpipe.graphs.quant_utils import Feeds, first_samples, tap_session, token_rows
+from onnxpipe.graphs.quant_utils import (
+    Feeds,
+    first_samples,
+    fixed_batch,
+    tap_session,
+    token_rows,
+)
 from onnxpipe.graphs.quant_weights import PAIR_BOUND
 
 logger = logging.getLogger(__name__)
@@ -78,7 +84,7 @@ def input_hessians(
         first.setdefault(_statistic_key(node), node)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in first_samples(feeds, samples):
+    for feed in first_samples(feeds, samples, fixed_batch(model)):
         values = dict(zip(tensors, session.run(tensors, feed), strict=True))
         mask = feed.get("attention_mask")
         for key, node in first.items():

@@ -112,8 +112,55 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def first_samples(feeds: Sequence[Feeds], samples: int) -> list[dict[str, np.ndarray]]:
-    """The leading batches of ``feeds`` cut to ``samples`` samples in all."""
+def fixed_batch(model: ir.Model | onnx.ModelProto) -> int | None:
+    """The batch size every input of ``model`` fixes on axis 0, or None when it is free.
+
+    A model exported at a fixed batch (the onnx zoo's ``[1, 3, 224, 224]``, or 4) runs
+    only at that batch: calibration and sensitivity feeds are grouped to it (:func:`regroup`).
+    """
+    if isinstance(model, onnx.ModelProto):
+        initializers = {t.name for t in model.graph.initializer}
+        dims = [
+            d.dim_value if d.HasField("dim_value") else None
+            for v in model.graph.input
+            if v.name not in initializers and v.type.tensor_type.shape.dim
+            for d in v.type.tensor_type.shape.dim[:1]
+        ]
+    else:
+        dims = [
+            v.shape[0] if isinstance(v.shape[0], int) else None
+            for v in model.graph.inputs
+            if v.shape is not None and len(v.shape) and v.const_value is None
+        ]
+    batches = set(dims)
+    return batches.pop() if len(batches) == 1 and None not in batches and dims else None
+
+
+def regroup(feeds: Sequence[Feeds], batch: int | None) -> list[dict[str, np.ndarray]]:
+    """``feeds`` as batches of exactly ``batch`` samples (a remainder is left out).
+
+    ``feeds`` as they are when ``batch`` is None (the model takes any batch).
+    """
+    if batch is None or not feeds:
+        return [dict(f) for f in feeds]
+    stacked = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    total = len(next(iter(stacked.values())))
+    return [
+        {k: v[i : i + batch] for k, v in stacked.items()}
+        for i in range(0, total - batch + 1, batch)
+    ]
+
+
+def first_samples(
+    feeds: Sequence[Feeds], samples: int, batch: int | None = None
+) -> list[dict[str, np.ndarray]]:
+    """The leading batches of ``feeds`` cut to ``samples`` samples in all.
+
+    With a fixed ``batch``, whole batches of it (at least one).
+    """
+    if batch is not None:
+        grouped = regroup(feeds, batch)
+        return grouped[: max(1, samples // batch)]
     out: list[dict[str, np.ndarray]] = []
     seen = 0
     for feed in feeds:
@@ -273,13 +320,17 @@ def is_x86() -> bool:
 class FeedsReader:
     """ORT's ``CalibrationDataReader`` protocol over a list of feed dicts, one sample at a time.
 
-    Single samples keep the calibration model's memory flat for any batch size the user gave.
+    A model fixed at a ``batch`` takes that many at a time. Single samples keep the
+    calibration model's memory flat for any batch size the user gave.
     """
 
-    def __init__(self, feeds: Sequence[Feeds]) -> None:
-        self._samples = [
-            {k: v[i : i + 1] for k, v in f.items()} for f in feeds for i in range(_count(f))
-        ]
+    def __init__(self, feeds: Sequence[Feeds], batch: int | None = None) -> None:
+        if batch is not None and batch > 1:  # a model fixed at that batch takes no other
+            self._samples = regroup(feeds, batch)
+        else:
+            self._samples = [
+                {k: v[i : i + 1] for k, v in f.items()} for f in feeds for i in range(_count(f))
+            ]
         self._index = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:

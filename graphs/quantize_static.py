@@ -37,6 +37,7 @@ from onnxpipe.graphs.quant_utils import (
     Feeds,
     FeedsReader,
     first_samples,
+    fixed_batch,
     has_vnni,
     is_x86,
     load_arrays,
@@ -200,7 +201,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             quantize_static(
                 str(src),
                 str(out),
-                FeedsReader(self.calibration),
+                FeedsReader(self.calibration, fixed_batch(model)),
                 quant_format=QuantFormat.QDQ if cfg.format == "qdq" else QuantFormat.QOperator,
                 op_types_to_quantize=quantizable,
                 per_channel=cfg.per_channel,
@@ -315,7 +316,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
         targets = measured_tensors(result, model)
         if not targets or not self.calibration:
             return []
-        feeds = first_samples(self.calibration, EMPIRICAL_SAMPLES)
+        feeds = first_samples(self.calibration, EMPIRICAL_SAMPLES, fixed_batch(model))
         means = self._statistics(
             ".output-means.npz",
             sorted({t.reference for t in targets}),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import math
@@ -64,7 +65,13 @@ def _quiet(debug: bool) -> Iterator[None]:
     chatty = [logging.getLogger(n) for n in ("ort_format_model.utils", "usability_checker")]
     for chatty_logger in chatty:
         chatty_logger.disabled = True
-    with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
+    # Python-level prints (ORT's calibrators: "Collecting tensor data ...") go to a buffer,
+    # whatever sys.stdout is (a test harness replaces it); C++ ones to the scratch file.
+    with (
+        warnings.catch_warnings(),
+        tempfile.TemporaryFile() as sink,
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         os.dup2(sink.fileno(), 1)
         try:

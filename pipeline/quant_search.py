@@ -38,7 +38,7 @@ from onnxpipe.data import Feeds
 from onnxpipe.errors import PassError
 from onnxpipe.gate import Gate, gate_metrics, primary
 from onnxpipe.graphs.base import copy_model
-from onnxpipe.graphs.quant_utils import is_x86
+from onnxpipe.graphs.quant_utils import fixed_batch, is_x86, regroup
 from onnxpipe.graphs.quantize_static import (
     QuantizeStaticConfig,
     QuantizeStaticPass,
@@ -281,7 +281,7 @@ def _float_fallback(
     settings, cfg, int8_path = base
     registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
     units = fallback_units(model, set(registry) - node_cost.MOVERS, set(cfg.exclude))
-    sens_feeds = _slice(calib, SENSITIVITY_SAMPLES)
+    sens_feeds = _slice(calib, SENSITIVITY_SAMPLES, fixed_batch(model))
     ref_path = ctx.save(model, "float-reference")
     reference = ctx.run(ref_path, sens_feeds)
     damage: dict[tuple[str, ...], float] = {}
@@ -343,7 +343,7 @@ def _cost_order(
 
     By damage alone when the profiles cannot be taken (the order then ignores speed).
     """
-    feeds = {k: v[:1] for k, v in ctx.eval_feeds[0].items()}
+    feeds = _one_batch(ctx)
     owners = node_cost.weight_owners(model, {n for u in units for n in u})
     try:
         profiles = [
@@ -386,12 +386,23 @@ def fallback_units(
     return units
 
 
-def _slice(feeds: Sequence[Feeds], samples: int) -> list[Feeds]:
-    """One feed dict with the first ``samples`` samples (spread across the batches)."""
+def _slice(feeds: Sequence[Feeds], samples: int, batch: int | None = None) -> list[Feeds]:
+    """``samples`` samples spread across the batches, in one feed dict.
+
+    A model fixed at a ``batch`` gets them that many at a time.
+    """
     stacked = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
     count = len(next(iter(stacked.values())))
     index = np.linspace(0, count - 1, min(samples, count)).round().astype(int)
-    return [{k: v[index] for k, v in stacked.items()}]
+    picked = [{k: v[index] for k, v in stacked.items()}]
+    return regroup(picked, batch) or regroup(feeds, batch)[:1]
+
+
+def _one_batch(ctx: TransformContext) -> Feeds:
+    """The first eval sample, or batch for a model fixed at one: what latency is timed on."""
+    first = ctx.inputs[0].shape[0] if ctx.inputs and ctx.inputs[0].shape else None
+    size = first if isinstance(first, int) else 1
+    return {k: v[:size] for k, v in ctx.eval_feeds[0].items()}
 
 
 def _n(feeds: Sequence[Feeds]) -> int:
@@ -400,5 +411,5 @@ def _n(feeds: Sequence[Feeds]) -> int:
 
 def _latencies(paths: dict[int, Path], ctx: TransformContext) -> dict[int, float]:
     """Batch-1 median latency (ms) per model, each timed alone in its own process."""
-    feeds = {k: v[:1] for k, v in ctx.eval_feeds[0].items()}
+    feeds = _one_batch(ctx)
     return {i: statistics.median(t) for i, t in isolated_ms(paths, feeds, 50, 3).items()}

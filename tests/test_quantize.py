@@ -550,3 +550,21 @@ def test_sixteen_bit_grayscale_images_load_as_the_same_picture(tmp_path):
     assert Image.open(tmp_path / "16" / "photo.png").mode.startswith("I")
     np.testing.assert_array_equal(sixteen, eight)
     assert sixteen.min() < 50 and sixteen.max() > 200  # the picture, not a white frame
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_static_auto_on_a_model_fixed_at_a_batch(cli, cnn_data, tmp_path, batch):
+    """Calibration fed one sample at a time (a batch-4 model: exit 3) and the fallback search
+    stacked 24 samples into one batch (a batch-1 zoo model: exit 2 naming a deleted file)."""
+    fixed = tmp_path / "fixed"
+    assert cli("convert", model_ref("gated"), "-o", fixed, "--input",
+               f"x:float32[{batch},3,16,16]", "--no-bench")[0] == 0  # fmt: skip
+    out = tmp_path / "q"
+    code, stdout, err = cli("quantize", fixed, "-o", out, "--mode", "static", "--calib",
+                            cnn_data / "calib.npz", "--eval", cnn_data / "eval.npz", "--auto",
+                            "--gate", "cosine>=0.9999995", "--json")  # fmt: skip
+    assert code in (0, 1), err  # passed, or no candidate reached the gate: numbers reported
+    assert stdout, (code, err)
+    record = json.loads(stdout)
+    auto = (record.get("metrics") or record["steps"][-1]["metrics"])["auto"]
+    assert auto["sensitivity"] and auto["kept_float_nodes"]  # the fallback search ran
