@@ -350,7 +350,11 @@ def _range_overrides(model: ir.Model, per_channel: bool) -> dict[str, list[dict[
 def split_exclude(
     model: ir.Model, exclude: Sequence[str], pass_name: str
 ) -> tuple[list[str], set[str]]:
-    """Split ``exclude`` into node names and op types of ``model``; unknown entries raise."""
+    """Split ``exclude`` into node names and op types of ``model``; unknown entries raise.
+
+    An entry that is both (ORT's pre-processing names a node ``Gather``) counts as both:
+    ``--exclude Gather`` left every other Gather quantized.
+    """
     names = {n.name for n in model.graph}
     ops = {n.op_type for n in model.graph}
     unknown = [e for e in exclude if e not in names and e not in ops]
@@ -359,7 +363,7 @@ def split_exclude(
             f"{pass_name}: --exclude {', '.join(unknown)}: no node or op type of that name in "
             f"the model. Op types present: {', '.join(sorted(ops))}."
         )
-    return [e for e in exclude if e in names], {e for e in exclude if e in ops and e not in names}
+    return [e for e in exclude if e in names], {e for e in exclude if e in ops}
 
 
 _SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"})

@@ -42,7 +42,7 @@ class QuantizeSettings(BaseModel):
     )
     per_channel: bool = Field(
         default=True,
-        description="per-channel weights (static; --per-tensor turns it off; dynamic: always)",
+        description="per-channel weights (static and dynamic; --per-tensor turns it off)",
     )
     smooth_alpha: float = Field(
         default=0.7,
@@ -81,6 +81,15 @@ class QuantizeSettings(BaseModel):
             )
         if self.activation_type != "auto" and self.mode != "static":
             raise ValueError("--activation-type applies to --mode static only")
+        # options the mode would ignore are refused, not recorded as if they applied
+        if self.method != "minmax" and self.mode != "static":
+            raise ValueError("--method applies to --mode static only (calibration ranges)")
+        if self.format != "qdq" and self.mode != "static":
+            raise ValueError("--format applies to --mode static only")
+        if not self.per_channel and self.mode not in ("static", "dynamic"):
+            raise ValueError("--per-tensor applies to --mode static and dynamic only")
+        if self.calib and self.mode == "fp16":
+            raise ValueError("--mode fp16 takes no --calib (it converts weights, no ranges)")
         if self.auto and not self.gates:
             raise ValueError("--auto needs a --gate to search for, e.g. --gate top1>=0.97")
         if self.method == "distribution":
@@ -162,7 +171,10 @@ def _quantize(
         source = "calib" if s.calib else ("eval" if eval_given else None)
         statistics = _calibration(s.calib, ctx) if s.calib else ctx.eval_feeds
         dynamic = QuantizeDynamicPass(
-            exclude=s.exclude, statistics=statistics if source else (), smooth_alpha=s.smooth_alpha
+            exclude=s.exclude,
+            per_channel=s.per_channel,
+            statistics=statistics if source else (),
+            smooth_alpha=s.smooth_alpha,
         )
         result, metrics = _apply(dynamic, model)
         smoothing = metrics["quantize_dynamic"]["smoothing"]
@@ -170,7 +182,9 @@ def _quantize(
         if smoothing["smoothed_nodes"]:
             # Smoothing at a fixed strength can hurt a model without outliers: keep it only
             # when it measures better than plain dynamic int8 on the eval data.
-            plain, plain_metrics = _apply(QuantizeDynamicPass(exclude=s.exclude), model)
+            plain, plain_metrics = _apply(
+                QuantizeDynamicPass(exclude=s.exclude, per_channel=s.per_channel), model
+            )
             metric, higher = primary(gates)
             measured = ctx.measure(result), ctx.measure(plain)
             if any(m.get(metric) is None for m in measured):

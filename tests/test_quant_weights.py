@@ -216,3 +216,24 @@ def test_a_final_softmax_stays_float(reshaped):
     got, want = ort_run(result, {"x": x})[0], ort_run(model, {"x": x})[0]
     assert (got > 0).all()  # every class keeps its probability
     assert np.abs(got - want).max() < 2e-4
+
+
+def test_an_exclude_entry_that_names_a_node_and_an_op_type_excludes_both():
+    """ORT's pre-processing names a BERT node 'Gather': --exclude Gather kept only that one."""
+    from onnxpipe.graphs.quantize_static import split_exclude
+
+    table = numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["a"], name="Gather"),
+            helper.make_node("Gather", ["table", "ids"], ["b"], name="Gather_1"),
+            helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [table],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    nodes, op_types = split_exclude(model, ["Gather", "add"], "quantize")
+    assert nodes == ["Gather", "add"] and op_types == {"Gather"}

@@ -215,6 +215,35 @@ def test_dynamic_on_mlp_uses_integer_matmul(cli, mlp, tmp_path):
     assert _ops(out) & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
 
 
+def test_dynamic_per_tensor_is_per_tensor(cli, mlp, tmp_path):
+    """--mode dynamic --per-tensor shipped per-channel weights, recorded as per_channel false."""
+
+    def weight_scales(bundle):
+        model = onnx.load(str(bundle / "model.onnx"))
+        return [int(np.prod(t.dims)) for t in model.graph.initializer if t.name.endswith("_scale")]
+
+    per_channel, per_tensor = tmp_path / "pc", tmp_path / "pt"
+    assert cli("quantize", mlp, "-o", per_channel, "--mode", "dynamic")[0] == 0
+    assert cli("quantize", mlp, "-o", per_tensor, "--mode", "dynamic", "--per-tensor")[0] == 0
+    assert max(weight_scales(per_channel)) > 1 and max(weight_scales(per_tensor)) == 1
+    step = json.loads((per_tensor / "manifest.json").read_text())["steps"][-1]
+    assert step["config"]["per_channel"] is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--mode", "dynamic", "--method", "entropy"], "--method applies"),
+        (["--mode", "int4", "--format", "qop"], "--format applies"),
+        (["--mode", "fp16", "--per-tensor"], "--per-tensor applies"),
+        (["--mode", "fp16", "--calib", "x.npz"], "takes no --calib"),
+    ],
+)
+def test_options_the_mode_ignores_are_refused(cli, mlp, tmp_path, flags, needle):
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "q", *flags)
+    assert code == 2 and needle in err and not (tmp_path / "q").exists()
+
+
 def test_dynamic_refuses_conv_heavy_model(cli, cnn, tmp_path):
     code, _, err = cli("quantize", cnn, "-o", tmp_path / "d", "--mode", "dynamic")
     assert code == 2
