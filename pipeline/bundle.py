@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.converters.source import named_path
-from onnxpipe.errors import InputError
+from onnxpipe.errors import InputError, raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from others
         yield tmp
+        raise_if_interrupted()  # a signal whose exception was lost: nothing is written
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -117,6 +118,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         os.rename(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        # an earlier failed run's report would contradict the bundle now standing there
+        (out.parent / f"{out.name}.failed.json").unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

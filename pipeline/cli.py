@@ -27,7 +27,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxpipe.cli_args import build_parser
-from onnxpipe.errors import GateFailed, InputError, OnnxPipeError, invalid_settings
+from onnxpipe.errors import (
+    GateFailed,
+    InputError,
+    OnnxPipeError,
+    Terminated,
+    clear_signals,
+    invalid_settings,
+    signal_received,
+)
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
@@ -397,24 +405,26 @@ COMMANDS = {
 }
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so temporary files are cleaned up as on Ctrl-C."""
+def _on_signal(signum: int, frame: object) -> None:
+    signal_received(signum)  # kept, in case the exception is lost on the way (see there)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated
+def _terminate_cleanly() -> dict[int, Any]:
+    """Handle SIGINT and SIGTERM as :class:`Terminated`/KeyboardInterrupt, remembered.
 
-
-def _terminate_cleanly() -> Any:
-    """Turn SIGTERM into :class:`Terminated`; returns the handler to restore (None: unchanged).
-
-    A killed run (``timeout``, a CI runner) otherwise left its scratch files behind: 476 MB
-    of GPTQ statistics for a ResNet-50. Only the main thread may set handlers.
+    Returns the handlers to restore. A killed run (``timeout``, a CI runner) otherwise left
+    its scratch files behind: 476 MB of GPTQ statistics for a ResNet-50. Only the main thread
+    may set handlers.
     """
-    try:
-        return signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:
-        return None
+    clear_signals()
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, _on_signal)
+        except ValueError:
+            break
+    return previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,8 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 3
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from onnxpipe.converters.source import (
     detect_framework,
     framework_of_object,
 )
-from onnxpipe.errors import ConversionError, GateFailed, InputError
+from onnxpipe.errors import ConversionError, GateFailed, InputError, raise_if_interrupted
 from onnxpipe.modelio import save_model
 from onnxpipe.source_parity import check_parity, parity_advice
 
@@ -103,6 +103,7 @@ def convert(
     tried: list[dict[str, Any]] = []
     failed_parity: list[tuple[dict[str, Any], str]] = []
     for attempt in get_converter(framework)(loaded, config):
+        raise_if_interrupted()  # not a failed export: a Ctrl-C that the exporter swallowed
         record: dict[str, Any] = {"exporter": attempt.exporter}
         tried.append(record)
         if attempt.result is None:

@@ -62,3 +62,35 @@ def invalid_settings(what: str, error: ValueError) -> InputError:
         for item in details()
     )
     return InputError(f"{what}: {clauses}.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so temporary files are cleaned up as on Ctrl-C."""
+
+
+_RECEIVED: list[int] = []
+"""Signals (SIGINT, SIGTERM) the command line received during this command."""
+
+
+def signal_received(signum: int) -> None:
+    """Remember ``signum``: :func:`raise_if_interrupted` raises for it later.
+
+    The interrupt raised by the handler can be lost: when it lands while torch imports
+    ``torch._dynamo`` lazily, torch's ``except torch._dynamo.exc.UserError`` then fails with
+    AttributeError, which the exporter fallback took for an export failure (a Ctrl-C'd run
+    went on to write its bundle with TorchScript).
+    """
+    _RECEIVED.append(signum)
+
+
+def clear_signals() -> None:
+    """Forget earlier signals (a new command starts)."""
+    _RECEIVED.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Terminated` / KeyboardInterrupt if a signal came; before lasting work."""
+    import signal  # noqa: PLC0415
+
+    if _RECEIVED:
+        raise Terminated if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt

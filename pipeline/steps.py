@@ -162,7 +162,9 @@ class ValidateStep(StepConfig):
         """Fill ``validation.<ep>``; raise :class:`GateFailed` on a failed or required EP."""
         started = time.perf_counter()
         atol = source_tolerance(work.manifest, self.atol)
-        results = validate_bundle(work.dir, self.ep, work.inputs, self.data, atol, self.require)
+        results = validate_bundle(
+            work.dir, self.ep, work.inputs, self.data, atol, self.require, work.manifest
+        )
         work.manifest.setdefault("validation", {}).update(results)
         work.record_step(
             self.name,

@@ -182,7 +182,9 @@ def derive_bundle(
                 work = Work(dir=tmp, manifest=_carry(manifest), inputs=inputs)
                 work.manifest["parity"] = _parity_record(manifest, gate, gates, ctx.random)
                 work.record_step(step_name, step_config, time.perf_counter() - started, metrics)
-                work.manifest["validation"] = validate_bundle(tmp, ["cpu"], inputs)
+                work.manifest["validation"] = validate_bundle(
+                    tmp, ["cpu"], inputs, manifest=work.manifest
+                )
                 _require_valid(work.manifest["validation"]["cpu"], step_name)
                 work.manifest["bench"] = metrics.pop("_bench_after")
                 result = finalize(work)

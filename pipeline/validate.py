@@ -68,10 +68,13 @@ def validate_bundle(
     data: str | None = None,
     atol: float = 1e-4,
     require: Sequence[str] = (),
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``validation.<ep>`` records: passed / failed / unavailable, with the reason and numbers.
 
-    A ``require``d EP is validated too, whether or not ``eps`` lists it.
+    A ``require``d EP is validated too, whether or not ``eps`` lists it. ``manifest`` says
+    what the stored samples are (a step's record before manifest.json is written); else
+    the bundle's manifest.json is read.
     """
     eps = list(dict.fromkeys([*eps, *require]))
     model = bundle / MODEL_FILE
@@ -80,7 +83,9 @@ def validate_bundle(
         reason = f"ONNX checker: {checker_error}"
         return {ep: {"status": "failed", "reason": reason} for ep in eps}
     pairs = load_parity_samples(bundle)
-    reference_name = _stored_reference(bundle) if pairs else "onnxruntime cpu"
+    if manifest is None and (bundle / MANIFEST).is_file():
+        manifest = read_manifest(bundle)
+    reference_name = _stored_reference(manifest or {}) if pairs else "onnxruntime cpu"
     extra = load_data(data, inputs) if data else ([] if pairs else parity_feeds(inputs))
     if extra:
         try:
@@ -145,9 +150,8 @@ def source_tolerance(manifest: dict[str, Any], atol: float) -> float:
     return max(atol, 2 * float(noise)) if isinstance(noise, int | float) else atol
 
 
-def _stored_reference(bundle: Path) -> str:
+def _stored_reference(manifest: dict[str, Any]) -> str:
     """What ``parity.npz`` holds: the source's outputs, or a derived model's own (ORT CPU)."""
-    manifest = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
     record = {"convert", "validate", "bench", "package"}  # steps that keep the model
     steps = [s.get("name") for s in manifest.get("steps", []) if s.get("name") not in record]
     if "source_parity" in (manifest.get("parity") or {}) and steps:

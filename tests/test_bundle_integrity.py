@@ -88,6 +88,9 @@ def test_a_derived_bundle_without_gate_says_not_gated(cli, tmp_path, mlp_bundle)
     assert parity["passed"] is None and parity["tolerance"] is None
     assert parity["cosine"] < 0.99  # 90% of the weights zeroed: it changed, and says by how much
     assert "| not gated |" in (out / "README.md").read_text()
+    # the step's own CPU validation says so too (it ran before manifest.json was written)
+    recorded = json.loads((out / "manifest.json").read_text())["validation"]["cpu"]
+    assert recorded["reference"].startswith("stored outputs of this model on ORT CPU")
     code, out_text, err = cli("validate", out, "--json")
     cpu = json.loads(out_text)["cpu"]
     # parity.npz of a derived bundle holds that model's own outputs, and says so
@@ -541,3 +544,12 @@ def test_index_limits_reach_package_compare_and_derived_bundles(cli, tmp_path):
     assert code == 0, err
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["inputs"][0]["index_limit"] == 10
+
+
+def test_a_successful_run_removes_an_earlier_failed_report(cli, tmp_path, mlp_bundle):
+    """OUT.failed.json of an earlier failed run stayed beside the bundle that now stands."""
+    out = tmp_path / "o"
+    (tmp_path / "o.failed.json").write_text('{"failed_step": "optimize"}')
+    code, _, err = cli("optimize", mlp_bundle, "-o", out)
+    assert code == 0, err
+    assert not (tmp_path / "o.failed.json").exists()

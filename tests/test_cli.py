@@ -314,7 +314,31 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(cli, mlp_bundle, tmp_path, monkey
                        "--calib", tmp_path / "calib.npz")  # fmt: skip
     assert code == 143 and "terminated; nothing was written" in err, err
     assert not list(scratch.iterdir()) and not (tmp_path / "q").exists()
-    assert signal.getsignal(signal.SIGTERM) is not cli_module._on_sigterm  # restored
+    assert signal.getsignal(signal.SIGTERM) is not cli_module._on_signal  # restored
+    assert signal.getsignal(signal.SIGINT) is not cli_module._on_signal
+
+
+def test_a_ctrl_c_the_exporter_swallowed_still_stops_the_run(cli, tmp_path):
+    """A Ctrl-C landing while torch imports torch._dynamo lazily turns into AttributeError in
+    torch's own except clause: the run fell back to TorchScript and wrote its bundle."""
+    source = tmp_path / "net.py"
+    source.write_text(
+        "import signal\n"
+        "import torch\n"
+        "from onnxpipe.errors import signal_received\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if torch.compiler.is_compiling():  # the dynamo attempt, as torch loses it\n"
+        "            signal_received(signal.SIGINT)\n"
+        "            raise AttributeError(\"module 'torch._dynamo' has no attribute 'exc'\")\n"
+        "        return x * 2\n\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    out = tmp_path / "out"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--input", "x:float32[batch,4]")
+    assert code == 130 and "interrupted; nothing was written" in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_an_output_that_cannot_be_created_is_exit_2_before_any_work(cli, tmp_path):
