@@ -16,6 +16,9 @@ import numpy as np
 from onnxpipe.converters.base import InputSpec, random_feeds
 from onnxpipe.runtime import UNAVAILABLE_EXIT, ProviderUnavailable, SessionOptions, make_session
 
+DEFAULT_SIZE = 8
+"""What dynamic dims other than the batch are timed at, unless sizes say otherwise."""
+
 
 def run(request: dict) -> dict:
     """Time ``runs`` inferences after ``warmup``; latency percentiles, throughput, RSS."""
@@ -29,7 +32,7 @@ def run(request: dict) -> dict:
     batch_axes = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)}
     given = request.get("sizes") or {}  # --size SYMBOL=N
     sizes = {
-        sym: (batch if sym in batch_axes else int(given.get(sym, 8)))
+        sym: (batch if sym in batch_axes else int(given.get(sym, DEFAULT_SIZE)))
         for spec in specs
         for sym in spec.symbols
     }

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import save_parity_samples, versions
 from onnxpipe.converters.base import ConvertConfig, InputSpec
+from onnxpipe.data import data_sizes, load_data
 from onnxpipe.errors import GateFailed, InputError, invalid_settings
 from onnxpipe.modelio import DATA_FILE, MODEL_FILE
 from onnxpipe.validate import parse_eps, source_tolerance, validate_bundle
@@ -34,6 +35,8 @@ class Work:
     dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     inputs: list[InputSpec] = field(default_factory=list)
+    sizes: tuple[tuple[str, int], ...] = ()
+    """Sizes the user's --data gives dynamic dims other than the batch: what bench times at."""
 
     def record_step(self, name: str, config: BaseModel, seconds: float, metrics: dict) -> None:
         """Append ``{name, config, seconds, metrics}`` to the manifest's ``steps``."""
@@ -115,6 +118,8 @@ class ConvertStep(StepConfig):
         )
         result = done.result
         work.inputs = result.inputs
+        if self.data:  # real sizes (224x224 photos), not the benchmark's default 8
+            work.sizes = data_sizes(result.inputs, load_data(self.data, result.inputs))
         work.manifest["source"] = {
             "framework": result.framework,
             "exporter": result.exporter,
@@ -217,7 +222,7 @@ class BenchStep(StepConfig):
             threads=self.threads,
             runs=self.runs,
             warmup=self.warmup,
-            sizes=tuple(self.size.items()),
+            sizes=tuple(self.size.items()) or work.sizes,
         )
         records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
         work.manifest["bench"] = records[0]

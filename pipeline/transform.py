@@ -32,7 +32,7 @@ from onnxpipe.bundle import (
 )
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import Feeds, load_data, parity_feeds
+from onnxpipe.data import Feeds, data_sizes, load_data, parity_feeds
 from onnxpipe.errors import GateFailed, InputError, PassError
 from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
 from onnxpipe.modelio import MODEL_FILE, random_outputs, save_model
@@ -174,7 +174,8 @@ def derive_bundle(
             gate = ctx.measure(candidate)
             metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
             enforce(gates, gate, step_name)
-            metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs))
+            sizes = data_sizes(inputs, ctx.eval_feeds) if eval_data else ()
+            metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs, sizes))
             with atomic_dir(out) as tmp:
                 save_model(model, tmp)
                 outputs = ctx.run(tmp / MODEL_FILE, every=True)
@@ -251,15 +252,24 @@ def _parity_record(
     }
 
 
-def _before_after(before: Path, after: Path, inputs: Sequence[InputSpec], runs: int) -> dict:
+def _before_after(
+    before: Path,
+    after: Path,
+    inputs: Sequence[InputSpec],
+    runs: int,
+    sizes: tuple[tuple[str, int], ...] = (),
+) -> dict:
     """Size and batch-1 CPU latency of both models, measured back to back.
+
+    Dynamic dims other than the batch are timed at ``sizes`` (the --eval data's), else at
+    the benchmark's default.
 
     The input model is timed before and after the output model (A B A), each in a fresh
     process, and its two medians averaged: load drifting on a shared machine during the
     three runs then hits both sides alike instead of showing as a speed ratio.
     """
     specs = [s.to_json() for s in inputs]
-    config = BenchConfig(runs=runs, warmup=5)
+    config = BenchConfig(runs=runs, warmup=5, sizes=sizes)
     first = bench_model(before, specs, config)[0]
     second = bench_model(after, specs, config)[0]
     again = bench_model(before, specs, config)[0]

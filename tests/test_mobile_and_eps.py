@@ -345,3 +345,25 @@ def test_validate_mobile_runs_the_data_at_a_fixed_batch_and_ids_in_their_table(c
     result = json.loads(stdout)["mobile"]
     assert code == 0 and result["status"] == "passed", err
     assert result["samples"] >= 16  # the 16 of --data (and the stored batch-1 sample)
+
+
+def test_a_model_too_small_at_the_default_size_is_timed_at_the_data_sizes(cli, tmp_path):
+    """convert of an image model with free height and width and --data (224x224 photos) was
+    exit 3: its bench ran at 8x8 pixels, which its kernels do not fit."""
+    source = tmp_path / "wide.py"
+    source.write_text(
+        "import torch\n\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 9), torch.nn.Flatten(2)).eval()\n"
+    )
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).random((4, 3, 16, 16), np.float32))
+    out = tmp_path / "b"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--input", "x:float32[batch,3,h,w]",
+                       "--data", tmp_path / "data.npz")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["bench"]["shapes"]["x"] == [1, 3, 16, 16]
+    code, _, err = cli("bench", out, "--runs", "2")  # at the default 8: say which flag fixes it
+    assert code == 2 and "--size h=N" in err and "Traceback" not in err
+    code, _, err = cli("bench", out, "--runs", "2", "--size", "h=12", "--size", "w=12")
+    assert code == 0, err

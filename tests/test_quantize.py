@@ -597,3 +597,16 @@ def test_static_auto_on_a_model_fixed_at_a_batch(cli, cnn_data, tmp_path, batch)
     record = json.loads(stdout)
     auto = (record.get("metrics") or record["steps"][-1]["metrics"])["auto"]
     assert auto["sensitivity"] and auto["kept_float_nodes"]  # the fallback search ran
+
+
+def test_before_after_latency_is_timed_at_the_eval_data_sizes(cli, cnn_data, tmp_path):
+    """A model with free height and width was timed at 8x8 pixels, its --eval at 16x16."""
+    free = tmp_path / "free"
+    assert cli("convert", model_ref("gated"), "-o", free, "--input",
+               "x:float32[batch,3,h,w]", "--no-bench")[0] == 0  # fmt: skip
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", free, "-o", out, "--mode", "static", "--calib",
+                       cnn_data / "calib.npz", "--eval", cnn_data / "eval.npz")  # fmt: skip
+    assert code == 0, err
+    bench = json.loads((out / "manifest.json").read_text())["bench"]
+    assert bench["shapes"]["x"] == [1, 3, 16, 16], bench["shapes"]
