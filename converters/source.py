@@ -161,16 +161,19 @@ def load_callable(ref: str) -> Callable[[], Any]:
     return obj
 
 
-def call_factory(ref: str) -> Any:
-    """Load ``ref`` and call it with no arguments, reporting user-code failures as input errors."""
+def call_factory(ref: str, returns: str = "build and return the model") -> Any:
+    """Load ``ref`` and call it with no arguments, reporting user-code failures as input errors.
+
+    ``returns`` says what the callable is for, in the message (DATA callables return samples).
+    """
     factory = load_callable(ref)
     try:
         with stderr_kept_back(quiet_imports()):  # a factory that imports keras inside
             return factory()
     except Exception as e:  # noqa: BLE001 - user code may raise anything; report it as input
         raise InputError(
-            f"{ref}: calling it raised {type(e).__name__}: {e}. The callable must build and "
-            "return the model with no arguments."
+            f"{ref}: calling it raised {type(e).__name__}: {e}. The callable must {returns} "
+            "with no arguments."
         ) from e
 
 

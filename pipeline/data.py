@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,11 +71,16 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
     if len(fixed) == 1 and (size := fixed.pop()) is not None and size > 0:
         batch = size
     if is_callable_ref(data):
-        produced = call_factory(data)
+        produced = call_factory(data, "return an iterable of feed dicts {input name: array}")
         try:
             feeds_list = [dict(f) for f in produced]
         except (TypeError, ValueError) as e:
             raise InputError(f"{data}: must return an iterable of feed dicts ({e}).") from e
+        except Exception as e:  # noqa: BLE001 - the user's generator may raise anything
+            raise InputError(
+                f"{data}: raised {type(e).__name__} while producing samples: {e}. Fix the callable."
+            ) from e
+        feeds_list = [{k: _as_array(v, data, k) for k, v in f.items()} for f in feeds_list]
     else:
         data, image_spec = split_image_data(data)
         path = Path(data)
@@ -85,6 +91,11 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
             if path.is_file()
             else sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
         )
+        if path.is_dir() and files and image_files(path):
+            raise InputError(
+                f"{data}: holds both images and .npz/.npy arrays; only one kind would be read. "
+                "Keep one kind in the folder."
+            )
         if path.is_dir() and (image_spec is not None or (not files and image_files(path))):
             if image_spec is None:
                 raise InputError(
@@ -125,6 +136,8 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
             arrays = read_npz(path)
     except NPZ_ERRORS as e:
         raise InputError(f"{path}: not a readable numpy file ({type(e).__name__}: {e}).") from e
+    if not arrays:
+        raise InputError(f"{path}: holds no arrays; save one per input name with np.savez.")
     count = {len(a) if a.ndim else 1 for a in arrays.values()}
     scalar = any(a.ndim == 0 for a in arrays.values())
     if (len(count) != 1 or scalar) and _one_feed(arrays, specs):
@@ -159,6 +172,20 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
             f"{batch}; give a multiple of {batch} samples."
         )
     return [{k: a[i : i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+
+
+def _as_array(value: Any, data: str, name: str) -> np.ndarray:
+    """A DATA callable's value as a numpy array: lists and torch/TF tensors are converted."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor that may require grad
+        value = value.detach().cpu()
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"{data}: {name!r} is a {type(value).__name__}, not an array ({e}). Yield numpy arrays."
+        ) from e
 
 
 def _one_feed(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:

@@ -63,11 +63,16 @@ class Gate:
             value = float(raw)
         except ValueError as e:
             raise InputError(f"--gate {text!r}: {raw!r} is not a number.") from e
+        example = 0.98 if _DIRECTION[metric] == ">=" else 1e-3
         if op != _DIRECTION[metric] or not math.isfinite(value):
-            example = 0.98 if _DIRECTION[metric] == ">=" else 1e-3
             raise InputError(
                 f"--gate {text!r}: {metric} is bounded with {_DIRECTION[metric]} "
                 f"(e.g. {metric}{_DIRECTION[metric]}{example})."
+            )
+        if metric in ("max_abs", "kl") and value < 0:
+            raise InputError(
+                f"--gate {text!r}: {metric} is never negative; give a bound >= 0, e.g. "
+                f"{metric}<={example}."
             )
         low = {"top1": 0.0, "cosine": -1.0}.get(metric)
         if low is not None and not low <= value <= 1.0:
@@ -218,16 +223,23 @@ def check_applicable(gates: Sequence[Gate], reference: Sequence[Outputs]) -> Non
             )
 
 
-def enforce(gates: Sequence[Gate], metrics: dict[str, Any], step: str) -> None:
-    """Raise :class:`GateFailed` with the numbers when any gate is not met."""
+def enforce(
+    gates: Sequence[Gate], metrics: dict[str, Any], step: str, source: str | None = None
+) -> None:
+    """Raise :class:`GateFailed` with the numbers when any gate is not met.
+
+    ``source`` names where the eval samples came from when no --eval data was given.
+    """
     failed = [g for g in gates if not g.passes(metrics)]
     if failed:
         shown = ", ".join(
             f"{g.metric}={_fmt(metrics.get(g.metric), g.value)} (needs {g.metric}{g.op}{g.value!r})"
             for g in failed
         )
+        where = f" ({source})" if source else ""
         raise GateFailed(
-            f"{step}: accuracy gate failed: {shown} on {metrics.get('samples')} eval samples.",
+            f"{step}: accuracy gate failed: {shown} on {metrics.get('samples')} eval "
+            f"samples{where}.",
             metrics={"gate": [str(g) for g in gates], **metrics},
         )
 

@@ -122,6 +122,11 @@ def load_images(
     resize = spec.resize or crop
     files = image_files(directory)
     if not files:
+        if any(p.suffix in (".npz", ".npy") for p in directory.iterdir()):
+            raise InputError(
+                f"{directory}: holds arrays, not images, so a preprocessing spec does not "
+                "apply: drop --preprocess (or the ?resize=... after the folder)."
+            )
         raise InputError(
             f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) and no .npy/.npz inside. "
             "Put calibration/eval images or arrays there."

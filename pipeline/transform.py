@@ -128,6 +128,12 @@ def load_bundle_model(bundle: Path) -> ir.Model:
     return ir.external_data.load_to_model(ir.load(bundle / MODEL_FILE))
 
 
+GENERATED_NOTE = (
+    "without --eval: the bundle's stored samples and generated random inputs, on which a "
+    "model can fail a gate it holds on real data; give --eval DATA"
+)
+
+
 def eval_feeds(bundle: Path, inputs: Sequence[InputSpec], data: str | None) -> list[Feeds]:
     """``--eval`` data when given, else the bundle's stored samples plus generated ones."""
     if data:
@@ -173,7 +179,7 @@ def derive_bundle(
             candidate = ctx.save(model, "result")
             gate = ctx.measure(candidate)
             metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
-            enforce(gates, gate, step_name)
+            enforce(gates, gate, step_name, None if eval_data else GENERATED_NOTE)
             sizes = data_sizes(inputs, ctx.eval_feeds) if eval_data else ()
             metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs, sizes))
             with atomic_dir(out) as tmp:

@@ -156,3 +156,9 @@ def test_infinities_in_the_same_place_are_equal():
     moved[0, 1] = 0.0  # an infinity on one side only fails
     one_sided = gate_metrics([[ref]], [[moved]])
     assert one_sided["max_abs"] == np.inf and one_sided["cosine_min"] == 0.0
+
+
+@pytest.mark.parametrize("text", ["max_abs<=-1", "kl<=-0.5"])
+def test_a_negative_bound_that_can_never_hold_is_refused(text):
+    with pytest.raises(InputError, match="never negative"):
+        Gate.parse(text)

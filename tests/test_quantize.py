@@ -180,6 +180,7 @@ def test_gate_failure_exits_1_and_writes_no_bundle(cli, cnn, cnn_data, tmp_path)
                             "--calib", calib, "--gate", "max_abs<=1e-9")  # fmt: skip
     assert code == 1, err
     assert "max_abs" in err and not out.exists()
+    assert "without --eval" in err  # no --eval: the message says what the samples were
     assert (tmp_path / "q.failed.json").exists()
     printed = json.loads(stdout)  # --json: the numbers on stdout too, for scripts
     assert printed.pop("status") == "gate_failed"

@@ -86,3 +86,58 @@ def test_random_feeds_are_deterministic():
 )
 def test_callable_refs(text, expected):
     assert is_callable_ref(text) is expected
+
+
+def test_data_callables_yield_tensors_and_their_errors_are_named(tmp_path):
+    """A generator raising while iterated was exit 3, torch tensors were told to .astype(), and
+    a data callable that raised was told to 'return the model'."""
+    import pytest
+    import torch
+
+    from onnxpipe.data import load_data
+    from onnxpipe.errors import InputError
+
+    (tmp_path / "feeds.py").write_text(
+        "import numpy as np\n"
+        "import torch\n\n"
+        "def tensors():\n"
+        "    return [{'x': torch.ones(2, 4, requires_grad=True)}]\n\n"
+        "def broken():\n"
+        "    yield {'x': np.ones((2, 4), np.float32)}\n"
+        "    raise RuntimeError('camera disconnected')\n\n"
+        "def raises():\n"
+        "    raise OSError('no dataset here')\n"
+    )
+    specs = [InputSpec("x", "float32", ("batch", 4))]
+    feeds = load_data(f"{tmp_path / 'feeds.py'}:tensors", specs)
+    assert isinstance(feeds[0]["x"], np.ndarray) and feeds[0]["x"].dtype == np.float32
+    assert torch.is_tensor(torch.ones(1))  # torch is what the tensors came from
+    with pytest.raises(InputError, match="while producing samples: camera disconnected"):
+        load_data(f"{tmp_path / 'feeds.py'}:broken", specs)
+    with pytest.raises(InputError, match="return an iterable of feed dicts") as info:
+        load_data(f"{tmp_path / 'feeds.py'}:raises", specs)
+    assert "the model" not in str(info.value)
+
+
+def test_data_folder_and_file_messages_say_what_is_wrong(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from onnxpipe.data import load_data
+    from onnxpipe.errors import InputError
+
+    specs = [InputSpec("x", "float32", ("batch", 3, 8, 8))]
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(InputError, match="holds no arrays"):
+        load_data(str(tmp_path / "empty.npz"), specs)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.savez(mixed / "a.npz", x=np.ones((2, 3, 8, 8), np.float32))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / "p.png")
+    with pytest.raises(InputError, match="both images and"):
+        load_data(str(mixed), specs)
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    np.save(arrays / "x.npy", np.ones((2, 3, 8, 8), np.float32))
+    with pytest.raises(InputError, match="holds arrays, not images"):
+        load_data(f"{arrays}?crop=8", specs)
