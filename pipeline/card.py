@@ -134,6 +134,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         ]
         out += ["| " + " | ".join(bench_row(r)) + " |" for r in records]
         out.append("")
+    out += _mobile_section(manifest.get("mobile"))
     out += [
         "## Provenance",
         "",
@@ -147,6 +148,36 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _mobile_section(mobile: dict[str, Any] | None) -> list[str]:
+    """The packaged ORT-format model: file, shapes, level, operators and NNAPI/CoreML fit."""
+    if not mobile:
+        return []
+    fixed = mobile.get("fixed_shapes") or {}
+    shapes = ", ".join(f"{k} {_shape(v)}" for k, v in fixed.items()) or "as model.onnx (dynamic)"
+    out = [
+        "## Mobile package",
+        "",
+        f"- `{mobile.get('ort_file')}` ({mobile.get('ort_bytes', 0) / 1e6:.2f} MB, sha256 "
+        f"`{str(mobile.get('ort_sha256', ''))[:16]}...`), ORT optimization level "
+        f"{mobile.get('optimization_level')}; input shapes: {shapes}.",
+        f"- Reduced-operator build: `{mobile.get('operators_config')}` "
+        "(build ORT with `--include_ops_by_config`).",
+    ]
+    if mobile.get("level_note"):
+        out.append(f"- {mobile['level_note']}.")
+    if mobile.get("hint"):
+        out.append(f"- {mobile['hint']}.")
+    out += ["", "| EP | partitions | nodes supported | unsupported ops |", "|---|---|---|---|"]
+    for ep in ("nnapi", "coreml"):
+        info = mobile.get(ep) or {}
+        out.append(
+            f"| {ep} | {info.get('partitions')} | {info.get('nodes_supported')}/"
+            f"{info.get('nodes_total')} | {', '.join(info.get('unsupported_ops') or []) or '-'} |"
+        )
+    out.append("")
+    return out
 
 
 def write_docs(directory: Path, manifest: dict[str, Any]) -> None:

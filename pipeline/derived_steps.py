@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from onnxpipe.errors import GateFailed
+from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.steps import StepConfig, Work
 
 Derive = Callable[[Path, Path], dict[str, Any]]
@@ -77,6 +77,9 @@ class DerivedStep(StepConfig):
                 # The command's message names its report in this temp dir, about to vanish;
                 # the recipe writes its own report from these metrics.
                 raise GateFailed(str(e.__cause__ or e), e.metrics) from e
+            except InputError as e:  # a refusal names the model: the recipe's, not this copy
+                text = str(e).replace(str(src / "model.onnx"), "the recipe's model")
+                raise type(e)(text.replace(str(src), "the recipe's bundle")) from e
             for item in work.dir.iterdir():
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
             for item in out.iterdir():

@@ -51,6 +51,8 @@ def test_package_mobile_with_fixed_shape(bundle, cli, tmp_path):
     ).run(None, {"x": x})[0]
     np.testing.assert_allclose(ort_out, ort_run(out / "model.onnx", {"x": x})[0], atol=1e-5)
     assert "Mobile package" in (out / "report.html").read_text()
+    card = (out / "README.md").read_text()  # the card a deployment team reads says it too
+    assert "## Mobile package" in card and "mobile/model.ort" in card and "x [1, 3, 16, 16]" in card
     code, out_json, _ = cli("validate", out, "--ep", "cpu,mobile", "--json")
     results = json.loads(out_json)
     assert code == 0 and results["mobile"]["status"] == "passed"

@@ -185,3 +185,15 @@ def test_recipe_paths_are_found_beside_the_recipe(cli, tmp_path, monkeypatch):
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["source"]["path"] == f"{project / 'net.py'}:mlp"
+
+
+def test_a_refusal_inside_a_recipe_names_the_recipes_model_not_a_scratch_copy(cli, tmp_path):
+    recipe = _recipe(
+        tmp_path,
+        "  - convert\n  - quantize: {mode: dynamic}\n",  # refused: the model is all Conv
+        source=model_ref("gated"),
+        spec="x:float32[batch,3,16,16]",
+    )
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "step 2 (quantize)" in err and "the recipe's model" in err, err
+    assert "onnxpipe-quantize-" not in err
