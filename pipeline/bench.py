@@ -21,7 +21,14 @@ import numpy as np
 
 from onnxpipe.benchworker import DEFAULT_SIZE
 from onnxpipe.errors import InputError, OnnxPipeError
-from onnxpipe.runtime import UNAVAILABLE_EXIT, ProviderUnavailable, check_provider
+from onnxpipe.modelio import MOBILE_MODEL
+from onnxpipe.runtime import (
+    UNAVAILABLE_EXIT,
+    ProviderUnavailable,
+    SessionOptions,
+    check_provider,
+    make_session,
+)
 
 logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
@@ -63,18 +70,31 @@ def bench_model(
     missing: dict[str, str] = {}
     for ep in config.eps:  # before any timing: an EP this ORT build lacks is not benched
         try:
+            if ep == "mobile":  # the packaged model.ort, on the CPU EP as validate runs it
+                if not (model.parent / MOBILE_MODEL).is_file():
+                    raise ProviderUnavailable(
+                        f"no {MOBILE_MODEL} in this bundle; create it with onnxpipe package "
+                        f"{model.parent} -o OUT --target mobile"
+                    )
+                continue
             check_provider(ep)
         except ProviderUnavailable as e:
             missing[ep] = str(e)
     records = []
     for ep in (ep for ep in config.eps if ep not in missing):
+        target, specs, batches = model, inputs, config.batches
+        if ep == "mobile":
+            target = model.parent / MOBILE_MODEL
+            specs = _ort_inputs(target, inputs)
+            fixed = specs[0]["shape"][0] if specs and specs[0]["shape"] else None
+            batches = (fixed,) if isinstance(fixed, int) else config.batches
         try:
-            for batch in config.batches:
+            for batch in batches:
                 for threads in config.threads:
                     request = {
-                        "model": str(model),
-                        "inputs": inputs,
-                        "ep": ep,
+                        "model": str(target),
+                        "inputs": specs,
+                        "ep": "cpu" if ep == "mobile" else ep,
                         "batch": batch,
                         "threads": threads,
                         "runs": config.runs,
@@ -82,7 +102,7 @@ def bench_model(
                         "max_seconds": config.max_seconds,
                         "sizes": dict(config.sizes),
                     }
-                    records.append(_run_worker(request))
+                    records.append({**_run_worker(request), "ep": ep})
         except _Unavailable as e:  # listed by ORT, but its session fell back to CPU
             missing[ep] = str(e)
             records = [r for r in records if r["ep"] != ep]
@@ -137,6 +157,22 @@ def _check_batches(model: Path, inputs: Sequence[dict[str, Any]], batches: Seque
             f"({signature}). Bench at --batch {fixed}, or convert again with a symbolic batch "
             "dim (e.g. --input name:float32[batch,...])."
         )
+
+
+def _ort_inputs(path: Path, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``inputs`` as the ORT-format model at ``path`` takes them (its shapes may be fixed)."""
+    session = make_session(path, SessionOptions(ep="cpu"))
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    return [
+        {
+            **spec,
+            "shape": [
+                d if isinstance(d, int) else spec["shape"][k]
+                for k, d in enumerate(shapes.get(spec["name"], spec["shape"]))
+            ],
+        }
+        for spec in inputs
+    ]
 
 
 def _check_sizes(

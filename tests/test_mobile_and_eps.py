@@ -369,3 +369,20 @@ def test_a_model_too_small_at_the_default_size_is_timed_at_the_data_sizes(cli, t
     assert code == 2 and "--size h=N" in err and "Traceback" not in err
     code, _, err = cli("bench", out, "--runs", "2", "--size", "h=12", "--size", "w=12")
     assert code == 0, err
+
+
+def test_bench_times_the_packaged_ort_model(bundle, cli, tmp_path):
+    """--ep mobile was refused ('Bench on an EP this machine has'), so the shipped .ort model
+    was never timed, though validate runs it here."""
+    out = tmp_path / "pkg"
+    assert cli("package", bundle, "-o", out, "--target", "mobile", "--fixed-shape",
+               "x:1,3,16,16")[0] == 0  # fmt: skip
+    code, stdout, err = cli("bench", out, "--ep", "cpu,mobile", "--batch", "1,2", "--runs", "3",
+                            "--json")  # fmt: skip
+    assert code == 0, err
+    records = json.loads(stdout)
+    mobile = [r for r in records if r["ep"] == "mobile"]
+    assert len(mobile) == 1 and mobile[0]["shapes"]["x"] == [1, 3, 16, 16]  # its fixed batch
+    assert {r["batch"] for r in records if r["ep"] == "cpu"} == {1, 2}
+    code, _, err = cli("bench", bundle, "--ep", "mobile", "--runs", "3")
+    assert code == 2 and "onnxpipe package" in err
