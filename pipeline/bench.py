@@ -209,19 +209,17 @@ def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
         raise _Unavailable(proc.stderr.strip().removeprefix("unavailable: "))
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        defaulted = [
-            d
-            for s in request["inputs"]
-            for d in s["shape"][1:]
-            if isinstance(d, str) and d not in request["sizes"]
-        ]
-        if defaulted:  # an image model at 8x8 pixels: the size, not the model, is wrong
-            symbols = ", ".join(dict.fromkeys(defaulted))
+        symbols = list(
+            dict.fromkeys(
+                d for s in request["inputs"] for d in s["shape"][1:] if isinstance(d, str)
+            )
+        )
+        if symbols:  # an image model at 8x8 pixels: the size, not the model, is wrong
+            at = ", ".join(f"{d}={request['sizes'].get(d, DEFAULT_SIZE)}" for d in symbols)
             raise InputError(
                 f"{request['model']}: ONNX Runtime cannot run the model with its dynamic dims "
-                f"{symbols} at the benchmark's default {DEFAULT_SIZE} ({tail[0][:200]}). Bench "
-                f"at real sizes: --size {defaulted[0]}=N (size: in a recipe; convert takes "
-                "them from --data)."
+                f"at {at} ({tail[0][:200]}). Bench at sizes it takes: --size {symbols[0]}=N "
+                "(size: in a recipe; convert takes them from --data)."
             )
         raise OnnxPipeError(f"benchmark of {request['model']} on {request['ep']} failed: {tail[0]}")
     record: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import open_bundle, update_manifest
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
+from onnxpipe.data import recorded_sizes
 from onnxpipe.errors import GateFailed
 from onnxpipe.modelio import MODEL_FILE
 from onnxpipe.steps import raise_on_failed_validation
@@ -58,9 +60,10 @@ def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
     manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
-    records = bench_model(
-        bundle / MODEL_FILE, [s.to_json() for s in bundle_inputs(manifest)], config
-    )
+    inputs = bundle_inputs(manifest)
+    if not config.sizes:  # where it was timed before (its --data sizes), not 8x8 pixels
+        config = replace(config, sizes=recorded_sizes(inputs, manifest))
+    records = bench_model(bundle / MODEL_FILE, [s.to_json() for s in inputs], config)
 
     def change(m: dict[str, Any]) -> None:
         m["bench"] = records[0]

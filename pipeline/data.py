@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,39 @@ def data_sizes(inputs: Sequence[InputSpec], feeds: Sequence[Feeds]) -> tuple[tup
             if axis and isinstance(dim, str):
                 sizes.setdefault(dim, int(array.shape[axis]))
     return tuple(sizes.items())
+
+
+def sized_like(inputs: Sequence[InputSpec], feeds: Sequence[Feeds]) -> list[InputSpec]:
+    """``inputs`` with their dynamic dims other than the batch fixed at ``feeds``' sizes.
+
+    Generated samples at other sizes may be ones the model cannot run (a 9x9 kernel at 8x8
+    pixels): stored samples are sizes it ran at.
+    """
+    sizes = dict(data_sizes(inputs, feeds))
+    return [
+        replace(spec, shape=tuple(sizes.get(d, d) if k else d for k, d in enumerate(spec.shape)))
+        for spec in inputs
+    ]
+
+
+def recorded_sizes(
+    inputs: Sequence[InputSpec], manifest: Mapping[str, Any]
+) -> tuple[tuple[str, int], ...]:
+    """Sizes for the dynamic dims but the batch: where the bundle was last timed.
+
+    ``bench.shapes``, else the sizes of convert's --data (``source.data_sizes``). A model
+    that does not run at the benchmark's default 8 was converted and timed at its --data
+    sizes; later commands time it there too.
+    """
+    bench, source = manifest.get("bench"), manifest.get("source")
+    shapes = bench.get("shapes") if isinstance(bench, Mapping) else None
+    if not isinstance(shapes, Mapping):  # not timed yet: the sizes of convert's --data
+        given = source.get("data_sizes") if isinstance(source, Mapping) else None
+        if not isinstance(given, Mapping):
+            return ()
+        return tuple((k, int(v)) for k, v in given.items() if isinstance(v, int))
+    feeds = {k: np.empty(v, np.uint8) for k, v in shapes.items() if isinstance(v, list)}
+    try:
+        return data_sizes(inputs, [feeds])
+    except (TypeError, ValueError):
+        return ()

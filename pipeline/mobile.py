@@ -37,7 +37,7 @@ from onnxpipe.bundle import (
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import parity_feeds
+from onnxpipe.data import parity_feeds, sized_like
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
 from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs, sha256
@@ -49,8 +49,7 @@ logger = logging.getLogger(__name__)
 MOBILE_DIR, ORT_FILE = MOBILE_MODEL.split("/")
 CONFIG_FILE = "required_operators.config"
 LEVELS = ("auto", "basic", "extended", "all")
-"""``auto``: ``extended`` for a model with QuantizeLinear/DequantizeLinear, else ``basic``."""
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+"""``auto``: ``extended`` for a static int8 (QDQ) model, else ``basic``."""
 ORT_CONVERT_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, FileNotFoundError)
 # Domains an ORT mobile (full or reduced) build has kernels for.
 MOBILE_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
@@ -201,7 +200,9 @@ def resolve_level(level: str, model: onnx.ModelProto) -> tuple[str, str | None]:
     ran at fp32 speed (11.4 ms, against 2.5 ms at ``extended``, where they become QLinearConv,
     which ORT's CPU EP and NNAPI both run).
     """
-    has_qdq = any(node.op_type in QDQ_OPS for node in _all_nodes(model.graph))
+    # Static QDQ quantizes activations with QuantizeLinear; dynamic int8 has none (only a
+    # DequantizeLinear on quantized embedding tables) and keeps its kernels at basic.
+    has_qdq = any(node.op_type == "QuantizeLinear" for node in _all_nodes(model.graph))
     if level == "auto":
         chosen = "extended" if has_qdq else "basic"
         note = (
@@ -463,4 +464,4 @@ def _mobile_feeds(
         for f in stored
         if all(list(f[s.name].shape) == fixed.get(s.name, list(f[s.name].shape)) for s in inputs)
     ]
-    return fits + parity_feeds(specs)
+    return fits + parity_feeds(sized_like(specs, stored))

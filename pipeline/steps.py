@@ -118,8 +118,6 @@ class ConvertStep(StepConfig):
         )
         result = done.result
         work.inputs = result.inputs
-        if self.data:  # real sizes (224x224 photos), not the benchmark's default 8
-            work.sizes = data_sizes(result.inputs, load_data(self.data, result.inputs))
         work.manifest["source"] = {
             "framework": result.framework,
             "exporter": result.exporter,
@@ -128,6 +126,10 @@ class ConvertStep(StepConfig):
             "path": self.source,
             "attempts": done.attempts,
         }
+        if self.data:  # real sizes (224x224 photos): what later timing uses, not 8x8 pixels
+            work.sizes = data_sizes(result.inputs, load_data(self.data, result.inputs))
+            if work.sizes:
+                work.manifest["source"]["data_sizes"] = dict(work.sizes)
         work.manifest["parity"] = {**done.parity, "stored_samples": kept}
         work.manifest["versions"] = versions(result.framework)
         work.record_step(

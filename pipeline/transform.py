@@ -32,7 +32,14 @@ from onnxpipe.bundle import (
 )
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import Feeds, data_sizes, load_data, parity_feeds
+from onnxpipe.data import (
+    Feeds,
+    data_sizes,
+    load_data,
+    parity_feeds,
+    recorded_sizes,
+    sized_like,
+)
 from onnxpipe.errors import GateFailed, InputError, PassError
 from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
 from onnxpipe.modelio import MODEL_FILE, random_outputs, save_model
@@ -139,7 +146,7 @@ def eval_feeds(bundle: Path, inputs: Sequence[InputSpec], data: str | None) -> l
     if data:
         return load_data(data, inputs)
     stored = [feeds for feeds, _ in load_parity_samples(bundle)]
-    return stored + parity_feeds(inputs)
+    return stored + parity_feeds(sized_like(inputs, stored))
 
 
 def derive_bundle(
@@ -180,7 +187,11 @@ def derive_bundle(
             gate = ctx.measure(candidate)
             metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
             enforce(gates, gate, step_name, None if eval_data else GENERATED_NOTE)
-            sizes = data_sizes(inputs, ctx.eval_feeds) if eval_data else ()
+            sizes = (
+                data_sizes(inputs, ctx.eval_feeds)
+                if eval_data
+                else recorded_sizes(inputs, manifest)
+            )
             metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs, sizes))
             with atomic_dir(out) as tmp:
                 save_model(model, tmp)

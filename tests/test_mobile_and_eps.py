@@ -365,10 +365,15 @@ def test_a_model_too_small_at_the_default_size_is_timed_at_the_data_sizes(cli, t
                        "--data", tmp_path / "data.npz")  # fmt: skip
     assert code == 0, err
     assert json.loads((out / "manifest.json").read_text())["bench"]["shapes"]["x"] == [1, 3, 16, 16]
-    code, _, err = cli("bench", out, "--runs", "2")  # at the default 8: say which flag fixes it
-    assert code == 2 and "--size h=N" in err and "Traceback" not in err
-    code, _, err = cli("bench", out, "--runs", "2", "--size", "h=12", "--size", "w=12")
-    assert code == 0, err
+    # later commands time it where it was timed, not at 8x8, and evaluate at sizes it runs
+    code, stdout, err = cli("bench", out, "--runs", "2", "--json")
+    assert code == 0 and json.loads(stdout)[0]["shapes"]["x"] == [1, 3, 16, 16], err
+    for args in (("quantize", out, "-o", tmp_path / "fp16", "--mode", "fp16"),
+                 ("optimize", out, "-o", tmp_path / "opt")):  # fmt: skip
+        code, _, err = cli(*args)
+        assert code == 0, err
+    code, _, err = cli("bench", out, "--runs", "2", "--size", "h=8", "--size", "w=8")
+    assert code == 2 and "h=8, w=8" in err and "--size h=N" in err and "Traceback" not in err
 
 
 def test_bench_times_the_packaged_ort_model(bundle, cli, tmp_path):
