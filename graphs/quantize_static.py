@@ -229,10 +229,12 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             **({"float_output_softmax": final_softmax} if final_softmax else {}),
             "quantize_nodes": quant,
             "saturation_safe_weights": safe,
-            "rounding": cfg.rounding,
+            # what was applied: GPTQ and the empirical correction work on QDQ weights only
+            "rounding": cfg.rounding if cfg.format == "qdq" else "nearest",
             "gptq_rounded_nodes": len(rounded),
             "bias_corrected_nodes": len(corrected),
             "empirical_bias_nodes": len(measured),
+            "empirical_bias": bool(measured),
             "float_weight_nodes": kept_float,
         }
         logger.info("quantize_static: %s, %d quantize nodes", cfg.model_dump(), quant)
@@ -374,7 +376,8 @@ def _to_output(softmax: ir.Node) -> list[str]:
 
     Empty when the output goes anywhere else (a Softmax inside attention is quantized as
     usual). A ``reshape(-1, 1000, 1, 1)`` after the final Softmax would otherwise carry the
-    quantized probabilities (96.5% of EfficientNet-Lite0's became exactly 0).
+    quantized probabilities (96.5% of EfficientNet-Lite0's became exactly 0). Unnamed nodes
+    of the chain are named, so that ORT can keep them float.
     """
     chain = [softmax]
     node = softmax
@@ -384,6 +387,12 @@ def _to_output(softmax: ir.Node) -> list[str]:
             return []
         node = uses[0].node
         chain.append(node)
-    if not all(n.name for n in chain):
-        return []
+    taken = {n.name for n in softmax.graph or ()}
+    for index, node in enumerate(chain):
+        if not node.name:  # the opset upgrade of a zoo model adds an unnamed Reshape here
+            name = f"{node.op_type}_float_output_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name  # a name changes nothing it computes; ORT excludes nodes by name
+            taken.add(name)
     return [n.name or "" for n in chain]

@@ -98,7 +98,7 @@ def convert(
     if config.signature is not None and framework != "tf":
         raise InputError(
             f"{source_name}: --signature {config.signature} picks a TensorFlow SavedModel "
-            f"signature; this is a {framework} model. Drop --signature."
+            f"signature, and this source is {framework}, not TensorFlow. Drop --signature."
         )
     tried: list[dict[str, Any]] = []
     failed_parity: list[tuple[dict[str, Any], str]] = []

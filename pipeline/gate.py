@@ -10,7 +10,8 @@ the same eval feeds. Metrics:
 - ``top1``: share of samples whose argmax agrees, on the first output (class scores,
   ``[batch, classes]``).
 - ``kl``: mean KL(softmax(reference) || softmax(candidate)) per sample, first output; of
-  the outputs themselves when they already are probabilities (a model ending in Softmax).
+  the outputs themselves when they already are probabilities (a model ending in Softmax),
+  summed Bernoulli KL for scores in [0, 1] that are not a distribution (Sigmoid outputs).
 
 Infinities both outputs hold in the same place (masked logits) count as equal.
 """
@@ -100,6 +101,25 @@ def primary(gates: Sequence[Gate]) -> tuple[str, bool]:
     return gates[0].metric, gates[0].op == ">="
 
 
+def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per-sample KL(reference || candidate) of ``[batch, classes]`` scores.
+
+    Logits: of their softmax. Rows that already are a distribution (a model ending in
+    Softmax): of the rows. Scores in [0, 1] that are not one (multi-label Sigmoid outputs):
+    the sum over classes of each class's Bernoulli KL; their softmax is near uniform, and a
+    broken int8 multi-label model scored 0.11 where this is 7.9.
+    """
+    if _probabilities(ref):
+        p, q = ref, np.maximum(got, 0.0)
+    elif ref.size and ref.min() >= 0 and ref.max() <= 1:
+        p, q = np.clip(ref, 1e-12, 1 - 1e-12), np.clip(got, 1e-12, 1 - 1e-12)
+        return (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).sum(1)
+    else:
+        p, q = _softmax(ref), _softmax(got)
+    log_ratio = np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))
+    return (p * log_ratio).sum(1)
+
+
 def _probabilities(x: np.ndarray) -> bool:
     """Rows that are already a distribution (non-negative, summing to 1): softmax outputs."""
     return bool(x.size) and bool(x.min() >= 0) and bool(np.abs(x.sum(1) - 1).max() < 1e-3)
@@ -161,12 +181,7 @@ def gate_metrics(
                 ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])
             if ref.ndim == 2 and ref.shape[1] > 1:
                 agree.append(ref.argmax(1) == got.argmax(1))
-                if _probabilities(ref):  # a model ending in Softmax: KL of its own outputs
-                    p, q = ref, np.maximum(got, 0.0)
-                else:
-                    p, q = _softmax(ref), _softmax(got)
-                log_ratio = np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))
-                kls.append((p * log_ratio).sum(1))
+                kls.append(_kl(ref, got))
     per_output = [np.concatenate(c) for c in cosines]
     max_abs = max(
         float(np.max(np.abs(np.subtract(*_finite_pair(r, c))))) if r.size else 0.0

@@ -60,24 +60,35 @@ def _beside(recipe: Path, value: Any) -> Any:
     return str(moved) + rest if moved.exists() else value
 
 
-_NEGATIONS = {"per_tensor": "per_channel"}
-"""The CLI's flags that switch a setting off, by the setting (``--per-tensor``)."""
+_NEGATIONS = {
+    "per_tensor": "per_channel",
+    "no_empirical_bias": "empirical_bias",
+    "no_cleanup": "cleanup",
+}
+"""The CLI's flags that switch a setting off (``--per-tensor``), by the setting they switch."""
 
 
-def _cli_spellings(settings: dict[str, Any]) -> dict[str, Any]:
+def _cli_spellings(settings: dict[str, Any], where: str) -> dict[str, Any]:
     """A step's settings as the commands' long options may also spell them.
 
     ``activation-type`` is ``activation_type``; a flag that turns a setting off
     (``no_empirical_bias: true``, ``per_tensor: true``) is that setting, false.
+
+    Raises:
+        InputError: two spellings of one setting (``per_tensor`` and ``per_channel``).
     """
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in settings.items():
         name = str(key).replace("-", "_")
-        positive = _NEGATIONS.get(name) or (name[3:] if name.startswith("no_") else None)
+        positive = _NEGATIONS.get(name)
         if positive is not None and isinstance(value, bool):
-            out[positive] = not value
-        else:
-            out[name] = value
+            name, value = positive, not value
+        if name in out:
+            raise InputError(
+                f"{where}: {spelled[name]!r} and {key!r} both set {name}; keep one of them."
+            )
+        out[name], spelled[name] = value, str(key)
     return out
 
 
@@ -101,7 +112,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
         raise InputError(f"{path}: not valid YAML ({e}).") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
         raise InputError(f"{path}: a recipe is a mapping with a 'steps' list (see README).")
-    shared = {k: v for k, v in doc.items() if k != "steps"}
+    shared = _cli_spellings({k: v for k, v in doc.items() if k != "steps"}, str(path))
     steps: list[StepConfig] = []
     for entry in doc["steps"]:
         if isinstance(entry, str):
@@ -114,7 +125,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
                 f"{path}: step {name!r} takes a mapping of settings ('{name}: {{key: value}}'), "
                 f"got {settings!r}."
             )
-        settings = _cli_spellings(dict(settings or {}))
+        settings = _cli_spellings(dict(settings or {}), f"{path}: step {name!r}")
         if name == "convert":
             settings = {**shared, **settings}
         settings = {k: _beside(path, v) if k in PATH_KEYS else v for k, v in settings.items()}

@@ -141,6 +141,12 @@ def test_kl_of_probabilities_is_taken_on_them_not_on_their_softmax():
     assert metrics["kl"] == pytest.approx(true_kl) and true_kl > 0.8
     zeroed = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # int8 zeroed the small classes
     assert gate_metrics([[p]], [[zeroed]])["kl"] > 3
+    sig = np.array([[0.9, 0.8, 0.1], [0.2, 0.7, 0.6]])  # multi-label Sigmoid scores
+    broken = np.array([[0.1, 0.2, 0.9], [0.2, 0.7, 0.6]])
+    bernoulli = float(
+        (sig * np.log(sig / broken) + (1 - sig) * np.log((1 - sig) / (1 - broken))).sum(1).mean()
+    )
+    assert gate_metrics([[sig]], [[broken]])["kl"] == pytest.approx(bernoulli) and bernoulli > 2
     logits = np.log(p)  # logits keep the softmax: the same number
     assert gate_metrics([[logits]], [[np.log(q)]])["kl"] == pytest.approx(true_kl)
 

@@ -126,6 +126,11 @@ def test_static_qoperator_format(cli, cnn, cnn_data, tmp_path):
                        "--calib", cnn_data / "calib.npz")  # fmt: skip
     assert code == 0, err
     assert "QLinearConv" in _ops(out)
+    # GPTQ and the empirical bias correction apply to QDQ weights: recorded as not applied
+    applied = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
+    static = applied["quantize_static"]
+    assert static["rounding"] == "nearest" and static["gptq_rounded_nodes"] == 0
+    assert static["empirical_bias"] is False
 
 
 def test_auto_records_candidate_table(cli, cnn, cnn_data, tmp_path):

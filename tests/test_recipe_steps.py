@@ -76,6 +76,7 @@ def test_recipe_that_is_not_utf8_or_a_directory_is_exit_2(cli, tmp_path):
 def test_recipe_takes_the_commands_spellings_of_options(tmp_path):
     """README: steps take the command's long options; --per-tensor, --no-empirical-bias and
     hyphens are spelled as the command spells them."""
+    from onnxpipe.errors import InputError
     from onnxpipe.recipe import load_recipe
 
     recipe = _recipe(
@@ -89,6 +90,10 @@ def test_recipe_takes_the_commands_spellings_of_options(tmp_path):
     assert settings["per_channel"] is False and settings["empirical_bias"] is False
     assert settings["activation_type"] == "int8"
     assert steps[2].ep == ("cpu",)  # type: ignore[attr-defined]
+    clash = _recipe(tmp_path, "  - convert\n  - quantize: {mode: dynamic, per_tensor: true, "
+                    "per_channel: true}\n")  # fmt: skip
+    with pytest.raises(InputError, match="both set per_channel"):
+        load_recipe(clash)
 
 
 def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eval_npz):
