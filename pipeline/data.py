@@ -277,7 +277,12 @@ def sized_like(inputs: Sequence[InputSpec], feeds: Sequence[Feeds]) -> list[Inpu
     """
     sizes = dict(data_sizes(inputs, feeds))
     return [
-        replace(spec, shape=tuple(sizes.get(d, d) if k else d for k, d in enumerate(spec.shape)))
+        replace(
+            spec,
+            shape=tuple(
+                sizes.get(d, d) if k and isinstance(d, str) else d for k, d in enumerate(spec.shape)
+            ),
+        )
         for spec in inputs
     ]
 
