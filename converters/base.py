@@ -200,6 +200,13 @@ def in_declared_order(
     )
 
 
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch every input fixes on axis 0 (the onnx zoo's 1), or None when any is free."""
+    firsts = {s.shape[0] if s.shape and isinstance(s.shape[0], int) else None for s in specs}
+    size = firsts.pop() if len(firsts) == 1 else None
+    return size if size is not None and size > 0 else None
+
+
 def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]:
     """Distinct sizes >= 2 for every symbol, avoiding the static dims of the specs.
 

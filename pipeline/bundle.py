@@ -348,6 +348,11 @@ NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, Key
 """What numpy raises on a damaged .npz: truncated, bit rot, empty, a member not an array."""
 
 
+def unreadable_numpy(path: Path, error: Exception) -> InputError:
+    """The error for a .npy/.npz numpy cannot read (one of :data:`NPZ_ERRORS`)."""
+    return InputError(f"{path}: not a readable numpy file ({type(error).__name__}: {error}).")
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of the .npz at ``path``, read now (no pickles).
 
@@ -359,7 +364,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except NPZ_ERRORS as e:
-        raise InputError(f"{path}: not a readable numpy file ({type(e).__name__}: {e}).") from e
+        raise unreadable_numpy(path, e) from e
     bad = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
     if bad:
         raise InputError(f"{path}: member(s) {bad} are not numpy arrays; save it with np.savez.")

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.bundle import NPZ_ERRORS, read_npz
-from onnxpipe.converters.base import InputSpec, example_sizes, random_feeds
+from onnxpipe.bundle import NPZ_ERRORS, read_npz, unreadable_numpy
+from onnxpipe.converters.base import InputSpec, example_sizes, fixed_batch, random_feeds
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError
 from onnxpipe.images import image_files, load_images, split_image_data
@@ -68,9 +68,7 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
     """
     # A model whose inputs all have a fixed first dim (zoo models: 1) takes samples that many
     # at a time.
-    fixed = {s.shape[0] if s.shape and isinstance(s.shape[0], int) else None for s in specs}
-    if len(fixed) == 1 and (size := fixed.pop()) is not None and size > 0:
-        batch = size
+    batch = fixed_batch(specs) or batch
     if is_callable_ref(data):
         produced = call_factory(data, "return an iterable of feed dicts {input name: array}")
         try:
@@ -125,18 +123,18 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
 
 
 def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds]:
-    try:
-        if path.suffix == ".npy":
-            if len(specs) != 1:
-                raise InputError(
-                    f"{path}: a .npy holds one array but the model has {len(specs)} inputs; "
-                    "use a .npz with one array per input name."
-                )
+    if path.suffix != ".npy":
+        arrays = read_npz(path)
+    elif len(specs) != 1:
+        raise InputError(
+            f"{path}: a .npy holds one array but the model has {len(specs)} inputs; use a .npz "
+            "with one array per input name."
+        )
+    else:
+        try:
             arrays = {specs[0].name: np.load(path, allow_pickle=False)}
-        else:
-            arrays = read_npz(path)
-    except NPZ_ERRORS as e:
-        raise InputError(f"{path}: not a readable numpy file ({type(e).__name__}: {e}).") from e
+        except NPZ_ERRORS as e:
+            raise unreadable_numpy(path, e) from e
     if not arrays:
         raise InputError(f"{path}: holds no arrays; save one per input name with np.savez.")
     count = {len(a) if a.ndim else 1 for a in arrays.values()}
@@ -166,7 +164,7 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
             "input as many samples."
         )
     n = count.pop()
-    if n % batch and {s.shape[0] if s.shape else None for s in specs} == {batch}:
+    if n % batch and fixed_batch(specs) == batch:
         shapes = ", ".join(f"{k} {list(a.shape)}" for k, a in arrays.items())
         raise InputError(
             f"{path}: holds {n} samples ({shapes}), but the model takes a fixed batch of "
@@ -257,15 +255,22 @@ def data_sizes(inputs: Sequence[InputSpec], feeds: Sequence[Feeds]) -> tuple[tup
     An image model with free height and width was timed at the benchmark's default 8x8
     pixels (0.008 ms) while its --eval photos were 224x224 (0.2 ms).
     """
-    sizes: dict[str, int] = {}
     first = feeds[0] if feeds else {}
+    return _symbol_sizes(inputs, {name: array.shape for name, array in first.items()})
+
+
+def _symbol_sizes(
+    inputs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]]
+) -> tuple[tuple[str, int], ...]:
+    """The sizes ``shapes`` (by input name) give the inputs' symbols on axes other than 0."""
+    sizes: dict[str, int] = {}
     for spec in inputs:
-        array = first.get(spec.name)
-        if array is None or array.ndim != len(spec.shape):
+        shape = shapes.get(spec.name)
+        if shape is None or len(shape) != len(spec.shape):
             continue
         for axis, dim in enumerate(spec.shape):
             if axis and isinstance(dim, str):
-                sizes.setdefault(dim, int(array.shape[axis]))
+                sizes.setdefault(dim, int(shape[axis]))
     return tuple(sizes.items())
 
 
@@ -303,8 +308,11 @@ def recorded_sizes(
         if not isinstance(given, Mapping):
             return ()
         return tuple((k, int(v)) for k, v in given.items() if isinstance(v, int))
-    feeds = {k: np.empty(v, np.uint8) for k, v in shapes.items() if isinstance(v, list)}
-    try:
-        return data_sizes(inputs, [feeds])
-    except (TypeError, ValueError):
-        return ()
+    return _symbol_sizes(
+        inputs,
+        {
+            k: v
+            for k, v in shapes.items()
+            if isinstance(v, list) and all(isinstance(d, int) for d in v)
+        },
+    )

@@ -20,6 +20,7 @@ from onnxpipe.bundle import MANIFEST, load_parity_samples, read_manifest
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds, samples_in
 from onnxpipe.errors import InputError
+from onnxpipe.graphs.quant_utils import regroup
 from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs
 from onnxpipe.parity import measure_parity, not_compared_note
 from onnxpipe.runtime import (
@@ -229,7 +230,7 @@ def _rebatched(feeds: dict[str, np.ndarray], shapes: dict[str, Any]) -> list[dic
     size = sizes.pop()
     if size == batch or size % batch:
         return [feeds]
-    return [{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, size, batch)]
+    return regroup([feeds], batch)
 
 
 _ORT_TYPES = {
