@@ -1,4 +1,6 @@
-"""The ``onnxpipe`` command line: convert, validate, bench, run, demo.
+"""The ``onnxpipe`` command line: one ``cmd_*`` per subcommand.
+
+The flags are :mod:`onnxpipe.cli_args`'s; what it prints, :mod:`onnxpipe.cli_output`'s.
 
 Exit codes (contract): 0 done; 1 a gate failed, numbers reported; 2 bad input or usage, one
 paragraph naming the file and the fix; 3 internal error. ``--debug`` shows tracebacks.
@@ -8,25 +10,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import logging
 import math
 import os
 import signal
 import sys
-import tempfile
 import traceback
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from onnxpipe.cli_args import build_parser
+from onnxpipe.cli_output import emit, err, progress_steps, quiet, working
 from onnxpipe.errors import (
     GateFailed,
     InputError,
@@ -39,7 +36,6 @@ from onnxpipe.errors import (
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
-err = Console(stderr=True, emoji=False)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -50,112 +46,6 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     if not values:
         raise InputError(f"{flag}: give at least one value.")
     return values
-
-
-@contextlib.contextmanager
-def _quiet(debug: bool) -> Iterator[None]:
-    """Keep exporters' prints and warnings off stdout, which belongs to tables and --json.
-
-    The TorchScript exporter and TensorFlow print from C++ straight to file descriptor 1, so
-    the descriptor itself is pointed at a scratch file while steps run.
-    """
-    if debug:
-        yield
-        return
-    # TensorFlow's C++ errors include "failed call to cuInit" on every machine without a GPU.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stdout.flush()
-    saved = os.dup(1)
-    for name in ("torch", "onnxscript", "tf2onnx", "tensorflow", "absl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # ORT's tools reset their loggers to DEBUG when first imported, so a level set here
-    # would not hold: these are switched off for the step instead.
-    chatty = [logging.getLogger(n) for n in ("ort_format_model.utils", "usability_checker")]
-    for chatty_logger in chatty:
-        chatty_logger.disabled = True
-    # Python-level prints (ORT's calibrators: "Collecting tensor data ...") go to a buffer,
-    # whatever sys.stdout is (a test harness replaces it); C++ ones to the scratch file.
-    with (
-        warnings.catch_warnings(),
-        tempfile.TemporaryFile() as sink,
-        contextlib.redirect_stdout(io.StringIO()),
-    ):
-        warnings.simplefilter("ignore")
-        os.dup2(sink.fileno(), 1)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-            for chatty_logger in chatty:
-                chatty_logger.disabled = False
-
-
-def _progress_steps(
-    steps: Sequence[Any],
-    out: Path,
-    args: argparse.Namespace,
-    title: str | None = None,
-    protect: Sequence[Path] = (),
-) -> dict[str, Any]:
-    from onnxpipe.recipe import run_steps  # noqa: PLC0415 - keeps --help fast
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=args.json,
-    ) as bar:
-        task = bar.add_task("starting", total=len(steps))
-
-        def progress(i: int, total: int, name: str) -> None:
-            bar.update(task, completed=i, description=f"[bold]{name}[/bold]")
-
-        with _quiet(args.debug):
-            overwrite = getattr(args, "overwrite", False)
-            return run_steps(steps, out, overwrite, progress, title=title, protect=protect)
-
-
-@contextlib.contextmanager
-def _working(args: argparse.Namespace, label: str) -> Iterator[None]:
-    """A spinner, a bar where the work reports counts (--auto, gated pruning), elapsed time."""
-    from onnxpipe.progress import reporting  # noqa: PLC0415
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=args.json,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(text: str, done: int | None, total: int | None) -> None:
-            count = f" ({done}/{total})" if total else ""
-            bar.update(task, description=f"{label}: {escape(text)}{count}", completed=done or 0,
-                       total=total)  # fmt: skip
-
-        shown = reporting(update) if not args.json else contextlib.nullcontext()
-        with shown, _quiet(args.debug):
-            yield
-
-
-def _emit(args: argparse.Namespace, payload: Any, tables: Sequence[Any]) -> None:
-    if args.json:
-        from onnxpipe.bundle import strict_json  # noqa: PLC0415
-
-        print(json.dumps(strict_json(payload), indent=2, default=str))
-        return
-    out = Console(emoji=False)
-    for table in tables:
-        out.print(table)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -182,8 +72,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise invalid_settings("convert", e) from e
     if not args.no_bench:
         steps.append(BenchStep(batch=(1,), runs=30))
-    manifest = _progress_steps(steps, args.out, args)
-    _emit(args, manifest, [summary_table(manifest, args.out)])
+    manifest = progress_steps(steps, args.out, args)
+    emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 
 
@@ -191,8 +81,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``onnxpipe demo``: the default recipe on the embedded EfficientNet-Lite0."""
     from onnxpipe.demo import demo_steps  # noqa: PLC0415
 
-    manifest = _progress_steps(demo_steps(), args.out, args, title="EfficientNet-Lite0 (demo)")
-    _emit(
+    manifest = progress_steps(demo_steps(), args.out, args, title="EfficientNet-Lite0 (demo)")
+    emit(
         args, manifest, [summary_table(manifest, args.out), bench_table(manifest["bench_records"])]
     )
     return 0
@@ -202,8 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``onnxpipe run RECIPE.yaml``."""
     from onnxpipe.recipe import load_recipe  # noqa: PLC0415
 
-    manifest = _progress_steps(load_recipe(args.recipe), args.out, args, protect=(args.recipe,))
-    _emit(args, manifest, [summary_table(manifest, args.out)])
+    manifest = progress_steps(load_recipe(args.recipe), args.out, args, protect=(args.recipe,))
+    emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 
 
@@ -216,9 +106,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     require = tuple(parse_eps(args.require)) if args.require else ()
     if not (args.atol > 0 and math.isfinite(args.atol)):
         raise InputError(f"--atol {args.atol}: give a tolerance above 0, e.g. --atol 1e-4.")
-    with _quiet(args.debug):
+    with quiet(args.debug):
         results, failed = validate_existing(args.bundle, eps, require, args.data, args.atol)
-    _emit(args, results, [validation_table(results)])
+    emit(args, results, [validation_table(results)])
     if failed:
         err.print(f"[bold red]onnxpipe: gate failed:[/bold red] {escape(failed)}", soft_wrap=True)
         return 1
@@ -241,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     with err.status("benchmarking", spinner="dots") if not args.json else contextlib.nullcontext():
         records = bench_existing(args.bundle, config)
-    _emit(args, records, [bench_table(records)])
+    emit(args, records, [bench_table(records)])
     return 0
 
 
@@ -261,11 +151,11 @@ def cmd_package(args: argparse.Namespace) -> int:
     from onnxpipe.mobile import package_mobile  # noqa: PLC0415
 
     status = err.status("packaging", spinner="dots") if not args.json else contextlib.nullcontext()
-    with status, _quiet(args.debug):
+    with status, quiet(args.debug):
         manifest = package_mobile(
             args.bundle, args.out, args.fixed_shape, args.level, args.overwrite
         )
-    _emit(args, manifest, [summary_table(manifest, args.out)])
+    emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 
 
@@ -287,7 +177,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         auto=args.auto,
         gates=tuple(args.gate),
     )
-    with _working(args, "quantizing"):
+    with working(args, "quantizing"):
         manifest = quantize_bundle(
             args.bundle,
             args.out,
@@ -295,7 +185,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             with_preprocess(args.eval, args.preprocess),
             args.overwrite,
         )
-    _emit(args, manifest, [summary_table(manifest, args.out)])
+    emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 
 
@@ -316,9 +206,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     except ValueError as e:  # pydantic's ValidationError
         raise invalid_settings("optimize", e) from e
     status = err.status("optimizing", spinner="dots") if not args.json else contextlib.nullcontext()
-    with status, _quiet(args.debug):
+    with status, quiet(args.debug):
         manifest = optimize_bundle(args.bundle, args.out, config, args.overwrite)
-    _emit(args, manifest, [summary_table(manifest, args.out)])
+    emit(args, manifest, [summary_table(manifest, args.out)])
     _print_note(args, manifest)
     return 0
 
@@ -339,9 +229,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # pydantic's ValidationError
         raise invalid_settings("prune", e) from e
-    with _working(args, "pruning"):
+    with working(args, "pruning"):
         manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)
-    _emit(args, manifest, [summary_table(manifest, args.out)])
+    emit(args, manifest, [summary_table(manifest, args.out)])
     _print_note(args, manifest)
     return 0
 
@@ -380,14 +270,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     "would replace or add to; write the page elsewhere."
                 )
     status = err.status("comparing", spinner="dots") if not args.json else contextlib.nullcontext()
-    with status, _quiet(args.debug):
+    with status, quiet(args.debug):
         record = compare_bundles(args.bundle_a, args.bundle_b, args.data, not args.no_bench)
     if args.html:
         try:
             write_text_atomic(args.html, render_html(record))
         except OSError as e:
             raise InputError(f"--html {args.html}: cannot write it ({e.strerror}).") from e
-    _emit(args, record, [compare_table(record)])
+    emit(args, record, [compare_table(record)])
     return 0
 
 
@@ -449,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, GateFailed) and args is not None and getattr(args, "json", False):
             # a script reading --json gets the numbers too, not empty input
             record = e.report or {"error": str(e), "metrics": e.metrics}
-            _emit(args, {"status": "gate_failed", **record}, [])
+            emit(args, {"status": "gate_failed", **record}, [])
         label = {1: "gate failed", 2: "error"}.get(e.exit_code, "internal error")
         err.print(
             f"[bold red]onnxpipe: {label}:[/bold red] {escape(str(e))}",
