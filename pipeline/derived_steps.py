@@ -166,7 +166,7 @@ class PackageStep(DerivedStep):
     @field_validator("settings")
     @classmethod
     def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from onnxpipe.mobile import LEVELS  # noqa: PLC0415
+        from onnxpipe.ort_mobile import LEVELS  # noqa: PLC0415
 
         unknown = sorted(set(value) - {"target", "fixed_shape", "level"})
         if unknown:

@@ -227,7 +227,7 @@ def test_fixed_shape_follows_shared_dims(cli, tmp_path):
 
 def test_fixed_shape_names_may_hold_a_colon():
     from onnxpipe.converters.base import InputSpec
-    from onnxpipe.mobile import parse_fixed_shapes
+    from onnxpipe.ort_mobile import parse_fixed_shapes
 
     spec = InputSpec("input:0", "float32", ("batch", 3))
     assert parse_fixed_shapes(["input:0:2,3"], [spec]) == {"input:0": [2, 3]}
