@@ -258,7 +258,7 @@ def _check_file_target(path: Path, flag: str) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``onnxpipe compare A B``: the contract's JSON record, a table, or an HTML page."""
-    from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415
+    from onnxpipe.bundle import input_paths, write_text_atomic  # noqa: PLC0415
     from onnxpipe.compare import compare_bundles, render_html  # noqa: PLC0415
 
     if args.html:  # before the work: a page that cannot be written is bad input
@@ -267,6 +267,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if args.html.resolve().is_relative_to(bundle.resolve()):
                 raise InputError(
                     f"--html {args.html}: inside the compared bundle {bundle}, whose files it "
+                    "would replace or add to; write the page elsewhere."
+                )
+        for data in input_paths(args.data):
+            if args.html.resolve() == data.resolve() or args.html.resolve().is_relative_to(
+                data.resolve()
+            ):
+                raise InputError(
+                    f"--html {args.html}: is (or is inside) the --data input {data}, which it "
                     "would replace or add to; write the page elsewhere."
                 )
     status = err.status("comparing", spinner="dots") if not args.json else contextlib.nullcontext()

@@ -527,6 +527,13 @@ def test_recipe_and_compared_bundles_are_not_overwritten(cli, tmp_path, mlp_bund
     page = mlp_bundle / "manifest.json"
     code, _, err = cli("compare", mlp_bundle, mlp_bundle, "--no-bench", "--html", page)
     assert code == 2 and "inside the compared bundle" in err and tree_hash(mlp_bundle) == before
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.ones((2, 64), np.float32))
+    kept = data.read_bytes()
+    code, _, err = cli(
+        "compare", mlp_bundle, mlp_bundle, "--no-bench", "--data", data, "--html", data
+    )
+    assert code == 2 and "--data input" in err and data.read_bytes() == kept
 
 
 def test_index_limits_reach_package_compare_and_derived_bundles(cli, tmp_path):
