@@ -24,6 +24,7 @@ from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import load_data, parity_feeds
 from onnxpipe.errors import InputError
+from onnxpipe.gate import gate_metrics
 from onnxpipe.graphs.base import parameter_count
 from onnxpipe.modelio import MODEL_FILE, random_outputs
 from onnxpipe.parity import compare_outputs
@@ -112,6 +113,7 @@ def compare_bundles(
         if names_b[index] in random_b:
             random.setdefault(name, random_b[names_b[index]])
     rows: list[dict[str, Any]] = []
+    ran: list[tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]] = []
     for feeds in feeds_a:
         feeds_b = {
             y.name: (feeds[x.name].transpose(m) if m else feeds[x.name])
@@ -123,12 +125,14 @@ def compare_bundles(
         out_b = [_like(o_b, o_a, maps) for o_a, o_b in zip(out_a, out_b, strict=False)]
         compared = compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4)
         rows.extend(r for r in compared if r["output"] not in random)
+        ran.append((out_a, out_b, feeds.get("attention_mask")))
     models = {k: ir.load(p / MODEL_FILE) for k, p in (("a", a), ("b", b))}
     record: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
         "inputs": {k: m["inputs"] for k, m in manifests.items()},
-        "outputs": _agreement(rows) | ({"not_compared": random} if random else {}),
+        "outputs": _agreement(rows, ran, names, random)
+        | ({"not_compared": random} if random else {}),
         "ops": {k: op_histogram(m) for k, m in models.items()},
         "params": {k: parameter_count(m) for k, m in models.items()},
         "latency_ms": {"a": None, "b": None},
@@ -175,14 +179,33 @@ def _like(out_b: np.ndarray, out_a: np.ndarray, maps: list[tuple[int, ...] | Non
     return out_b.transpose(back)
 
 
-def _agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _agreement(
+    rows: list[dict[str, Any]],
+    ran: list[tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]],
+    names: list[str],
+    random: dict[str, Any],
+) -> dict[str, Any]:
+    """Agreement of the outputs (``names``, A's order) over every feed, as gates measure it.
+
+    Cosine is the mean per sample (the worst output), and where a feed has an
+    ``attention_mask``, padded tokens count in neither cosine nor max abs diff: a quantized
+    encoder's outputs at padding mean nothing. Outputs that differ in shape are errors;
+    ``random`` ones (fed by a random op) are left out.
+    """
     errors = [r["error"] for r in rows if "error" in r]
-    ok = [r for r in rows if "error" not in r]
-    top1 = [r["top1_agreement"] for r in ok if "top1_agreement" in r]
+    bad = {r["output"] for r in rows if "error" in r}
+    keep = [i for i, name in enumerate(names) if name not in random and name not in bad]
+    if not ran or not keep:
+        return {"max_abs_diff": None, "cosine": None, "top1_agreement": None, "errors": errors[:5]}
+    metrics = gate_metrics(
+        [[a[i] for i in keep] for a, _, _ in ran],
+        [[b[i] for i in keep] for _, b, _ in ran],
+        [mask for _, _, mask in ran],
+    )
     return {
-        "max_abs_diff": max((r["max_abs_diff"] for r in ok), default=None),
-        "cosine": min((r["cosine"] for r in ok), default=None),
-        "top1_agreement": float(np.mean(top1)) if top1 else None,
+        "max_abs_diff": metrics["max_abs"],
+        "cosine": metrics["cosine"],
+        "top1_agreement": metrics["top1"],
         "errors": errors[:5],
     }
 

@@ -151,8 +151,8 @@ def gate_metrics(
     """Every gate metric for paired output lists (one entry per eval batch).
 
     ``masks`` (one ``[batch, seq]`` array per eval batch, e.g. the attention mask) restrict
-    ``cosine`` on ``[batch, seq, ...]`` outputs to real tokens: padded positions carry no
-    meaning and would otherwise dominate the error.
+    ``cosine`` and ``max_abs`` on ``[batch, seq, ...]`` outputs to real tokens: padded
+    positions carry no meaning and would otherwise dominate the error.
     """
     # Per-sample numbers are computed batch by batch: eval batches may differ in shape
     # (other sequence lengths), so raw outputs cannot be concatenated.
@@ -160,10 +160,13 @@ def gate_metrics(
     cosines: list[list[np.ndarray]] = [[] for _ in range(count)]
     agree: list[np.ndarray] = []
     kls: list[np.ndarray] = []
+    max_abs = 0.0
     for index, (ref_out, got_out) in enumerate(zip(reference, candidate, strict=True)):
         mask = masks[index] if masks else None
         for j, (ref_j, got_j) in enumerate(zip(ref_out, got_out, strict=True)):
             ref, got = _per_sample(ref_j, got_j, mask)
+            if ref.size:  # padding is 0 on both sides, so only real tokens count
+                max_abs = max(max_abs, float(np.max(np.abs(np.subtract(*_finite_pair(ref, got))))))
             flat_ref, flat_got = _finite_pair(ref.reshape(len(ref), -1), got.reshape(len(got), -1))
             ref_norm = np.linalg.norm(flat_ref, axis=1)
             got_norm = np.linalg.norm(flat_got, axis=1)
@@ -183,11 +186,6 @@ def gate_metrics(
                 agree.append(ref.argmax(1) == got.argmax(1))
                 kls.append(_kl(ref, got))
     per_output = [np.concatenate(c) for c in cosines]
-    max_abs = max(
-        float(np.max(np.abs(np.subtract(*_finite_pair(r, c))))) if r.size else 0.0
-        for ref, got in zip(reference, candidate, strict=True)
-        for r, c in zip(ref, got, strict=True)
-    )
     metrics: dict[str, Any] = {
         "samples": len(per_output[0]),
         "cosine": min(float(c.mean()) for c in per_output),

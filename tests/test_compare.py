@@ -243,6 +243,58 @@ def test_compare_matches_inputs_by_name_in_any_order(cli, tmp_path):
     assert code == 2 and "extra" in err
 
 
+def test_compare_measures_real_tokens_as_the_gates_do(cli, tmp_path):
+    """With an attention_mask, padded positions count in neither cosine nor max abs diff."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxpipe.gate import gate_metrics
+
+    def bundle(name, scale):
+        w = numpy_helper.from_array(np.full((4, 3), scale, np.float32), "w")
+        ids = helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])
+        mask = helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["b", "s"])
+        table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "t")
+        graph = helper.make_graph(
+            [
+                helper.make_node("Gather", ["t", "input_ids"], ["e"]),
+                helper.make_node("MatMul", ["e", "w"], ["h"]),
+                helper.make_node("Cast", ["attention_mask"], ["m"], to=1),
+                helper.make_node("Unsqueeze", ["m", "ax"], ["m3"]),
+                # the padded positions of "b" are shifted by 100: garbage where nothing reads
+                helper.make_node("Sub", ["one", "m3"], ["pad"]),
+                helper.make_node("Mul", ["pad", "shift"], ["off"]),
+                helper.make_node("Add", ["h", "off"], ["y"]),
+            ],
+            name,
+            [ids, mask],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "s", 3])],
+            [w, table, numpy_helper.from_array(np.array([2], np.int64), "ax"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(100.0 if name == "b" else 0.0, np.float32),
+                                     "shift")],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")  # fmt: skip
+        out = tmp_path / name
+        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
+        return out
+
+    a, b = bundle("a", 0.5), bundle("b", 0.501)
+    ids = np.array([[1, 2, 3, 4], [5, 6, 0, 0]], np.int64)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int64)
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask)
+    code, out, err = cli("compare", a, b, "--data", tmp_path / "d.npz", "--json", "--no-bench")
+    assert code == 0, err
+    got = json.loads(out)["outputs"]
+    e = np.arange(40, dtype=np.float32).reshape(10, 4)[ids]
+    ref, cand = e @ np.full((4, 3), 0.5), e @ np.full((4, 3), 0.501)
+    want = gate_metrics([[ref]], [[cand]], [mask])
+    assert got["max_abs_diff"] == pytest.approx(want["max_abs"], rel=1e-4)
+    assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-6)
+    assert got["max_abs_diff"] < 1.0 and got["cosine"] > 0.9999  # padding would be 100 off
+
+
 def test_prune_and_compare_count_the_same_parameters(cli, tmp_path):
     # prune counted every initializer (int64 shape constants too), compare the weights only:
     # the same BERT bundle was 457,491 parameters in one and 456,451 in the other

@@ -111,6 +111,20 @@ def test_eval_batches_of_different_sequence_lengths():
     assert metrics["top1"] is None
 
 
+def test_padded_tokens_count_in_neither_cosine_nor_max_abs():
+    """A quantized encoder's outputs at padding mean nothing: only real tokens are measured."""
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((2, 6, 8))
+    got = ref + 0.01
+    got[0, 4:] = -ref[0, 4:] + 5.0  # the padded tail of sentence 0 is far off
+    mask = np.ones((2, 6))
+    mask[0, 4:] = 0
+    metrics = gate_metrics([[ref]], [[got]], [mask])
+    assert metrics["max_abs"] == pytest.approx(0.01) and metrics["cosine"] > 0.999
+    unmasked = gate_metrics([[ref]], [[got]])
+    assert unmasked["max_abs"] > 5.0 and unmasked["cosine"] < 0.9
+
+
 def test_cosine_holds_on_every_output():
     """A detector's box head counts as much as its class scores: the worst output decides."""
     rng = np.random.default_rng(0)
