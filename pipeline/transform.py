@@ -177,8 +177,10 @@ def derive_bundle(
             _measurable_outputs(bundle / MODEL_FILE, step_name),
             eval_data or "the bundle's samples",
         )  # fmt: skip
-        if gates:  # a gate the outputs cannot measure is bad input, before any search
-            check_applicable(gates, ctx.reference())
+        if gates or eval_data:  # --eval data the input model cannot run is bad input, up front
+            reference = ctx.reference()
+            if gates:  # as is a gate the outputs cannot measure, before any search
+                check_applicable(gates, reference)
         metrics: dict[str, Any] = {}
         try:
             # A gated search inside the transform fails here too, before the final check.

@@ -93,7 +93,14 @@ def validate_bundle(
             cpu = make_session(model, SessionOptions(ep="cpu"))
             pairs += [(feeds, list(cpu.run(None, feeds))) for feeds in extra]
         except ORT_ERRORS as e:
-            reason = f"cpu reference run: {str(e).splitlines()[0]}"
+            first = str(e).splitlines()[0]
+            if data:  # the user's data, not the model, is what failed: nothing is recorded
+                raise InputError(
+                    f"{data}: the bundle's model cannot run this data on CPU ({first[:300]}). "
+                    "Check its values, e.g. token ids within the vocabulary and sequences "
+                    "within the model's maximum length."
+                ) from e
+            reason = f"cpu reference run: {first}"
             return {ep: {"status": "failed", "reason": reason} for ep in eps}
     by_id = {id(feeds): outs for feeds, outs in pairs}
     feeds_list = [feeds for feeds, _ in pairs]

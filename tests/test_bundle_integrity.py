@@ -553,6 +553,27 @@ def test_index_limits_reach_package_compare_and_derived_bundles(cli, tmp_path):
     assert manifest["inputs"][0]["index_limit"] == 10
 
 
+def test_data_the_model_cannot_run_is_bad_input_and_changes_nothing(cli, tmp_path):
+    """Ids past the embedding table: exit 2 naming the data, the bundle's record untouched."""
+    from tests.conftest import model_ref
+
+    out = tmp_path / "b"
+    spec = "ids:int64[batch,seq]"
+    assert (
+        cli("convert", model_ref("small_vocab"), "-o", out, "--input", spec, "--no-bench")[0] == 0
+    )
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, ids=np.full((2, 3), 12, np.int64))  # the table has 10 rows
+    before = tree_hash(out)
+    code, _, err = cli("validate", out, "--data", bad)
+    assert code == 2 and "bad.npz" in err and "cannot run this data" in err, err
+    assert tree_hash(out) == before  # validation.cpu stays passed
+    # the dynamic path reads --eval for its statistics before any gate measured it
+    code, _, err = cli("quantize", out, "-o", tmp_path / "q", "--mode", "dynamic", "--eval", bad)
+    assert code == 2 and "bad.npz" in err and "fails on this data" in err, err
+    assert not (tmp_path / "q").exists() and tree_hash(out) == before
+
+
 def test_a_successful_run_removes_an_earlier_failed_report(cli, tmp_path, mlp_bundle):
     """OUT.failed.json of an earlier failed run stayed beside the bundle that now stands."""
     out = tmp_path / "o"
