@@ -133,10 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        default="minmax",
         choices=["minmax", "entropy", "percentile", "distribution"],
-        help="static calibration (distribution is ORT's float8 method: refused for int8, "
-        "with the measured reason)",
+        help="static calibration (default minmax; distribution is ORT's float8 method: "
+        "refused for int8, with the measured reason)",
     )
     scales = p.add_mutually_exclusive_group()
     scales.add_argument(
@@ -144,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
         dest="per_channel",
         action="store_const",
         const=True,
-        default=True,
         help="per-channel weight scales (the default)",
     )
     scales.add_argument(
@@ -153,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--rounding",
-        default="gptq",
         choices=["gptq", "nearest"],
         help="static int8 and int4 weight rounding: error-compensating on the calibration "
         "data (default; int4 without --calib rounds to nearest) or to nearest",
@@ -161,23 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-empirical-bias",
         dest="empirical_bias",
-        action="store_false",
+        action="store_const",
+        const=False,
         help="static QDQ: skip the bias correction measured layer by layer on the calibration "
         "data (about 30 s on EfficientNet-Lite0; it lowered KL by a third there)",
     )
     p.add_argument(
         "--smooth-alpha",
         type=float,
-        default=0.7,
         metavar="A",
-        help="dynamic: SmoothQuant strength in [0, 1], statistics from --calib or --eval (0: off)",
+        help="dynamic: SmoothQuant strength in [0, 1] (default 0.7), statistics from --calib or "
+        "--eval (0: off)",
     )
-    p.add_argument("--format", default="qdq", choices=["qdq", "qop"], help="QDQ or QOperator")
+    p.add_argument("--format", choices=["qdq", "qop"], help="static: QDQ (default) or QOperator")
     types = (
         "static: activation int type (auto: uint8 on x86, int8 elsewhere; int8 for an ARM device)"
     )
     p.add_argument(
-        "--activation-type", default="auto", choices=["auto", "uint8", "int8"], help=types
+        "--activation-type", choices=["auto", "uint8", "int8"], help=types
     )
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
@@ -185,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gate", action="append", default=[], metavar="METRIC>=VALUE", help="e.g. top1>=0.97"
     )
-    p.add_argument("--auto", action="store_true", help="search configs + float fallbacks")
+    p.add_argument(
+        "--auto", action="store_const", const=True, help="static: search configs + float fallbacks"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
 

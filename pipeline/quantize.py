@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import onnx_ir as ir
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from onnxpipe.data import Feeds, load_data
 from onnxpipe.errors import PassError, invalid_settings
@@ -73,23 +80,18 @@ class QuantizeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeSettings:
+        # an option the mode would ignore is refused, even at its default value: it would
+        # read in the manifest as if it applied
+        for name in sorted(self.model_fields_set):
+            modes = _APPLIES.get(name)
+            if modes is not None and self.mode not in modes:
+                flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
+                raise ValueError(f"{flag} applies to --mode {' and '.join(modes)} only")
+        if self.mode == "int4" and not self.calib and "rounding" in self.model_fields_set:
+            if self.rounding == "gptq":
+                raise ValueError("--mode int4 --rounding gptq needs --calib DATA to round on")
         if self.mode == "static" and not self.calib:
             raise ValueError("--mode static needs --calib DATA (samples like the real inputs)")
-        if self.auto and self.mode != "static":
-            raise ValueError(
-                "--auto searches static int8 configurations; use it with --mode static"
-            )
-        if self.activation_type != "auto" and self.mode != "static":
-            raise ValueError("--activation-type applies to --mode static only")
-        # options the mode would ignore are refused, not recorded as if they applied
-        if self.method != "minmax" and self.mode != "static":
-            raise ValueError("--method applies to --mode static only (calibration ranges)")
-        if self.format != "qdq" and self.mode != "static":
-            raise ValueError("--format applies to --mode static only")
-        if not self.per_channel and self.mode not in ("static", "dynamic"):
-            raise ValueError("--per-tensor applies to --mode static and dynamic only")
-        if self.calib and self.mode == "fp16":
-            raise ValueError("--mode fp16 takes no --calib (it converts weights, no ranges)")
         if self.auto and not self.gates:
             raise ValueError("--auto needs a --gate to search for, e.g. --gate top1>=0.97")
         if self.method == "distribution":
@@ -98,9 +100,37 @@ class QuantizeSettings(BaseModel):
             raise ValueError(DISTRIBUTION_REFUSED)
         return self
 
+    @model_serializer(mode="wrap")
+    def _applied(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The settings the mode uses: what the manifest records as applied."""
+        data = handler(self)
+        applied = {k: v for k, v in data.items() if self.mode in _APPLIES.get(k, (self.mode,))}
+        if self.mode == "int4" and not self.calib:
+            applied["rounding"] = "nearest"  # GPTQ rounds on calibration data only
+        return applied
+
+
+_APPLIES = {
+    "calib": ("static", "dynamic", "int4"),
+    "method": ("static",),
+    "per_channel": ("static", "dynamic"),
+    "smooth_alpha": ("dynamic",),
+    "rounding": ("static", "int4"),
+    "empirical_bias": ("static",),
+    "format": ("static",),
+    "activation_type": ("static",),
+    "auto": ("static",),
+}
+"""The modes that use each setting; the others refuse it and leave it out of the record."""
+_FLAGS = {"per_channel": "--per-channel/--per-tensor", "empirical_bias": "--no-empirical-bias"}
+
 
 def settings_from(**values: Any) -> QuantizeSettings:
-    """Validated settings; a bad combination is an :class:`InputError` (exit 2)."""
+    """Validated settings; a bad combination is an :class:`InputError` (exit 2).
+
+    ``None`` values are options not given: they take the defaults of the modes that use them.
+    """
+    values = {k: v for k, v in values.items() if v is not None}
     try:
         return QuantizeSettings(**values)
     except ValueError as e:  # pydantic's ValidationError

@@ -242,12 +242,30 @@ def test_dynamic_per_tensor_is_per_tensor(cli, mlp, tmp_path):
         (["--mode", "dynamic", "--method", "entropy"], "--method applies"),
         (["--mode", "int4", "--format", "qop"], "--format applies"),
         (["--mode", "fp16", "--per-tensor"], "--per-tensor applies"),
-        (["--mode", "fp16", "--calib", "x.npz"], "takes no --calib"),
+        (["--mode", "fp16", "--calib", "x.npz"], "--calib applies"),
+        # at their default values too: they would read as applied in the manifest
+        (["--mode", "fp16", "--method", "minmax"], "--method applies"),
+        (["--mode", "dynamic", "--format", "qdq"], "--format applies"),
+        (["--mode", "fp16", "--rounding", "nearest"], "--rounding applies"),
+        (["--mode", "dynamic", "--no-empirical-bias"], "--no-empirical-bias applies"),
+        (["--mode", "int4", "--smooth-alpha", "0.7"], "--smooth-alpha applies"),
+        (["--mode", "int4", "--rounding", "gptq"], "needs --calib"),
     ],
 )
 def test_options_the_mode_ignores_are_refused(cli, mlp, tmp_path, flags, needle):
     code, _, err = cli("quantize", mlp, "-o", tmp_path / "q", *flags)
     assert code == 2 and needle in err and not (tmp_path / "q").exists()
+
+
+def test_the_manifest_records_only_the_settings_the_mode_used(cli, mlp, tmp_path):
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "f", "--mode", "fp16")
+    assert code == 0, err
+    config = json.loads((tmp_path / "f" / "manifest.json").read_text())["steps"][-1]["config"]
+    assert set(config) == {"mode", "exclude", "gates"}
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "i", "--mode", "int4")
+    assert code == 0, err
+    config = json.loads((tmp_path / "i" / "manifest.json").read_text())["steps"][-1]["config"]
+    assert config["rounding"] == "nearest" and "method" not in config  # no --calib: nearest
 
 
 def test_dynamic_refuses_conv_heavy_model(cli, cnn, tmp_path):
