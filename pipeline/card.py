@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,35 @@ def _example_feed(inputs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _symbolic(entries: Sequence[dict[str, Any]]) -> bool:
+    return any(isinstance(d, str) for v in entries for d in v["shape"])
+
+
+def _dims_note(inputs: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> list[str]:
+    """What the I/O table's symbolic dims and id inputs allow, as far as onnxpipe knows."""
+    lines = []
+    if _symbolic([*inputs, *outputs]):
+        lines.append(
+            "Symbolic dims (strings) are dynamic, within what the model itself supports (a "
+            "transformer's maximum sequence length, say)."
+        )
+    for v in inputs:
+        if v.get("index_limit") is not None:
+            lines.append(
+                f"`{v['name']}` holds ids from 0 to {v['index_limit'] - 1}: they index a table "
+                f"of {v['index_limit']} rows."
+            )
+    return [" ".join(lines), ""] if lines else []
+
+
+def _samples_note(parity: dict[str, Any], inputs: Sequence[dict[str, Any]]) -> str:
+    """What the parity samples were: a derived bundle's data is named in its reference."""
+    count = parity.get("samples")
+    if "source_parity" in parity or not _symbolic(inputs):
+        return f"{count} samples."
+    return f"{count} samples; generated ones at sizes of the symbolic dims the export never saw."
+
+
 def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
     """Markdown: I/O table, a runnable ONNX Runtime snippet, parity, validation and latency."""
     model = manifest["model"]
@@ -82,10 +112,8 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
     for kind in ("inputs", "outputs"):
         for v in manifest[kind]:
             out.append(f"| {kind[:-1]} | `{v['name']}` | {v['dtype']} | {_shape(v['shape'])} |")
+    out += ["", *_dims_note(manifest["inputs"], manifest["outputs"])]
     out += [
-        "",
-        "Symbolic dims (strings) are dynamic: any size works.",
-        "",
         "## Run it",
         "",
         "```python",
@@ -105,8 +133,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         out += [
             "## Parity",
             "",
-            f"Reference: {parity.get('reference')}; {parity.get('samples')} samples at shapes the "
-            "export never saw.",
+            f"Reference: {parity.get('reference')}; {_samples_note(parity, manifest['inputs'])}",
             "",
             "| max abs diff | max rel diff | cosine | top-1 agreement | passed |",
             "|---|---|---|---|---|",

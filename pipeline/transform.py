@@ -200,7 +200,9 @@ def derive_bundle(
                 outputs = ctx.run(tmp / MODEL_FILE, every=True)
                 save_parity_samples(tmp, ctx.eval_feeds, outputs)
                 work = Work(dir=tmp, manifest=_carry(manifest), inputs=inputs)
-                work.manifest["parity"] = _parity_record(manifest, gate, gates, ctx.random)
+                work.manifest["parity"] = _parity_record(
+                    manifest, gate, gates, ctx.random, eval_data
+                )
                 work.record_step(step_name, step_config, time.perf_counter() - started, metrics)
                 work.manifest["validation"] = validate_bundle(
                     tmp, ["cpu"], inputs, manifest=work.manifest
@@ -254,10 +256,15 @@ def _carry(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parity_record(
-    manifest: dict[str, Any], gate: dict[str, Any], gates: Sequence[Gate], random: dict[str, str]
+    manifest: dict[str, Any],
+    gate: dict[str, Any],
+    gates: Sequence[Gate],
+    random: dict[str, str],
+    eval_data: str | None,
 ) -> dict:
+    data = f"--eval {eval_data}" if eval_data else "the input bundle's stored samples"
     return {
-        "reference": f"input bundle model (sha256 {manifest['model']['sha256'][:12]})",
+        "reference": f"input bundle model (sha256 {manifest['model']['sha256'][:12]}) on {data}",
         "samples": gate["samples"],
         "max_abs_diff": gate["max_abs"],
         "max_rel_diff": None,

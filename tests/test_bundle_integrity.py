@@ -80,6 +80,35 @@ def test_an_incomplete_bundle_is_refused(cli, bundle, missing):
     assert code == 2 and f"incomplete: {missing} missing" in err
 
 
+def test_the_card_says_what_dims_ids_and_parity_samples_are(cli, tmp_path, mlp_bundle):
+    """No "any size works" for fixed shapes; ids bounded by their table; derived data named."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxpipe.card import render_card
+
+    card = (mlp_bundle / "README.md").read_text()  # x: [batch, 64]
+    assert "Symbolic dims (strings) are dynamic, within what the model" in card
+    assert "generated ones at sizes of the symbolic dims the export never saw" in card
+    fixed = helper.make_graph(
+        [helper.make_node("Gather", ["t", "ids"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 4])],
+        [numpy_helper.from_array(np.ones((7, 4), np.float32), "t")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(fixed, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "f.onnx")  # fmt: skip
+    assert cli("convert", tmp_path / "f.onnx", "-o", tmp_path / "f", "--no-bench")[0] == 0
+    card = (tmp_path / "f" / "README.md").read_text()
+    assert "Symbolic dims" not in card and "never saw" not in card
+    assert "`ids` holds ids from 0 to 6: they index a table of 7 rows." in card
+    code, _, err = cli("optimize", mlp_bundle, "-o", tmp_path / "o")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["parity"]["reference"].endswith("on the input bundle's stored samples")
+    assert "never saw" not in render_card(manifest)
+
+
 def test_a_derived_bundle_without_gate_says_not_gated(cli, tmp_path, mlp_bundle):
     out = tmp_path / "pruned"
     code, _, err = cli("prune", mlp_bundle, "-o", out, "--method", "magnitude", "--ratio", "0.9")
