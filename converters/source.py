@@ -129,8 +129,9 @@ def load_callable(ref: str) -> Callable[[], Any]:
                 spec.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001 - user code may raise anything; report it as input
             raise InputError(
-                f"{target}: importing it raised {type(e).__name__}: {e}. Fix the file, or check "
-                "that its imports are installed."
+                missing_framework(target, e)
+                or f"{target}: importing it raised {type(e).__name__}: {e}. Fix the file, or "
+                "check that its imports are installed."
             ) from e
         finally:
             sys.path.remove(str(path.resolve().parent))
@@ -145,7 +146,8 @@ def load_callable(ref: str) -> Callable[[], Any]:
                 module = importlib.import_module(target)
         except ImportError as e:
             raise InputError(
-                f"{ref}: cannot import module {target!r} ({e}). Install it or pass "
+                missing_framework(ref, e)
+                or f"{ref}: cannot import module {target!r} ({e}). Install it or pass "
                 "path/file.py:callable instead."
             ) from e
         finally:
@@ -170,11 +172,34 @@ def call_factory(ref: str, returns: str = "build and return the model") -> Any:
     try:
         with stderr_kept_back(quiet_imports()):  # a factory that imports keras inside
             return factory()
+    except InputError:
+        raise  # onnxpipe's own factories (the demo) say what to do already
     except Exception as e:  # noqa: BLE001 - user code may raise anything; report it as input
         raise InputError(
-            f"{ref}: calling it raised {type(e).__name__}: {e}. The callable must {returns} "
+            missing_framework(ref, e)
+            or f"{ref}: calling it raised {type(e).__name__}: {e}. The callable must {returns} "
             "with no arguments."
         ) from e
+
+
+_FRAMEWORK_EXTRAS = {
+    "torch": "onnxpipe[torch]",
+    "tensorflow": "onnxpipe[tf]",
+    "keras": "onnxpipe[tf]",
+    "tf2onnx": "onnxpipe[tf]",
+}
+
+
+def missing_framework(ref: str, error: BaseException) -> str | None:
+    """The message for user code that needs a framework that is not installed, else None."""
+    name = error.name if isinstance(error, ModuleNotFoundError) else None
+    root = (name or "").split(".")[0]
+    if root not in _FRAMEWORK_EXTRAS:
+        return None
+    return (
+        f"{ref}: needs {root}, which is not installed. Install it with: "
+        f"pip install '{_FRAMEWORK_EXTRAS[root]}'"
+    )
 
 
 def framework_of_object(obj: Any) -> Framework | None:

@@ -13,7 +13,11 @@ from typing import Any
 from onnxpipe import __version__
 from onnxpipe.errors import InputError
 
-DESCRIPTION = "The ``onnxpipe`` command line: convert, validate, bench, run, demo."
+DESCRIPTION = (
+    "Convert PyTorch, Keras/TensorFlow and ONNX models to ONNX bundles, then optimize, "
+    "quantize, prune, validate, bench, compare and package them. "
+    "'onnxpipe COMMAND --help' describes each command."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,9 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     types = (
         "static: activation int type (auto: uint8 on x86, int8 elsewhere; int8 for an ARM device)"
     )
-    p.add_argument(
-        "--activation-type", choices=["auto", "uint8", "int8"], help=types
-    )
+    p.add_argument("--activation-type", choices=["auto", "uint8", "int8"], help=types)
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
     )

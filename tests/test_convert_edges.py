@@ -552,3 +552,33 @@ def test_validate_holds_stored_outputs_to_the_measured_noise():
     assert source_tolerance(noisy, 1e-4) == pytest.approx(2.4e-4)
     assert source_tolerance(noisy, 1e-3) == 1e-3  # never tighter than asked
     assert source_tolerance({"parity": {"tolerance": {"atol": 1e-4}}}, 1e-4) == 1e-4
+
+
+@pytest.mark.parametrize(("module", "extra"), [("tensorflow", "tf"), ("torch", "torch")])
+def test_user_code_that_needs_a_missing_framework_names_the_extra(
+    cli, tmp_path, monkeypatch, module, extra
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    at_import = tmp_path / "top.py"
+    at_import.write_text(f"import {module}\n\ndef make():\n    return None\n")
+    inside = tmp_path / "inside.py"
+    inside.write_text(f"def make():\n    import {module}\n    return {module}\n")
+    for ref in (f"{at_import}:make", f"{inside}:make"):
+        code, _, err = cli("convert", ref, "-o", tmp_path / "o", "--input", "x:float32[2,3]")
+        assert code == 2 and f"pip install 'onnxpipe[{extra}]'" in err, err
+        assert "Fix the file" not in err and "must build" not in err
+
+
+def test_onnxpipe_s_own_factory_message_is_not_wrapped(monkeypatch):
+    from onnxpipe.converters.source import call_factory
+    from onnxpipe.errors import InputError
+
+    def factory():
+        raise InputError("the demo needs its packages. Install them with: pip install x")
+
+    monkeypatch.setattr("onnxpipe.converters.source.load_callable", lambda ref: factory)
+    with pytest.raises(InputError) as caught:
+        call_factory("onnxpipe.demo:efficientnet_lite0")
+    assert str(caught.value) == "the demo needs its packages. Install them with: pip install x"
