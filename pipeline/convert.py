@@ -28,6 +28,7 @@ from onnxpipe.converters.source import (
 )
 from onnxpipe.errors import ConversionError, GateFailed, InputError, raise_if_interrupted
 from onnxpipe.modelio import save_model
+from onnxpipe.runtime import ORT_ERRORS
 from onnxpipe.source_parity import check_parity, parity_advice
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,13 @@ def convert(
         candidate_dir = workdir / f"attempt-{len(tried)}"
         candidate_dir.mkdir(parents=True, exist_ok=True)
         path = save_model(attempt.result.model, candidate_dir)[0]
-        parity, samples = check_parity(attempt.result, path, atol, data, source_name)
+        try:
+            parity, samples = check_parity(attempt.result, path, atol, data, source_name)
+        except ORT_ERRORS as e:  # an invalid graph (dynamo's opset down-conversion): next one
+            error = f"ONNX Runtime cannot load the model it wrote: {str(e).splitlines()[0][:300]}"
+            logger.info("%s exporter: %s", attempt.exporter, error)
+            record.update(status="export_failed", error=error, ops=[])
+            continue
         record.update(
             status="passed" if parity["passed"] else "parity_failed",
             max_abs_diff=parity["max_abs_diff"],

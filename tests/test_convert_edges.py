@@ -582,3 +582,32 @@ def test_onnxpipe_s_own_factory_message_is_not_wrapped(monkeypatch):
     with pytest.raises(InputError) as caught:
         call_factory("onnxpipe.demo:efficientnet_lite0")
     assert str(caught.value) == "the demo needs its packages. Install them with: pip install x"
+
+
+def test_an_exporter_that_writes_an_invalid_graph_falls_back(cli, tmp_path):
+    """Dynamo down-converts to opset 17 keeping Split's opset-18 num_outputs: ORT refuses it."""
+    source = _source(
+        tmp_path,
+        """
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l = nn.Linear(12, 6)
+
+            def forward(self, x):
+                a, b, c = torch.split(self.l(x), 2, dim=-1)
+                return a * b + c
+
+        def make():
+            torch.manual_seed(0)
+            return M().eval()
+        """,
+    )
+    out = tmp_path / "o"
+    code, _, err = cli("convert", f"{source}:make", "-o", out, "--opset", "17",
+                       "--input", "x:float32[batch,12]", "--no-bench")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["exporter"] == "torchscript" and manifest["model"]["opset"] == 17
+    assert "cannot load the model it wrote" in manifest["source"]["fallback_reason"]
+    assert manifest["parity"]["passed"] is True
