@@ -355,17 +355,32 @@ def split_exclude(
     """Split ``exclude`` into node names and op types of ``model``; unknown entries raise.
 
     An entry that is both (ORT's pre-processing names a node ``Gather``) counts as both:
-    ``--exclude Gather`` left every other Gather quantized.
+    ``--exclude Gather`` left every other Gather quantized. The pre-processing also fuses a
+    MatMul and its Add into a Gemm named ``<MatMul's name>/MatMulAddFusion``: the MatMul's
+    name, and the op type ``MatMul``, reach that Gemm (the names the user sees in the bundle).
     """
     names = {n.name for n in model.graph}
     ops = {n.op_type for n in model.graph}
-    unknown = [e for e in exclude if e not in names and e not in ops]
+    fused = {
+        n.name.removesuffix(_FUSED): n.name
+        for n in model.graph
+        if n.name and n.name.endswith(_FUSED) and n.op_type == "Gemm"
+    }
+    known = names | ops | set(fused) | ({"MatMul"} if fused else set())
+    unknown = [e for e in exclude if e not in known]
     if unknown:
         raise PassError(
             f"{pass_name}: --exclude {', '.join(unknown)}: no node or op type of that name in "
             f"the model. Op types present: {', '.join(sorted(ops))}."
         )
-    return [e for e in exclude if e in names], {e for e in exclude if e in ops}
+    nodes = [e if e in names else fused[e] for e in exclude if e in names or e in fused]
+    if "MatMul" in exclude:
+        nodes += fused.values()
+    return list(dict.fromkeys(nodes)), {e for e in exclude if e in ops}
+
+
+_FUSED = "/MatMulAddFusion"
+"""What ORT's MatMulAddFusion appends to the MatMul's name for the Gemm it makes."""
 
 
 _SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"})

@@ -634,3 +634,49 @@ def test_before_after_latency_is_timed_at_the_eval_data_sizes(cli, cnn_data, tmp
     assert code == 0, err
     bench = json.loads((out / "manifest.json").read_text())["bench"]
     assert bench["shapes"]["x"] == [1, 3, 16, 16], bench["shapes"]
+
+
+def test_exclude_reaches_a_matmul_that_preprocessing_fused_into_gemm(cli, tmp_path):
+    """ORT fuses MatMul + Add into a Gemm named '<MatMul>/MatMulAddFusion' before quantizing."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (8, 16), "b1": (16,), "w2": (16, 4), "b2": (4,)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in shapes.items()]  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["m1"], name="dense1/MatMul"),
+            helper.make_node("Add", ["m1", "b1"], ["a1"], name="dense1/Add"),
+            helper.make_node("Relu", ["a1"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["m2"], name="dense2/MatMul"),
+            helper.make_node("Add", ["m2", "b2"], ["y"], name="dense2/Add"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "mlp.onnx")  # fmt: skip
+    assert cli("convert", tmp_path / "mlp.onnx", "-o", tmp_path / "b", "--no-bench")[0] == 0
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 8)).astype(np.float32))
+
+    def quantized_inputs(*exclude):
+        out = tmp_path / f"q{len(exclude)}{exclude[0][:5] if exclude else ''}"
+        flags = [f for e in exclude for f in ("--exclude", e)]
+        code, _, err = cli("quantize", tmp_path / "b", "-o", out, "--mode", "static",
+                           "--calib", tmp_path / "c.npz", *flags)  # fmt: skip
+        assert code == 0, err
+        model = onnx.load(out / "model.onnx")
+        made = {o: n for n in model.graph.node for o in n.output}
+        return {
+            n.name.split("/")[0]
+            for n in model.graph.node
+            if n.op_type == "Gemm" and made.get(n.input[0], n).op_type == "DequantizeLinear"
+        }
+
+    assert quantized_inputs() == {"dense1", "dense2"}
+    assert quantized_inputs("dense1/MatMul") == {"dense2"}
+    assert quantized_inputs("MatMul") == set()
