@@ -611,3 +611,25 @@ def test_an_exporter_that_writes_an_invalid_graph_falls_back(cli, tmp_path):
     assert manifest["source"]["exporter"] == "torchscript" and manifest["model"]["opset"] == 17
     assert "cannot load the model it wrote" in manifest["source"]["fallback_reason"]
     assert manifest["parity"]["passed"] is True
+
+
+def test_unsafe_load_finds_the_model_class_beside_the_file(cli, tmp_path, monkeypatch):
+    """A torch.save(model) file unpickles with its model.py importable, as module:callable."""
+    import subprocess
+    import sys
+
+    (tmp_path / "saved_net_mod.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.l = torch.nn.Linear(4, 2)\n\n"
+        "    def forward(self, x):\n        return self.l(x)\n"
+    )
+    save = "import torch, saved_net_mod; torch.save(saved_net_mod.Net().eval(), 'full.pth')"
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, _, err = cli("convert", "full.pth", "-o", "o", "--unsafe-load",
+                           "--input", "x:float32[batch,4]", "--no-bench")  # fmt: skip
+    finally:
+        sys.modules.pop("saved_net_mod", None)
+    assert code == 0, err
+    assert str(tmp_path) not in sys.path  # only while unpickling

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,18 @@ def _looks_saved(path: Path) -> bool:
 
 
 def _unsafe_load(path: Path) -> Any:
+    """A full-pickle ``torch.load``; the classes are looked up as ``python -m`` would.
+
+    The working directory and the file's folder are importable while it unpickles, as for a
+    ``module:callable`` source (the model's ``model.py`` usually sits there).
+    """
     logger.warning("%s: full-pickle torch.load (--unsafe-load)", path)
+    added = [
+        d
+        for d in dict.fromkeys((str(Path.cwd()), str(path.resolve().parent)))
+        if d not in sys.path
+    ]
+    sys.path.extend(added)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError, RuntimeError) as e:
@@ -140,3 +152,6 @@ def _unsafe_load(path: Path) -> Any:
             f"{path}: could not be unpickled ({type(e).__name__}: {str(e)[:200]}). The classes "
             "it was saved with must be importable; pass path/file.py:callable instead."
         ) from e
+    finally:
+        for d in added:
+            sys.path.remove(d)
