@@ -277,7 +277,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     f"--html {args.html}: is (or is inside) the --data input {data}, which it "
                     "would replace or add to; write the page elsewhere."
                 )
-    status = err.status("comparing", spinner="dots") if not args.json else contextlib.nullcontext()
+    shown = not args.json and err.is_terminal
+    status = err.status("comparing", spinner="dots") if shown else contextlib.nullcontext()
     with status, quiet(args.debug):
         record = compare_bundles(args.bundle_a, args.bundle_b, args.data, not args.no_bench)
     if args.html:

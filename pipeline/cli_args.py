@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="module:callable, file.py:callable, .pt, .pt2, .keras, .h5, SavedModel dir or .onnx",
     )
     p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
-    p.add_argument("--framework", default="auto", choices=["auto", "torch", "tf", "onnx"])
+    p.add_argument(
+        "--framework", default="auto", choices=["auto", "torch", "tf", "onnx"],
+        help="source framework (auto: from the file or object)",
+    )  # fmt: skip
     p.add_argument(
         "--input",
         action="append",
@@ -50,8 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="name:dtype[d0,d1,...], symbols are dynamic, e.g. x:float32[batch,3,224,224]",
     )
-    p.add_argument("--opset", type=int, default=None)
-    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"])
+    p.add_argument(
+        "--opset", type=int, default=None,
+        help="ONNX opset (default: the exporter's; dynamo writes 18+, lower falls back to "
+        "TorchScript; tf2onnx knows up to 18)",
+    )  # fmt: skip
+    p.add_argument(
+        "--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+        help="PyTorch exporter (auto: dynamo, then TorchScript if it fails)",
+    )  # fmt: skip
     p.add_argument("--nchw", action="store_true", help="NCHW image inputs for TF models")
     p.add_argument(
         "--atol", type=float, default=1e-4, help="parity tolerance (scaled by magnitude)"
@@ -72,16 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--require", default="", help="EPs whose unavailability is a failure")
     p.add_argument("--data", help="DATA to validate on besides the bundle's stored samples")
-    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="parity tolerance (scaled by magnitude)"
+    )
     _common(p)
 
     p = sub.add_parser("bench", help="latency matrix: EPs x batch x threads")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--ep", default="cpu")
+    p.add_argument(
+        "--ep", default="cpu", help="comma-separated: cpu,cuda,tensorrt,xnnpack,nnapi,coreml,mobile"
+    )
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
     p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=50, help="timed runs per cell (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument(
         "--size",
         action="append",
@@ -95,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("package", help="package a bundle for a target (mobile: ORT format)")
     p.add_argument("bundle", type=Path)
     p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
-    p.add_argument("--target", required=True, choices=["mobile"])
+    p.add_argument(
+        "--target", required=True, choices=["mobile"], help="mobile: ORT format + operator config"
+    )
     p.add_argument(
         "--fixed-shape",
         action="append",
@@ -111,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "QDQ model, whose int8 kernels basic leaves unfused, else basic, portable to "
         "NNAPI/CoreML; all is for the CPU EP only)",
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
 
     p = sub.add_parser(
@@ -122,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bundle", type=Path)
     p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
-    p.add_argument("--mode", required=True, choices=["static", "dynamic", "int4", "fp16"])
+    p.add_argument(
+        "--mode", required=True, choices=["static", "dynamic", "int4", "fp16"],
+        help="static/dynamic int8, int4 weight-only (MatMulNBits) or fp16",
+    )  # fmt: skip
     p.add_argument(
         "--calib",
         metavar="DATA",
@@ -212,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slim",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also run onnxslim's rewrites before --level (pip install onnxslim; off by "
+        help="also run onnxslim's rewrites before --level (pip install 'onnxpipe[slim]'; off by "
         "default: it rarely removes more than --level basic)",
     )
     p.add_argument("--transformer", metavar="TYPE", help="bert, gpt2, bart, vit, ... fusions")
@@ -231,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bundle", type=Path)
     p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
-    p.add_argument("--method", required=True, choices=["magnitude", "channels", "lowrank"])
+    p.add_argument(
+        "--method", required=True, choices=["magnitude", "channels", "lowrank"],
+        help="zero small weights, cut channels, or factor weights (SVD)",
+    )  # fmt: skip
     p.add_argument("--ratio", required=True, type=float, help="share to remove, in (0, 1)")
     p.add_argument(
         "--scope", default="layer", choices=["layer", "global"], help="magnitude threshold scope"
@@ -262,12 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a recipe YAML into a bundle")
     p.add_argument("recipe", type=Path)
-    p.add_argument("-o", "--out", required=True, type=Path)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--out", required=True, type=Path, help="new bundle directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
 
     p = sub.add_parser("demo", help="the default recipe on EfficientNet-Lite0 (ImageNet weights)")
-    p.add_argument("-o", "--out", type=Path, default=Path("demo-bundle"))
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "-o", "--out", type=Path, default=Path("demo-bundle"),
+        help="new bundle directory (default demo-bundle)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
     return parser

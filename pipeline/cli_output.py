@@ -86,7 +86,7 @@ def progress_steps(
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=args.json,
+        disable=args.json or not err.is_terminal,  # no bar (nor its blank line) in logs
     ) as bar:
         task = bar.add_task("starting", total=len(steps))
 
@@ -110,7 +110,7 @@ def working(args: argparse.Namespace, label: str) -> Iterator[None]:
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=args.json,
+        disable=args.json or not err.is_terminal,  # no bar (nor its blank line) in logs
     ) as bar:
         task = bar.add_task(label, total=None)
 

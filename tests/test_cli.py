@@ -418,3 +418,16 @@ def test_step_row_does_not_compare_speeds_too_fast_to_time():
     metrics = {"size_ratio": 1.0, "speedup": 0.41, "p50_ms_before": 0.02, "p50_ms_after": 0.05}
     text = _step_row("optimize", metrics, 9_000)
     assert "speed not compared" in text and "0.41x" not in text
+
+
+def test_an_error_paragraph_starts_the_stderr_of_a_run_without_a_terminal(tmp_path):
+    """No progress bar (nor the blank line its exit leaves) when stderr is a file or a pipe."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxpipe", "convert", str(tmp_path / "missing.keras"), "-o",
+         str(tmp_path / "o")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("onnxpipe: error:"), done.stderr
