@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -326,6 +327,20 @@ def _terminate_cleanly() -> dict[int, Any]:
     return previous
 
 
+def _check_runtime() -> None:
+    """Every command runs models on ONNX Runtime: its absence is an install to fix, exit 2.
+
+    ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same module, so onnxpipe
+    depends on neither directly: the ``cpu`` and ``gpu`` extras pick one.
+    """
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise InputError(
+            "onnxpipe runs models on ONNX Runtime, which is not installed. Install it with: "
+            "pip install 'onnxpipe[cpu]' (or 'onnxpipe[gpu]' on a machine with CUDA; never both "
+            "in one environment)."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -338,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
+        _check_runtime()
         return COMMANDS[args.command](args)
     except Terminated:
         err.print("onnxpipe: terminated; nothing was written.")

@@ -431,3 +431,33 @@ def test_an_error_paragraph_starts_the_stderr_of_a_run_without_a_terminal(tmp_pa
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr.startswith("onnxpipe: error:"), done.stderr
+
+
+def test_without_onnx_runtime_every_command_names_the_extra(cli, tmp_path, monkeypatch):
+    """onnxruntime comes from the cpu or the gpu extra (never both): missing, it is exit 2."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
+    code, _, err = cli("validate", tmp_path / "b")
+    assert code == 2 and "pip install 'onnxpipe[cpu]'" in err and "'onnxpipe[gpu]'" in err
+
+
+def test_the_runtime_comes_from_one_extra_and_the_constraints_pin_both():
+    """A GPU install swaps the runtime (CONTRACT): onnxruntime is no core dependency."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("onnxruntime") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert extras["cpu"] == ["onnxruntime>=1.20"] and extras["gpu"] == ["onnxruntime-gpu>=1.20"]
+    assert "cpu" in extras["demo"][0] and "cpu" in extras["all"][0]  # the README's commands
+    pins = (root / "constraints.txt").read_text().splitlines()
+    assert any(p.startswith("onnxruntime==") for p in pins)
+    assert any(p.startswith("onnxruntime-gpu==") for p in pins)
