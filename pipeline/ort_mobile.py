@@ -120,6 +120,13 @@ def check_mobile_ops(model: onnx.ModelProto, where: Path) -> None:
             if n.domain not in MOBILE_DOMAINS
         }
     )
+    if any(op.startswith("com.microsoft.nchwc::") for op in foreign):
+        raise InputError(
+            f"{where}: holds {', '.join(foreign)}, the x86 CPU layout ops of optimize --level "
+            "all, which no ORT mobile build has kernels for. Package the bundle from before that "
+            "optimize (package applies ORT's own optimizations for the device), or optimize at "
+            "--level basic or extended."
+        )
     if foreign:
         raise InputError(
             f"{where}: uses custom-domain op(s) {', '.join(foreign)}, which no ORT mobile build "

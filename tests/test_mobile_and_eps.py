@@ -391,3 +391,21 @@ def test_bench_times_the_packaged_ort_model(bundle, cli, tmp_path):
     assert {r["batch"] for r in records if r["ep"] == "cpu"} == {1, 2}
     code, _, err = cli("bench", bundle, "--ep", "mobile", "--runs", "3")
     assert code == 2 and "onnxpipe package" in err
+
+
+def test_package_of_an_optimize_level_all_bundle_says_what_to_package_instead(tmp_path):
+    from onnx import TensorProto, helper
+
+    from onnxpipe.errors import InputError
+    from onnxpipe.ort_mobile import check_mobile_ops
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 4, 4])
+    graph = helper.make_graph(
+        [helper.make_node("ReorderInput", ["x"], ["y"], domain="com.microsoft.nchwc")],
+        "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    model = helper.make_model(graph)
+    with pytest.raises(InputError) as caught:
+        check_mobile_ops(model, tmp_path / "b" / "model.onnx")
+    message = str(caught.value)
+    assert "optimize --level all" in message and "from before that optimize" in message
