@@ -171,10 +171,11 @@ def strict_json(data: Any) -> Any:
 def write_failure_report(out: Path, record: dict[str, Any]) -> Path:
     """``<out>.failed.json`` beside the bundle that was not written: what failed and its numbers.
 
-    ``record`` holds at least ``failed_step``, ``error`` and ``metrics``.
+    ``record`` holds at least ``failed_step``, ``error`` and ``metrics``; the report starts
+    with ``status: gate_failed``, as the ``--json`` record of the failure does.
     """
     report = out.parent / f"{out.name}.failed.json"
-    write_json_atomic(report, record)
+    write_json_atomic(report, {"status": "gate_failed", **record})
     return report
 
 

@@ -184,7 +184,8 @@ def run_steps(
                 )
                 if isinstance(e, GateFailed):
                     record = {
-                        **work.manifest,
+                        # the steps so far; no parity_samples: no parity.npz was written
+                        **{k: v for k, v in work.manifest.items() if k != "parity_samples"},
                         "failed_step": step.name,
                         "error": str(e),
                         "metrics": e.metrics,

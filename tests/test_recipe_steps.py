@@ -108,7 +108,8 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
     assert code == 1 and "step 2 (prune)" in err and "Traceback" not in err
     assert not out.exists()
     report = json.loads((tmp_path / "out.failed.json").read_text())
-    assert report["failed_step"] == "prune"
+    assert report["failed_step"] == "prune" and report["status"] == "gate_failed"
+    assert "parity_samples" not in report  # the convert step's parity.npz was never written
     # The message names the recipe's report, not the step's own, deleted with its temp dir.
     assert "onnxpipe-prune-" not in err and str(tmp_path / "out.failed.json") in err
     # The report keeps the step's measurements (search tables, gate), as the command's does.
