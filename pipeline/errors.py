@@ -58,7 +58,14 @@ def invalid_settings(what: str, error: ValueError) -> InputError:
     if not callable(details):
         return InputError(f"{what}: {error}.")
     clauses = "; ".join(
-        " ".join([*map(str, item["loc"]), item["msg"].removeprefix("Value error, ")])
+        " ".join(
+            [
+                *map(str, item["loc"]),
+                "is not a setting of it"
+                if item.get("type") == "extra_forbidden"
+                else item["msg"].removeprefix("Value error, "),
+            ]
+        )
         for item in details()
     )
     return InputError(f"{what}: {clauses}.")

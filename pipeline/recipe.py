@@ -128,6 +128,12 @@ def load_recipe(path: Path) -> list[StepConfig]:
         settings = _cli_spellings(dict(settings or {}), f"{path}: step {name!r}")
         if name == "convert":
             settings = {**shared, **settings}
+            # a recipe's convert never times (a bench step does): the CLI's --no-bench holds
+            if settings.pop("no_bench", True) is not True:
+                raise InputError(
+                    f"{path}: step 'convert': a recipe times the model in a bench step; add "
+                    "'- bench' after convert instead of no_bench: false."
+                )
         settings = {k: _beside(path, v) if k in PATH_KEYS else v for k, v in settings.items()}
         try:
             steps.append(make_step(name, settings))

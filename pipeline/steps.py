@@ -215,6 +215,18 @@ class BenchStep(StepConfig):
     def _split(cls, value: Any) -> Any:
         return _eps(value)
 
+    @field_validator("size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        """The CLI's spelling too: ``[seq=16]`` (or ``seq=16``) as ``{seq: 16}``."""
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return value
+        pairs = [t.partition("=") for t in texts]
+        if any(not symbol.strip() or not size.strip().isdigit() for symbol, _, size in pairs):
+            raise ValueError(f"size {value!r}: write {{SYMBOL: N}} or [SYMBOL=N], e.g. [seq=128]")
+        return {symbol.strip(): int(size) for symbol, _, size in pairs}
+
     def run(self, work: Work) -> None:
         """Fill ``bench`` (the first record) and ``bench_records`` (all of them)."""
         started = time.perf_counter()

@@ -203,3 +203,18 @@ def test_a_refusal_inside_a_recipe_names_the_recipes_model_not_a_scratch_copy(cl
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and "step 2 (quantize)" in err and "the recipe's model" in err, err
     assert "onnxpipe-quantize-" not in err
+
+
+def test_recipe_steps_take_the_cli_spellings_of_no_bench_and_size(tmp_path):
+    from onnxpipe.errors import InputError
+    from onnxpipe.recipe import load_recipe
+
+    recipe = _recipe(tmp_path, "  - convert: {no_bench: true}\n  - bench: {size: ['seq=16']}\n")
+    convert, bench = load_recipe(recipe)
+    assert bench.size == {"seq": 16} and "no_bench" not in convert.model_dump()
+    wrong = _recipe(tmp_path, "  - convert: {no_bench: false}\n")
+    with pytest.raises(InputError, match="add '- bench' after convert"):
+        load_recipe(wrong)
+    unknown = _recipe(tmp_path, "  - convert: {bogus: 1}\n")
+    with pytest.raises(InputError, match="bogus is not a setting of it"):
+        load_recipe(unknown)
