@@ -88,6 +88,12 @@ def bench_model(
             specs = _ort_inputs(target, inputs)
             fixed = specs[0]["shape"][0] if specs and specs[0]["shape"] else None
             batches = (fixed,) if isinstance(fixed, int) else config.batches
+            if isinstance(fixed, int) and set(config.batches) != {fixed}:
+                logger.warning(
+                    "--ep mobile: %s takes batch %d only (packaged with --fixed-shape); "
+                    "timed at that batch, not %s",
+                    MOBILE_MODEL, fixed, ",".join(map(str, config.batches)),
+                )  # fmt: skip
         try:
             for batch in batches:
                 for threads in config.threads:

@@ -376,7 +376,7 @@ def test_a_model_too_small_at_the_default_size_is_timed_at_the_data_sizes(cli, t
     assert code == 2 and "h=8, w=8" in err and "--size h=N" in err and "Traceback" not in err
 
 
-def test_bench_times_the_packaged_ort_model(bundle, cli, tmp_path):
+def test_bench_times_the_packaged_ort_model(bundle, cli, tmp_path, caplog):
     """--ep mobile was refused ('Bench on an EP this machine has'), so the shipped .ort model
     was never timed, though validate runs it here."""
     out = tmp_path / "pkg"
@@ -389,6 +389,7 @@ def test_bench_times_the_packaged_ort_model(bundle, cli, tmp_path):
     mobile = [r for r in records if r["ep"] == "mobile"]
     assert len(mobile) == 1 and mobile[0]["shapes"]["x"] == [1, 3, 16, 16]  # its fixed batch
     assert {r["batch"] for r in records if r["ep"] == "cpu"} == {1, 2}
+    assert "takes batch 1 only" in caplog.text  # batch 2 was asked: said, not dropped silently
     code, _, err = cli("bench", bundle, "--ep", "mobile", "--runs", "3")
     assert code == 2 and "onnxpipe package" in err
 
