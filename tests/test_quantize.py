@@ -188,8 +188,8 @@ def test_gate_failure_exits_1_and_writes_no_bundle(cli, cnn, cnn_data, tmp_path)
     assert "without --eval" in err  # no --eval: the message says what the samples were
     assert (tmp_path / "q.failed.json").exists()
     printed = json.loads(stdout)  # --json: the numbers on stdout too, for scripts
-    assert printed.pop("status") == "gate_failed"
-    assert printed == json.loads((tmp_path / "q.failed.json").read_text())
+    assert printed["status"] == "gate_failed"
+    assert printed == json.loads((tmp_path / "q.failed.json").read_text())  # the same record
 
 
 def test_auto_reports_its_progress_candidate_by_candidate(cnn, cnn_data, tmp_path):
