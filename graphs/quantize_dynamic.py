@@ -130,6 +130,11 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
                 "nor speed here. Use --mode static --calib DATA (or --auto) instead."
             )
         ops = [op for op in DYNAMIC_OPS if op not in op_types]
+        # ORT's dynamic quantizer rewrites each Gemm as MatMul '<name>_MatMul' + Add before it
+        # reads the exclusions: an excluded Gemm (by name or op type) is excluded by that name.
+        gemms = {n.name for n in model.graph if n.op_type == "Gemm" and n.name}
+        excluded_gemms = sorted(gemms if "Gemm" in op_types else gemms & set(nodes))
+        ort_excluded = [*nodes, *(f"{name}_MatMul" for name in excluded_gemms)]
         extra: dict[str, Any] = {"MatMulConstBOnly": True}
         fusion: dict[str, Any] = {"applied": False}
         with scratch_dir() as tmp:
@@ -154,7 +159,7 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
                 per_channel=cfg.per_channel,
                 reduce_range=cfg.reduce_range,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=nodes,
+                nodes_to_exclude=ort_excluded,
                 extra_options=extra,
             )
             result = load_from_ort(out)
@@ -164,7 +169,7 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
         conv = sum(1 for n in model.graph if n.op_type == "Conv")
         self.metrics = {
             "quantized_op_types": ops,
-            "excluded_nodes": nodes,
+            "excluded_nodes": [*nodes, *(n for n in excluded_gemms if n not in nodes)],
             "conv_kept_float": conv,
             "conv_weight_share": round(conv_share, 4),
             "integer_nodes": counts.get("MatMulInteger", 0)

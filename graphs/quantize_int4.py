@@ -106,6 +106,11 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
         if cfg.block_size & (cfg.block_size - 1):
             raise PassError(f"{self.name}: block_size {cfg.block_size} is not a power of 2.")
         nodes, op_types = split_exclude(model, cfg.exclude, self.name)
+        if "MatMul" in op_types:  # ORT's quantizer takes an empty op list as 'all of them'
+            raise PassError(
+                f"{self.name}: --exclude MatMul leaves nothing to quantize: int4 is weight-only "
+                "for MatMul. Exclude single MatMul nodes by name instead."
+            )
         wanted = {"MatMul"} - op_types
         model = copy_model(model)
         if "Gemm" not in op_types:

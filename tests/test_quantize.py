@@ -680,3 +680,27 @@ def test_exclude_reaches_a_matmul_that_preprocessing_fused_into_gemm(cli, tmp_pa
     assert quantized_inputs() == {"dense1", "dense2"}
     assert quantized_inputs("dense1/MatMul") == {"dense2"}
     assert quantized_inputs("MatMul") == set()
+
+
+def test_dynamic_and_int4_exclusions_of_gemm_and_matmul_hold(cli, mlp, mlp_bundle, tmp_path):
+    """ORT's dynamic quantizer renames each Gemm '<name>_MatMul' before reading exclusions."""
+    import onnx
+
+    model = onnx.load(mlp_bundle / "model.onnx")  # nn.Linear layers: Gemm nodes
+    gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) >= 2
+
+    def integer_nodes(*flags):
+        out = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        code, _, err = cli("quantize", mlp_bundle, "-o", out, "--mode", "dynamic", *flags)
+        assert code == 0, err
+        ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
+        step = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
+        return ops.count("MatMulInteger"), step["quantize_dynamic"]["excluded_nodes"]
+
+    assert integer_nodes()[0] == len(gemms)
+    assert integer_nodes("--exclude", gemms[0]) == (len(gemms) - 1, [gemms[0]])
+    assert integer_nodes("--exclude", "Gemm") == (0, gemms)
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "i", "--mode", "int4", "--exclude",
+                       "MatMul")  # fmt: skip
+    assert code == 2 and "leaves nothing to quantize" in err
