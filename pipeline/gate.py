@@ -158,6 +158,9 @@ def gate_metrics(
     # (other sequence lengths), so raw outputs cannot be concatenated.
     count = len(reference[0]) if reference else 0
     cosines: list[list[np.ndarray]] = [[] for _ in range(count)]
+    # one value per sample ([batch, 1], a regressor): a per-sample cosine is only the sign
+    # of the product, so those outputs are compared as one vector over all samples
+    scalars: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     agree: list[np.ndarray] = []
     kls: list[np.ndarray] = []
     max_abs = 0.0
@@ -168,16 +171,9 @@ def gate_metrics(
             if ref.size:  # padding is 0 on both sides, so only real tokens count
                 max_abs = max(max_abs, float(np.max(np.abs(np.subtract(*_finite_pair(ref, got))))))
             flat_ref, flat_got = _finite_pair(ref.reshape(len(ref), -1), got.reshape(len(got), -1))
-            ref_norm = np.linalg.norm(flat_ref, axis=1)
-            got_norm = np.linalg.norm(flat_got, axis=1)
-            norms = ref_norm * got_norm
-            # a zero output agrees only with a zero reference (an all-zero fp16 underflow fails)
-            both_zero = np.where((ref_norm == 0) & (got_norm == 0), 1.0, 0.0)
-            with np.errstate(invalid="ignore", over="ignore"):
-                products = (flat_ref * flat_got).sum(1) / np.maximum(norms, 1e-300)
-            finite = np.isfinite(products)  # an infinity on one side: no agreement
-            cosine = np.where(norms > 0, np.where(finite, products, 0.0), both_zero)
-            cosines[j].append(np.where(np.isfinite(norms), cosine, 0.0))
+            if flat_ref.shape[1] == 1:
+                scalars.setdefault(j, []).append((flat_ref.ravel(), flat_got.ravel()))
+            cosines[j].append(_cosine_rows(flat_ref, flat_got))
             if j:
                 continue
             if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
@@ -186,6 +182,9 @@ def gate_metrics(
                 agree.append(ref.argmax(1) == got.argmax(1))
                 kls.append(_kl(ref, got))
     per_output = [np.concatenate(c) for c in cosines]
+    for j, pairs in scalars.items():
+        a, b = (np.concatenate(side)[None] for side in zip(*pairs, strict=True))
+        per_output[j] = np.full(a.shape[1], _cosine_rows(a, b)[0])
     metrics: dict[str, Any] = {
         "samples": len(per_output[0]),
         "cosine": min(float(c.mean()) for c in per_output),
@@ -198,6 +197,20 @@ def gate_metrics(
         metrics["top1"] = float(np.concatenate(agree).mean())
         metrics["kl"] = float(np.concatenate(kls).mean())
     return metrics
+
+
+def _cosine_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair of two ``[rows, values]`` arrays (finite, from _finite_pair)."""
+    ref_norm = np.linalg.norm(ref, axis=1)
+    got_norm = np.linalg.norm(got, axis=1)
+    norms = ref_norm * got_norm
+    # a zero output agrees only with a zero reference (an all-zero fp16 underflow fails)
+    both_zero = np.where((ref_norm == 0) & (got_norm == 0), 1.0, 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        products = (ref * got).sum(1) / np.maximum(norms, 1e-300)
+    finite = np.isfinite(products)  # an infinity on one side: no agreement
+    cosine = np.where(norms > 0, np.where(finite, products, 0.0), both_zero)
+    return np.where(np.isfinite(norms), cosine, 0.0)
 
 
 def _per_sample(
@@ -223,10 +236,21 @@ def check_applicable(gates: Sequence[Gate], reference: Sequence[Outputs]) -> Non
     """InputError for a gate whose metric the model's outputs do not have.
 
     ``top1`` and ``kl`` need class scores (``[batch, classes]``) as the first output; on
-    anything else they cannot be measured, which is a wrong gate, not a failed one.
+    anything else they cannot be measured, which is a wrong gate, not a failed one. A cosine
+    gate on outputs of one value per sample (a regressor) is refused too.
     """
     metrics = gate_metrics(reference, reference)
+    single = reference and all(
+        np.size(out) == len(np.atleast_1d(out)) for batch in reference for out in batch
+    )
     for gate in gates:
+        if gate.metric == "cosine" and single:
+            shape = "x".join(map(str, np.shape(reference[0][0])))
+            raise InputError(
+                f"--gate {gate}: the model's outputs hold one value per sample ({shape}), where "
+                "cosine measures little (two unrelated positive outputs score near 1). Gate on "
+                "max_abs instead, e.g. --gate max_abs<=0.01."
+            )
         if metrics.get(gate.metric) is None:
             shape = "x".join(map(str, np.shape(reference[0][0]))) if reference else "?"
             raise InputError(

@@ -125,6 +125,22 @@ def test_padded_tokens_count_in_neither_cosine_nor_max_abs():
     assert unmasked["max_abs"] > 5.0 and unmasked["cosine"] < 0.9
 
 
+def test_one_value_per_sample_is_compared_over_the_samples_and_refused_as_a_cosine_gate():
+    """A regressor's [N, 1]: per sample, cosine is only the sign of the product (always 1)."""
+    from onnxpipe.errors import InputError
+
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(0.5, 2.0, (8, 1))
+    flat = np.full((8, 1), 0.74)  # a pruned model that outputs one constant
+    metrics = gate_metrics([[ref]], [[flat]])
+    want = float((ref * flat).sum() / (np.linalg.norm(ref) * np.linalg.norm(flat)))
+    assert metrics["cosine"] == pytest.approx(want) and metrics["cosine"] < 0.99
+    assert gate_metrics([[ref]], [[ref]])["cosine"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="one value per sample"):
+        check_applicable([Gate.parse("cosine>=0.99")], [[ref]])
+    check_applicable([Gate.parse("max_abs<=0.1")], [[ref]])  # the gate that measures it
+
+
 def test_cosine_holds_on_every_output():
     """A detector's box head counts as much as its class scores: the worst output decides."""
     rng = np.random.default_rng(0)
