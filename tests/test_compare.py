@@ -311,3 +311,38 @@ def test_prune_and_compare_count_the_same_parameters(cli, tmp_path):
     params = json.loads(out)["params"]
     assert (params["a"], params["b"]) == (step["params_before"], step["params_after"])
     assert params["b"] < params["a"]
+
+
+def test_nhwc_output_with_as_many_channels_as_its_width_is_moved_back(cli, tmp_path):
+    """[N, 8, 8, 8] has the same shape in both layouts: the inputs' layout decides."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "w"
+    )
+
+    def save(name, nhwc):
+        shape = ["n", 8, 8, 3] if nhwc else ["n", 3, 8, 8]
+        nodes = [helper.make_node("Conv", ["xc" if nhwc else "x", "w"], ["yc" if nhwc else "y"],
+                                  pads=[1, 1, 1, 1])]  # fmt: skip
+        if nhwc:
+            nodes = [helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 3, 1, 2]), *nodes,
+                     helper.make_node("Transpose", ["yc"], ["y"], perm=[0, 2, 3, 1])]  # fmt: skip
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8, 8, 8])], [w],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")  # fmt: skip
+        assert (
+            cli("convert", tmp_path / f"{name}.onnx", "-o", tmp_path / name, "--no-bench")[0] == 0
+        )
+
+    save("nchw", False)
+    save("nhwc", True)
+    code, out, err = cli("compare", tmp_path / "nchw", tmp_path / "nhwc", "--json", "--no-bench")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["layout"] == ["nchw->nhwc"]
+    assert record["outputs"]["max_abs_diff"] < 1e-4 and record["outputs"]["cosine"] > 0.9999
