@@ -87,6 +87,19 @@ class QuantizeSettings(BaseModel):
             if modes is not None and self.mode not in modes:
                 flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
                 raise ValueError(f"{flag} applies to --mode {' and '.join(modes)} only")
+        given = self.model_fields_set
+        if self.format == "qop" and {"rounding", "empirical_bias"} & given:
+            raise ValueError(
+                "--rounding and --no-empirical-bias apply to --format qdq only (QOperator "
+                "weights round to nearest, with no bias correction)"
+            )
+        searched = sorted({"method", "per_channel", "format"} & given) if self.auto else []
+        if searched:
+            flags = ", ".join(_FLAGS.get(n, f"--{n.replace('_', '-')}") for n in searched)
+            raise ValueError(
+                f"--auto searches the calibration method, weight scales and format itself; drop "
+                f"{flags} (the chosen candidate's flags are in the step's metrics)"
+            )
         if self.mode == "int4" and not self.calib and "rounding" in self.model_fields_set:
             if self.rounding == "gptq":
                 raise ValueError("--mode int4 --rounding gptq needs --calib DATA to round on")
@@ -107,6 +120,11 @@ class QuantizeSettings(BaseModel):
         applied = {k: v for k, v in data.items() if self.mode in _APPLIES.get(k, (self.mode,))}
         if self.mode == "int4" and not self.calib:
             applied["rounding"] = "nearest"  # GPTQ rounds on calibration data only
+        if self.mode == "static" and self.format == "qop":
+            applied.update(rounding="nearest", empirical_bias=False)  # QDQ weights only
+        if self.auto:  # searched: the chosen candidate is in the step's metrics
+            for name in ("method", "per_channel", "format"):
+                applied.pop(name, None)
         return applied
 
 

@@ -257,6 +257,30 @@ def test_options_the_mode_ignores_are_refused(cli, mlp, tmp_path, flags, needle)
     assert code == 2 and needle in err and not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--format", "qop", "--rounding", "gptq"], "apply to --format qdq only"),
+        (["--format", "qop", "--no-empirical-bias"], "apply to --format qdq only"),
+        (["--auto", "--gate", "cosine>=0.9", "--method", "minmax"], "drop --method"),
+        (["--auto", "--gate", "cosine>=0.9", "--per-tensor"], "drop --per-channel/--per-tensor"),
+    ],
+)
+def test_static_options_its_format_or_search_ignores_are_refused(cli, cnn, cnn_data, tmp_path,
+                                                                 flags, needle):  # fmt: skip
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static", "--calib",
+                       cnn_data / "calib.npz", *flags)  # fmt: skip
+    assert code == 2 and needle in err, err
+
+
+def test_qoperator_records_the_rounding_it_applied(cli, cnn, cnn_data, tmp_path):
+    code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static", "--calib",
+                       cnn_data / "calib.npz", "--format", "qop")  # fmt: skip
+    assert code == 0, err
+    config = json.loads((tmp_path / "q" / "manifest.json").read_text())["steps"][-1]["config"]
+    assert config["rounding"] == "nearest" and config["empirical_bias"] is False
+
+
 def test_the_manifest_records_only_the_settings_the_mode_used(cli, mlp, tmp_path):
     code, _, err = cli("quantize", mlp, "-o", tmp_path / "f", "--mode", "fp16")
     assert code == 0, err
