@@ -200,6 +200,27 @@ def _fits(array: np.ndarray, spec: InputSpec) -> bool:
     )
 
 
+def check_table_ids(feeds_list: Sequence[Feeds], model: Path, where: str) -> None:
+    """Refuse ids past a 4-bit table of ``model``, which ORT would read unchecked.
+
+    Raises:
+        InputError: naming the data ``where``, the input and the table's rows.
+    """
+    from onnxpipe.modelio import unchecked_tables  # noqa: PLC0415
+
+    tables = unchecked_tables(model)
+    for feeds in feeds_list:
+        for name, rows in tables.items():
+            ids = feeds.get(name)
+            if ids is not None and ids.size and (int(ids.max()) >= rows or int(ids.min()) < 0):
+                raise InputError(
+                    f"{where}: {name!r} holds ids from {int(ids.min())} to {int(ids.max())}, but "
+                    f"the model's 4-bit table has {rows} rows (ids 0 to {rows - 1}); ONNX "
+                    "Runtime does not check them there and would read wrong rows. Encode the "
+                    "data with the model's own tokenizer or vocabulary."
+                )
+
+
 def _check(feeds: Feeds, specs: Sequence[InputSpec], where: str) -> None:
     names = {s.name for s in specs}
     if set(feeds) != names:

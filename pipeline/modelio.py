@@ -112,6 +112,34 @@ def index_limit(value: ir.Value) -> int | None:
     return min(limits) if limits else None
 
 
+def unchecked_tables(model_path: Path) -> dict[str, int]:
+    """Input name -> rows of a 4-bit table (GatherBlockQuantized) it indexes directly.
+
+    ORT's GatherBlockQuantized does not check its indices: an id past the table reads other
+    memory instead of failing, so such data must be refused before it runs (an int4
+    bundle validated on ids 600 of a 500-row table 'passed'). Only ids that reach the table
+    through casts and reshapes count; index arithmetic may bring others into range.
+    """
+    model = ir.load(model_path)
+    found: dict[str, int] = {}
+    for value in model.graph.inputs:
+        pending, rows = [value], list[int]()
+        while pending:
+            for use in pending.pop().uses():
+                node = use.node
+                if node.op_type in _ID_PASS and use.idx == 0:
+                    pending.append(node.outputs[0])
+                elif node.op_type == "GatherBlockQuantized" and use.idx == 1:
+                    table = node.inputs[0]
+                    axis = attr_int(node, "gather_axis", 0)
+                    shape = table.shape if table is not None else None
+                    if shape is not None and isinstance(count := shape[axis], int):
+                        rows.append(count)
+        if rows and value.name:
+            found[value.name] = min(rows)
+    return found
+
+
 def _gather_nd_rows(node: ir.Node) -> int | None:
     """The smallest of the dims a GatherND's index tuples address in its constant data."""
     data, indices = node.inputs[0], node.inputs[1]

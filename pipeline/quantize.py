@@ -23,11 +23,12 @@ from pydantic import (
     model_validator,
 )
 
-from onnxpipe.data import Feeds, load_data
+from onnxpipe.data import Feeds, check_table_ids, load_data
 from onnxpipe.errors import PassError, invalid_settings
 from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
 from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_float16, refuse_quantized
+from onnxpipe.modelio import MODEL_FILE
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 from onnxpipe.transform import TransformContext, derive_bundle
 
@@ -278,6 +279,7 @@ def _calibration(data: str, ctx: TransformContext) -> list[Feeds]:
     data, not an error from deep inside a calibrator.
     """
     feeds = load_data(data, ctx.inputs)
+    check_table_ids(feeds, ctx.bundle / MODEL_FILE, data)
     ctx.outputs_on(feeds, data, keep=False)  # a check: a large set's outputs are not held
     return feeds
 

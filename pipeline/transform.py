@@ -34,6 +34,7 @@ from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import (
     Feeds,
+    check_table_ids,
     data_sizes,
     load_data,
     parity_feeds,
@@ -178,6 +179,8 @@ def derive_bundle(
             eval_data or "the bundle's samples",
         )  # fmt: skip
         if gates or eval_data:  # --eval data the input model cannot run is bad input, up front
+            if eval_data:
+                check_table_ids(ctx.eval_feeds, bundle / MODEL_FILE, eval_data)
             reference = ctx.reference()
             if gates:  # as is a gate the outputs cannot measure, before any search
                 check_applicable(gates, reference)

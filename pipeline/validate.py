@@ -18,7 +18,7 @@ import onnx
 
 from onnxpipe.bundle import MANIFEST, load_parity_samples, read_manifest
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import load_data, parity_feeds, samples_in
+from onnxpipe.data import check_table_ids, load_data, parity_feeds, samples_in
 from onnxpipe.errors import InputError
 from onnxpipe.graphs.quant_utils import regroup
 from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs
@@ -88,6 +88,8 @@ def validate_bundle(
         manifest = read_manifest(bundle)
     reference_name = _stored_reference(manifest or {}) if pairs else "onnxruntime cpu"
     extra = load_data(data, inputs) if data else ([] if pairs else parity_feeds(inputs))
+    if data:
+        check_table_ids(extra, model, data)
     if extra:
         try:
             cpu = make_session(model, SessionOptions(ep="cpu"))

@@ -458,6 +458,18 @@ def test_int4_stores_embedding_tables_in_4_bits(cli, bert_bundle, tmp_path):
         assert ("GatherBlockQuantized" in _ops(out)) == step["embeddings"]
     # the 200x64 word, 512x64 position and 2x64 type tables are most of this tiny model
     assert sizes["embeddings"] < sizes["no-embeddings"] * 0.7
+    # ORT reads a 4-bit table's ids unchecked: ids past it are bad data, not a pass
+    bad = _sentences(1, 4)
+    bad["input_ids"][0, 0] = 250  # the word table has 200 rows
+    np.savez(tmp_path / "bad.npz", **bad)
+    int4 = tmp_path / "embeddings"
+    before = (int4 / "manifest.json").read_text()
+    code, _, err = cli("validate", int4, "--data", tmp_path / "bad.npz")
+    assert code == 2 and "4-bit table has 200 rows" in err, err
+    assert (int4 / "manifest.json").read_text() == before
+    code, _, err = cli("quantize", int4, "-o", tmp_path / "again", "--mode", "fp16",
+                       "--eval", tmp_path / "bad.npz")  # fmt: skip
+    assert code == 2 and "4-bit table has 200 rows" in err, err
 
 
 def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
