@@ -22,7 +22,7 @@ DESCRIPTION = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's usage errors are exit 2, as ours
-        raise InputError(f"{self.prog}: {message}. See '{self.prog} --help'.")
+        raise InputError(f"{message}. See '{self.prog} --help'.")  # main adds 'onnxpipe:'
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -265,7 +265,7 @@ def _parity_record(
     random: dict[str, str],
     eval_data: str | None,
 ) -> dict:
-    data = f"--eval {eval_data}" if eval_data else "the input bundle's stored samples"
+    data = f"--eval {eval_data}" if eval_data else "its stored samples plus generated ones"
     return {
         "reference": f"input bundle model (sha256 {manifest['model']['sha256'][:12]}) on {data}",
         "samples": gate["samples"],

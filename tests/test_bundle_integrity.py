@@ -105,7 +105,7 @@ def test_the_card_says_what_dims_ids_and_parity_samples_are(cli, tmp_path, mlp_b
     code, _, err = cli("optimize", mlp_bundle, "-o", tmp_path / "o")
     assert code == 0, err
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["parity"]["reference"].endswith("on the input bundle's stored samples")
+    assert manifest["parity"]["reference"].endswith("on its stored samples plus generated ones")
     assert "never saw" not in render_card(manifest)
 
 

@@ -461,3 +461,9 @@ def test_the_runtime_comes_from_one_extra_and_the_constraints_pin_both():
     pins = (root / "constraints.txt").read_text().splitlines()
     assert any(p.startswith("onnxruntime==") for p in pins)
     assert any(p.startswith("onnxruntime-gpu==") for p in pins)
+
+
+def test_a_usage_error_names_onnxpipe_once(cli):
+    code, _, err = cli("convert", "m.onnx", "--no-such-flag")
+    assert code == 2 and err.count("onnxpipe:") == 1 and "unrecognized arguments" in err, err
+    assert "See 'onnxpipe convert --help'" in err
