@@ -369,9 +369,15 @@ def split_exclude(
     known = names | ops | set(fused) | ({"MatMul"} if fused else set())
     unknown = [e for e in exclude if e not in known]
     if unknown:
+        fusion = (
+            " ORT's pre-processing fused each MatMul and its Add into one Gemm; exclude the "
+            f"MatMul's name (e.g. {next(iter(fused))}), which covers its Add too."
+            if fused
+            else ""
+        )
         raise PassError(
             f"{pass_name}: --exclude {', '.join(unknown)}: no node or op type of that name in "
-            f"the model. Op types present: {', '.join(sorted(ops))}."
+            f"the model. Op types present: {', '.join(sorted(ops))}.{fusion}"
         )
     nodes = [e if e in names else fused[e] for e in exclude if e in names or e in fused]
     if "MatMul" in exclude:

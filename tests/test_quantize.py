@@ -716,6 +716,9 @@ def test_exclude_reaches_a_matmul_that_preprocessing_fused_into_gemm(cli, tmp_pa
     assert quantized_inputs() == {"dense1", "dense2"}
     assert quantized_inputs("dense1/MatMul") == {"dense2"}
     assert quantized_inputs("MatMul") == set()
+    code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "qa", "--mode", "static",
+                       "--calib", tmp_path / "c.npz", "--exclude", "dense1/Add")  # fmt: skip
+    assert code == 2 and "exclude the MatMul's name (e.g. dense1/MatMul)" in err, err
 
 
 def test_dynamic_and_int4_exclusions_of_gemm_and_matmul_hold(cli, mlp, mlp_bundle, tmp_path):
