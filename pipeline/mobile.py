@@ -34,7 +34,7 @@ from onnxpipe.bundle import (
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import parity_feeds, sized_like
+from onnxpipe.data import parity_feeds, recorded_sizes, sized_like
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
 from onnxpipe.modelio import MODEL_FILE, random_outputs, sha256
@@ -145,6 +145,7 @@ def package_mobile(
                 )
             # the bundle's input specs, less those --fixed-shape fixed
             dynamic = {s.name: list(s.shape) for s in inputs if s.symbols and s.name not in fixed}
+            sizes = dict(recorded_sizes(inputs, manifest))
             section = {
                 "ort_file": f"{MOBILE_DIR}/{ORT_FILE}",
                 "operators_config": f"{MOBILE_DIR}/{CONFIG_FILE}",
@@ -168,7 +169,9 @@ def package_mobile(
                 section["hint"] = (
                     "NNAPI and CoreML take fixed input shapes only (counts above are 0 for that "
                     "reason): package with "
-                    + " ".join(f"--fixed-shape {n}:{_fixed_example(d)}" for n, d in dynamic.items())
+                    + " ".join(
+                        f"--fixed-shape {n}:{_fixed_example(d, sizes)}" for n, d in dynamic.items()
+                    )
                 )
             manifest["mobile"] = section
             manifest.setdefault("validation", {})["mobile"] = validation
@@ -188,9 +191,17 @@ def package_mobile(
     return manifest
 
 
-def _fixed_example(dims: Sequence[int | str]) -> str:
-    """``1,3,224,224`` for ``[batch, 3, 224, 224]``: symbolic dims shown as 1."""
-    return ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
+def _fixed_example(dims: Sequence[int | str], sizes: dict[str, int]) -> str:
+    """``1,3,224,224`` for ``[batch, 3, 224, 224]``; ``1,128`` for ``[batch, seq]``.
+
+    The batch is 1; another symbolic dim takes the size the bundle was timed at
+    (:func:`~onnxpipe.data.recorded_sizes`), else the benchmark's 8: a sequence of 1 token
+    is no example to follow.
+    """
+    return ",".join(
+        str(d) if isinstance(d, int) else "1" if i == 0 else str(sizes.get(d, 8))
+        for i, d in enumerate(dims)
+    )
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

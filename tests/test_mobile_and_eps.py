@@ -410,3 +410,11 @@ def test_package_of_an_optimize_level_all_bundle_says_what_to_package_instead(tm
         check_mobile_ops(model, tmp_path / "b" / "model.onnx")
     message = str(caught.value)
     assert "optimize --level all" in message and "from before that optimize" in message
+
+
+def test_the_fixed_shape_hint_uses_batch_1_and_the_timed_sizes():
+    from onnxpipe.mobile import _fixed_example
+
+    assert _fixed_example(["batch", 3, 224, 224], {}) == "1,3,224,224"
+    assert _fixed_example(["batch", "seq"], {"seq": 128}) == "1,128"  # not a 1-token sequence
+    assert _fixed_example(["batch", "seq"], {}) == "1,8"  # the benchmark's default size
