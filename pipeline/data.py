@@ -21,6 +21,7 @@ from onnxpipe.converters.base import InputSpec, example_sizes, fixed_batch, rand
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError
 from onnxpipe.images import image_files, load_images, split_image_data
+from onnxpipe.modelio import unchecked_tables
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +207,6 @@ def check_table_ids(feeds_list: Sequence[Feeds], model: Path, where: str) -> Non
     Raises:
         InputError: naming the data ``where``, the input and the table's rows.
     """
-    from onnxpipe.modelio import unchecked_tables  # noqa: PLC0415
-
     tables = unchecked_tables(model)
     for feeds in feeds_list:
         for name, rows in tables.items():

@@ -83,12 +83,12 @@ class QuantizeSettings(BaseModel):
     def _check(self) -> QuantizeSettings:
         # an option the mode would ignore is refused, even at its default value: it would
         # read in the manifest as if it applied
-        for name in sorted(self.model_fields_set):
+        given = self.model_fields_set
+        for name in sorted(given):
             modes = _APPLIES.get(name)
             if modes is not None and self.mode not in modes:
                 flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
                 raise ValueError(f"{flag} applies to --mode {' and '.join(modes)} only")
-        given = self.model_fields_set
         if self.format == "qop" and {"rounding", "empirical_bias"} & given:
             raise ValueError(
                 "--rounding and --no-empirical-bias apply to --format qdq only (QOperator "
@@ -101,7 +101,7 @@ class QuantizeSettings(BaseModel):
                 f"--auto searches the calibration method, weight scales and format itself; drop "
                 f"{flags} (the chosen candidate's flags are in the step's metrics)"
             )
-        if self.mode == "int4" and not self.calib and "rounding" in self.model_fields_set:
+        if self.mode == "int4" and not self.calib and "rounding" in given:
             if self.rounding == "gptq":
                 raise ValueError("--mode int4 --rounding gptq needs --calib DATA to round on")
         if self.mode == "static" and not self.calib:
