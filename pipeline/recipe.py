@@ -129,10 +129,10 @@ def load_recipe(path: Path) -> list[StepConfig]:
         if name == "convert":
             settings = {**shared, **settings}
             # a recipe's convert never times (a bench step does): the CLI's --no-bench holds
-            if settings.pop("no_bench", True) is not True:
+            if (no_bench := settings.pop("no_bench", True)) is not True:
                 raise InputError(
-                    f"{path}: step 'convert': a recipe times the model in a bench step; add "
-                    "'- bench' after convert instead of no_bench: false."
+                    f"{path}: step 'convert': no_bench {no_bench!r}: a recipe times the model in "
+                    "a bench step; drop no_bench and add '- bench' after convert to time it."
                 )
         settings = {k: _beside(path, v) if k in PATH_KEYS else v for k, v in settings.items()}
         try:

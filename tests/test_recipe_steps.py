@@ -213,7 +213,7 @@ def test_recipe_steps_take_the_cli_spellings_of_no_bench_and_size(tmp_path):
     convert, bench = load_recipe(recipe)
     assert bench.size == {"seq": 16} and "no_bench" not in convert.model_dump()
     wrong = _recipe(tmp_path, "  - convert: {no_bench: false}\n")
-    with pytest.raises(InputError, match="add '- bench' after convert"):
+    with pytest.raises(InputError, match="add '- bench' after convert to time it"):
         load_recipe(wrong)
     unknown = _recipe(tmp_path, "  - convert: {bogus: 1}\n")
     with pytest.raises(InputError, match="bogus is not a setting of it"):
