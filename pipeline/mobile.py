@@ -34,7 +34,7 @@ from onnxpipe.bundle import (
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import parity_feeds, recorded_sizes, sized_like
+from onnxpipe.data import parity_feeds, recorded_sizes, samples_in, sized_like
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
 from onnxpipe.modelio import MODEL_FILE, random_outputs, sha256
@@ -126,6 +126,7 @@ def package_mobile(
                 "status": "passed" if parity["passed"] else "failed",
                 "reason": None if parity["passed"] else (parity["errors"] or ["max abs diff"])[0],
                 "reference": "model.onnx on ORT CPU",
+                "samples": samples_in(feeds),  # those that fit the packaged shapes
                 "max_abs_diff": parity["max_abs_diff"],
                 "cosine": parity["cosine"],
             }

@@ -44,6 +44,7 @@ def test_package_mobile_with_fixed_shape(bundle, cli, tmp_path):
         assert mobile[ep]["partitions"] >= 1
     assert manifest["validation"]["mobile"]["status"] == "passed"
     assert manifest["validation"]["mobile"]["max_abs_diff"] < 1e-4
+    assert manifest["validation"]["mobile"]["samples"] >= 1  # what "passed" was measured on
     # The .ort model really runs and matches the .onnx one.
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     ort_out = ort.InferenceSession(
