@@ -198,7 +198,9 @@ def run_steps(
                     }
                     report = write_failure_report(out, record)
                     raise GateFailed(f"{where}: {e} Numbers: {report}", e.metrics, record) from e
-                raise type(e)(f"{where}: {e}") from e
+                # a message names the scratch copy the steps work in: the recipe's model it is
+                text = str(e).replace(str(work.dir / MODEL_FILE), "the recipe's model")
+                raise type(e)(f"{where}: {text.replace(str(work.dir), 'the recipe bundle')}") from e
             done.append(step.name)
         if progress:
             progress(len(steps), len(steps), "bundle")

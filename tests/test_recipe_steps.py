@@ -218,3 +218,10 @@ def test_recipe_steps_take_the_cli_spellings_of_no_bench_and_size(tmp_path):
     unknown = _recipe(tmp_path, "  - convert: {bogus: 1}\n")
     with pytest.raises(InputError, match="bogus is not a setting of it"):
         load_recipe(unknown)
+
+
+def test_a_step_refusal_names_the_recipes_model_not_its_scratch_copy(cli, tmp_path):
+    recipe = _recipe(tmp_path, "  - convert\n  - bench: {size: [seq=16], runs: 2}\n")
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "step 2 (bench), after convert: the recipe's model:" in err, err
+    assert ".ro.tmp" not in err and not (tmp_path / "out").exists()
