@@ -264,19 +264,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.html:  # before the work: a page that cannot be written is bad input
         _check_file_target(args.html, "--html")
-        for bundle in (args.bundle_a, args.bundle_b):
-            if args.html.resolve().is_relative_to(bundle.resolve()):
+        inputs = [("the compared bundle", b) for b in (args.bundle_a, args.bundle_b)]
+        inputs += [("the --data input", d) for d in input_paths(args.data)]
+        page = args.html.resolve()
+        for what, path in inputs:
+            if page.is_relative_to(path.resolve()):  # the path itself, or inside it
                 raise InputError(
-                    f"--html {args.html}: inside the compared bundle {bundle}, whose files it "
-                    "would replace or add to; write the page elsewhere."
-                )
-        for data in input_paths(args.data):
-            if args.html.resolve() == data.resolve() or args.html.resolve().is_relative_to(
-                data.resolve()
-            ):
-                raise InputError(
-                    f"--html {args.html}: is (or is inside) the --data input {data}, which it "
-                    "would replace or add to; write the page elsewhere."
+                    f"--html {args.html}: inside {what} {path} (or that path itself), whose "
+                    "files it would replace or add to; write the page elsewhere."
                 )
     shown = not args.json and err.is_terminal
     status = err.status("comparing", spinner="dots") if shown else contextlib.nullcontext()
