@@ -165,6 +165,21 @@ def _check_batches(model: Path, inputs: Sequence[dict[str, Any]], batches: Seque
         )
 
 
+def parse_sizes(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``SYMBOL=N`` texts (``--size seq=128``, a recipe's ``size: [seq=128]``) as pairs.
+
+    Raises:
+        ValueError: carrying the first text that is not ``SYMBOL=N`` with ``N >= 1``.
+    """
+    pairs = []
+    for text in texts:
+        symbol, _, size = text.partition("=")
+        if not symbol.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(text)
+        pairs.append((symbol.strip(), int(size)))
+    return tuple(pairs)
+
+
 def _ort_inputs(path: Path, inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``inputs`` as the ORT-format model at ``path`` takes them (its shapes may be fixed)."""
     session = make_session(path, SessionOptions(ep="cpu"))

@@ -138,13 +138,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _symbol_sizes(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
     """``--size SYMBOL=N`` flags as (symbol, size) pairs."""
-    pairs = []
-    for text in texts:
-        symbol, _, size = text.partition("=")
-        if not symbol.strip() or not size.strip().isdigit() or int(size) < 1:
-            raise InputError(f"--size {text!r}: write SYMBOL=N with N >= 1, e.g. --size seq=128.")
-        pairs.append((symbol.strip(), int(size)))
-    return tuple(pairs)
+    from onnxpipe.bench import parse_sizes  # noqa: PLC0415
+
+    try:
+        return parse_sizes(texts)
+    except ValueError as e:
+        raise InputError(
+            f"--size {str(e)!r}: write SYMBOL=N with N >= 1, e.g. --size seq=128."
+        ) from e
 
 
 def cmd_package(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-from onnxpipe.bench import BenchConfig, bench_model
+from onnxpipe.bench import BenchConfig, bench_model, parse_sizes
 from onnxpipe.bundle import save_parity_samples, versions
 from onnxpipe.converters.base import ConvertConfig, InputSpec
 from onnxpipe.data import data_sizes, load_data
@@ -222,10 +222,12 @@ class BenchStep(StepConfig):
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             return value
-        pairs = [t.partition("=") for t in texts]
-        if any(not symbol.strip() or not size.strip().isdigit() for symbol, _, size in pairs):
-            raise ValueError(f"size {value!r}: write {{SYMBOL: N}} or [SYMBOL=N], e.g. [seq=128]")
-        return {symbol.strip(): int(size) for symbol, _, size in pairs}
+        try:
+            return dict(parse_sizes(texts))
+        except ValueError as e:
+            raise ValueError(
+                f"size {value!r}: write {{SYMBOL: N}} or [SYMBOL=N], e.g. [seq=128]"
+            ) from e
 
     def run(self, work: Work) -> None:
         """Fill ``bench`` (the first record) and ``bench_records`` (all of them)."""
