@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpipe.benchworker import DEFAULT_SIZE
 from onnxpipe.bundle import (
     MANIFEST,
     PARITY_FILE,
@@ -200,7 +201,7 @@ def _fixed_example(dims: Sequence[int | str], sizes: dict[str, int]) -> str:
     is no example to follow.
     """
     return ",".join(
-        str(d) if isinstance(d, int) else "1" if i == 0 else str(sizes.get(d, 8))
+        str(d) if isinstance(d, int) else "1" if i == 0 else str(sizes.get(d, DEFAULT_SIZE))
         for i, d in enumerate(dims)
     )
 
