@@ -21,7 +21,13 @@ CONVERTERS: dict[str, str] = {
     "onnx": "onnxpipe.converters.onnx_file:attempts",
 }
 _EXTRAS = {"torch": "onnxpipe[torch]", "tf": "onnxpipe[tf]", "onnx": "onnxpipe"}
-_PACKAGES = {"torch": ("torch", "onnxscript"), "tf": ("tensorflow", "tf2onnx", "keras")}
+_PACKAGES = {"torch": ("torch",), "tf": ("tensorflow", "tf2onnx", "keras")}
+"""What each framework's extra installs (onnxscript, which the dynamo exporter imports, is core)."""
+
+
+def extra_for(package: str) -> str | None:
+    """The extra that installs ``package`` (``onnxpipe[tf]`` for keras), else None."""
+    return next((_EXTRAS[f] for f, names in _PACKAGES.items() if package in names), None)
 
 AttemptsFn = Callable[[Any, ConvertConfig], Iterator[ExportAttempt]]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from onnxpipe.converters import extra_for
 from onnxpipe.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -182,24 +183,14 @@ def call_factory(ref: str, returns: str = "build and return the model") -> Any:
         ) from e
 
 
-_FRAMEWORK_EXTRAS = {
-    "torch": "onnxpipe[torch]",
-    "tensorflow": "onnxpipe[tf]",
-    "keras": "onnxpipe[tf]",
-    "tf2onnx": "onnxpipe[tf]",
-}
-
-
 def missing_framework(ref: str, error: BaseException) -> str | None:
     """The message for user code that needs a framework that is not installed, else None."""
     name = error.name if isinstance(error, ModuleNotFoundError) else None
     root = (name or "").split(".")[0]
-    if root not in _FRAMEWORK_EXTRAS:
+    extra = extra_for(root)
+    if extra is None:
         return None
-    return (
-        f"{ref}: needs {root}, which is not installed. Install it with: "
-        f"pip install '{_FRAMEWORK_EXTRAS[root]}'"
-    )
+    return f"{ref}: needs {root}, which is not installed. Install it with: pip install '{extra}'"
 
 
 def framework_of_object(obj: Any) -> Framework | None:
