@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.modelio import MODEL_FILE
 from onnxpipe.steps import StepConfig, Work
 
 Derive = Callable[[Path, Path], dict[str, Any]]
@@ -78,14 +79,19 @@ class DerivedStep(StepConfig):
                 # the recipe writes its own report from these metrics.
                 raise GateFailed(str(e.__cause__ or e), e.metrics) from e
             except InputError as e:  # a refusal names the model: the recipe's, not this copy
-                text = str(e).replace(str(src / "model.onnx"), "the recipe's model")
-                raise type(e)(text.replace(str(src), "the recipe's bundle")) from e
+                raise type(e)(as_recipes(str(e), src)) from e
             for item in work.dir.iterdir():
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
             for item in out.iterdir():
                 shutil.move(str(item), work.dir / item.name)
         work.manifest = {k: v for k, v in manifest.items() if k not in _DESCRIBED}
         work.manifest["steps"][-1]["recipe_seconds"] = round(time.perf_counter() - started, 3)
+
+
+def as_recipes(text: str, scratch: Path) -> str:
+    """``text`` naming the recipe's model and bundle where it names a step's ``scratch`` copy."""
+    text = text.replace(str(scratch / MODEL_FILE), "the recipe's model")
+    return text.replace(str(scratch), "the recipe's bundle")
 
 
 class QuantizeStep(DerivedStep):

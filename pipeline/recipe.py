@@ -34,7 +34,7 @@ from onnxpipe.bundle import (
 )
 from onnxpipe.card import write_docs
 from onnxpipe.converters.source import named_path
-from onnxpipe.derived_steps import MODEL_CHANGING
+from onnxpipe.derived_steps import MODEL_CHANGING, as_recipes
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
 from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature, sha256
 from onnxpipe.steps import ConvertStep, StepConfig, Work, make_step
@@ -199,8 +199,7 @@ def run_steps(
                     report = write_failure_report(out, record)
                     raise GateFailed(f"{where}: {e} Numbers: {report}", e.metrics, record) from e
                 # a message names the scratch copy the steps work in: the recipe's model it is
-                text = str(e).replace(str(work.dir / MODEL_FILE), "the recipe's model")
-                raise type(e)(f"{where}: {text.replace(str(work.dir), 'the recipe bundle')}") from e
+                raise type(e)(f"{where}: {as_recipes(str(e), work.dir)}") from e
             done.append(step.name)
         if progress:
             progress(len(steps), len(steps), "bundle")
