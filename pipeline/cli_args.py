@@ -19,6 +19,10 @@ DESCRIPTION = (
     "'onnxpipe COMMAND --help' describes each command."
 )
 
+EP_HELP = "comma-separated: cpu,cuda,tensorrt,xnnpack,nnapi,coreml,mobile"
+"""validate's and bench's --ep (runtime.EP_PROVIDERS' names, plus mobile: not imported
+here, so that --help loads no ONNX Runtime)."""
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's usage errors are exit 2, as ours
@@ -77,9 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="checker + parity per execution provider")
     p.add_argument("bundle", type=Path)
-    p.add_argument(
-        "--ep", default="cpu", help="comma-separated: cpu,cuda,tensorrt,xnnpack,nnapi,coreml,mobile"
-    )
+    p.add_argument("--ep", default="cpu", help=EP_HELP)
     p.add_argument("--require", default="", help="EPs whose unavailability is a failure")
     p.add_argument("--data", help="DATA to validate on besides the bundle's stored samples")
     p.add_argument(
@@ -89,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency matrix: EPs x batch x threads")
     p.add_argument("bundle", type=Path)
-    p.add_argument(
-        "--ep", default="cpu", help="comma-separated: cpu,cuda,tensorrt,xnnpack,nnapi,coreml,mobile"
-    )
+    p.add_argument("--ep", default="cpu", help=EP_HELP)
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
     p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per cell (default 50)")
