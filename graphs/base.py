@@ -170,6 +170,11 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+ID_PASS = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+"""Ops that hand integer ids on unchanged: ids from an input through them are the input's own,
+which onnxpipe checks against an embedding table before it runs data."""
+
+
 def attr_int(node: ir.Node, name: str, default: int) -> int:
     """An integer attribute of ``node``, or ``default``."""
     attr = node.attributes.get(name)

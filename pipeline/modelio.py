@@ -9,7 +9,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxpipe.graphs.base import attr_int
+from onnxpipe.graphs.base import ID_PASS, attr_int
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ def describe_model(directory: Path) -> dict[str, Any]:
 
 # Ops that pass integer ids on to the Gather that uses them: reshapes and casts, and the
 # index arithmetic exporters write around it (Keras 3 maps negative ids: where(i < 0, i + n, i)).
-_ID_PASS = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 _ID_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Where", "Max", "Min", "Clip", "Mod", "Abs"})
 
 
@@ -96,7 +95,7 @@ def index_limit(value: ir.Value) -> int | None:
         seen.add(id(current))
         for use in current.uses():
             node = use.node
-            if (node.op_type in _ID_PASS and use.idx == 0) or node.op_type in _ID_ARITHMETIC:
+            if (node.op_type in ID_PASS and use.idx == 0) or node.op_type in _ID_ARITHMETIC:
                 pending.append((node.outputs[0], offset + _shift(node, use.idx)))
             elif node.op_type in ("Gather", "GatherBlockQuantized") and use.idx == 1:
                 table = node.inputs[0]
@@ -127,7 +126,7 @@ def unchecked_tables(model_path: Path) -> dict[str, int]:
         while pending:
             for use in pending.pop().uses():
                 node = use.node
-                if node.op_type in _ID_PASS and use.idx == 0:
+                if node.op_type in ID_PASS and use.idx == 0:
                     pending.append(node.outputs[0])
                 elif node.op_type == "GatherBlockQuantized" and use.idx == 1:
                     table = node.inputs[0]

@@ -472,6 +472,71 @@ def test_int4_stores_embedding_tables_in_4_bits(cli, bert_bundle, tmp_path):
     assert code == 2 and "4-bit table has 200 rows" in err, err
 
 
+def _position_tables_model() -> onnx.ModelProto:
+    """Word ids from the input, positions from a Range (GPT-2) and a Slice of constants (BERT)."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    table = lambda name, rows: numpy_helper.from_array(  # noqa: E731
+        rng.normal(size=(rows, 64)).astype(np.float32), name
+    )
+    consts = [
+        table("words", 100), table("ranged", 16), table("sliced", 32),
+        numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.arange(32, dtype=np.int64)[None], "position_ids"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array([0], np.int64), "zeros"),
+        numpy_helper.from_array(np.array([1], np.int64), "ones"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Gather", ["words", "ids"], ["w_e"], name="word_gather"),
+        helper.make_node("Shape", ["ids"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["seq"]),
+        helper.make_node("Range", ["zero", "seq", "one"], ["range"]),
+        helper.make_node("Gather", ["ranged", "range"], ["r_e"], name="range_gather"),
+        helper.make_node("Unsqueeze", ["seq", "zeros"], ["seq1"]),
+        helper.make_node("Slice", ["position_ids", "zeros", "seq1", "ones"], ["pos"]),
+        helper.make_node("Gather", ["sliced", "pos"], ["s_e"], name="slice_gather"),
+        helper.make_node("Add", ["w_e", "r_e"], ["a"]),
+        helper.make_node("Add", ["a", "s_e"], ["b"]),
+        helper.make_node("MatMul", ["b", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes, "positions",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 64])],
+        consts,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_int4_keeps_a_table_float_whose_computed_ids_may_pass_it(tmp_path):
+    """GPT-2's positions come from a Range: run past the context, a float Gather fails, where
+    ORT's 4-bit table read other memory and the model answered. Ids sliced from constants in
+    range (BERT's position ids) and ids from the input (checked by onnxpipe) stay 4-bit."""
+    from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
+
+    graph_pass = QuantizeInt4Pass()
+    result = graph_pass(ir.from_proto(_position_tables_model())).model
+    kinds = {n.name: n.op_type for n in result.graph if "_gather" in n.name}
+    assert kinds == {  # ORT names a quantized node <name>_Q4
+        "word_gather_Q4": "GatherBlockQuantized",
+        "slice_gather_Q4": "GatherBlockQuantized",
+        "range_gather": "Gather",
+    }
+    assert list(graph_pass.metrics["embedding_tables_float"]) == ["range_gather"]
+    assert graph_pass.metrics["embedding_tables"] == 2
+    path = tmp_path / "int4.onnx"
+    ir.save(result, path)
+    ids = np.ones((1, 16), np.int64)
+    assert ort_run(path, {"ids": ids})[0].shape == (1, 16, 64)
+    # 20 positions, 16 rows: the float Gather fails (or ORT's Gather-to-Slice fusion clamps it
+    # and the Add after it fails); the 4-bit table answered
+    with pytest.raises(Exception, match="ONNXRuntimeError"):
+        ort_run(path, {"ids": np.ones((1, 20), np.int64)})
+
+
 def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
     out = tmp_path / "fp16"
     code, _, err = cli("quantize", mlp, "-o", out, "--mode", "fp16", "--gate", "cosine>=0.999")
