@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from onnxpipe.data import Feeds, check_table_ids, load_data
-from onnxpipe.errors import PassError, invalid_settings
+from onnxpipe.errors import InputError, PassError, invalid_settings
 from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
 from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_float16, refuse_quantized
@@ -170,6 +170,7 @@ def quantize_bundle(
         GateFailed: the result misses a gate (nothing written at ``out``).
     """
     gates = [Gate.parse(g) for g in settings.gates]
+    settings = _without_statistics(settings, eval_data is not None)
 
     def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
         refuse_quantized(model, f"quantize --mode {settings.mode}")
@@ -189,6 +190,21 @@ def quantize_bundle(
         eval_data,
         overwrite,
     )
+
+
+def _without_statistics(settings: QuantizeSettings, eval_given: bool) -> QuantizeSettings:
+    """Dynamic mode with no data to smooth on: smoothing is off, and recorded so (0).
+
+    A ``--smooth-alpha`` the user gave then does nothing, so it is an InputError.
+    """
+    if settings.mode != "dynamic" or settings.calib or eval_given or not settings.smooth_alpha:
+        return settings
+    if "smooth_alpha" in settings.model_fields_set:
+        raise InputError(
+            f"--smooth-alpha {settings.smooth_alpha}: smoothing needs activation statistics; "
+            "give --calib DATA (samples like the real inputs), or --eval DATA, or drop it."
+        )
+    return settings.model_copy(update={"smooth_alpha": 0.0})
 
 
 def _quantize(

@@ -129,10 +129,16 @@ def test_dynamic_cli_smooths_with_calib_statistics_and_records_them(cli, tmp_pat
         step = json.loads((tmp_path / name / "manifest.json").read_text())["steps"][-1]
         smoothing = step["metrics"]["quantize_dynamic"]["smoothing"]
         seen[name] = (smoothing["statistics"], smoothing["smoothed_nodes"] > 0)
+        # the step records what ran: no data to smooth on is smoothing off
+        assert step["config"]["smooth_alpha"] == (0.7 if name == "calib" else 0.0)
         if name == "calib":  # measured against plain dynamic int8; kept only if not worse
             assert smoothing["kept"] == (smoothing["smoothed"] >= smoothing["plain"])
             assert smoothing["compared_on"] == "cosine"
     assert seen == {"calib": ("calib", True), "none": (None, False), "off": ("calib", False)}
+    # a strength with nothing to smooth on would do nothing
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "idle", "--mode", "dynamic",
+                       "--smooth-alpha", "0.5")  # fmt: skip
+    assert code == 2 and "--calib DATA" in err and not (tmp_path / "idle").exists(), err
 
 
 def test_dynamic_cli_on_a_keras_style_dense_stack(cli, tmp_path):
