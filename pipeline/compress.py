@@ -120,6 +120,10 @@ def prune_bundle(
             )
             metrics["sparsity"] = metrics["pass"]["sparsity"]
             metrics["note"] = metrics["pass"]["note"]
+            # the step's zipped sizes span the step (input -> result); the pass's, which
+            # start after the cleanup, would read as a second "before"
+            for key in ("zipped_bytes_before", "zipped_bytes_after"):
+                metrics["pass"].pop(key)
         elif settings.method == "channels":
             model, found = _channels(model, ctx, settings, gates, eval_data is not None)
             metrics.update(found)

@@ -50,6 +50,7 @@ def test_cli_magnitude_reports_zipped_size_and_no_speedup_claim(cli, mlp_bundle,
     metrics = json.loads(stdout)["steps"][-1]["metrics"]
     assert metrics["sparsity"] >= 0.49
     assert metrics["zipped_bytes_after"] < metrics["zipped_bytes_before"]
+    assert "zipped_bytes_before" not in metrics["pass"]  # one "before": the step's input
     assert "no speedup" in metrics["note"]
 
 
