@@ -66,6 +66,7 @@ class DerivedStep(StepConfig):
     def run(self, work: Work) -> None:
         """Run the command on ``work``'s model and take over the derived bundle."""
         from onnxpipe.recipe import finalize  # noqa: PLC0415 - recipe imports the steps
+        from onnxpipe.transform import INPUT_MODEL  # noqa: PLC0415 - it imports recipe
 
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"onnxpipe-{self.name}-") as tmp:
@@ -80,6 +81,10 @@ class DerivedStep(StepConfig):
                 raise GateFailed(str(e.__cause__ or e), e.metrics) from e
             except InputError as e:  # a refusal names the model: the recipe's, not this copy
                 raise type(e)(as_recipes(str(e), src)) from e
+            parity = manifest.get("parity") or {}
+            if isinstance(parity.get("reference"), str):  # not a bundle the user has
+                before = f"the recipe's model before its {self.name} step"
+                parity["reference"] = parity["reference"].replace(INPUT_MODEL, before, 1)
             for item in work.dir.iterdir():
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
             for item in out.iterdir():

@@ -252,6 +252,10 @@ def _measurable_outputs(model: Path, step_name: str) -> dict[str, str]:
     return random
 
 
+INPUT_MODEL = "input bundle model"
+"""What a derived bundle's parity is measured against (a recipe names its own model instead)."""
+
+
 def _carry(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a derived bundle inherits: source, versions and the steps so far."""
     keep = ("title", "source", "versions", "steps")
@@ -267,7 +271,7 @@ def _parity_record(
 ) -> dict:
     data = f"--eval {eval_data}" if eval_data else "its stored samples plus generated ones"
     return {
-        "reference": f"input bundle model (sha256 {manifest['model']['sha256'][:12]}) on {data}",
+        "reference": f"{INPUT_MODEL} (sha256 {manifest['model']['sha256'][:12]}) on {data}",
         "samples": gate["samples"],
         "max_abs_diff": gate["max_abs"],
         "max_rel_diff": None,

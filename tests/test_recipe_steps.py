@@ -55,6 +55,10 @@ def test_convert_optimize_prune_quantize_in_one_recipe(cli, tmp_path, eval_npz):
     # The manifest describes the final model, and the parity record is the last step's.
     assert manifest["model"]["bytes"] == (out / "model.onnx").stat().st_size
     assert manifest["parity"]["tolerance"] == ["cosine>=0.98"]
+    # measured against the model the recipe had built so far, not a bundle the user has
+    reference = "the recipe's model before its quantize step"
+    assert manifest["parity"]["reference"].startswith(reference)
+    assert reference in (out / "README.md").read_text()
     # The gated search's tables reach the report.
     page = (out / "report.html").read_text()
     assert "prune_lowrank: sensitivity" in page and "prune_lowrank: search steps" in page
