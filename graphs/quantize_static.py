@@ -389,6 +389,26 @@ _FUSED = "/MatMulAddFusion"
 """What ORT's MatMulAddFusion appends to the MatMul's name for the Gemm it makes."""
 
 
+def fused_add_names(before: ir.Model, after: ir.Model, exclude: Sequence[str]) -> tuple[str, ...]:
+    """``exclude`` with each Add that pre-processing fused away named by its MatMul instead.
+
+    ``before`` and ``after`` are the model before and after ORT's pre-processing, which fuses
+    a MatMul and the Add after it into one Gemm named ``<MatMul's name>/MatMulAddFusion``:
+    the user sees the Add in the bundle, and excluding its MatMul keeps both float.
+    """
+    now = {n.name for n in after.graph}
+    matmul_of = {}
+    for node in before.graph:
+        if node.op_type != "Add" or not node.name or node.name in now:
+            continue
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer.op_type == "MatMul":
+                if f"{producer.name}{_FUSED}" in now:
+                    matmul_of[node.name] = producer.name or ""
+    return tuple(dict.fromkeys(matmul_of.get(e, e) for e in exclude))
+
+
 _SHAPE_ONLY = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"})
 
 

@@ -227,8 +227,11 @@ def _quantize(
         calib = _calibration(s.calib, ctx) if s.calib else []
         int4 = QuantizeInt4Pass(exclude=s.exclude, rounding=s.rounding, calibration=calib)
         return _apply(int4, model)
+    from onnxpipe.graphs.quantize_static import fused_add_names  # noqa: PLC0415
+
     pre = QuantizePreprocessPass()
-    model = pre(model).model
+    model, before = pre(model).model, model
+    s = s.model_copy(update={"exclude": fused_add_names(before, model, s.exclude)})
     if s.mode == "dynamic":
         from onnxpipe.graphs.quantize_dynamic import QuantizeDynamicPass  # noqa: PLC0415
 
