@@ -78,16 +78,7 @@ def progress_steps(
     """Run recipe ``steps`` into ``out`` with a bar counting the steps; returns the manifest."""
     from onnxpipe.recipe import run_steps  # noqa: PLC0415 - keeps --help fast
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=args.json or not err.is_terminal,  # no bar (nor its blank line) in logs
-    ) as bar:
+    with _bar(args, TextColumn("{task.completed}/{task.total}")) as bar:
         task = bar.add_task("starting", total=len(steps))
 
         def progress(i: int, total: int, name: str) -> None:
@@ -98,20 +89,26 @@ def progress_steps(
             return run_steps(steps, out, overwrite, progress, title=title, protect=protect)
 
 
+def _bar(args: argparse.Namespace, *extra: TextColumn) -> Progress:
+    """The progress bar on stderr: spinner, what runs, bar, ``extra``, elapsed time."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.json or not err.is_terminal,  # no bar (nor its blank line) in logs
+    )
+
+
 @contextlib.contextmanager
 def working(args: argparse.Namespace, label: str) -> Iterator[None]:
     """A spinner, a bar where the work reports counts (--auto, gated pruning), elapsed time."""
     from onnxpipe.progress import reporting  # noqa: PLC0415
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=args.json or not err.is_terminal,  # no bar (nor its blank line) in logs
-    ) as bar:
+    with _bar(args) as bar:
         task = bar.add_task(label, total=None)
 
         def update(text: str, done: int | None, total: int | None) -> None:
