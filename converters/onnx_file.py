@@ -49,8 +49,9 @@ def load_onnx(path: Path) -> ir.Model:
         ) from e
     except FileNotFoundError as e:
         raise InputError(
-            f"{path}: its external data file is missing ({e.filename}). Keep model.onnx.data "
-            "next to model.onnx, as the exporter wrote them."
+            f"{path}: its external data file is missing ({e.filename}). Keep "
+            f"{Path(e.filename or path.name + '.data').name} next to {path.name}, where the "
+            "model refers to it, as the exporter wrote them."
         ) from e
 
 

@@ -1,7 +1,5 @@
 """``python -m onnxpipe`` runs the CLI."""
 
-import sys
+from onnxpipe.cli import run
 
-from onnxpipe.cli import main
-
-sys.exit(main())
+run()

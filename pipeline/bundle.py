@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.bundle_checks import check_manifest, check_out_path, module_source
 from onnxpipe.converters.source import named_path
-from onnxpipe.errors import InputError, raise_if_interrupted
+from onnxpipe.errors import InputError, note_written, raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def check_out_dir(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) ->
     Raises:
         InputError: OUT cannot be written without harming something.
     """
+    check_out_path(out)
     resolved = out.resolve()
     for path in protect:
         p = path.resolve()
@@ -60,8 +62,9 @@ def input_paths(*values: Any) -> tuple[Path, ...]:
     """The existing files and folders that settings name: sources, ``--data``/``--calib``.
 
     Strings (in settings models, recursively through their fields) count when they are a path,
-    a ``path.py:callable`` whose file exists or an image folder with its preprocessing
-    (``DIR?resize=...``), so OUT can be refused where it would replace them.
+    a ``path.py:callable`` whose file exists, a ``package.module:callable`` (its package folder
+    on the import path) or an image folder with its preprocessing (``DIR?resize=...``), so OUT
+    can be refused where it would replace them.
     """
     found: list[Path] = []
     for value in values:
@@ -71,7 +74,7 @@ def input_paths(*values: Any) -> tuple[Path, ...]:
             found += input_paths(*value)
         elif isinstance(value, str | Path) and str(value):
             text = str(value)
-            for candidate in (text, named_path(text)[0]):
+            for candidate in (text, named_path(text)[0], module_source(text)):
                 with contextlib.suppress(OSError, ValueError):
                     if candidate and Path(candidate).exists():
                         found.append(Path(candidate))
@@ -103,26 +106,77 @@ def _probe_writable(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``out``; on success it replaces ``out`` in one rename."""
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; on success it replaces ``out`` in one rename.
+
+    ``out`` is checked again when the bundle is complete: what appeared there during the run
+    is replaced only with ``overwrite``. A bundle that stood there comes back if the new one
+    cannot take its place; SIGINT/SIGTERM wait while the two renames run.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from others
         yield tmp
         raise_if_interrupted()  # a signal whose exception was lost: nothing is written
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        # an earlier failed run's report would contradict the bundle now standing there
-        (out.parent / f"{out.name}.failed.json").unlink(missing_ok=True)
+        if out.exists() and not (overwrite or (out.is_dir() and not any(out.iterdir()))):
+            raise InputError(
+                f"{out}: appeared (not empty) while onnxpipe ran and was left as it is; nothing "
+                "was written. Pick a new -o or pass --overwrite."
+            )
+        old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+        swapped = False
+        try:
+            with _signals_held():
+                _swap_in(tmp, out, old)
+                swapped = True
+                note_written(out)
+        finally:  # a signal held back during the swap is raised as the block ends
+            if swapped and old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            if swapped:  # an earlier failed run's report would contradict the bundle
+                (out.parent / f"{out.name}.failed.json").unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, out: Path, old: Path | None) -> None:
+    """Rename ``tmp`` to ``out``, moving what stands there to ``old`` first and back on failure."""
+    if old is not None:
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block is done, then act on them as before.
+
+    The Python handlers are swapped for one that only remembers the signal: masking it
+    (``pthread_sigmask``) holds nothing back once ORT or torch run threads of their own,
+    which the kernel then hands the signal to. Only the main thread can swap handlers.
+    """
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, _: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for held_signal, handler in before.items():
+            signal.signal(held_signal, handler)
+        for signum in pending[-1:]:
+            signal.raise_signal(signum)  # to the handler it had
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -200,9 +254,11 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
             "convert SOURCE -o OUT (an .onnx file is a valid SOURCE)."
         )
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); the bundle is damaged.") from e
+    if not isinstance(data, dict):
+        check_manifest(path, data)  # raises: not an object
     if data.get("schema") != SCHEMA:
         raise InputError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}.")
     return data
@@ -223,7 +279,7 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
     from onnxpipe.modelio import DATA_FILE, MODEL_FILE, sha256  # noqa: PLC0415 - modelio loads onnx_ir
 
     manifest = read_manifest(bundle)
-    _check_keys(bundle, manifest)
+    check_manifest(bundle / MANIFEST, manifest)
     model = manifest["model"]
     if (bundle / DATA_FILE).exists() and not model.get("external_data"):
         raise InputError(
@@ -292,28 +348,6 @@ def _check_signature(bundle: Path, manifest: dict[str, Any]) -> None:
                 f"the model has {wrong[1]}); the manifest was edited or damaged. Re-create the "
                 "bundle with onnxpipe."
             )
-
-
-def _check_keys(bundle: Path, manifest: dict[str, Any]) -> None:
-    """InputError unless the manifest has the contract's keys every command reads."""
-    model, mobile = manifest.get("model"), manifest.get("mobile")
-    wrong = [
-        key
-        for key, ok in (
-            ("model", isinstance(model, dict)),
-            ("model.sha256", isinstance(model, dict) and isinstance(model.get("sha256"), str)),
-            ("inputs", isinstance(manifest.get("inputs"), list)),
-            ("outputs", isinstance(manifest.get("outputs"), list)),
-            ("steps", isinstance(manifest.get("steps"), list)),
-            ("mobile", mobile is None or isinstance(mobile, dict)),
-        )
-        if not ok
-    ]
-    if wrong:
-        raise InputError(
-            f"{bundle / MANIFEST}: {', '.join(wrong)} missing or of the wrong type; the manifest "
-            "is damaged. Re-create the bundle with onnxpipe."
-        )
 
 
 def update_manifest(bundle: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import open_bundle, update_manifest
+from onnxpipe.bundle_checks import check_recordable
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import recorded_sizes
@@ -44,6 +45,7 @@ def validate_existing(
     manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
+    check_recordable(bundle, "validate")
     atol = source_tolerance(manifest, atol)
     results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol, require)
     manifest = update_manifest(bundle, lambda m: m.setdefault("validation", {}).update(results))
@@ -60,6 +62,7 @@ def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
     manifest = open_bundle(bundle)
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
+    check_recordable(bundle, "bench")
     inputs = bundle_inputs(manifest)
     if not config.sizes:  # where it was timed before (its --data sizes), not 8x8 pixels
         config = replace(config, sizes=recorded_sizes(inputs, manifest))

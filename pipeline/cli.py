@@ -33,6 +33,7 @@ from onnxpipe.errors import (
     clear_signals,
     invalid_settings,
     signal_received,
+    written,
 )
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
@@ -317,10 +318,20 @@ def _terminate_cleanly() -> dict[int, Any]:
     previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # ignored by whoever started us (`cmd &`, nohup): stays ignored
             previous[signum] = signal.signal(signum, _on_signal)
         except ValueError:
             break
     return previous
+
+
+def _what_stands() -> str:
+    """For the message on a signal: nothing was written, or the bundle that was complete."""
+    done = written()
+    if not done:
+        return "nothing was written"
+    return f"{', '.join(done)} was already complete and stands"
 
 
 def _check_runtime() -> None:
@@ -352,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_runtime()
         return COMMANDS[args.command](args)
     except Terminated:
-        err.print("onnxpipe: terminated; nothing was written.")
+        err.print(f"onnxpipe: terminated; {_what_stands()}.")
         return 143
     except OnnxPipeError as e:
         if debug:
@@ -369,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return e.exit_code
     except KeyboardInterrupt:
-        err.print("onnxpipe: interrupted; nothing was written.")
+        err.print(f"onnxpipe: interrupted; {_what_stands()}.")
         return 130
     except Exception as e:  # noqa: BLE001 - the contract's exit 3 for anything unforeseen
         if debug:
@@ -386,5 +397,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
+def run() -> None:
+    """The ``onnxpipe`` console script: :func:`main`, then exit at once.
+
+    The interpreter's teardown after a command (torch's takes seconds) is skipped: a signal
+    there made a finished command's exit code 130/143, and every file is closed by then.
+    """
+    code = main()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    logging.shutdown()
+    with contextlib.suppress(OSError):  # a reader that went away (| head) gets what it read
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -90,9 +90,24 @@ def signal_received(signum: int) -> None:
     _RECEIVED.append(signum)
 
 
+_WRITTEN: list[str] = []
+"""Bundles this command has put in place (a signal after that must not say 'nothing written')."""
+
+
+def note_written(path: object) -> None:
+    """Remember that the bundle at ``path`` is complete and in place."""
+    _WRITTEN.append(str(path))
+
+
+def written() -> list[str]:
+    """The bundles this command has put in place so far."""
+    return list(_WRITTEN)
+
+
 def clear_signals() -> None:
-    """Forget earlier signals (a new command starts)."""
+    """Forget earlier signals and writes (a new command starts)."""
     _RECEIVED.clear()
+    _WRITTEN.clear()
 
 
 def raise_if_interrupted() -> None:

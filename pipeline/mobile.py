@@ -96,7 +96,7 @@ def package_mobile(
                 make_input_shape_fixed(model.graph, name, dims)
             fix_output_shapes(model)
         onnx.save(model, str(source))
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, overwrite) as tmp:
             for item in bundle.iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)

@@ -174,7 +174,7 @@ def run_steps(
     """
     check_out_dir(out, overwrite, (*protect, *input_paths(*steps)))
     done: list[str] = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         work = Work(dir=tmp)
         for i, step in enumerate(steps):
             if progress:

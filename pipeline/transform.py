@@ -198,7 +198,7 @@ def derive_bundle(
                 else recorded_sizes(inputs, manifest)
             )
             metrics.update(_before_after(bundle / MODEL_FILE, candidate, inputs, bench_runs, sizes))
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, overwrite) as tmp:
                 save_model(model, tmp)
                 outputs = ctx.run(tmp / MODEL_FILE, every=True)
                 save_parity_samples(tmp, ctx.eval_feeds, outputs)

@@ -476,6 +476,22 @@ def test_input_paths_finds_sources_data_and_image_folders(tmp_path):
     assert found == (tmp_path / "net.py", tmp_path / "photos")
 
 
+def test_a_module_reference_protects_its_package_from_out(cli, tmp_path, monkeypatch):
+    """``convert mypkg.mod:make -o mypkg --overwrite`` replaced the package with the bundle."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text(
+        "import torch.nn as nn\n\ndef make():\n    return nn.Linear(4, 2)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = cli("convert", "mypkg.mod:make", "-o", "mypkg", "--overwrite",
+                       "--input", "x:float32[batch,4]")  # fmt: skip
+    assert code == 2 and "is (or contains, or is inside) the input" in err, err
+    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "mod.py"]
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
@@ -483,15 +499,52 @@ def test_input_paths_finds_sources_data_and_image_folders(tmp_path):
         (lambda m: m.pop("inputs"), "inputs"),
         (lambda m: m.update(model="model.onnx"), "model"),
         (lambda m: m.pop("steps"), "steps"),
+        (lambda m: m["model"].update(bytes="12"), "model.bytes"),
+        (lambda m: m.update(parity="x"), "parity"),
+        (lambda m: m.update(steps=[1]), "steps"),
+        (lambda m: m.update(validation=[1]), "validation"),
+        (lambda m: m["model"].update(external_data="x"), "model.external_data"),
     ],
 )
 def test_a_damaged_manifest_is_exit_2(cli, bundle, change, needle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     change(manifest)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    before = tree_hash(bundle)
     for args in (("validate", bundle), ("bench", bundle, "--runs", "2")):
         code, _, err = cli(*args)
-        assert code == 2 and needle in err and "the manifest is damaged" in err
+        assert code == 2 and needle in err and "the manifest is damaged" in err, err
+    assert tree_hash(bundle) == before  # validate rewrote the manifest, then crashed (exit 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [(b"[]", "JSON array"), (b"null", "JSON null"), (b'"x"', "JSON string"),
+     (b"\xff\xfe{}", "not valid JSON")],
+)  # fmt: skip
+def test_a_manifest_that_is_no_json_object_is_exit_2(cli, bundle, tmp_path, text, needle):
+    (bundle / "manifest.json").write_bytes(text)
+    for command in COMMANDS.values():
+        code, _, err = cli(*command(bundle, tmp_path))
+        assert code == 2 and needle in err and "damaged" in err, err
+
+
+def test_a_read_only_bundle_is_exit_2_before_validate_or_bench_work(cli, bundle, monkeypatch):
+    """Both ran fully, then failed with exit 3 writing the manifest; the numbers were lost."""
+    import onnxpipe.bundle_checks as checks
+
+    def denied(**_: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checks.tempfile, "mkstemp", denied)
+    ran = []
+    monkeypatch.setattr("onnxpipe.bundle_ops.validate_bundle", lambda *a: ran.append(a))
+    monkeypatch.setattr("onnxpipe.bundle_ops.bench_model", lambda *a: ran.append(a))
+    for command in ("validate", "bench"):
+        code, _, err = cli(command, bundle)
+        assert code == 2 and "cannot be written (Permission denied)" in err, err
+        assert "records its results" in err and "cp -r" in err
+    assert not ran
 
 
 @pytest.mark.parametrize(

@@ -467,3 +467,108 @@ def test_a_usage_error_names_onnxpipe_once(cli):
     code, _, err = cli("convert", "m.onnx", "-o", "x", "--no-such-flag")
     assert code == 2 and err.count("onnxpipe:") == 1 and "unrecognized arguments" in err, err
     assert "See 'onnxpipe" in err
+
+
+def test_out_that_is_a_link_or_the_working_folder_is_exit_2_before_any_work(cli, tmp_path,
+                                                                             monkeypatch):
+    """A dangling link failed after the whole run (exit 3); a link to a folder was replaced by
+    a folder and left behind as .OUT.old-PID; -o . failed after the run ('busy')."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "target")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for out in ("linked", "dangling"):
+        code, _, err = cli("convert", model_ref("gated"), "-o", tmp_path / out, "--input", IMAGE,
+                           "--overwrite")  # fmt: skip
+        assert code == 2 and "is a symbolic link" in err, err
+        assert (tmp_path / out).is_symlink()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("print('mine')")
+    monkeypatch.chdir(project)
+    for out in (".", "", ".."):
+        code, _, err = cli("convert", model_ref("gated"), "-o", out, "--input", IMAGE,
+                           "--overwrite")  # fmt: skip
+        assert code == 2 and "the current directory" in err, err
+    assert (project / "main.py").read_text() == "print('mine')"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "linked", "project",
+                                                          "target"]  # fmt: skip
+
+
+def test_what_appears_at_out_during_a_run_is_kept_without_overwrite(tmp_path):
+    """The emptiness check ran only at the start: a file made meanwhile was deleted (exit 0)."""
+    from onnxpipe.bundle import atomic_dir  # noqa: PLC0415
+    from onnxpipe.errors import InputError  # noqa: PLC0415
+
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="appeared"):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.onnx").write_text("new")
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the temp bundle went too
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "model.onnx").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["model.onnx"]
+
+
+def test_a_bundle_that_stood_at_out_survives_a_failed_or_interrupted_swap(tmp_path, monkeypatch):
+    """Replacing is two renames (OUT aside, the new one in): a failure or SIGTERM between them
+    left no OUT, the old bundle hidden as .OUT.old-PID, and 'nothing was written'."""
+    import signal  # noqa: PLC0415
+
+    from onnxpipe import bundle  # noqa: PLC0415
+    from onnxpipe.errors import Terminated  # noqa: PLC0415
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    rename = os.rename
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(39, "Directory not empty")
+        rename(src, dst)
+
+    monkeypatch.setattr(bundle.os, "rename", failing)
+    with pytest.raises(OSError, match="not empty"):
+        with bundle.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    def interrupted(src, dst):  # SIGTERM right after OUT was moved aside
+        rename(src, dst)
+        if ".old-" in str(dst):
+            signal.raise_signal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    monkeypatch.setattr(bundle.os, "rename", interrupted)
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(Terminated):
+            with bundle.atomic_dir(out, overwrite=True) as tmp:
+                (tmp / "manifest.json").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (out / "manifest.json").read_text() == "new"  # complete: the signal waited
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_signal_ignored_by_the_caller_stays_ignored():
+    """`onnxpipe ... &` in a script inherits SIGINT ignored; onnxpipe made it fatal again."""
+    import signal  # noqa: PLC0415
+
+    from onnxpipe.cli import _terminate_cleanly  # noqa: PLC0415
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        previous = _terminate_cleanly()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.SIGINT not in previous and signal.SIGTERM in previous
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    finally:
+        signal.signal(signal.SIGINT, before)

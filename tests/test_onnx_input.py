@@ -166,6 +166,7 @@ def test_missing_external_data_is_named(cli, tmp_path):
     (tmp_path / "mm.onnx.data").unlink()
     code, _, err = cli("convert", tmp_path / "mm.onnx", "-o", tmp_path / "out")
     assert code == 2 and "mm.onnx" in err and "Traceback" not in err
+    assert "Keep mm.onnx.data next to mm.onnx" in err.replace("\n", " "), err  # the user's files
     assert not (tmp_path / "out").exists()
 
 
