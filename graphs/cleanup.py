@@ -16,10 +16,12 @@ it folds; outputs identical; 0.2-14 s more per model (most on the 513 MB VGG-19)
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -113,6 +115,12 @@ class CleanupPass(GraphPass[CleanupConfig]):
             model.ir_version = 4
             steps.append("ir_version 4")
         model = common.RemoveInitializersFromInputsPass()(model).model
+        fused: dict[str, int] | None = None
+        if cfg.transformer:
+            # first: ORT's fusion scripts match the graph as its exporter wrote it; after the
+            # folding below, all-MiniLM-L6-v2 fused none of its 6 attention blocks
+            model, fused = _transformer_fusions(model, cfg)
+            steps.append(f"onnxruntime.transformers.optimizer ({cfg.transformer})")
         if cfg.fold_constants:
             import onnxscript.optimizer  # noqa: PLC0415 - heavy, only when folding
 
@@ -133,9 +141,6 @@ class CleanupPass(GraphPass[CleanupConfig]):
         if cfg.level != "none":
             model = _ort_optimize(model, cfg.level)
             steps.append(f"onnxruntime offline optimization ({cfg.level})")
-        if cfg.transformer:
-            model = _transformer_fusions(model, cfg)
-            steps.append(f"onnxruntime.transformers.optimizer ({cfg.transformer})")
         model = common.RemoveUnusedOpsetsPass()(model).model  # ORT declares every domain
         after = op_counts(model)
         logger.info("cleanup: %d -> %d nodes", sum(before.values()), sum(after.values()))
@@ -148,7 +153,16 @@ class CleanupPass(GraphPass[CleanupConfig]):
             "ops_before": before,
             "ops_after": after,
             "slim": slim_metrics,
+            **({"transformer_fusions": fused} if fused is not None else {}),
         }
+        if fused is not None and not fused.get("Attention") and before.get("Softmax"):
+            self.metrics["note"] = (
+                f"--transformer {cfg.transformer}: no attention block fused. ORT's fusion "
+                "scripts match TorchScript exports of eager attention: convert with --exporter "
+                "torchscript (a transformers model loaded with attn_implementation='eager'). "
+                "The other fusions are in transformer_fusions."
+            )
+            logger.warning("%s", self.metrics["note"])
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -200,18 +214,20 @@ def _ort_optimize(model: ir.Model, level: str) -> ir.Model:
         return ir.external_data.load_to_model(ir.load(target))
 
 
-def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> ir.Model:
+def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> tuple[ir.Model, dict[str, int]]:
+    """The model after ORT's fusions for ``cfg.transformer``, and the fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
 
     proto = ir.serde.serialize_model(model)
     try:
-        optimized = optimize_model(
-            proto,
-            model_type=cfg.transformer or "bert",
-            num_heads=cfg.num_heads,
-            hidden_size=cfg.hidden_size,
-            opt_level=0,
-        )
+        with ort_producer_warning_off():
+            optimized = optimize_model(
+                proto,
+                model_type=cfg.transformer or "bert",
+                num_heads=cfg.num_heads,
+                hidden_size=cfg.hidden_size,
+                opt_level=0,
+            )
     except (KeyError, ValueError, AssertionError, RuntimeError, IndexError, TypeError) as e:
         # IndexError: ORT's gpt2 postprocess reads the bias of every Gemm (a bias-free one fails)
         raise PassError(
@@ -221,6 +237,26 @@ def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> ir.Model:
             "--transformer, --num-heads and --hidden-size, or leave --transformer out (the "
             "other cleanup passes still run)."
         ) from e
-    fused: dict[str, Any] = optimized.get_fused_operator_statistics()
-    logger.info("transformer fusions: %s", {k: v for k, v in fused.items() if v})
-    return ir.serde.deserialize_model(optimized.model)
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    logger.info("transformer fusions: %s", fused)
+    result = ir.serde.deserialize_model(optimized.model)
+    domains = {n.domain for n in result.graph if n.domain not in ("", "ai.onnx")}
+    for domain in domains - set(result.opset_imports):  # opt_level 0 declares none of them
+        result.opset_imports[domain] = 1
+    return result, fused
+
+
+@contextlib.contextmanager
+def ort_producer_warning_off() -> Iterator[None]:
+    """Silence ORT's 'Model producer not matched ... specify --model_type' warning.
+
+    It names a flag of ORT's own script and fires for every model onnxpipe wrote (producer
+    "onnxpipe"); the model type onnxpipe passes is the one the user gave.
+    """
+    optimizer_log = logging.getLogger("onnxruntime.transformers.optimizer")
+    level = optimizer_log.level
+    optimizer_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        optimizer_log.setLevel(level)

@@ -208,6 +208,8 @@ def _fuse_transformer(
     from onnxruntime.transformers.fusion_options import FusionOptions  # noqa: PLC0415
     from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
 
+    from onnxpipe.graphs.cleanup import ort_producer_warning_off  # noqa: PLC0415
+
     heads, hidden = cfg.num_heads, cfg.hidden_size
     if not (heads and hidden):
         found = _attention_shape(model)
@@ -219,7 +221,7 @@ def _fuse_transformer(
     # EmbedLayerNormalization would hide the embedding Gathers from the quantizer: their
     # tables (a third of MiniLM's weights) would stay fp32.
     options.enable_embed_layer_norm = False
-    with working_directory(out.parent):
+    with working_directory(out.parent), ort_producer_warning_off():
         fused = optimize_model(
             str(src),
             model_type="bert",
