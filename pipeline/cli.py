@@ -94,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``onnxpipe run RECIPE.yaml``."""
     from onnxpipe.recipe import load_recipe  # noqa: PLC0415
 
-    manifest = progress_steps(load_recipe(args.recipe), args.out, args, protect=(args.recipe,))
+    steps = load_recipe(args.recipe)
+    manifest = progress_steps(steps, args.out, args, protect=(args.recipe,), recipe=True)
     emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 

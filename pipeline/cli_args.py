@@ -22,6 +22,10 @@ DESCRIPTION = (
 EP_HELP = "comma-separated: cpu,cuda,tensorrt,xnnpack,nnapi,coreml,mobile"
 """validate's and bench's --ep (runtime.EP_PROVIDERS' names, plus mobile: not imported
 here, so that --help loads no ONNX Runtime)."""
+GATE_HELP = (
+    "accuracy gate vs the input model, repeatable: top1>=0.97, cosine>=0.99, kl<=0.04 or "
+    "max_abs<=1e-3"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency matrix: EPs x batch x threads")
     p.add_argument("bundle", type=Path)
     p.add_argument("--ep", default="cpu", help=EP_HELP)
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
-    p.add_argument("--threads", default="0", help="comma-separated intra-op threads (0=default)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
+    p.add_argument(
+        "--threads", default="0", help="comma-separated intra-op threads (default 0: ORT's own)"
+    )
     p.add_argument("--runs", type=int, default=50, help="timed runs per cell (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument(
@@ -202,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
     )
     p.add_argument(
-        "--gate", action="append", default=[], metavar="METRIC>=VALUE", help="e.g. top1>=0.97"
+        "--gate", action="append", default=[], metavar="GATE", help=GATE_HELP
     )
     p.add_argument(
         "--auto", action="store_const", const=True, help="static: search configs + float fallbacks"
@@ -224,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--level",
         default="basic",
         choices=["none", "basic", "extended", "all"],
-        help="basic keeps standard ONNX ops (any EP); extended adds ORT contrib fusions; all "
-        "also bakes this CPU's NCHWc layout in",
+        help="basic (default) keeps standard ONNX ops (any EP); extended adds ORT contrib "
+        "fusions; all also bakes this CPU's NCHWc layout in; none skips ORT's optimizer",
     )
     p.add_argument(
         "--slim",
@@ -269,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cleanup", action="store_true", help="skip the cleanup pass first")
     p.add_argument("--eval", metavar="DATA", help="gate/search data (default: bundle samples)")
     p.add_argument(
-        "--gate", action="append", default=[], metavar="METRIC>=VALUE", help="e.g. top1>=0.9"
+        "--gate", action="append", default=[], metavar="GATE", help=GATE_HELP
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)

@@ -74,8 +74,12 @@ def progress_steps(
     args: argparse.Namespace,
     title: str | None = None,
     protect: Sequence[Path] = (),
+    recipe: bool = False,
 ) -> dict[str, Any]:
-    """Run recipe ``steps`` into ``out`` with a bar counting the steps; returns the manifest."""
+    """Run ``steps`` into ``out`` with a bar counting the steps; returns the manifest.
+
+    Errors name the step only for a ``recipe`` (the user's steps, not convert's own).
+    """
     from onnxpipe.recipe import run_steps  # noqa: PLC0415 - keeps --help fast
 
     with _bar(args, TextColumn("{task.completed}/{task.total}")) as bar:
@@ -86,7 +90,8 @@ def progress_steps(
 
         with quiet(args.debug):
             overwrite = getattr(args, "overwrite", False)
-            return run_steps(steps, out, overwrite, progress, title=title, protect=protect)
+            return run_steps(steps, out, overwrite, progress, title=title, protect=protect,
+                             name_steps=recipe)  # fmt: skip
 
 
 def _bar(args: argparse.Namespace, *extra: TextColumn) -> Progress:

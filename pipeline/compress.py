@@ -227,7 +227,9 @@ def _gated_search(
     """
     halves = _halves(ctx.eval_feeds) if collect is not None else None
     if collect is None or halves is None:
-        return _search(units, ratio, build, ctx, gates, criterion)
+        found = _search(units, ratio, build, ctx, gates, criterion)
+        found[1]["search"]["cross_fitted"] = False  # no eval statistics, or under 4 batches
+        return found
     stats = [collect(half) for half in halves]
     references = _split(ctx.reference(), len(halves[0]))
 
@@ -358,7 +360,8 @@ def _search(
         "criterion": criterion,
         "ratios": chosen,
         "search": {
-            "gates": [str(g) for g in strict],
+            "gates": [str(g) for g in strict],  # top1 with one standard error added
+            "gates_asked": [str(g) for g in gates],
             "sensitivity": sensitivity,
             "steps": steps,
         },  # fmt: skip

@@ -16,6 +16,7 @@ command's options and gates.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,15 +50,29 @@ Progress = Callable[[int, int, str], None]
 PATH_KEYS = frozenset({"source", "data", "calib", "eval"})
 
 
-def _beside(recipe: Path, value: Any) -> Any:
-    """``value`` pointing into the recipe's folder when it is not found from the working dir."""
+def _beside(recipe: Path, value: Any, key: str) -> Any:
+    """``value`` pointing into the recipe's folder when it is not found from the working dir.
+
+    A path found in neither place is an InputError naming both (a module reference such as
+    ``package.module:make`` is left to the import).
+    """
     if not isinstance(value, str) or not value:
         return value
     target, rest = named_path(value)
     if not target or Path(target).is_absolute() or Path(target).exists():
         return value
     moved = recipe.parent / target
-    return str(moved) + rest if moved.exists() else value
+    if moved.exists():
+        return str(moved) + rest
+    if "/" in target or os.sep in target or Path(target).suffix in _FILE_SUFFIXES:
+        raise InputError(
+            f"{recipe}: {key} {value!r}: {target} is neither in the working directory "
+            f"({Path.cwd()}) nor beside the recipe ({recipe.parent}). Give a path from one of them."
+        )
+    return value
+
+
+_FILE_SUFFIXES = frozenset({".py", ".onnx", ".npz", ".npy", ".pt", ".pt2", ".pth", ".keras", ".h5"})
 
 
 _NEGATIONS = {
@@ -134,7 +149,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
                     f"{path}: step 'convert': no_bench {no_bench!r}: a recipe times the model in "
                     "a bench step; drop no_bench and add '- bench' after convert to time it."
                 )
-        settings = {k: _beside(path, v) if k in PATH_KEYS else v for k, v in settings.items()}
+        settings = {k: _beside(path, v, k) if k in PATH_KEYS else v for k, v in settings.items()}
         try:
             steps.append(make_step(name, settings))
         except InputError as e:
@@ -165,10 +180,12 @@ def run_steps(
     source_object: object | None = None,
     title: str | None = None,
     protect: Sequence[Path] = (),
+    name_steps: bool = True,
 ) -> dict[str, Any]:
     """Run ``steps`` into a new bundle at ``out``; return its manifest.
 
-    ``out`` may not replace ``protect`` (the recipe file) or any path the steps name.
+    ``out`` may not replace ``protect`` (the recipe file) or any path the steps name. With
+    ``name_steps`` an error says which step failed (a recipe's; not ``onnxpipe convert``'s).
 
     On a failed gate nothing is written at ``out``; the numbers go to ``<out>.failed.json``.
     """
@@ -188,6 +205,7 @@ def run_steps(
                 where = f"step {i + 1} ({step.name})" + (
                     f", after {', '.join(done)}" if done else ""
                 )
+                where = f"{where}: " if name_steps else ""
                 if isinstance(e, GateFailed):
                     record = {
                         # the steps so far; no parity_samples: no parity.npz was written
@@ -197,9 +215,9 @@ def run_steps(
                         "metrics": e.metrics,
                     }
                     report = write_failure_report(out, record)
-                    raise GateFailed(f"{where}: {e} Numbers: {report}", e.metrics, record) from e
+                    raise GateFailed(f"{where}{e} Numbers: {report}", e.metrics, record) from e
                 # a message names the scratch copy the steps work in: the recipe's model it is
-                raise type(e)(f"{where}: {as_recipes(str(e), work.dir)}") from e
+                raise type(e)(f"{where}{as_recipes(str(e), work.dir)}") from e
             done.append(step.name)
         if progress:
             progress(len(steps), len(steps), "bundle")

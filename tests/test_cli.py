@@ -355,11 +355,14 @@ def test_an_output_that_cannot_be_created_is_exit_2_before_any_work(cli, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
-def test_usage_errors_are_exit_2(cli):
+def test_usage_errors_are_exit_2(cli, tmp_path):
     code, _, err = cli("convert")
     assert code == 2 and "--help" in err
     code, _, err = cli("validate", "/nonexistent/bundle")
     assert code == 2 and "not an onnxpipe bundle" in err
+    # convert's own steps are not the user's: no "step 1 (convert):" as from a recipe
+    code, _, err = cli("convert", tmp_path / "model.pt", "-o", tmp_path / "out")
+    assert code == 2 and err.startswith(f"onnxpipe: error: {tmp_path / 'model.pt'}"), err
 
 
 def test_import_onnxpipe_pulls_in_no_framework():

@@ -600,6 +600,7 @@ def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
     assert metrics["search"]["sensitivity"] and metrics["ratios"]
     # 4 eval batches: channels chosen on one half are measured on the other
     assert metrics["search"]["cross_fitted"] is True
+    assert metrics["search"]["gates_asked"] == ["cosine>=0.5"]
     assert metrics["gate"]["cosine"] >= 0.5 and "speedup" in metrics
     assert manifest["validation"]["cpu"]["status"] == "passed"
     # the table a user sees says what the step bought
@@ -607,6 +608,14 @@ def test_cli_prune_channels_with_gate_records_search(cli, cnn_bundle, tmp_path):
     console.print(summary_table(manifest, out))
     before, after = metrics["params_before"], metrics["params_after"]
     assert f"prune_channels: params {before:,} -> {after:,}" in console.export_text()
+    # 2 batches (16 samples, 8 a batch): too few to split, and the record says so
+    np.savez(data, x=np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype("f4"))
+    code, stdout, stderr = cli(
+        "prune", cnn_bundle, "-o", tmp_path / "two", "--method", "channels", "--ratio", "0.5",
+        "--eval", data, "--gate", "cosine>=0.5", "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert json.loads(stdout)["steps"][-1]["metrics"]["search"]["cross_fitted"] is False
 
 
 def test_cli_prune_channels_unmeetable_gate_exits_1_with_best(cli, cnn_bundle, tmp_path):

@@ -195,6 +195,19 @@ def test_recipe_paths_are_found_beside_the_recipe(cli, tmp_path, monkeypatch):
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["source"]["path"] == f"{project / 'net.py'}:mlp"
+    # found in neither place: both are named (it said "no such Python file" for one of them)
+    recipe.write_text(recipe.read_text().replace("data.npz", "sub/missing.npz"))
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out2")
+    assert code == 2 and str(elsewhere) in err and str(project) in err, err
+
+
+def test_the_shipped_example_recipe_resolves_from_any_working_directory(tmp_path, monkeypatch):
+    from onnxpipe.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).parents[1] / "examples" / "recipe.yaml"
+    (convert, *_) = load_recipe(recipe)
+    assert convert.source == f"{recipe.parent / 'efficientnet_lite0.py'}:make"
 
 
 def test_a_refusal_inside_a_recipe_names_the_recipes_model_not_a_scratch_copy(cli, tmp_path):
