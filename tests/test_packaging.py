@@ -39,4 +39,5 @@ def test_wheel_has_one_top_level_package(tmp_path):
     ):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "onnxpipe = onnxpipe.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # run(): main(), then exit without the interpreter's teardown (see onnxpipe.cli.run)
+    assert "onnxpipe = onnxpipe.cli:run" in zipfile.ZipFile(wheel).read(entry_points).decode()
