@@ -575,3 +575,19 @@ def test_a_signal_ignored_by_the_caller_stays_ignored():
             signal.signal(signum, handler)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_console_script_and_python_m_keep_exit_codes_and_output(tmp_path, mlp_bundle):
+    """run() leaves by os._exit after main(): the codes and the flushed output must survive."""
+    import shutil  # noqa: PLC0415
+
+    bundle = Path(shutil.copytree(mlp_bundle, tmp_path / "b"))
+    script = Path(sys.executable).parent / "onnxpipe"
+    for command in ([str(script)], [sys.executable, "-m", "onnxpipe"]):
+        done = subprocess.run([*command, "validate", str(tmp_path / "none")],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2 and "not an onnxpipe bundle" in done.stderr, done
+        done = subprocess.run([*command, "validate", str(bundle), "--json"],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["cpu"]["status"] == "passed"  # all of it, flushed
