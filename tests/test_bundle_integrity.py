@@ -602,7 +602,8 @@ def test_recipe_and_compared_bundles_are_not_overwritten(cli, tmp_path, mlp_bund
     folder = tmp_path / "rdir"
     folder.mkdir()
     recipe = folder / "r.yaml"
-    recipe.write_text("source: nowhere.onnx\nsteps:\n  - convert\n")
+    # a module reference: a missing file would be refused first, as found nowhere
+    recipe.write_text("source: nowhere:make\nsteps:\n  - convert\n")
     code, _, err = cli("run", recipe, "-o", folder, "--overwrite")
     assert code == 2 and "is (or contains, or is inside) the input" in err and recipe.exists()
     before = tree_hash(mlp_bundle)

@@ -83,6 +83,7 @@ def test_recipe_takes_the_commands_spellings_of_options(tmp_path):
     from onnxpipe.errors import InputError
     from onnxpipe.recipe import load_recipe
 
+    np.savez(tmp_path / "c.npz", x=np.ones((8, 64), np.float32))  # a missing one is refused
     recipe = _recipe(
         tmp_path,
         "  - convert\n  - quantize: {mode: static, calib: c.npz, per_tensor: true, "
