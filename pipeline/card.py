@@ -209,7 +209,7 @@ def _mobile_section(mobile: dict[str, Any] | None) -> list[str]:
 
 def write_docs(directory: Path, manifest: dict[str, Any]) -> None:
     """Write the bundle's ``README.md`` card and ``report.html``, each atomically."""
-    from onnxpipe.bundle import write_text_atomic  # noqa: PLC0415 - bundle imports stay one-way
+    from onnxpipe.atomic import write_text_atomic  # noqa: PLC0415 - bundle imports stay one-way
     from onnxpipe.report import render_report  # noqa: PLC0415
 
     title = manifest.get("title")

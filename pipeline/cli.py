@@ -262,7 +262,8 @@ def _check_file_target(path: Path, flag: str) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``onnxpipe compare A B``: the contract's JSON record, a table, or an HTML page."""
-    from onnxpipe.bundle import input_paths, write_text_atomic  # noqa: PLC0415
+    from onnxpipe.atomic import write_text_atomic  # noqa: PLC0415
+    from onnxpipe.bundle import input_paths  # noqa: PLC0415
     from onnxpipe.compare import compare_bundles, render_html  # noqa: PLC0415
 
     if args.html:  # before the work: a page that cannot be written is bad input

@@ -129,7 +129,7 @@ def working(args: argparse.Namespace, label: str) -> Iterator[None]:
 def emit(args: argparse.Namespace, payload: Any, tables: Sequence[Any]) -> None:
     """Print ``payload`` as JSON (``--json``) or the ``tables``, on stdout."""
     if args.json:
-        from onnxpipe.bundle import strict_json  # noqa: PLC0415
+        from onnxpipe.atomic import strict_json  # noqa: PLC0415
 
         print(json.dumps(strict_json(payload), indent=2, default=str))
         return

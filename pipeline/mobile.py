@@ -21,16 +21,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpipe.atomic import atomic_dir, write_json_atomic
 from onnxpipe.benchworker import DEFAULT_SIZE
 from onnxpipe.bundle import (
     MANIFEST,
     PARITY_FILE,
-    atomic_dir,
     check_out_dir,
     load_parity_samples,
     open_bundle,
     write_failure_report,
-    write_json_atomic,
 )
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.card import write_docs

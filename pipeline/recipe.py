@@ -23,15 +23,14 @@ from typing import Any
 
 import yaml
 
+from onnxpipe.atomic import atomic_dir, write_json_atomic
 from onnxpipe.bundle import (
     MANIFEST,
     PARITY_FILE,
     SCHEMA,
-    atomic_dir,
     check_out_dir,
     input_paths,
     write_failure_report,
-    write_json_atomic,
 )
 from onnxpipe.card import write_docs
 from onnxpipe.converters.source import named_path

@@ -20,9 +20,9 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel
 
+from onnxpipe.atomic import atomic_dir
 from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import (
-    atomic_dir,
     check_out_dir,
     input_paths,
     load_parity_samples,

@@ -499,7 +499,7 @@ def test_out_that_is_a_link_or_the_working_folder_is_exit_2_before_any_work(cli,
 
 def test_what_appears_at_out_during_a_run_is_kept_without_overwrite(tmp_path):
     """The emptiness check ran only at the start: a file made meanwhile was deleted (exit 0)."""
-    from onnxpipe.bundle import atomic_dir  # noqa: PLC0415
+    from onnxpipe.atomic import atomic_dir  # noqa: PLC0415
     from onnxpipe.errors import InputError  # noqa: PLC0415
 
     out = tmp_path / "out"
@@ -520,7 +520,7 @@ def test_a_bundle_that_stood_at_out_survives_a_failed_or_interrupted_swap(tmp_pa
     left no OUT, the old bundle hidden as .OUT.old-PID, and 'nothing was written'."""
     import signal  # noqa: PLC0415
 
-    from onnxpipe import bundle  # noqa: PLC0415
+    from onnxpipe import atomic  # noqa: PLC0415
     from onnxpipe.errors import Terminated  # noqa: PLC0415
 
     out = tmp_path / "out"
@@ -533,9 +533,9 @@ def test_a_bundle_that_stood_at_out_survives_a_failed_or_interrupted_swap(tmp_pa
             raise OSError(39, "Directory not empty")
         rename(src, dst)
 
-    monkeypatch.setattr(bundle.os, "rename", failing)
+    monkeypatch.setattr(atomic.os, "rename", failing)
     with pytest.raises(OSError, match="not empty"):
-        with bundle.atomic_dir(out, overwrite=True) as tmp:
+        with atomic.atomic_dir(out, overwrite=True) as tmp:
             (tmp / "manifest.json").write_text("new")
     assert (out / "manifest.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -548,11 +548,11 @@ def test_a_bundle_that_stood_at_out_survives_a_failed_or_interrupted_swap(tmp_pa
     def on_term(signum, frame):
         raise Terminated
 
-    monkeypatch.setattr(bundle.os, "rename", interrupted)
+    monkeypatch.setattr(atomic.os, "rename", interrupted)
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         with pytest.raises(Terminated):
-            with bundle.atomic_dir(out, overwrite=True) as tmp:
+            with atomic.atomic_dir(out, overwrite=True) as tmp:
                 (tmp / "manifest.json").write_text("new")
     finally:
         signal.signal(signal.SIGTERM, previous)
