@@ -17,14 +17,11 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import onnx
-import onnx.version_converter
 import onnx_ir as ir
 from pydantic import Field
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import (
-    ID_PASS,
     GraphPass,
     PassConfig,
     attr_int,
@@ -32,6 +29,7 @@ from onnxpipe.graphs.base import (
     copy_model,
     new_initializer,
 )
+from onnxpipe.graphs.int4_tables import at_opset_21, embedding_tables, unbounded_tables
 from onnxpipe.graphs.quant_rounding import act_order, gptq_round, input_hessians
 from onnxpipe.graphs.quant_utils import Feeds, from_proto, refuse_quantized, to_proto
 from onnxpipe.graphs.quantize_static import split_exclude
@@ -119,11 +117,11 @@ class QuantizeInt4Pass(GraphPass[QuantizeInt4Config]):
         folded = _fold_weight_transposes(model, set(nodes))
         float_tables: dict[str, str] = {}
         if cfg.embeddings and "Gather" not in op_types:
-            float_tables = _unbounded_tables(model, set(nodes))
+            float_tables = unbounded_tables(model, set(nodes))
             nodes = [*nodes, *float_tables]
         proto, skipped = to_proto(model), None
-        if cfg.embeddings and "Gather" not in op_types and _tables(model, set(nodes)):
-            proto, skipped = _at_opset_21(proto)
+        if cfg.embeddings and "Gather" not in op_types and embedding_tables(model, set(nodes)):
+            proto, skipped = at_opset_21(proto)
             wanted |= set() if skipped else {"Gather"}
         quantizer = MatMulNBitsQuantizer(
             proto,
@@ -324,110 +322,3 @@ def _fold_weight_transposes(model: ir.Model, keep: set[str]) -> int:
             model.graph.remove(producer, safe=True)
         folded += 1
     return folded
-
-
-def _tables(model: ir.Model, keep: set[str]) -> int:
-    """Gather nodes reading a constant 2-D table (embeddings), not named in ``keep``."""
-    return sum(
-        1
-        for node in model.graph
-        if node.op_type == "Gather"
-        and node.name not in keep
-        and node.inputs[0] is not None
-        and node.inputs[0].const_value is not None
-        and len(node.inputs[0].const_value.shape) == 2
-    )
-
-
-_SAME_VALUES = ID_PASS | {"Slice", "Expand", "Tile", "Transpose", "Gather", "GatherElements",
-                          "GatherND"}  # fmt: skip
-"""Ops whose output holds only values of their first input."""
-
-
-def _unbounded_tables(model: ir.Model, keep: set[str]) -> dict[str, str]:
-    """Embedding Gathers to keep float: name -> why. Named here if they had no name.
-
-    ORT's GatherBlockQuantized does not check its ids: one past the table reads other memory
-    and the model runs on, where a float Gather fails (a GPT-2 whose positions come from a
-    Range, run past its context, returned numbers instead of an error). Ids from a graph input
-    are checked by onnxpipe before it runs data and stated on the model card; ids taken from
-    constants (BERT's position ids, sliced) are in range or not by their values. Any other
-    computed ids keep their table float.
-    """
-    found: dict[str, str] = {}
-    for index, node in enumerate(model.graph):
-        if node.op_type != "Gather" or node.name in keep or len(node.inputs) != 2:
-            continue
-        table, ids = node.inputs
-        if table is None or ids is None or table.const_value is None:
-            continue
-        if len(table.const_value.shape) != 2:
-            continue
-        rows = table.const_value.numpy().shape[attr_int(node, "axis", 0)]
-        bounds = _id_bounds(ids)
-        if bounds == "input" or (isinstance(bounds, tuple) and _within(bounds, rows)):
-            continue
-        node.name = node.name or f"gather_{index}"
-        found[node.name] = (
-            f"its ids are computed in the graph and may pass its {rows} rows (e.g. positions "
-            "past the context), which a 4-bit table would not check"
-        )
-    return found
-
-
-def _id_bounds(value: ir.Value, depth: int = 0) -> tuple[int, int] | str | None:
-    """(min, max) the ids in ``value`` can take, "input" for a graph input's, None if unknown."""
-    if value.is_graph_input():
-        return "input"
-    if value.const_value is not None:
-        return _int_range(value.const_value.numpy())
-    node = value.producer()
-    if node is None or depth > 32:
-        return None
-    if node.op_type in ("Constant", "ConstantOfShape"):
-        attr = next((a for k, a in node.attributes.items() if k.startswith("value")), None)
-        if attr is None:  # ConstantOfShape's default fill
-            return (0, 0) if node.op_type == "ConstantOfShape" else None
-        value = attr.value
-        array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-        return _int_range(array)
-    sources = node.inputs if node.op_type == "Concat" else node.inputs[:1]
-    if node.op_type not in _SAME_VALUES and node.op_type != "Concat":
-        return None
-    found = [_id_bounds(v, depth + 1) if v is not None else None for v in sources]
-    if found == ["input"] and node.op_type in ID_PASS:  # as onnxpipe's data checks follow them
-        return "input"
-    if not found or any(not isinstance(b, tuple) for b in found):
-        return None
-    low, high = zip(*found, strict=True)  # type: ignore[misc]
-    return min(low), max(high)
-
-
-def _within(bounds: tuple[int, int], rows: int) -> bool:
-    """Whether ids from ``bounds[0]`` to ``bounds[1]`` all index a table of ``rows`` rows."""
-    return -rows <= bounds[0] and bounds[1] < rows
-
-
-def _int_range(array: np.ndarray) -> tuple[int, int] | None:
-    """(min, max) of an integer array; None when empty or not integers."""
-    if not array.size or array.dtype.kind not in "iub":
-        return None
-    return int(array.min()), int(array.max())
-
-
-def _at_opset_21(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    """``proto`` converted to opset 21, which int4 tables need, or unchanged and the reason.
-
-    ORT's quantizer would only relabel an older model as opset 21 (and warn that the result
-    may be invalid: Reduce* and Split changed meaning at 18); the ONNX version converter
-    rewrites the ops that changed.
-    """
-    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
-    if version >= 21:
-        return proto, None
-    try:
-        converted = onnx.version_converter.convert_version(proto, 21)
-        onnx.checker.check_model(converted)
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds; tables stay float
-        return proto, f"opset {version} -> 21 conversion failed ({type(e).__name__}: {e})"[:300]
-    return converted, None
