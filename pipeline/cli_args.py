@@ -207,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NODE", help="node or op type in float"
     )
-    p.add_argument(
-        "--gate", action="append", default=[], metavar="GATE", help=GATE_HELP
-    )
+    p.add_argument("--gate", action="append", default=[], metavar="GATE", help=GATE_HELP)
     p.add_argument(
         "--auto", action="store_const", const=True, help="static: search configs + float fallbacks"
     )
@@ -274,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-cleanup", action="store_true", help="skip the cleanup pass first")
     p.add_argument("--eval", metavar="DATA", help="gate/search data (default: bundle samples)")
-    p.add_argument(
-        "--gate", action="append", default=[], metavar="GATE", help=GATE_HELP
-    )
+    p.add_argument("--gate", action="append", default=[], metavar="GATE", help=GATE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
 

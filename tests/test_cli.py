@@ -472,8 +472,9 @@ def test_a_usage_error_names_onnxpipe_once(cli):
     assert "See 'onnxpipe" in err
 
 
-def test_out_that_is_a_link_or_the_working_folder_is_exit_2_before_any_work(cli, tmp_path,
-                                                                             monkeypatch):
+def test_out_that_is_a_link_or_the_working_folder_is_exit_2_before_any_work(
+    cli, tmp_path, monkeypatch
+):
     """A dangling link failed after the whole run (exit 3); a link to a folder was replaced by
     a folder and left behind as .OUT.old-PID; -o . failed after the run ('busy')."""
     (tmp_path / "target").mkdir()
