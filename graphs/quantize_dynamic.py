@@ -36,6 +36,7 @@ from pydantic import Field
 
 from onnxpipe.errors import PassError
 from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.quant_exclude import split_exclude
 from onnxpipe.graphs.quant_utils import (
     Feeds,
     load_from_ort,
@@ -44,7 +45,6 @@ from onnxpipe.graphs.quant_utils import (
     scratch_dir,
     working_directory,
 )
-from onnxpipe.graphs.quantize_static import split_exclude
 from onnxpipe.graphs.smooth_quant import ALPHA, smooth_model
 
 logger = logging.getLogger(__name__)

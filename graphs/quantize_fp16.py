@@ -13,8 +13,8 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.quant_exclude import split_exclude
 from onnxpipe.graphs.quant_utils import from_proto, refuse_float16, refuse_quantized, to_proto
-from onnxpipe.graphs.quantize_static import split_exclude
 
 logger = logging.getLogger(__name__)
 

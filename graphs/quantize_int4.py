@@ -30,9 +30,9 @@ from onnxpipe.graphs.base import (
     new_initializer,
 )
 from onnxpipe.graphs.int4_tables import at_opset_21, embedding_tables, unbounded_tables
+from onnxpipe.graphs.quant_exclude import split_exclude
 from onnxpipe.graphs.quant_rounding import act_order, gptq_round, input_hessians
 from onnxpipe.graphs.quant_utils import Feeds, from_proto, refuse_quantized, to_proto
-from onnxpipe.graphs.quantize_static import split_exclude
 
 logger = logging.getLogger(__name__)
 

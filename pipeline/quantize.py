@@ -227,7 +227,7 @@ def _quantize(
         calib = _calibration(s.calib, ctx) if s.calib else []
         int4 = QuantizeInt4Pass(exclude=s.exclude, rounding=s.rounding, calibration=calib)
         return _apply(int4, model)
-    from onnxpipe.graphs.quantize_static import fused_add_names  # noqa: PLC0415
+    from onnxpipe.graphs.quant_exclude import fused_add_names  # noqa: PLC0415
 
     pre = QuantizePreprocessPass()
     model, before = pre(model).model, model

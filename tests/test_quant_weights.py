@@ -222,7 +222,7 @@ def test_a_final_softmax_stays_float(reshaped):
 
 def test_an_exclude_entry_that_names_a_node_and_an_op_type_excludes_both():
     """ORT's pre-processing names a BERT node 'Gather': --exclude Gather kept only that one."""
-    from onnxpipe.graphs.quantize_static import split_exclude
+    from onnxpipe.graphs.quant_exclude import split_exclude
 
     table = numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
     graph = helper.make_graph(
