@@ -29,6 +29,7 @@ def extra_for(package: str) -> str | None:
     """The extra that installs ``package`` (``onnxpipe[tf]`` for keras), else None."""
     return next((_EXTRAS[f] for f, names in _PACKAGES.items() if package in names), None)
 
+
 AttemptsFn = Callable[[Any, ConvertConfig], Iterator[ExportAttempt]]
 
 

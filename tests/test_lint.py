@@ -1,4 +1,4 @@
-"""Ruff and mypy are part of the suite, so CI (which runs the suite) runs them."""
+"""Ruff (lint and format) and mypy are part of the suite, so CI (which runs the suite) runs them."""
 
 import shutil
 import subprocess
@@ -34,6 +34,13 @@ def installed_layout(tmp: Path) -> Path:
 def test_ruff():
     proc = subprocess.run(
         [_tool("ruff"), "check", *SOURCES], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format():
+    proc = subprocess.run(
+        [_tool("ruff"), "format", "--check", *SOURCES], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -140,9 +140,7 @@ def _unsafe_load(path: Path) -> Any:
     """
     logger.warning("%s: full-pickle torch.load (--unsafe-load)", path)
     added = [
-        d
-        for d in dict.fromkeys((str(Path.cwd()), str(path.resolve().parent)))
-        if d not in sys.path
+        d for d in dict.fromkeys((str(Path.cwd()), str(path.resolve().parent))) if d not in sys.path
     ]
     sys.path.extend(added)
     try:
