@@ -159,7 +159,8 @@ class CleanupPass(GraphPass[CleanupConfig]):
             self.metrics["note"] = (
                 f"--transformer {cfg.transformer}: no attention block fused. ORT's fusion "
                 "scripts match TorchScript exports of eager attention: convert with --exporter "
-                "torchscript (a transformers model loaded with attn_implementation='eager'). "
+                "torchscript (a transformers model loaded with attn_implementation='eager'), "
+                "and give --num-heads and --hidden-size where the graph does not show them. "
                 "The other fusions are in transformer_fusions."
             )
             logger.warning("%s", self.metrics["note"])
@@ -218,14 +219,20 @@ def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> tuple[ir.Model,
     """The model after ORT's fusions for ``cfg.transformer``, and the fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
 
+    from onnxpipe.graphs.quantize_dynamic import attention_shape  # noqa: PLC0415
+
+    heads, hidden = cfg.num_heads, cfg.hidden_size
+    if not (heads and hidden):  # ORT's own guess missed all-MiniLM-L6-v2's 12 x 32
+        found = attention_shape(model)
+        heads, hidden = (heads or found[0], hidden or found[1]) if found else (heads, hidden)
     proto = ir.serde.serialize_model(model)
     try:
         with ort_producer_warning_off():
             optimized = optimize_model(
                 proto,
                 model_type=cfg.transformer or "bert",
-                num_heads=cfg.num_heads,
-                hidden_size=cfg.hidden_size,
+                num_heads=heads or 0,
+                hidden_size=hidden or 0,
                 opt_level=0,
             )
     except (KeyError, ValueError, AssertionError, RuntimeError, IndexError, TypeError) as e:

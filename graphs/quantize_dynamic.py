@@ -136,6 +136,8 @@ class QuantizeDynamicPass(GraphPass[QuantizeDynamicConfig]):
         excluded_gemms = sorted(gemms if "Gemm" in op_types else gemms & set(nodes))
         ort_excluded = [*nodes, *(f"{name}_MatMul" for name in excluded_gemms)]
         extra: dict[str, Any] = {"MatMulConstBOnly": True}
+        if any(n.domain == "com.microsoft" for n in model.graph):  # optimize --transformer's
+            extra["DefaultTensorType"] = onnx.TensorProto.FLOAT  # ops carry no types for ORT
         fusion: dict[str, Any] = {"applied": False}
         with scratch_dir() as tmp:
             src = save_for_ort(model, tmp / "in.onnx")
@@ -212,7 +214,7 @@ def _fuse_transformer(
 
     heads, hidden = cfg.num_heads, cfg.hidden_size
     if not (heads and hidden):
-        found = _attention_shape(model)
+        found = attention_shape(model)
         if found is None:
             return {"applied": False, "reason": "no attention heads/hidden size in the graph"}
         heads, hidden = heads or found[0], hidden or found[1]
@@ -247,7 +249,7 @@ def _fuse_transformer(
     return {**info, "applied": True}
 
 
-def _attention_shape(model: ir.Model) -> tuple[int, int] | None:
+def attention_shape(model: ir.Model) -> tuple[int, int] | None:
     """(heads, hidden) from a Reshape to [batch, seq, heads, head_size].
 
     The target shape is a constant or a Concat of run-time dims and constants (TorchScript

@@ -36,12 +36,8 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the bundle from others
         yield tmp
         raise_if_interrupted()  # a signal whose exception was lost: nothing is written
-        if out.exists() and not (overwrite or (out.is_dir() and not any(out.iterdir()))):
-            raise InputError(
-                f"{out}: appeared (not empty) while onnxpipe ran and was left as it is; nothing "
-                "was written. Pick a new -o or pass --overwrite."
-            )
-        old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+        _check_still_free(out, overwrite)
+        old = out.parent / f".{out.name}.old-{os.getpid()}" if os.path.lexists(out) else None
         swapped = False
         try:
             with _signals_held():
@@ -50,12 +46,39 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 note_written(out)
         finally:  # a signal held back during the swap is raised as the block ends
             if swapped and old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
             if swapped:  # an earlier failed run's report would contradict the bundle
                 (out.parent / f"{out.name}.failed.json").unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_still_free(out: Path, overwrite: bool) -> None:
+    """InputError unless the finished bundle may take ``out`` now (checked again at the end).
+
+    What appeared there while onnxpipe ran is kept without ``overwrite``, and a link is never
+    replaced (the bundle would not land where it points).
+    """
+    if out.is_symlink():
+        raise InputError(
+            f"{out}: became a symbolic link while onnxpipe ran and was left as it is; nothing "
+            "was written. Give the real path or a new -o."
+        )
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    if out.exists() and not (overwrite or empty_dir):
+        raise InputError(
+            f"{out}: appeared (not empty) while onnxpipe ran and was left as it is; nothing "
+            "was written. Pick a new -o or pass --overwrite."
+        )
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``, a folder or anything else, quietly."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _swap_in(tmp: Path, out: Path, old: Path | None) -> None:

@@ -15,7 +15,6 @@ import platform
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,8 @@ def input_paths(*values: Any) -> tuple[Path, ...]:
             found += input_paths(*value.model_dump().values())
         elif isinstance(value, list | tuple):
             found += input_paths(*value)
+        elif isinstance(value, dict):  # a recipe step's settings (quantize's calib)
+            found += input_paths(*value.values())
         elif isinstance(value, str | Path) and str(value):
             text = str(value)
             for candidate in (text, named_path(text)[0], module_source(text)):
@@ -128,7 +129,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         )
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); the bundle is damaged.") from e
     if not isinstance(data, dict):
         check_manifest(path, data)  # raises: not an object
@@ -221,14 +222,6 @@ def _check_signature(bundle: Path, manifest: dict[str, Any]) -> None:
                 f"the model has {wrong[1]}); the manifest was edited or damaged. Re-create the "
                 "bundle with onnxpipe."
             )
-
-
-def update_manifest(bundle: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Read, change and atomically rewrite a bundle's manifest."""
-    manifest = read_manifest(bundle)
-    change(manifest)
-    write_json_atomic(bundle / MANIFEST, manifest)
-    return manifest
 
 
 def save_parity_samples(

@@ -32,6 +32,49 @@ class _Described(BaseModel):
     external_data: _Record | None = None
 
 
+_Number = float | int | None
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Step(_Loose):
+    name: str
+    config: _Record | None = None
+    metrics: _Record | None = None
+    seconds: _Number = None
+
+
+class _Parity(_Loose):
+    max_abs_diff: _Number = None
+    max_rel_diff: _Number = None
+    cosine: _Number = None
+    top1_agreement: _Number = None
+    kl: _Number = None
+    samples: int | None = None
+    reference: str | None = None
+    outputs: list[_Record] | None = None
+
+
+class _Validation(_Loose):
+    status: str
+
+
+class _Bench(_Loose):
+    latency_ms: dict[str, _Number]
+
+
+class _Mobile(_Loose):
+    ort_file: str | None = None
+    ort_sha256: str | None = None
+    ort_bytes: int | None = None
+    operators_config: str | None = None
+    operators_config_sha256: str | None = None
+    nnapi: _Record | None = None
+    coreml: _Record | None = None
+
+
 class _Manifest(BaseModel):
     """The manifest keys commands read, with their types (others are carried as they are)."""
 
@@ -40,14 +83,14 @@ class _Manifest(BaseModel):
     model: _Described
     inputs: list[_Record]
     outputs: list[_Record]
-    steps: list[_Record]
+    steps: list[_Step]
     source: _Record | None = None
-    parity: _Record | None = None
+    parity: _Parity | None = None
     parity_samples: _Record | None = None
-    validation: dict[str, _Record] | None = None
-    bench: _Record | None = None
-    bench_records: list[_Record] | None = None
-    mobile: _Record | None = None
+    validation: dict[str, _Validation] | None = None
+    bench: _Bench | None = None
+    bench_records: list[_Bench] | None = None
+    mobile: _Mobile | None = None
     versions: _Record | None = None
     title: str | None = None
 
@@ -67,11 +110,38 @@ def check_manifest(path: Path, data: Any) -> None:
     try:
         _Manifest.model_validate(data)
     except ValidationError as e:
-        wrong = sorted({".".join(map(str, item["loc"][:2])) for item in e.errors()})
+        wrong = sorted({_where(item["loc"]) for item in e.errors()})
         raise InputError(
             f"{path}: {', '.join(wrong)} missing or of the wrong type; the manifest is damaged. "
             "Re-create the bundle with onnxpipe."
         ) from e
+    check_renders(path, data)
+
+
+def check_renders(path: Path, data: _Record) -> dict[str, str]:
+    """The card and report of manifest ``data``; InputError where a value breaks them.
+
+    Run before anything is written: validate rewrote the manifest, then crashed on the card.
+    """
+    from onnxpipe.card import render_docs  # noqa: PLC0415 - card imports the bundle modules
+
+    try:
+        return render_docs(data)
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+        raise InputError(
+            f"{path}: a value the model card reads is missing or of the wrong type "
+            f"({type(e).__name__}: {e}); the manifest is damaged. Re-create the bundle with "
+            "onnxpipe."
+        ) from e
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a manifest key path: steps[0].metrics, model.bytes."""
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p not in _UNIONS]
+    return "".join(parts).lstrip(".")
+
+
+_UNIONS = frozenset({"function-after", "int", "float", "none", "str", "dict", "list"})
 
 
 def check_recordable(bundle: Path, command: str) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from onnxpipe.atomic import write_json_atomic
 from onnxpipe.bench import BenchConfig, bench_model
-from onnxpipe.bundle import open_bundle, update_manifest
-from onnxpipe.bundle_checks import check_recordable
+from onnxpipe.bundle import MANIFEST, open_bundle, read_manifest
+from onnxpipe.bundle_checks import check_recordable, check_renders
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
 from onnxpipe.data import recorded_sizes
@@ -34,8 +35,13 @@ def bundle_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
     return specs
 
 
-def _rewrite_card(bundle: Path, manifest: dict[str, Any]) -> None:
-    write_docs(bundle, manifest)
+def _record(bundle: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the manifest and rewrite the card and report; all rendered before any write."""
+    manifest = read_manifest(bundle)
+    change(manifest)
+    docs = check_renders(bundle / MANIFEST, manifest)
+    write_json_atomic(bundle / MANIFEST, manifest)
+    write_docs(bundle, manifest, docs)
 
 
 def validate_existing(
@@ -48,8 +54,7 @@ def validate_existing(
     check_recordable(bundle, "validate")
     atol = source_tolerance(manifest, atol)
     results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol, require)
-    manifest = update_manifest(bundle, lambda m: m.setdefault("validation", {}).update(results))
-    _rewrite_card(bundle, manifest)
+    _record(bundle, lambda m: m.setdefault("validation", {}).update(results))
     try:
         raise_on_failed_validation(results, tuple(require))
     except GateFailed as e:
@@ -72,7 +77,7 @@ def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
         m["bench"] = records[0]
         m["bench_records"] = records
 
-    _rewrite_card(bundle, update_manifest(bundle, change))
+    _record(bundle, change)
     return records
 
 

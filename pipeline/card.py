@@ -207,11 +207,22 @@ def _mobile_section(mobile: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def write_docs(directory: Path, manifest: dict[str, Any]) -> None:
-    """Write the bundle's ``README.md`` card and ``report.html``, each atomically."""
-    from onnxpipe.atomic import write_text_atomic  # noqa: PLC0415 - bundle imports stay one-way
+def render_docs(manifest: dict[str, Any]) -> dict[str, str]:
+    """The bundle's ``README.md`` card and ``report.html`` texts, by file name."""
     from onnxpipe.report import render_report  # noqa: PLC0415
 
     title = manifest.get("title")
-    write_text_atomic(directory / "README.md", render_card(manifest, title))
-    write_text_atomic(directory / REPORT_FILE, render_report(manifest, title))
+    return {"README.md": render_card(manifest, title), REPORT_FILE: render_report(manifest, title)}
+
+
+def write_docs(
+    directory: Path, manifest: dict[str, Any], docs: dict[str, str] | None = None
+) -> None:
+    """Write the bundle's ``README.md`` card and ``report.html``, each atomically.
+
+    ``docs``: the texts :func:`render_docs` made already.
+    """
+    from onnxpipe.atomic import write_text_atomic  # noqa: PLC0415 - bundle imports stay one-way
+
+    for name, text in (docs or render_docs(manifest)).items():
+        write_text_atomic(directory / name, text)

@@ -384,6 +384,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print(f"onnxpipe: interrupted; {_what_stands()}.")
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (| head): the work is done, the rest of the output unread
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except PermissionError as e:
+        err.print(
+            f"[bold red]onnxpipe: error:[/bold red] {escape(str(e.filename or ''))}: "
+            f"{escape(e.strerror or 'permission denied')}. Make it readable (and its folder), "
+            "or work on a copy you own.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 2
     except Exception as e:  # noqa: BLE001 - the contract's exit 3 for anything unforeseen
         if debug:
             traceback.print_exc()
@@ -409,9 +423,10 @@ def run() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     logging.shutdown()
-    with contextlib.suppress(OSError):  # a reader that went away (| head) gets what it read
-        sys.stdout.flush()
-        sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        # closed (>&-: None) or a reader that went away (| head): it got what it read
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
     os._exit(code)
 
 

@@ -28,6 +28,18 @@ err = Console(stderr=True, emoji=False)
 """The console for progress and messages (stderr)."""
 
 
+class _Stdout(Console):
+    """The console for tables: a reader that went away (``| head``) is a BrokenPipeError.
+
+    rich's own handling exits with status 1, which onnxpipe keeps for failed gates.
+    """
+
+    def on_broken_pipe(self) -> None:
+        """Raise BrokenPipeError for :func:`onnxpipe.cli.main` (exit 141, as SIGPIPE)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 @contextlib.contextmanager
 def quiet(debug: bool) -> Iterator[None]:
     """Keep exporters' prints and warnings off stdout, which belongs to tables and --json.
@@ -35,7 +47,7 @@ def quiet(debug: bool) -> Iterator[None]:
     The TorchScript exporter and TensorFlow print from C++ straight to file descriptor 1, so
     the descriptor itself is pointed at a scratch file while steps run.
     """
-    if debug:
+    if debug or sys.stdout is None:  # None: closed by the caller (>&-), nothing to keep clean
         yield
         return
     # TensorFlow's C++ errors include "failed call to cuInit" on every machine without a GPU.
@@ -133,6 +145,6 @@ def emit(args: argparse.Namespace, payload: Any, tables: Sequence[Any]) -> None:
 
         print(json.dumps(strict_json(payload), indent=2, default=str))
         return
-    out = Console(emoji=False)
+    out = _Stdout(emoji=False)
     for table in tables:
         out.print(table)

@@ -476,6 +476,19 @@ def test_input_paths_finds_sources_data_and_image_folders(tmp_path):
     assert found == (tmp_path / "net.py", tmp_path / "photos")
 
 
+def test_a_recipe_steps_data_is_protected_from_out(tmp_path):
+    """A recipe's quantize calib folder was replaced by the bundle (exit 0)."""
+    from onnxpipe.bundle import input_paths
+    from onnxpipe.recipe import load_recipe
+
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "m.onnx").write_bytes(b"")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: m.onnx\nsteps:\n  - convert\n  - quantize: {mode: static, "
+                      "calib: calib}\n")  # fmt: skip
+    assert tmp_path / "calib" in input_paths(*load_recipe(recipe))
+
+
 def test_a_module_reference_protects_its_package_from_out(cli, tmp_path, monkeypatch):
     """``convert mypkg.mod:make -o mypkg --overwrite`` replaced the package with the bundle."""
     package = tmp_path / "mypkg"
@@ -504,6 +517,11 @@ def test_a_module_reference_protects_its_package_from_out(cli, tmp_path, monkeyp
         (lambda m: m.update(steps=[1]), "steps"),
         (lambda m: m.update(validation=[1]), "validation"),
         (lambda m: m["model"].update(external_data="x"), "model.external_data"),
+        (lambda m: m["steps"][0].update(metrics="x"), "steps[0].metrics"),
+        (lambda m: m["parity"].update(cosine="x"), "parity.cosine"),
+        (lambda m: m.update(bench_records=[{"ep": "cpu"}]), "bench_records[0].latency_ms"),
+        (lambda m: m.update(mobile={"ort_file": 5}), "mobile.ort_file"),
+        (lambda m: m.update(validation={"cpu": {"status": 5}}), "validation.cpu.status"),
     ],
 )
 def test_a_damaged_manifest_is_exit_2(cli, bundle, change, needle):
@@ -527,6 +545,18 @@ def test_a_manifest_that_is_no_json_object_is_exit_2(cli, bundle, tmp_path, text
     for command in COMMANDS.values():
         code, _, err = cli(*command(bundle, tmp_path))
         assert code == 2 and needle in err and "damaged" in err, err
+
+
+def test_a_file_that_cannot_be_read_is_exit_2_naming_it(cli, bundle, monkeypatch):
+    """Another user's bundle (mode 000): validate, compare and quantize were exit 3."""
+    import onnxpipe.bundle as bundle_module
+
+    def denied(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied", str(bundle / "manifest.json"))
+
+    monkeypatch.setattr(bundle_module.json, "loads", denied)
+    code, _, err = cli("validate", bundle)
+    assert code == 2 and f"{bundle / 'manifest.json'}: Permission denied" in err, err
 
 
 def test_a_read_only_bundle_is_exit_2_before_validate_or_bench_work(cli, bundle, monkeypatch):

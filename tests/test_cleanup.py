@@ -197,11 +197,11 @@ def test_optimize_transformer_fuses_attention_before_folding(cli, tmp_path, expo
         "--input", "input_ids:int64[batch,seq]", "--input", "attention_mask:int64[batch,seq]",
     )  # fmt: skip
     assert code == 0, stderr
-    for level in ("none", "basic"):
+    # basic: heads and hidden size read from the graph (ORT's own guess fused no attention)
+    for level, shape in (("none", ["--num-heads", "4", "--hidden-size", "64"]), ("basic", [])):
         out = tmp_path / f"{exporter}-{level}"
         code, stdout, stderr = cli("optimize", bundle, "-o", out, "--level", level,
-                                   "--transformer", "bert", "--num-heads", "4",
-                                   "--hidden-size", "64", "--json")  # fmt: skip
+                                   "--transformer", "bert", *shape, "--json")  # fmt: skip
         assert code == 0, stderr
         assert "--model_type" not in stderr  # ORT's advice names a flag of its own script
         metrics = json.loads(stdout)["steps"][-1]["metrics"]
@@ -210,6 +210,10 @@ def test_optimize_transformer_fuses_attention_before_folding(cli, tmp_path, expo
         assert ("no attention block fused" in metrics.get("note", "")) == (attention == 0)
         model = onnx.load(out / "model.onnx")
         assert {o.domain for o in model.opset_import} >= {"com.microsoft"}
+    # dynamic int8 on the fused graph: ORT's quantizer found no types on the fused ops (exit 3)
+    code, stdout, stderr = cli("quantize", out, "-o", tmp_path / "q", "--mode", "dynamic", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["steps"][-1]["metrics"]["quantize_dynamic"]["integer_nodes"] > 0
 
 
 def test_cli_optimize_writes_a_bundle(cli, tmp_path):

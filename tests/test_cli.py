@@ -514,6 +514,17 @@ def test_what_appears_at_out_during_a_run_is_kept_without_overwrite(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "model.onnx").write_text("new")
     assert [p.name for p in out.iterdir()] == ["model.onnx"]
+    # a file replaced with --overwrite leaves nothing behind (it stayed as .out.old-PID)
+    other = tmp_path / "other"
+    with atomic_dir(other, overwrite=True) as tmp:
+        (tmp / "model.onnx").write_text("new")
+        other.write_text("a file")
+    assert other.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+    # a link that appears is never replaced (a dangling one: exit 3 after the run)
+    with pytest.raises(InputError, match="became a symbolic link"):
+        with atomic_dir(tmp_path / "link", overwrite=True) as tmp:
+            (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "other", "out"]
 
 
 def test_a_bundle_that_stood_at_out_survives_a_failed_or_interrupted_swap(tmp_path, monkeypatch):
@@ -592,3 +603,21 @@ def test_the_console_script_and_python_m_keep_exit_codes_and_output(tmp_path, ml
                               capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["cpu"]["status"] == "passed"  # all of it, flushed
+
+
+def test_a_reader_that_goes_away_or_a_closed_stdout_keeps_the_exit_code(tmp_path, mlp_bundle):
+    """| true: rich exited 1 (a failed gate's code), --json 3; >&-: exit 1 with a traceback."""
+    import shutil  # noqa: PLC0415
+
+    bundle = Path(shutil.copytree(mlp_bundle, tmp_path / "b"))
+    script = Path(sys.executable).parent / "onnxpipe"
+    for flags in ([], ["--json"]):
+        done = subprocess.run(
+            f"'{script}' validate '{bundle}' {' '.join(flags)} | true; echo ${{PIPESTATUS[0]}}",
+            shell=True, executable="/bin/bash", capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.stdout.strip() in ("0", "141"), done  # 0 when the output fit the pipe
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(f"'{script}' validate '{bundle}' >&-", shell=True, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done
