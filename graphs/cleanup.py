@@ -244,7 +244,10 @@ def _transformer_fusions(model: ir.Model, cfg: CleanupConfig) -> tuple[ir.Model,
             "--transformer, --num-heads and --hidden-size, or leave --transformer out (the "
             "other cleanup passes still run)."
         ) from e
-    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    present = collections.Counter(n.op_type for n in model.graph)
+    # ORT counts the fused ops in the result: those the input had already are not new
+    counted = optimized.get_fused_operator_statistics().items()
+    fused = {k: v - present[k] for k, v in counted if v - present[k] > 0}
     logger.info("transformer fusions: %s", fused)
     result = ir.serde.deserialize_model(optimized.model)
     domains = {n.domain for n in result.graph if n.domain not in ("", "ai.onnx")}

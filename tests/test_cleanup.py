@@ -210,6 +210,11 @@ def test_optimize_transformer_fuses_attention_before_folding(cli, tmp_path, expo
         assert ("no attention block fused" in metrics.get("note", "")) == (attention == 0)
         model = onnx.load(out / "model.onnx")
         assert {o.domain for o in model.opset_import} >= {"com.microsoft"}
+    # optimizing it again fuses nothing new, and says so (it counted what was there)
+    code, stdout, stderr = cli("optimize", out, "-o", tmp_path / "again", "--transformer", "bert",
+                               "--json")  # fmt: skip
+    assert code == 0, stderr
+    assert not json.loads(stdout)["steps"][-1]["metrics"]["transformer_fusions"].get("Attention")
     # dynamic int8 on the fused graph: ORT's quantizer found no types on the fused ops (exit 3)
     code, stdout, stderr = cli("quantize", out, "-o", tmp_path / "q", "--mode", "dynamic", "--json")
     assert code == 0, stderr

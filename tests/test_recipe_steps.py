@@ -197,9 +197,11 @@ def test_recipe_paths_are_found_beside_the_recipe(cli, tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["source"]["path"] == f"{project / 'net.py'}:mlp"
     # found in neither place: both are named (it said "no such Python file" for one of them)
-    recipe.write_text(recipe.read_text().replace("data.npz", "sub/missing.npz"))
-    code, _, err = cli("run", recipe, "-o", tmp_path / "out2")
-    assert code == 2 and str(elsewhere) in err and str(project) in err, err
+    for missing in ("sub/missing.npz", "nodata"):  # a bare name is a path too
+        recipe.write_text(recipe.read_text().replace("data.npz", missing))
+        code, _, err = cli("run", recipe, "-o", tmp_path / "out2")
+        assert code == 2 and str(elsewhere) in err and str(project) in err, err
+        recipe.write_text(recipe.read_text().replace(missing, "data.npz"))
 
 
 def test_the_shipped_example_recipe_resolves_from_any_working_directory(tmp_path, monkeypatch):
