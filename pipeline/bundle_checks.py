@@ -115,7 +115,6 @@ def check_manifest(path: Path, data: Any) -> None:
             f"{path}: {', '.join(wrong)} missing or of the wrong type; the manifest is damaged. "
             "Re-create the bundle with onnxpipe."
         ) from e
-    check_renders(path, data)
 
 
 def check_renders(path: Path, data: _Record) -> dict[str, str]:

@@ -52,6 +52,7 @@ def validate_existing(
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
     check_recordable(bundle, "validate")
+    check_renders(bundle / MANIFEST, manifest)  # its card is rewritten: broken values first
     atol = source_tolerance(manifest, atol)
     results = validate_bundle(bundle, eps, bundle_inputs(manifest), data, atol, require)
     _record(bundle, lambda m: m.setdefault("validation", {}).update(results))
@@ -68,6 +69,7 @@ def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
     if not (bundle / MODEL_FILE).is_file():
         raise_missing(bundle)
     check_recordable(bundle, "bench")
+    check_renders(bundle / MANIFEST, manifest)  # its card is rewritten: broken values first
     inputs = bundle_inputs(manifest)
     if not config.sizes:  # where it was timed before (its --data sizes), not 8x8 pixels
         config = replace(config, sizes=recorded_sizes(inputs, manifest))
