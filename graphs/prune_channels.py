@@ -124,7 +124,7 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
                 "; ".join(f"{k}: {v[0]}" for k, v in skipped.items())
                 or "no Conv/Gemm/MatMul with a constant weight"
             )
-            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul"))
+            hint = computed_weights_hint(model, ("Conv", "Gemm", "MatMul")) + _fused_hint(model)
             raise PassError(
                 "nothing to prune: no Conv/Gemm/MatMul output channels can be cut safely "
                 f"({reasons}).{hint}"
@@ -195,6 +195,18 @@ class PruneChannelsPass(GraphPass[PruneChannelsConfig]):
         keep = channels - int(round(channels * ratio))
         keep = int(math.ceil(keep / step) * step)
         return min(channels, max(keep, self.config.min_channels))
+
+
+def _fused_hint(model: ir.Model) -> str:
+    """Why a transformer's layers offer no group after ``optimize --transformer``; else empty."""
+    fused = sorted({n.op_type for n in model.graph if n.domain == "com.microsoft"})
+    if not fused:
+        return ""
+    return (
+        f" The model holds ONNX Runtime's fused ops ({', '.join(fused)}), whose channels "
+        "pruning does not follow: prune the bundle before optimize --transformer, then optimize "
+        "the result."
+    )
 
 
 def nchwc_block() -> int:

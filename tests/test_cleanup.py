@@ -215,6 +215,10 @@ def test_optimize_transformer_fuses_attention_before_folding(cli, tmp_path, expo
                                "--json")  # fmt: skip
     assert code == 0, stderr
     assert not json.loads(stdout)["steps"][-1]["metrics"]["transformer_fusions"].get("Attention")
+    # channel pruning cannot follow the fused ops: it says so (it said there was no weight)
+    code, _, stderr = cli("prune", out, "-o", tmp_path / "p", "--method", "channels",
+                          "--ratio", "0.3")  # fmt: skip
+    assert code == 2 and "prune the bundle before optimize --transformer" in stderr, stderr
     # dynamic int8 on the fused graph: ORT's quantizer found no types on the fused ops (exit 3)
     code, stdout, stderr = cli("quantize", out, "-o", tmp_path / "q", "--mode", "dynamic", "--json")
     assert code == 0, stderr
