@@ -112,26 +112,17 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def fixed_batch(model: ir.Model | onnx.ModelProto) -> int | None:
+def fixed_batch(model: ir.Model) -> int | None:
     """The batch size every input of ``model`` fixes on axis 0, or None when it is free.
 
     A model exported at a fixed batch (the onnx zoo's ``[1, 3, 224, 224]``, or 4) runs
     only at that batch: calibration and sensitivity feeds are grouped to it (:func:`regroup`).
     """
-    if isinstance(model, onnx.ModelProto):
-        initializers = {t.name for t in model.graph.initializer}
-        dims = [
-            d.dim_value if d.HasField("dim_value") else None
-            for v in model.graph.input
-            if v.name not in initializers and v.type.tensor_type.shape.dim
-            for d in v.type.tensor_type.shape.dim[:1]
-        ]
-    else:
-        dims = [
-            v.shape[0] if isinstance(v.shape[0], int) else None
-            for v in model.graph.inputs
-            if v.shape is not None and len(v.shape) and v.const_value is None
-        ]
+    dims = [
+        v.shape[0] if isinstance(v.shape[0], int) else None
+        for v in model.graph.inputs
+        if v.shape is not None and len(v.shape) and v.const_value is None
+    ]
     batches = set(dims)
     return batches.pop() if len(batches) == 1 and None not in batches and dims else None
 

@@ -47,8 +47,10 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         finally:  # a signal held back during the swap is raised as the block ends
             if swapped and old is not None:
                 _remove(old)
-            if swapped:  # an earlier failed run's report would contradict the bundle
-                (out.parent / f"{out.name}.failed.json").unlink(missing_ok=True)
+            report = out.parent / f"{out.name}.failed.json"
+            # an earlier failed run's report would contradict the bundle (not a user's folder)
+            if swapped and report.is_file() and not report.is_symlink():
+                report.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

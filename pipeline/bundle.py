@@ -104,15 +104,19 @@ def _probe_writable(out: Path) -> None:
                 path.rmdir()
 
 
-def write_failure_report(out: Path, record: dict[str, Any]) -> Path:
+def write_failure_report(out: Path, record: dict[str, Any]) -> str:
     """``<out>.failed.json`` beside the bundle that was not written: what failed and its numbers.
 
     ``record`` holds at least ``failed_step``, ``error`` and ``metrics``; the report starts
-    with ``status: gate_failed``, as the ``--json`` record of the failure does.
+    with ``status: gate_failed``, as the ``--json`` record of the failure does. Returns where
+    the numbers are for the message: a folder or link of the user's at that path is left as
+    it is and the message says so (the numbers are printed with the failure anyway).
     """
     report = out.parent / f"{out.name}.failed.json"
+    if os.path.lexists(report) and (report.is_symlink() or not report.is_file()):
+        return f"this message ({report} is not a file, left as it is)"
     write_json_atomic(report, {"status": "gate_failed", **record})
-    return report
+    return str(report)
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:

@@ -694,3 +694,17 @@ def test_a_successful_run_removes_an_earlier_failed_report(cli, tmp_path, mlp_bu
     code, _, err = cli("optimize", mlp_bundle, "-o", out)
     assert code == 0, err
     assert not (tmp_path / "o.failed.json").exists()
+
+
+def test_a_folder_at_the_failed_report_path_is_left_as_it_is(cli, tmp_path, mlp_bundle):
+    """OUT.failed.json as a user's folder was exit 3 (gate failed; bundle written): now kept."""
+    out = tmp_path / "q"
+    folder = tmp_path / "q.failed.json"
+    (folder / "keep").mkdir(parents=True)
+    code, _, err = cli("quantize", mlp_bundle, "-o", out, "--mode", "fp16",
+                       "--gate", "max_abs<=1e-12")  # fmt: skip
+    assert code == 1 and "max_abs" in err and "is not a file, left as it is" in err, err
+    assert not out.exists() and (folder / "keep").is_dir()
+    code, _, err = cli("optimize", mlp_bundle, "-o", out)
+    assert code == 0, err
+    assert (folder / "keep").is_dir()
