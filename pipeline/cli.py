@@ -92,10 +92,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``onnxpipe run RECIPE.yaml``."""
-    from onnxpipe.recipe import load_recipe  # noqa: PLC0415
+    from onnxpipe.recipe import load_recipe, modules_beside  # noqa: PLC0415
 
     steps = load_recipe(args.recipe)
-    manifest = progress_steps(steps, args.out, args, protect=(args.recipe,), recipe=True)
+    with modules_beside(args.recipe):
+        manifest = progress_steps(steps, args.out, args, protect=(args.recipe,), recipe=True)
     emit(args, manifest, [summary_table(manifest, args.out)])
     return 0
 

@@ -15,8 +15,10 @@ command's options and gates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ def _beside(recipe: Path, value: Any, key: str) -> Any:
     """``value`` pointing into the recipe's folder when it is not found from the working dir.
 
     A path found in neither place is an InputError naming both (a module reference such as
-    ``package.module:make`` is left to the import).
+    ``package.module:make`` is left to the import: see :func:`modules_beside`).
     """
     if not isinstance(value, str) or not value:
         return value
@@ -67,6 +69,27 @@ def _beside(recipe: Path, value: Any, key: str) -> Any:
         f"{recipe}: {key} {value!r}: {target} is neither in the working directory "
         f"({Path.cwd()}) nor beside the recipe ({recipe.parent}). Give a path from one of them."
     )
+
+
+@contextlib.contextmanager
+def modules_beside(recipe: Path) -> Iterator[None]:
+    """Module references (``pkg.module:make``) import from the working dir, else the recipe's.
+
+    For the recipe's run only: a recipe kept beside its code runs from anywhere, as one beside
+    its files does.
+    """
+    added = [
+        d
+        for d in dict.fromkeys((str(Path.cwd()), str(recipe.resolve().parent)))
+        if d not in sys.path
+    ]
+    sys.path.extend(added)
+    try:
+        yield
+    finally:
+        for d in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(d)
 
 
 _NEGATIONS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,13 @@ def test_recipe_paths_are_found_beside_the_recipe(cli, tmp_path, monkeypatch):
         code, _, err = cli("run", recipe, "-o", tmp_path / "out2")
         assert code == 2 and str(elsewhere) in err and str(project) in err, err
         recipe.write_text(recipe.read_text().replace(missing, "data.npz"))
+    # a module reference imports from beside the recipe too (it needed the working directory)
+    (project / "nets").mkdir()
+    (project / "net.py").rename(project / "nets" / "mlps.py")
+    recipe.write_text(recipe.read_text().replace("net.py:mlp", "nets.mlps:mlp"))
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out3")
+    assert code == 0, err
+    assert str(project) not in sys.path  # the recipe's folder was on the path for its run only
 
 
 def test_the_shipped_example_recipe_resolves_from_any_working_directory(tmp_path, monkeypatch):
