@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import onnx
 import onnx_ir as ir
 from pydantic import Field
 
@@ -64,8 +65,11 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
         blocked = set(DEFAULT_OP_BLOCK_LIST) | op_types
         if self.config.block_sensitive:
             blocked |= set(SENSITIVE_OPS)
+        proto = to_proto(model)
+        if any(n.domain == "com.microsoft" for n in model.graph):
+            proto = _typed(proto)
         proto = convert_float_to_float16(
-            to_proto(model),
+            proto,
             keep_io_types=True,
             op_block_list=sorted(blocked),
             node_block_list=nodes,
@@ -79,8 +83,76 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
             # value_info calls them float16: the ONNX checker refuses the mismatch.
             if value.const_value is not None:
                 value.dtype = value.const_value.dtype
+        dropped = drop_round_trips(result.graph)
         kept = [n.name for n in model.graph if n.op_type in blocked or n.name in nodes]
         self.metrics = {"blocked_op_types": sorted(blocked & {n.op_type for n in model.graph}),
                         "float32_nodes": len(kept)}  # fmt: skip
-        logger.info("quantize_fp16: %d nodes kept float32", len(kept))
+        logger.info("quantize_fp16: %d nodes kept float32, %d Casts dropped", len(kept), dropped)
         return ir.passes.PassResult(result, modified=True)
+
+
+def _typed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with the types of ONNX Runtime's fused ops' outputs (which carry none).
+
+    The converter casts a kept-float32 node's inputs only where it knows they are float16:
+    an ``Attention`` kept float32 after an untyped ``EmbedLayerNormalization`` read float16
+    and ORT refused the model. ORT's symbolic shape inference knows its contrib ops.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # noqa: PLC0415
+
+    try:
+        typed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+    except Exception as e:  # noqa: BLE001 - best effort: the converter runs without the types
+        logger.warning("quantize_fp16: no types for the fused ops (%s)", e)
+        return proto
+    return typed if typed is not None else proto
+
+
+def drop_round_trips(graph: ir.Graph) -> int:
+    """Remove the converter's Casts that change nothing or only lose precision; return how many.
+
+    Between two nodes kept float32 the converter rounds the tensor to float16 and back
+    (``Cast(to=float16)`` then ``Cast(to=float32)``), and it casts float32 weights of kept
+    nodes to float32: a model with every node excluded still differed from float32 by 3e-4.
+    Each such Cast's readers get the float32 tensor itself; a float16 tensor cast to float32
+    and back is read as it was. A graph output keeps its Cast (its name), fed the tensor.
+    """
+    dropped = 0
+    for node in list(graph):
+        same = _same_value(node)
+        if same is None:
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            if node.inputs[0] is not same:
+                node.replace_input_with(0, same)
+            continue
+        out.replace_all_uses_with(same)
+        graph.remove(node, safe=True)
+        dropped += 1
+    for node in reversed(list(graph)):  # casts whose readers were all rewired
+        unread = not any(o.uses() or o.is_graph_output() for o in node.outputs)
+        if node.op_type == "Cast" and unread:
+            graph.remove(node, safe=True)
+            dropped += 1
+    return dropped
+
+
+def _same_value(node: ir.Node) -> ir.Value | None:
+    """The value a Cast's output equals exactly (float32 for a float32 result), else None."""
+    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+        return None
+    attr = node.attributes.get("to")
+    to = ir.DataType(attr.as_int()) if attr is not None else None
+    src = node.inputs[0]
+    if to == src.dtype and to == ir.DataType.FLOAT:
+        return src
+    producer = src.producer()
+    if producer is None or producer.op_type != "Cast" or producer.inputs[0] is None:
+        return None
+    origin = producer.inputs[0]
+    if to == ir.DataType.FLOAT and src.dtype == ir.DataType.FLOAT16:
+        return origin if origin.dtype == ir.DataType.FLOAT else None
+    if to == ir.DataType.FLOAT16 and src.dtype == ir.DataType.FLOAT:
+        return origin if origin.dtype == ir.DataType.FLOAT16 else None
+    return None

@@ -223,6 +223,11 @@ def test_optimize_transformer_fuses_attention_before_folding(cli, tmp_path, expo
     code, stdout, stderr = cli("quantize", out, "-o", tmp_path / "q", "--mode", "dynamic", "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["steps"][-1]["metrics"]["quantize_dynamic"]["integer_nodes"] > 0
+    # fp16 keeping a fused op float32: it read float16 from an untyped fused op (exit 2)
+    kept = "Attention" if exporter == "torchscript" else "MatMul"
+    code, _, stderr = cli("quantize", out, "-o", tmp_path / "h", "--mode", "fp16", "--exclude",
+                          kept, "--gate", "cosine>=0.999")  # fmt: skip
+    assert code == 0, stderr
 
 
 def test_cli_optimize_writes_a_bundle(cli, tmp_path):

@@ -105,7 +105,7 @@ def test_a_parity_failure_report_is_strict_json(tmp_path):
     path = write_failure_report(
         tmp_path / "b", {"metrics": {"max_abs_diff": float("nan"), "x": -np.inf}}
     )
-    text = path.read_text()
+    text = Path(path).read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text)["metrics"] == {"max_abs_diff": "nan", "x": "-inf"}
 
