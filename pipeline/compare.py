@@ -48,13 +48,24 @@ def layout_map(a: InputSpec, b: InputSpec) -> tuple[int, ...] | None:
     """The transpose taking A-layout to B-layout: None when shapes agree as they are."""
     if len(a.shape) != len(b.shape):
         raise InputError(f"input {a.name!r} has rank {len(a.shape)}, {b.name!r} {len(b.shape)}.")
-    if len(a.shape) != 4 or _same(a.shape, b.shape):
+    if len(a.shape) != 4:
         return None
-    if _same(tuple(a.shape[i] for i in NCHW_TO_NHWC), b.shape):
-        return NCHW_TO_NHWC
-    if _same(tuple(a.shape[i] for i in NHWC_TO_NCHW), b.shape):
-        return NHWC_TO_NCHW
-    return None
+    # The layout under which most dims match (equal sizes or the same symbol), identity on a
+    # tie: symbols match any size, so [batch, h, w, 3] "fit" [batch, 3, h, w] as it was and
+    # the NHWC model got NCHW arrays (cosine -0.24 between one model in both layouts).
+    fits = {
+        m: _matches(a.shape if m is None else tuple(a.shape[i] for i in m), b.shape)
+        for m in (None, NCHW_TO_NHWC, NHWC_TO_NCHW)
+    }
+    scores = {m: fit for m, fit in fits.items() if fit is not None}
+    return max(scores, key=lambda m: scores[m]) if scores else None
+
+
+def _matches(x: tuple[Any, ...], y: tuple[Any, ...]) -> int | None:
+    """How many dims of ``x`` and ``y`` are equal; None when two sizes differ."""
+    if not _same(x, y):
+        return None
+    return sum(p == q for p, q in zip(x, y, strict=True))
 
 
 def _same(x: tuple[Any, ...], y: tuple[Any, ...]) -> bool:
@@ -142,11 +153,38 @@ def compare_bundles(
     }
     if bench:
         config = BenchConfig(runs=runs, warmup=3)
+        # both at the shapes compared (A at its default 8x8 and a fixed B at 256x256 showed
+        # the same model 75x faster), batch 1
+        first = feeds_a[0]
+        timed = {
+            "a": [_at(x, first[x.name].shape) for x in specs["a"]],
+            "b": [
+                _at(y, tuple(np.empty(first[x.name].shape, np.bool_).transpose(m).shape))
+                if m
+                else _at(y, first[x.name].shape)
+                for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)
+            ],
+        }
         for key, path in (("a", a), ("b", b)):
-            spec_json = [s.to_json() for s in specs[key]]
+            spec_json = [s.to_json() for s in timed[key]]
             result = bench_model(path / MODEL_FILE, spec_json, config)[0]
             record["latency_ms"][key] = result["latency_ms"]["p50"]
+        record["latency_shapes"] = {
+            k: {s.name: [_batch(s), *s.shape[1:]] if s.shape else [] for s in v}
+            for k, v in timed.items()
+        }
     return record
+
+
+def _batch(spec: InputSpec) -> int:
+    return spec.shape[0] if isinstance(spec.shape[0], int) else 1
+
+
+def _at(spec: InputSpec, shape: tuple[int, ...]) -> InputSpec:
+    """``spec`` with every dim but the batch at ``shape`` (the sizes compared)."""
+    if not spec.shape:
+        return spec
+    return replace(spec, shape=(spec.shape[0], *shape[1:]))
 
 
 def _fixed_by(x: InputSpec, y: InputSpec, layout: tuple[int, ...] | None) -> InputSpec:
@@ -243,8 +281,8 @@ th{{background:#f3f3f3}}tr.diff td{{background:#fff3cd}}</style></head><body>
 <table><tr><th></th><th>A</th><th>B</th></tr>
 <tr><td>bundle</td><td>{cell(record["a"])}</td><td>{cell(record["b"])}</td></tr>
 <tr><td>parameters</td><td>{record["params"]["a"]:,}</td><td>{record["params"]["b"]:,}</td></tr>
-<tr><td>p50 latency (ms, CPU, batch 1)</td><td>{cell(record["latency_ms"]["a"])}</td>
-<td>{cell(record["latency_ms"]["b"])}</td></tr></table>
+<tr><td>p50 latency (ms, CPU, batch 1, at the compared shapes)</td>
+<td>{cell(record["latency_ms"]["a"])}</td><td>{cell(record["latency_ms"]["b"])}</td></tr></table>
 <h2>Output agreement (B against A)</h2>
 <table><tr><th>max abs diff</th><th>cosine</th><th>top-1 agreement</th></tr>
 <tr><td>{cell(out["max_abs_diff"])}</td><td>{cell(out["cosine"])}</td>

@@ -346,3 +346,31 @@ def test_nhwc_output_with_as_many_channels_as_its_width_is_moved_back(cli, tmp_p
     record = json.loads(out)
     assert record["layout"] == ["nchw->nhwc"]
     assert record["outputs"]["max_abs_diff"] < 1e-4 and record["outputs"]["cosine"] > 0.9999
+
+
+def test_layout_with_symbolic_spatial_dims_is_found():
+    """Symbols fit any size: [batch, h, w, 3] against [batch, 3, h, w] was taken as is."""
+    from onnxpipe.compare import NHWC_TO_NCHW, layout_map
+    from onnxpipe.converters.base import InputSpec
+
+    nhwc = InputSpec("img", "float32", ("batch", "img_dim1", "img_dim2", 3))
+    nchw = InputSpec("img", "float32", ("batch", 3, "img_dim1", "img_dim2"))
+    assert layout_map(nhwc, nchw) == NHWC_TO_NCHW
+    assert layout_map(nchw, nchw) is None
+    other_names = InputSpec("img", "float32", ("n", 3, "h", "w"))
+    assert layout_map(nhwc, other_names) == NHWC_TO_NCHW  # the channel count decides
+    square = InputSpec("x", "float32", ("batch", 8, 8, 8))
+    assert layout_map(square, square) is None
+
+
+def test_latency_is_timed_at_the_shapes_compared(cli, tmp_path):
+    """A dynamic model was timed at 8x8 beside a fixed one at 32x32 (75x 'faster')."""
+    for name, spec in (("dyn", "x:float32[batch,3,h,w]"), ("fixed", "x:float32[batch,3,32,32]")):
+        code, _, err = cli("convert", model_ref("gated"), "-o", tmp_path / name, "--input", spec,
+                           "--no-bench")  # fmt: skip
+        assert code == 0, err
+    code, stdout, err = cli("compare", tmp_path / "dyn", tmp_path / "fixed", "--json")
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert record["latency_shapes"] == {"a": {"x": [1, 3, 32, 32]}, "b": {"x": [1, 3, 32, 32]}}
+    assert record["outputs"]["max_abs_diff"] == 0.0
