@@ -87,6 +87,7 @@ def validate_bundle(
     if manifest is None and (bundle / MANIFEST).is_file():
         manifest = read_manifest(bundle)
     reference_name = _stored_reference(manifest or {}) if pairs else "onnxruntime cpu"
+    stored = len(pairs)
     extra = load_data(data, inputs) if data else ([] if pairs else parity_feeds(inputs))
     if data:
         check_table_ids(extra, model, data)
@@ -106,10 +107,26 @@ def validate_bundle(
             return {ep: {"status": "failed", "reason": reason} for ep in eps}
     by_id = {id(feeds): outs for feeds, outs in pairs}
     feeds_list = [feeds for feeds, _ in pairs]
+    # --data has no source outputs: its reference is the CPU run, which it cannot test
+    if data and stored:
+        sources = {
+            "cpu": f"{reference_name} (--data ran on cpu: it is the other EPs' reference)",
+            "other": f"{reference_name}; --data samples: onnxruntime cpu",
+        }
+    elif data:
+        sources = {
+            "cpu": "onnxruntime cpu itself (--data holds no reference outputs: the model ran it)",
+            "other": "onnxruntime cpu",
+        }
+    else:
+        sources = {"cpu": reference_name, "other": reference_name}
     random = random_outputs(model)
     results: dict[str, dict[str, Any]] = {}
     for ep in eps:
-        ep_feeds, expected, source = feeds_list, by_id, reference_name
+        ep_feeds, expected = feeds_list, by_id
+        source = sources["cpu" if ep == "cpu" else "other"]
+        if ep == "cpu" and data and stored:  # the data's reference is this very run
+            ep_feeds = feeds_list[:stored]
         try:
             if ep == "mobile":
                 session, ep_feeds, expected, source = _mobile_session(bundle, feeds_list)

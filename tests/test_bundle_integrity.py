@@ -708,3 +708,21 @@ def test_a_folder_at_the_failed_report_path_is_left_as_it_is(cli, tmp_path, mlp_
     code, _, err = cli("optimize", mlp_bundle, "-o", out)
     assert code == 0, err
     assert (folder / "keep").is_dir()
+
+
+def test_validate_cpu_with_data_does_not_count_its_own_run_as_source_parity(
+    cli, tmp_path, mlp_bundle
+):
+    """--data's reference is the CPU run: on cpu it was counted as 'source-framework' parity."""
+    bundle = tmp_path / "b"
+    shutil.copytree(mlp_bundle, bundle)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32))
+    code, stdout, err = cli("validate", bundle, "--ep", "cpu", "--json")
+    assert code == 0, err
+    plain = json.loads(stdout)["cpu"]
+    code, stdout, err = cli("validate", bundle, "--ep", "cpu", "--data", data, "--json")
+    assert code == 0, err
+    cpu = json.loads(stdout)["cpu"]
+    assert cpu["samples"] == plain["samples"]  # the stored samples only
+    assert "--data ran on cpu" in cpu["reference"], cpu
