@@ -123,13 +123,13 @@ def validate_bundle(
     random = random_outputs(model)
     results: dict[str, dict[str, Any]] = {}
     for ep in eps:
-        ep_feeds, expected = feeds_list, by_id
+        ep_feeds, expected, repeated = feeds_list, by_id, 0
         source = sources["cpu" if ep == "cpu" else "other"]
         if ep == "cpu" and data and stored:  # the data's reference is this very run
             ep_feeds = feeds_list[:stored]
         try:
             if ep == "mobile":
-                session, ep_feeds, expected, source = _mobile_session(bundle, feeds_list)
+                session, ep_feeds, expected, source, repeated = _mobile_session(bundle, feeds_list)
             else:
                 session = make_session(model, SessionOptions(ep=ep))
         except ProviderUnavailable as e:
@@ -157,7 +157,7 @@ def validate_bundle(
             "reason": _why(parity) if not parity["passed"] else not_compared_note(parity),
             "providers": session.get_providers(),
             "reference": source,
-            "samples": samples_in(ep_feeds),
+            "samples": samples_in(ep_feeds) - repeated,
             "max_abs_diff": parity["max_abs_diff"],
             "cosine": parity["cosine"],
             "top1_agreement": parity["top1_agreement"],
@@ -188,8 +188,10 @@ def _stored_reference(manifest: dict[str, Any]) -> str:
 
 def _mobile_session(
     bundle: Path, feeds_list: list[dict[str, np.ndarray]]
-) -> tuple[Any, list[dict[str, np.ndarray]], dict[int, list[np.ndarray]], str]:
-    """The ``.ort`` model's session, fitting feeds, their expected outputs and their source.
+) -> tuple[Any, list[dict[str, np.ndarray]], dict[int, list[np.ndarray]], str, int]:
+    """The ``.ort`` model's session, fitting feeds, expected outputs, source, repeated samples.
+
+    Repeated samples: how many the feeds hold twice to fill a fixed batch (not counted).
 
     The feeds are those that fit the ORT model's (possibly fixed) shapes; expected outputs
     are keyed by the feeds' ``id``. The reference is ``model.onnx`` on ORT CPU at the
@@ -223,7 +225,12 @@ def _mobile_session(
             f"again: onnxpipe package {bundle} -o OUT --target mobile"
         )
     recorded = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
-    fitting = [f for part in feeds_list for f in _rebatched(part, shapes) if fits(f)]
+    fitting, repeated = [], 0
+    for part in feeds_list:
+        batches, short = _rebatched(part, shapes)
+        if all(fits(f) for f in batches):
+            fitting += batches
+            repeated += short
     if not fitting:
         limits = {e["name"]: e.get("index_limit") for e in recorded.get("inputs", [])}
         specs = [
@@ -235,28 +242,37 @@ def _mobile_session(
             )
             for i in session.get_inputs()
         ]
-        fitting = parity_feeds(specs)
+        fitting, repeated = parity_feeds(specs), 0
     level = recorded.get("mobile", {}).get("optimization_level", "basic")
     cpu = make_session(bundle / MODEL_FILE, SessionOptions(ep="cpu", level=level))
     expected = {id(feeds): list(cpu.run(None, feeds)) for feeds in fitting}
-    return session, fitting, expected, f"{MODEL_FILE} on ORT CPU at level {level}"
+    return session, fitting, expected, f"{MODEL_FILE} on ORT CPU at level {level}", repeated
 
 
-def _rebatched(feeds: dict[str, np.ndarray], shapes: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+def _rebatched(
+    feeds: dict[str, np.ndarray], shapes: dict[str, Any]
+) -> tuple[list[dict[str, np.ndarray]], int]:
     """``feeds`` cut into the fixed batch of an ORT model packaged with one (else as is).
 
     Stored and ``--data`` samples come 8 to a batch; a model packaged at batch 1 takes them
-    one at a time.
+    one at a time. A remainder (3 samples at batch 2) is filled up with the first samples
+    again, so every sample runs (they were left out, and the samples counted were fewer);
+    how many were repeated comes back too.
     """
     fixed = {shapes[k][0] for k, v in feeds.items() if k in shapes and shapes[k] and v.ndim}
     batch = next(iter(fixed)) if len(fixed) == 1 else None
     sizes = {v.shape[0] for v in feeds.values() if v.ndim}
     if not isinstance(batch, int) or batch < 1 or len(sizes) != 1:
-        return [feeds]
+        return [feeds], 0
     size = sizes.pop()
-    if size == batch or size % batch:
-        return [feeds]
-    return regroup([feeds], batch)
+    if size == batch:
+        return [feeds], 0
+    short = -size % batch
+    if short:  # the last batch filled up with the first samples again (they were left out)
+        feeds = {
+            k: np.concatenate([v, np.resize(v, (short, *v.shape[1:]))]) for k, v in feeds.items()
+        }
+    return regroup([feeds], batch), short
 
 
 _ORT_TYPES = {

@@ -348,6 +348,16 @@ def test_validate_mobile_runs_the_data_at_a_fixed_batch_and_ids_in_their_table(c
     result = json.loads(stdout)["mobile"]
     assert code == 0 and result["status"] == "passed", err
     assert result["samples"] >= 16  # the 16 of --data (and the stored batch-1 sample)
+    # at batch 2, 3 samples run as 2 batches (they were left out, the samples counted less)
+    two = tmp_path / "pkg2"
+    code, _, err = cli("package", src, "-o", two, "--target", "mobile", "--fixed-shape", "ids:2,5")
+    assert code == 0, err
+    code, stdout, err = cli("validate", two, "--ep", "mobile", "--json")
+    stored = json.loads(stdout)["mobile"]["samples"]
+    np.savez(tmp_path / "three.npz", ids=ids[:3])
+    code, stdout, err = cli("validate", two, "--ep", "mobile", "--data", tmp_path / "three.npz",
+                            "--json")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["mobile"]["samples"] == stored + 3, stdout
 
 
 def test_a_model_too_small_at_the_default_size_is_timed_at_the_data_sizes(cli, tmp_path):
