@@ -161,6 +161,15 @@ class LowRankPass(GraphPass[LowRankConfig]):
                             "activation_aware": lower is not None,
                             "params_before": k * n, "params_after": rank * (k + n)}  # fmt: skip
             logger.debug("%s: [%d, %d] -> rank %d (energy %.4f)", name, k, n, rank, energy)
+        if not layers and cfg.ranks is None:  # the result would be the model as it was
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+            raise PassError(
+                f"nothing to factor at --ratio {cfg.ratio:g}"
+                + (f" / --energy {cfg.energy:g}" if cfg.energy is not None else "")
+                + f": no weight's factored form is small enough ({reasons}"
+                + (", ..." if len(skipped) > 3 else "")
+                + "). Raise --ratio (or lower --energy), e.g. --ratio 0.5."
+            )
         if layers:
             logger.info("low-rank: factored %d weights", len(layers))
         self.metrics = {"layers": layers, "skipped": skipped, "candidates": len(candidates)}

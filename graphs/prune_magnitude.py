@@ -118,6 +118,12 @@ class PruneMagnitudePass(GraphPass[PruneMagnitudeConfig]):
             value.const_value = ir.tensor(pruned, name=value.name)
             logger.debug("%s: %.1f%% zeros", value.name, 100 * float((pruned == 0).mean()))
         sparsity = weight_sparsity(weights)
+        if sparsity <= sparsity_before:  # the result would be the model as it was
+            raise PassError(
+                f"nothing to prune: --ratio {cfg.ratio:g} zeros no weight that was not zero "
+                f"already ({100 * sparsity_before:.1f}% zeros, {len(weights)} weights, "
+                f"{cfg.scope} scope). Raise --ratio, e.g. --ratio 0.5."
+            )
         logger.info("magnitude pruning: %d weights, %.1f%% zeros", len(weights), 100 * sparsity)
         self.metrics = {
             "weights_pruned": len(weights),

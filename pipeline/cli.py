@@ -71,7 +71,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             ValidateStep(ep=("cpu",), atol=args.atol),
         ]
     except ValueError as e:  # pydantic's ValidationError: --opset or --atol out of range
-        raise invalid_settings("convert", e) from e
+        raise invalid_settings("convert", e, flags=True) from e
     if not args.no_bench:
         steps.append(BenchStep(batch=(1,), runs=30))
     manifest = progress_steps(steps, args.out, args)
@@ -209,7 +209,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             hidden_size=args.hidden_size,
         )
     except ValueError as e:  # pydantic's ValidationError
-        raise invalid_settings("optimize", e) from e
+        raise invalid_settings("optimize", e, flags=True) from e
     status = err.status("optimizing", spinner="dots") if not args.json else contextlib.nullcontext()
     with status, quiet(args.debug):
         manifest = optimize_bundle(args.bundle, args.out, config, args.overwrite)
@@ -223,17 +223,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from onnxpipe.compress import PruneSettings, check_ratio, prune_bundle  # noqa: PLC0415
 
     try:
+        given = {"scope": args.scope, "energy": args.energy, "multiple_of": args.multiple_of}
         settings = PruneSettings(
             method=args.method,
             ratio=check_ratio(args.ratio),
-            scope=args.scope,
-            energy=args.energy,
             gates=tuple(args.gate),
             cleanup=not args.no_cleanup,
-            multiple_of=args.multiple_of,
+            **{k: v for k, v in given.items() if v is not None},  # options not given: unset
         )
     except ValueError as e:  # pydantic's ValidationError
-        raise invalid_settings("prune", e) from e
+        raise invalid_settings("prune", e, flags=True) from e
     with working(args, "pruning"):
         manifest = prune_bundle(args.bundle, args.out, settings, args.eval, args.overwrite)
     emit(args, manifest, [summary_table(manifest, args.out)])

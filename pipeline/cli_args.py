@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--ratio", required=True, type=float, help="share to remove, in (0, 1)")
     p.add_argument(
-        "--scope", default="layer", choices=["layer", "global"], help="magnitude threshold scope"
+        "--scope", choices=["layer", "global"], help="magnitude threshold scope (default: layer)"
     )
     p.add_argument("--energy", type=float, help="lowrank: keep this share of SVD energy instead")
     p.add_argument(

@@ -48,19 +48,24 @@ class GateFailed(OnnxPipeError):
         self.report = report  # what ``<out>.failed.json`` holds, once written
 
 
-def invalid_settings(what: str, error: ValueError) -> InputError:
+def invalid_settings(what: str, error: ValueError, flags: bool = False) -> InputError:
     """InputError for settings that failed validation, one clause per field.
 
     pydantic's ValidationError (a ValueError) prints a multi-line dump ending in a link to
-    its docs; users see ``what: energy Input should be less than or equal to 1.`` instead.
+    its docs; users see ``what: energy Input should be less than or equal to 1.`` instead,
+    or with ``flags`` (settings given on the command line) ``--energy Input should ...``.
     """
     details = getattr(error, "errors", None)
     if not callable(details):
         return InputError(f"{what}: {error}.")
+
+    def named(loc: object) -> str:
+        return f"--{str(loc).replace('_', '-')}" if flags else str(loc)
+
     clauses = "; ".join(
         " ".join(
             [
-                *map(str, item["loc"]),
+                *map(named, item["loc"]),
                 "is not a setting of it"
                 if item.get("type") == "extra_forbidden"
                 else item["msg"].removeprefix("Value error, "),

@@ -77,7 +77,12 @@ class ConvertStep(StepConfig):
         default="auto", description="PyTorch exporter; auto = dynamo, then TorchScript."
     )
     nchw: bool = Field(default=False, description="NCHW image inputs for TensorFlow models.")
-    atol: float = Field(default=1e-4, gt=0, description="Parity tolerance, scaled by magnitude.")
+    atol: float = Field(
+        default=1e-4,
+        gt=0,
+        allow_inf_nan=False,
+        description="Parity tolerance, scaled by magnitude.",
+    )
     data: str | None = Field(default=None, description="User DATA for parity, besides generated.")
     unsafe_load: bool = Field(default=False, description="Allow full-pickle loading.")
     signature: str | None = Field(
@@ -158,7 +163,12 @@ class ValidateStep(StepConfig):
     ep: tuple[str, ...] = Field(default=("cpu",), description="EPs to validate on.")
     require: tuple[str, ...] = Field(default=(), description="EPs whose absence is a failure.")
     data: str | None = Field(default=None, description="User DATA for parity.")
-    atol: float = Field(default=1e-4, gt=0, description="Parity tolerance, scaled by magnitude.")
+    atol: float = Field(
+        default=1e-4,
+        gt=0,
+        allow_inf_nan=False,
+        description="Parity tolerance, scaled by magnitude.",
+    )
 
     @field_validator("ep", "require", mode="before")
     @classmethod

@@ -113,9 +113,10 @@ def test_a_parity_failure_report_is_strict_json(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--opset", "6"), "opset Input should be greater than or equal to 7"),
-        (("--opset", "24"), "opset Input should be less than or equal to 23"),
-        (("--atol", "nan"), "atol Input should be greater than 0"),
+        (("--opset", "6"), "--opset Input should be greater than or equal to 7"),
+        (("--opset", "24"), "--opset Input should be less than or equal to 23"),
+        (("--atol", "nan"), "--atol Input should be a finite number"),
+        (("--atol", "inf"), "--atol Input should be a finite number"),  # parity passed at 969
     ],
 )
 def test_convert_settings_out_of_range_are_exit_2(cli, tmp_path, flags, message):

@@ -65,8 +65,12 @@ def test_ratio_outside_open_interval_exits_2(cli, mlp_bundle, tmp_path, ratio):
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        (["--method", "channels", "--multiple-of", "0"], "prune: multiple_of Input should be"),
-        (["--method", "lowrank", "--energy", "2"], "energy Input should be less than or equal"),
+        (["--method", "channels", "--multiple-of", "0"], "prune: --multiple-of Input should be"),
+        (["--method", "lowrank", "--energy", "2"], "--energy Input should be less than or equal"),
+        # an option the method ignores was recorded in the step's config as if it applied
+        (["--method", "channels", "--energy", "0.9"], "--energy applies to --method lowrank"),
+        (["--method", "channels", "--scope", "global"], "--scope applies to --method magnitude"),
+        (["--method", "magnitude", "--multiple-of", "8"], "--multiple-of applies to --method ch"),
     ],
 )
 def test_settings_out_of_range_exit_2_in_one_line(cli, mlp_bundle, tmp_path, flags, needle):
@@ -94,3 +98,14 @@ def test_nothing_prunable_exits_2_saying_so(cli, weightless_bundle, tmp_path, me
     )
     assert code == 2
     assert "nothing to" in stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "lowrank"])
+def test_a_ratio_that_changes_nothing_is_exit_2(cli, mlp_bundle, tmp_path, method):
+    """--ratio 1e-6 zeroed nothing (lowrank 0.01 factored nothing), and wrote the model as
+    it was with exit 0, as channels already refused."""
+    ratio = "0.000001" if method == "magnitude" else "0.01"
+    code, _, stderr = cli("prune", mlp_bundle, "-o", tmp_path / "o", "--method", method,
+                          "--ratio", ratio)  # fmt: skip
+    assert code == 2 and "nothing to" in stderr and "Raise --ratio" in stderr, stderr
+    assert not (tmp_path / "o").exists()
