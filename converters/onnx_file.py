@@ -7,7 +7,7 @@ bundle holds (re-saved, external data re-homed) computes what the input computed
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,12 @@ def load_onnx(path: Path) -> ir.Model:
         ) from e
 
 
-def signature(model: ir.Model, path: Path | str = "model") -> list[InputSpec]:
+def signature(
+    model: ir.Model, path: Path | str = "model", overrides: Mapping[str, InputSpec] | None = None
+) -> list[InputSpec]:
     """Input specs of an ONNX graph; unnamed dynamic dims get a symbol ``<input>_d<axis>``.
+
+    ``overrides`` (``--input`` specs by name) replace an input's spec where they fit it.
 
     Initializers listed as graph inputs (IR < 4 models) are not inputs a user feeds.
 
@@ -75,6 +79,9 @@ def signature(model: ir.Model, path: Path | str = "model") -> list[InputSpec]:
     specs = []
     for value in model.graph.inputs:
         if value.const_value is not None or value.name in model.graph.initializers:
+            continue
+        if overrides and value.name in overrides:
+            specs.append(_bound(Path(path), value, overrides[value.name or ""]))
             continue
         if value.dtype is None:
             raise InputError(
@@ -99,6 +106,50 @@ def signature(model: ir.Model, path: Path | str = "model") -> list[InputSpec]:
     return specs
 
 
+def _bound(path: Path, value: ir.Value, given: InputSpec) -> InputSpec:
+    """``given`` (an ``--input`` spec) for the model's input ``value``, or InputError.
+
+    The spec's dtype and dims must not contradict what the model declares: a fixed size
+    stays that size, a free one may be fixed or named.
+    """
+    declared = np.dtype(value.dtype.numpy()).name if value.dtype is not None else None
+    if declared is not None and declared != given.dtype:
+        raise InputError(
+            f"{path}: --input {given.name}: the model's input is {declared}, not {given.dtype}. "
+            f"Give {given.name}:{declared}[...]."
+        )
+    dims = list(value.shape or ()) if value.shape is not None else None
+    if dims is not None and (
+        len(dims) != len(given.shape)
+        or any(
+            isinstance(d, int) and isinstance(g, int) and d != g
+            for d, g in zip(dims, given.shape, strict=False)
+        )
+    ):
+        shown = [d if isinstance(d, int) else (str(d.value) if d.value else "?") for d in dims]
+        raise InputError(
+            f"{path}: --input {given.name}: shape {list(given.shape)} contradicts the model's "
+            f"{shown}. Keep its fixed sizes; a free dim may be fixed or named."
+        )
+    return given
+
+
+def bind_inputs(model: ir.Model, specs: list[InputSpec], given: Collection[str] = ()) -> None:
+    """The model's inputs declared as ``specs`` say: every dim named or sized, dtypes set.
+
+    The manifest's signature is the specs': a free dim the file left unnamed (``[None, 4]``)
+    was ``null`` in it, and an ``--input`` that named or fixed dims changed only the samples.
+    """
+    by_name = {s.name: s for s in specs}
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name or "")
+        if spec is None:
+            continue
+        value.dtype = ir.DataType.from_numpy(np.dtype(spec.dtype))
+        if value.shape is not None or spec.name in given:  # an unknown rank stays unknown
+            value.shape = ir.Shape(list(spec.shape))
+
+
 def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAttempt]:
     """Yield the one passthrough attempt for an ONNX file (``--input`` overrides shapes)."""
     if not isinstance(source, str):
@@ -106,15 +157,15 @@ def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAtte
     path = Path(source)
     model = load_onnx(path)
     notes = _check(path, model)
-    specs = signature(model, path)
     overrides = {s.name: s for s in config.input_specs()}
+    specs = signature(model, path, overrides)
     unknown = set(overrides) - {s.name for s in specs}
     if unknown:
         raise InputError(
             f"{path}: --input names {sorted(unknown)} are not inputs of the model; its inputs "
             f"are {[s.name for s in specs]}."
         )
-    specs = [overrides.get(s.name, s) for s in specs]
+    bind_inputs(model, specs, overrides)
     session = _reference_session(path, model)
     if config.opset is not None and model.opset_imports.get("") != config.opset:
         notes.append(f"opset {model.opset_imports.get('')} converted to {config.opset} (--opset)")

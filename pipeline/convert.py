@@ -101,6 +101,17 @@ def convert(
             f"{source_name}: --signature {config.signature} picks a TensorFlow SavedModel "
             f"signature, and this source is {framework}, not TensorFlow. Drop --signature."
         )
+    # options for one framework's converter, given for another, did nothing but were recorded
+    if config.exporter != "auto" and framework != "torch":
+        raise InputError(
+            f"{source_name}: --exporter {config.exporter} picks the PyTorch exporter, and this "
+            f"source is {framework}, not PyTorch. Drop --exporter."
+        )
+    if config.nchw and framework != "tf":
+        raise InputError(
+            f"{source_name}: --nchw turns a TensorFlow model's NHWC image inputs into NCHW, and "
+            f"this source is {framework}, whose inputs are kept as they are. Drop --nchw."
+        )
     tried: list[dict[str, Any]] = []
     failed_parity: list[tuple[dict[str, Any], str]] = []
     for attempt in get_converter(framework)(loaded, config):

@@ -213,6 +213,20 @@ def _garbage(tmp_path: Path) -> Path:
     return path
 
 
+def _small_onnx(tmp_path: Path) -> Path:
+    import onnx  # noqa: PLC0415
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])],
+    )
+    path = tmp_path / "small.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def _not_saved_model(tmp_path: Path) -> Path:
     path = tmp_path / "some_dir"
     path.mkdir()
@@ -242,6 +256,9 @@ BAD_INPUTS = {
         ["--input", IMAGE, "--signature", "serving_default"],
         "Drop --signature",
     ),
+    # options of another framework's converter: recorded as applied, with no effect
+    "--nchw on torch": (lambda t: model_ref("gated"), ["--input", IMAGE, "--nchw"], "Drop --nchw"),
+    "--exporter on onnx": (_small_onnx, ["--exporter", "torchscript"], "Drop --exporter"),
     "unknown file type": (
         lambda t: (t / "m.bin").write_bytes(b"x") and t / "m.bin",
         [],

@@ -256,3 +256,33 @@ def test_unsorted_graph_is_sorted_and_other_checker_faults_refused(cli, tmp_path
     onnx.save(helper.make_model(broken), tmp_path / "broken.onnx")
     code, _, err = cli("convert", tmp_path / "broken.onnx", "-o", tmp_path / "c", "--no-bench")
     assert code == 2 and "fails the ONNX checker" in err and "broken.onnx" in err
+
+
+def _matmul(path: Path, shape: list) -> Path:
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "w")
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3])], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, path)
+    return path
+
+
+def test_input_specs_are_the_models_own(cli, tmp_path):
+    """The manifest's signature is the model's: an unnamed free dim was null in it, and an
+    --input that named or fixed dims changed only the samples."""
+    unnamed = _matmul(tmp_path / "unnamed.onnx", [None, 4])
+    code, stdout, err = cli("convert", unnamed, "-o", tmp_path / "a", "--no-bench", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["inputs"][0]["shape"] == ["x_d0", 4]
+    declared = onnx.load(tmp_path / "a" / "model.onnx").graph.input[0].type.tensor_type.shape
+    assert [d.dim_param or d.dim_value for d in declared.dim] == ["x_d0", 4]
+    code, stdout, err = cli("convert", unnamed, "-o", tmp_path / "b", "--no-bench", "--json",
+                            "--input", "x:float32[n,4]")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["inputs"][0]["shape"] == ["n", 4], err
+    # what the model fixes cannot be given otherwise
+    for spec, needle in (("x:float32[n,5]", "contradicts"), ("x:int64[n,4]", "not int64")):
+        code, _, err = cli("convert", unnamed, "-o", tmp_path / "d", "--input", spec)
+        assert code == 2 and needle in err and not (tmp_path / "d").exists(), err
