@@ -6,6 +6,7 @@ that runs the source framework on the same feeds, so the pipeline can prove pari
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,12 +229,31 @@ def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]
     return sizes
 
 
+MAX_SAMPLE_BYTES = 2 << 30
+"""The largest array onnxpipe generates for one input (2 GiB)."""
+
+
+def check_sample_bytes(spec: InputSpec, shape: Sequence[int]) -> None:
+    """InputError when a generated ``shape`` sample of ``spec`` would exceed 2 GiB.
+
+    A batch of 99999999999 asked numpy for 2.9 TiB: a MemoryError, exit 3.
+    """
+    size = math.prod(shape) * DTYPES[spec.dtype].itemsize
+    if size > MAX_SAMPLE_BYTES:
+        raise InputError(
+            f"input {spec.name!r} at {list(shape)} would be {size / 2**30:,.1f} GiB of "
+            f"{spec.dtype}, more than onnxpipe generates for one input (2 GiB). Give smaller "
+            "sizes (the dims of --input or --fixed-shape, --batch, --size)."
+        )
+
+
 def random_input(spec: InputSpec, sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
     """A plausible random array for one input: normal floats, small ids, all-ones masks.
 
     Ids stay below ``spec.high`` where the model says how many rows their tables have.
     """
     shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+    check_sample_bytes(spec, shape)
     dtype = DTYPES[spec.dtype]
     lowered = spec.name.lower()
     if dtype.kind == "f":

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from onnxpipe.benchworker import DEFAULT_SIZE
+from onnxpipe.benchworker import DEFAULT_SIZE, feed_sizes
+from onnxpipe.converters.base import InputSpec, check_sample_bytes
 from onnxpipe.errors import InputError, OnnxPipeError
 from onnxpipe.modelio import MOBILE_MODEL
 from onnxpipe.runtime import (
@@ -67,6 +68,7 @@ def bench_model(
     """
     _check_batches(model, inputs, config.batches)
     _check_sizes(model, inputs, config.sizes)
+    _check_bytes(inputs, config)
     missing: dict[str, str] = {}
     for ep in config.eps:  # before any timing: an EP this ORT build lacks is not benched
         try:
@@ -194,6 +196,15 @@ def _ort_inputs(path: Path, inputs: Sequence[dict[str, Any]]) -> list[dict[str, 
         }
         for spec in inputs
     ]
+
+
+def _check_bytes(inputs: Sequence[dict[str, Any]], config: BenchConfig) -> None:
+    """InputError before a worker asks numpy for terabytes (a MemoryError there: exit 3)."""
+    specs = [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in inputs]
+    for batch in config.batches:
+        sizes = feed_sizes(specs, batch, dict(config.sizes))
+        for spec in specs:
+            check_sample_bytes(spec, [sizes[d] if isinstance(d, str) else d for d in spec.shape])
 
 
 def _check_sizes(

@@ -20,22 +20,27 @@ DEFAULT_SIZE = 8
 """What dynamic dims other than the batch are timed at, unless sizes say otherwise."""
 
 
+def feed_sizes(specs: list[InputSpec], batch: int, given: dict[str, int]) -> dict[str, int]:
+    """The size of each symbol at ``batch``, with ``given`` sizes (``--size SYMBOL=N``).
+
+    The batch sets the symbols on axis 0 only; a fixed-batch model keeps its batch and its
+    other symbols (sequence lengths) their usual size.
+    """
+    batch_axes = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)}
+    return {
+        sym: (batch if sym in batch_axes else int(given.get(sym, DEFAULT_SIZE)))
+        for spec in specs
+        for sym in spec.symbols
+    }
+
+
 def run(request: dict) -> dict:
     """Time ``runs`` inferences after ``warmup``; latency percentiles, throughput, RSS."""
     specs = [
         InputSpec(s["name"], s["dtype"], tuple(s["shape"]), s.get("index_limit"))
         for s in request["inputs"]
     ]
-    batch = int(request["batch"])
-    # The batch sets the symbols on axis 0 only; a fixed-batch model keeps its batch and its
-    # other symbols (sequence lengths) their usual size.
-    batch_axes = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)}
-    given = request.get("sizes") or {}  # --size SYMBOL=N
-    sizes = {
-        sym: (batch if sym in batch_axes else int(given.get(sym, DEFAULT_SIZE)))
-        for spec in specs
-        for sym in spec.symbols
-    }
+    sizes = feed_sizes(specs, int(request["batch"]), request.get("sizes") or {})
     feeds = random_feeds(specs, sizes, seed=0)
     if request.get("feeds"):  # given inputs (e.g. a real sentence) instead of random ones
         with np.load(request["feeds"]) as given:

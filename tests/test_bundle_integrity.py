@@ -726,3 +726,9 @@ def test_validate_cpu_with_data_does_not_count_its_own_run_as_source_parity(
     cpu = json.loads(stdout)["cpu"]
     assert cpu["samples"] == plain["samples"]  # the stored samples only
     assert "--data ran on cpu" in cpu["reference"], cpu
+
+
+def test_a_batch_too_large_to_generate_is_exit_2(cli, mlp_bundle):
+    """bench --batch 99999999999 asked numpy for 23 TiB in its worker: exit 3."""
+    code, _, err = cli("bench", mlp_bundle, "--batch", "99999999999")
+    assert code == 2 and "more than onnxpipe generates for one input" in err, err

@@ -256,6 +256,11 @@ BAD_INPUTS = {
         ["--input", IMAGE, "--signature", "serving_default"],
         "Drop --signature",
     ),
+    "huge --input": (  # numpy was asked for terabytes: MemoryError, exit 3
+        lambda t: model_ref("gated"),
+        ["--input", "x:float32[99999999999,3,16,16]"],
+        "more than onnxpipe generates",
+    ),
     # options of another framework's converter: recorded as applied, with no effect
     "--nchw on torch": (lambda t: model_ref("gated"), ["--input", IMAGE, "--nchw"], "Drop --nchw"),
     "--exporter on onnx": (_small_onnx, ["--exporter", "torchscript"], "Drop --exporter"),
