@@ -166,8 +166,14 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``onnxpipe quantize BUNDLE -o OUT --mode ...``: a gated, quantized bundle."""
-    from onnxpipe.quantize import quantize_bundle, settings_from, with_preprocess  # noqa: PLC0415
+    from onnxpipe.quantize import (  # noqa: PLC0415
+        check_preprocess,
+        quantize_bundle,
+        settings_from,
+        with_preprocess,
+    )
 
+    check_preprocess(args.preprocess, args.calib, args.eval)
     settings = settings_from(
         mode=args.mode,
         calib=with_preprocess(args.calib, args.preprocess),
@@ -251,9 +257,9 @@ def _check_file_target(path: Path, flag: str) -> None:
     """Refuse a file to write that is a directory or whose folder is missing or read-only."""
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise InputError(
-            f"{flag} {path}: is a directory; give a file name, e.g. {path}/compare.html."
-        )
+        inside = path / "compare.html"
+        example = inside if not (path / "manifest.json").is_file() else Path("compare.html")
+        raise InputError(f"{flag} {path}: is a directory; give a file name, e.g. {example}.")
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: folder {folder} does not exist; create it first.")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):

@@ -93,6 +93,14 @@ def compare_bundles(
     if set(by_name) == {x.name for x in specs["a"]}:
         # Same names, maybe another order (a Keras model and its SavedModel export).
         specs["b"] = [by_name[x.name] for x in specs["a"]]
+    for x, y in zip(specs["a"], specs["b"], strict=True):
+        if len(x.shape) != len(y.shape):
+            raise InputError(
+                f"input {x.name!r} has shape {list(x.shape)} in {a}, {y.name!r} has "
+                f"{list(y.shape)} in {b}: their ranks differ, so no data fits both. Compare "
+                "bundles of the same model (converted from two frameworks, or before and "
+                "after a step)."
+            )
     maps = [layout_map(x, y) for x, y in zip(specs["a"], specs["b"], strict=True)]
     for x, y, m in zip(specs["a"], specs["b"], maps, strict=True):
         if x.dtype != y.dtype:

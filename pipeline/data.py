@@ -99,9 +99,9 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
         if path.is_dir() and (image_spec is not None or (not files and image_files(path))):
             if image_spec is None:
                 raise InputError(
-                    f"{data}: holds images but no preprocessing spec. Give one, e.g. "
-                    "--preprocess resize=256,crop=224,mean=127,std=128,layout=nchw "
-                    f"(or DATA '{data}?resize=256,crop=224,...')."
+                    f"{data}: holds images but no preprocessing spec. Give one with the "
+                    f"folder, e.g. '{data}?resize=256,crop=224,mean=127,std=128,layout=nchw' "
+                    "(quantize also takes it as --preprocess SPEC)."
                 )
             feeds_list = load_images(path, image_spec, specs, batch)
         elif not files:

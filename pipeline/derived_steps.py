@@ -116,8 +116,14 @@ class QuantizeStep(DerivedStep):
 
     def derive(self) -> Derive:
         """``quantize_bundle`` with these settings and ``preprocess`` on calib/eval images."""
-        from onnxpipe.quantize import quantize_bundle, settings_from, with_preprocess  # noqa: PLC0415
+        from onnxpipe.quantize import (  # noqa: PLC0415
+            check_preprocess,
+            quantize_bundle,
+            settings_from,
+            with_preprocess,
+        )
 
+        check_preprocess(self.preprocess, self.settings.get("calib"), self.eval)
         calib = with_preprocess(self.settings.get("calib"), self.preprocess)
         settings = settings_from(**{**self.settings, "calib": calib})
         data = with_preprocess(self.eval, self.preprocess)

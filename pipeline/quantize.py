@@ -324,6 +324,18 @@ def check_cpu_kernels(path: Path, ctx: TransformContext) -> None:
         ) from e
 
 
+def check_preprocess(preprocess: str | None, calib: str | None, eval_data: str | None) -> None:
+    """InputError when ``--preprocess`` would apply to nothing (it was ignored, exit 0)."""
+    if preprocess is None:
+        return
+    if all(with_preprocess(d, preprocess) == d for d in (calib, eval_data)):
+        raise InputError(
+            f"--preprocess {preprocess}: neither --calib nor --eval is a folder of images "
+            "without its own spec (DIR?SPEC), so it would apply to nothing; arrays are fed as "
+            "they are. Drop --preprocess, or give a folder of images."
+        )
+
+
 def with_preprocess(data: str | None, preprocess: str | None) -> str | None:
     """Attach ``--preprocess SPEC`` to a DATA directory of images (``DIR?SPEC``)."""
     from onnxpipe.images import ImageSpec, image_files  # noqa: PLC0415

@@ -374,3 +374,16 @@ def test_latency_is_timed_at_the_shapes_compared(cli, tmp_path):
     record = json.loads(stdout)
     assert record["latency_shapes"] == {"a": {"x": [1, 3, 32, 32]}, "b": {"x": [1, 3, 32, 32]}}
     assert record["outputs"]["max_abs_diff"] == 0.0
+
+
+def test_inputs_of_another_rank_and_a_bundle_as_html_say_what_to_do(cli, tmp_path, mlp_bundle):
+    """'input x has rank 4, x 2.' named neither bundle; --html BUNDLE suggested a page inside
+    the bundle, which is refused."""
+    image = tmp_path / "image"
+    code, _, err = cli("convert", model_ref("gated"), "-o", image, "--input",
+                       "x:float32[batch,3,16,16]", "--no-bench")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("compare", image, mlp_bundle, "--no-bench")
+    assert code == 2 and str(image) in err and str(mlp_bundle) in err and "ranks differ" in err
+    code, _, err = cli("compare", image, image, "--html", image)
+    assert code == 2 and "e.g. compare.html" in err, err

@@ -250,6 +250,8 @@ def test_dynamic_per_tensor_is_per_tensor(cli, mlp, tmp_path):
         (["--mode", "dynamic", "--no-empirical-bias"], "--no-empirical-bias applies"),
         (["--mode", "int4", "--smooth-alpha", "0.7"], "--smooth-alpha applies"),
         (["--mode", "int4", "--rounding", "gptq"], "needs --calib"),
+        # no folder of images to apply it to: it was ignored, exit 0
+        (["--mode", "fp16", "--preprocess", "resize=8"], "would apply to nothing"),
     ],
 )
 def test_options_the_mode_ignores_are_refused(cli, mlp, tmp_path, flags, needle):
