@@ -226,7 +226,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """``onnxpipe prune BUNDLE -o OUT --method ... --ratio R``: a gated, compressed bundle."""
-    from onnxpipe.compress import PruneSettings, check_ratio, prune_bundle  # noqa: PLC0415
+    from onnxpipe.compress import prune_bundle  # noqa: PLC0415
+    from onnxpipe.prune_settings import PruneSettings, check_ratio  # noqa: PLC0415
 
     try:
         given = {"scope": args.scope, "energy": args.energy, "multiple_of": args.multiple_of}

@@ -21,20 +21,12 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import onnx_ir as ir
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    model_serializer,
-    model_validator,
-)
 
 from onnxpipe.data import Feeds
-from onnxpipe.errors import GateFailed, InputError, PassError
+from onnxpipe.errors import GateFailed, PassError
 from onnxpipe.gate import Gate, gate_metrics
 from onnxpipe.graphs.base import GraphPass, copy_model, parameter_count
 from onnxpipe.graphs.channel_refit import collect_inputs
@@ -44,58 +36,10 @@ from onnxpipe.graphs.prune_channels import PruneChannelsPass, nchwc_block
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
 from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_quantized
 from onnxpipe.progress import report
+from onnxpipe.prune_settings import PruneSettings, check_ratio
 from onnxpipe.transform import TransformContext, derive_bundle
 
 logger = logging.getLogger(__name__)
-
-Method = Literal["magnitude", "channels", "lowrank"]
-
-
-class PruneSettings(BaseModel):
-    """What ``onnxpipe prune`` was asked for; recorded as the step's config."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Method = Field(description="magnitude, channels or lowrank")
-    ratio: float = Field(description="share to remove, in (0, 1)")
-    scope: Literal["global", "layer"] = Field("layer", description="magnitude: threshold scope")
-    energy: float | None = Field(
-        None, gt=0.0, le=1.0, description="lowrank: rank by energy kept instead"
-    )
-    gates: tuple[str, ...] = Field((), description="accuracy gates; with them, a search")
-    cleanup: bool = Field(True, description="run the cleanup pass (no ORT level) first")
-    multiple_of: int | None = Field(
-        None, ge=1, description="channels: kept counts round up to it (None: the NCHWc block)"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> PruneSettings:
-        # an option the method would ignore is refused: it read in the manifest as applied
-        for name in sorted(self.model_fields_set):
-            method = _APPLIES.get(name)
-            if method is not None and self.method != method:
-                raise ValueError(f"--{name.replace('_', '-')} applies to --method {method} only")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _applied(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """The settings the method uses: what the manifest records as applied."""
-        data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if _APPLIES.get(k, self.method) == self.method}
-
-
-_APPLIES = {"scope": "magnitude", "energy": "lowrank", "multiple_of": "channels"}
-"""The settings only one method reads."""
-
-
-def check_ratio(ratio: float) -> float:
-    """``ratio`` itself, or InputError when it is outside the open interval (0, 1)."""
-    if not 0.0 < ratio < 1.0 or math.isnan(ratio):
-        raise InputError(
-            f"--ratio {ratio}: must lie strictly between 0 and 1 (the share of weights, "
-            "channels or parameters to remove), e.g. --ratio 0.3."
-        )
-    return ratio
 
 
 def optimize_bundle(

@@ -138,14 +138,15 @@ class PruneStep(DerivedStep):
     @field_validator("settings")
     @classmethod
     def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from onnxpipe.compress import PruneSettings, check_ratio  # noqa: PLC0415
+        from onnxpipe.prune_settings import PruneSettings, check_ratio  # noqa: PLC0415
 
         check_ratio(PruneSettings(**value).ratio)
         return value
 
     def derive(self) -> Derive:
         """``prune_bundle`` with these settings."""
-        from onnxpipe.compress import PruneSettings, prune_bundle  # noqa: PLC0415
+        from onnxpipe.compress import prune_bundle  # noqa: PLC0415
+        from onnxpipe.prune_settings import PruneSettings  # noqa: PLC0415
 
         settings = PruneSettings(**self.settings)
         return lambda bundle, out: prune_bundle(bundle, out, settings, self.eval)
