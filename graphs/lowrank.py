@@ -44,8 +44,9 @@ class LowRankConfig(PassConfig):
         None,
         gt=0.0,
         le=1.0,
-        description="instead of ratio: smallest rank keeping this share of sum(S^2) (with input "
-        "statistics, S of the whitened weight: the share of output energy on those inputs)",
+        description="smallest rank keeping this share of sum(S^2) (with input statistics, S of "
+        "the whitened weight: the share of output energy on those inputs); with ratio given "
+        "too, ratio's rank is the target and this the floor (the larger rank)",
     )
     ranks: dict[str, int] | None = Field(
         None,
@@ -192,10 +193,14 @@ class LowRankPass(GraphPass[LowRankConfig]):
         cfg = self.config
         if cfg.ranks is not None:
             return min(cfg.ranks[name], len(s))
+        by_ratio = max(1, math.floor((1 - cfg.ratio) * k * n / (k + n)))
         if cfg.energy is not None:
             cumulative = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
-            return min(int(np.searchsorted(cumulative, cfg.energy - 1e-12)) + 1, len(s))
-        return max(1, math.floor((1 - cfg.ratio) * k * n / (k + n)))
+            by_energy = min(int(np.searchsorted(cumulative, cfg.energy - 1e-12)) + 1, len(s))
+            # --energy alone ranks by energy; with --ratio it is the floor under ratio's rank
+            # (--energy 0.5 --ratio 0.1, 0.5 and 0.9 wrote one model, recording three ratios)
+            return max(by_energy, by_ratio) if "ratio" in cfg.model_fields_set else by_energy
+        return by_ratio
 
 
 def input_covariances(

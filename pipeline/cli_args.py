@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scope", choices=["layer", "global"], help="magnitude threshold scope (default: layer)"
     )
-    p.add_argument("--energy", type=float, help="lowrank: keep this share of SVD energy instead")
+    p.add_argument(
+        "--energy",
+        type=float,
+        help="lowrank: keep at least this share of SVD energy (the rank --ratio sets, or larger)",
+    )
     p.add_argument(
         "--multiple-of",
         type=int,

@@ -28,7 +28,10 @@ class PruneSettings(BaseModel):
     ratio: float = Field(description="share to remove, in (0, 1)")
     scope: Literal["global", "layer"] = Field("layer", description="magnitude: threshold scope")
     energy: float | None = Field(
-        None, gt=0.0, le=1.0, description="lowrank: rank by energy kept instead"
+        None,
+        gt=0.0,
+        le=1.0,
+        description="lowrank: keep at least this share of energy (ratio's rank, or larger)",
     )
     gates: tuple[str, ...] = Field((), description="accuracy gates; with them, a search")
     cleanup: bool = Field(True, description="run the cleanup pass (no ORT level) first")
@@ -43,6 +46,11 @@ class PruneSettings(BaseModel):
             method = _APPLIES.get(name)
             if method is not None and self.method != method:
                 raise ValueError(f"--{name.replace('_', '-')} applies to --method {method} only")
+        if self.energy is not None and self.gates:
+            raise ValueError(
+                "--energy applies without --gate only: the gated search picks each layer's "
+                "rank by the gate"
+            )
         return self
 
     @model_serializer(mode="wrap")

@@ -107,3 +107,17 @@ def test_cli_lowrank_with_gate(cli, mlp_bundle, tmp_path):
     assert metrics["criterion"] == "activation-aware svd"
     assert metrics["search"]["cross_fitted"] is True
     assert all(layer["activation_aware"] for layer in metrics["pass"]["layers"].values())
+
+
+def test_energy_is_a_floor_under_the_ratio(cli, mlp_bundle, tmp_path):
+    """--energy 0.3 with --ratio 0.5 and 0.9 wrote one model while recording two ratios."""
+    params = {}
+    for ratio in ("0.5", "0.9"):
+        flags = ["--method", "lowrank", "--ratio", ratio, "--energy", "0.3", "--json"]
+        code, stdout, err = cli("prune", mlp_bundle, "-o", tmp_path / ratio, *flags)
+        assert code == 0, err
+        step = json.loads(stdout)["steps"][-1]
+        params[ratio] = step["metrics"]["params_after"]
+        for layer in step["metrics"]["pass"]["layers"].values():
+            assert layer["energy"] >= 0.3 - 1e-9  # the floor holds
+    assert params["0.9"] < params["0.5"]

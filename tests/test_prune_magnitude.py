@@ -71,6 +71,7 @@ def test_ratio_outside_open_interval_exits_2(cli, mlp_bundle, tmp_path, ratio):
         (["--method", "channels", "--energy", "0.9"], "--energy applies to --method lowrank"),
         (["--method", "channels", "--scope", "global"], "--scope applies to --method magnitude"),
         (["--method", "magnitude", "--multiple-of", "8"], "--multiple-of applies to --method ch"),
+        (["--method", "lowrank", "--energy", "0.5", "--gate", "cosine>=0.9"], "without --gate"),
     ],
 )
 def test_settings_out_of_range_exit_2_in_one_line(cli, mlp_bundle, tmp_path, flags, needle):
