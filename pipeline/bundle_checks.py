@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,7 +32,8 @@ class _Described(BaseModel):
     external_data: _Record | None = None
 
 
-_Number = float | int | None
+_Number = float | int | Literal["nan", "inf", "-inf"] | None
+"""A number as the manifest holds it: JSON has no NaN or infinity, so those are strings."""
 
 
 class _Loose(BaseModel):

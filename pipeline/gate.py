@@ -126,15 +126,26 @@ def _probabilities(x: np.ndarray) -> bool:
 
 
 def _finite_pair(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both outputs in float64, with the infinities they share (masked logits) set to 0.
+    """Both outputs in float64, with the infinities and NaNs they share set to 0.
 
-    An infinity on one side only stays, and fails cosine and max_abs as it should.
+    An infinity on one side only stays, and fails cosine and max_abs as it should; a NaN on
+    one side becomes an infinity, which fails them too (an fp16 model whose every output
+    was NaN scored max_abs 0: Python's max() skips NaN).
     """
     ref, got = ref.astype(np.float64), got.astype(np.float64)
-    shared = np.isinf(ref) & (ref == got)
+    shared = (np.isinf(ref) & (ref == got)) | (np.isnan(ref) & np.isnan(got))
     if shared.any():
         ref, got = np.where(shared, 0.0, ref), np.where(shared, 0.0, got)
+    if np.isnan(ref).any() or np.isnan(got).any():
+        ref, got = np.where(np.isnan(ref), np.inf, ref), np.where(np.isnan(got), np.inf, got)
     return ref, got
+
+
+def _broken_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Rows (samples) where one side holds a NaN or infinity the other does not."""
+    special = ~np.isfinite(ref) | ~np.isfinite(got)
+    same = (ref == got) | (np.isnan(ref) & np.isnan(got))
+    return (special & ~same).reshape(len(ref), -1).any(1)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -179,8 +190,11 @@ def gate_metrics(
             if ref.ndim > 2 and all(d == 1 for d in ref.shape[2:]):  # [N, C, 1, 1] classifiers
                 ref, got = ref.reshape(ref.shape[:2]), got.reshape(got.shape[:2])
             if ref.ndim == 2 and ref.shape[1] > 1:
-                agree.append(ref.argmax(1) == got.argmax(1))
-                kls.append(_kl(ref, got))
+                broken = _broken_rows(ref, got)  # argmax took a NaN row's first class
+                agree.append((ref.argmax(1) == got.argmax(1)) & ~broken)
+                with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                    kl = _kl(ref, got)
+                kls.append(np.where(broken | ~np.isfinite(kl), np.inf, kl))
     per_output = [np.concatenate(c) for c in cosines]
     for j, pairs in scalars.items():
         a, b = (np.concatenate(side)[None] for side in zip(*pairs, strict=True))

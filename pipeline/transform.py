@@ -9,6 +9,7 @@ gate metrics against the input model.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -191,6 +192,7 @@ def derive_bundle(
             candidate = ctx.save(model, "result")
             gate = ctx.measure(candidate)
             metrics["gate"] = {"gates": [str(g) for g in gates], **gate}
+            _require_finite(gate, step_name)
             enforce(gates, gate, step_name, None if eval_data else GENERATED_NOTE)
             sizes = (
                 data_sizes(inputs, ctx.eval_feeds)
@@ -228,6 +230,21 @@ def derive_bundle(
                 f"{e} Nothing was written at {out}; numbers: {report}", numbers, record
             ) from e
     return result
+
+
+def _require_finite(gate: dict[str, Any], step_name: str) -> None:
+    """GateFailed when the result has NaN or infinite outputs where the input model has not.
+
+    Gated or not, that model is broken: an fp16 SqueezeNet whose every output was NaN
+    (activations of 9e9 past float16's 65504) was written with exit 0.
+    """
+    if math.isinf(gate["max_abs"]):
+        raise GateFailed(
+            f"{step_name}: the result outputs NaN or infinity where the input model's outputs "
+            f"are finite (on {gate['samples']} samples): it is broken. With float16, values "
+            "past 65504 overflow: keep the ops that produce them in float32 (--exclude).",
+            gate,
+        )
 
 
 def _require_valid(record: dict[str, Any], step_name: str) -> None:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -192,6 +194,39 @@ def test_infinities_in_the_same_place_are_equal():
     moved[0, 1] = 0.0  # an infinity on one side only fails
     one_sided = gate_metrics([[ref]], [[moved]])
     assert one_sided["max_abs"] == np.inf and one_sided["cosine_min"] == 0.0
+
+
+def test_nan_outputs_fail_every_metric():
+    """An fp16 model whose every output was NaN scored max_abs 0 and top-1 1 (argmax of a
+    NaN row is class 0, as was the reference's) and passed both gates."""
+    ref = np.array([[3.0, 1.0, 0.5], [2.0, 0.1, 0.3]])
+    got = np.full_like(ref, np.nan)
+    metrics = gate_metrics([[ref]], [[got]])
+    assert metrics["max_abs"] == np.inf and metrics["cosine"] == 0.0
+    assert metrics["top1"] == 0.0 and metrics["kl"] == np.inf
+    one = ref.copy()
+    one[1, 2] = np.nan  # one NaN: that sample disagrees, the other still agrees
+    partly = gate_metrics([[ref]], [[one]])
+    assert partly["top1"] == 0.5 and partly["max_abs"] == np.inf
+    both = gate_metrics([[got]], [[got]])  # NaN in both, in the same places: equal
+    assert both["max_abs"] == 0.0
+
+
+def test_a_result_with_nan_outputs_is_no_result(cli, tmp_path):
+    """Gated or not, outputs that overflow float16 fail the step (exit 1): the zoo's
+    SqueezeNet with its Convs kept float32 passes activations of 9e9 through float16
+    Casts, and every output was NaN (written with exit 0, max_abs 0 under its gate)."""
+    import onnx  # noqa: PLC0415
+
+    zoo = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    bundle = tmp_path / "sq"
+    code, _, err = cli("convert", zoo / "light_squeezenet.onnx", "-o", bundle, "--no-bench")
+    assert code == 0, err
+    for gate in ((), ("--gate", "max_abs<=1e-3")):
+        code, _, err = cli("quantize", bundle, "-o", tmp_path / "h", "--mode", "fp16",
+                           "--exclude", "Conv", *gate)  # fmt: skip
+        assert code == 1 and not (tmp_path / "h").exists(), err
+        assert "NaN or infinity" in err, err
 
 
 @pytest.mark.parametrize("text", ["max_abs<=-1", "kl<=-0.5"])
