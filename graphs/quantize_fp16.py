@@ -83,7 +83,9 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
             # value_info calls them float16: the ONNX checker refuses the mismatch.
             if value.const_value is not None:
                 value.dtype = value.const_value.dtype
-        dropped = drop_round_trips(result.graph)
+        dropped = restore_float32_weights(result.graph, model.graph) + drop_round_trips(
+            result.graph
+        )
         kept = [n.name for n in model.graph if n.op_type in blocked or n.name in nodes]
         self.metrics = {"blocked_op_types": sorted(blocked & {n.op_type for n in model.graph}),
                         "float32_nodes": len(kept)}  # fmt: skip
@@ -156,3 +158,34 @@ def _same_value(node: ir.Node) -> ir.Value | None:
     if to == ir.DataType.FLOAT16 and src.dtype == ir.DataType.FLOAT:
         return origin if origin.dtype == ir.DataType.FLOAT16 else None
     return None
+
+
+def restore_float32_weights(graph: ir.Graph, original: ir.Graph) -> int:
+    """Nodes kept float32 read their weights as the input model held them; return how many.
+
+    A weight that converted nodes share with a kept one is stored once, in float16, and cast
+    back for the kept node: ``x * w`` kept float32 was 1e-3 off, exactly ``x * fp16(w)``.
+    The kept node gets the float32 original (the file holds both copies).
+    """
+    restored = 0
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
+        attr = node.attributes.get("to")
+        if source is None or attr is None or attr.as_int() != ir.DataType.FLOAT:
+            continue
+        kept = original.initializers.get(source.name or "")
+        if source.dtype != ir.DataType.FLOAT16 or kept is None or kept.const_value is None:
+            continue
+        if kept.dtype != ir.DataType.FLOAT or node.outputs[0].is_graph_output():
+            continue
+        name = f"{source.name}_float32"
+        value = graph.initializers.get(name)
+        if value is None:
+            array = kept.const_value.numpy()
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+            value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+            graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        restored += 1
+    return restored

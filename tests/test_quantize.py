@@ -565,6 +565,36 @@ def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
     assert all(i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer)
 
 
+def test_fp16_keeps_a_shared_weight_float32_for_the_node_kept(cli, tmp_path):
+    """A weight shared with a converted node was stored in float16 and cast back for the
+    node kept float32: its output was exactly x * fp16(w), 1e-3 off."""
+    source = tmp_path / "shared.py"
+    source.write_text(
+        "import torch\n\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.w = torch.nn.Parameter(torch.randn(8))\n\n"
+        "    def forward(self, x):\n"
+        "        return x * self.w, torch.tanh(x) * self.w\n\n"
+        "def make():\n"
+        "    return M().eval()\n"
+    )
+    bundle, out = tmp_path / "b", tmp_path / "h"
+    code, _, err = cli("convert", f"{source}:make", "-o", bundle, "--input", "x:float32[batch,8]",
+                       "--no-bench")  # fmt: skip
+    assert code == 0, err
+    first = next(n.name for n in onnx.load(str(bundle / "model.onnx")).graph.node)
+    code, _, err = cli("quantize", bundle, "-o", out, "--mode", "fp16", "--exclude", first)
+    assert code == 0, err
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    want = ort_run(bundle / "model.onnx", {"x": x})
+    got = ort_run(out / "model.onnx", {"x": x})
+    np.testing.assert_array_equal(got[0], want[0])  # the node kept float32: exact
+    np.testing.assert_allclose(got[1], want[1], atol=5e-3)  # the converted one: float16
+
+
 def test_already_quantized_model_is_refused(cli, mlp, tmp_path):
     first = tmp_path / "dyn"
     assert cli("quantize", mlp, "-o", first, "--mode", "dynamic")[0] == 0
