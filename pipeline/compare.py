@@ -160,10 +160,13 @@ def compare_bundles(
         ],
     }
     if bench:
-        config = BenchConfig(runs=runs, warmup=3)
         # both at the shapes compared (A at its default 8x8 and a fixed B at 256x256 showed
-        # the same model 75x faster), batch 1
+        # the same model 75x faster), at batch 1 unless one model fixes its batch (a fixed
+        # 64 timed beside a free batch at 1 read 36x slower)
         first = feeds_a[0]
+        fixed = [s.shape[0] for s in (*specs["a"], *specs["b"]) if s.shape]
+        batch = next((d for d in fixed if isinstance(d, int)), 1)
+        config = BenchConfig(runs=runs, warmup=3, batches=(batch,))
         timed = {
             "a": [_at(x, first[x.name].shape) for x in specs["a"]],
             "b": [
@@ -177,15 +180,12 @@ def compare_bundles(
             spec_json = [s.to_json() for s in timed[key]]
             result = bench_model(path / MODEL_FILE, spec_json, config)[0]
             record["latency_ms"][key] = result["latency_ms"]["p50"]
+        record["latency_batch"] = batch
         record["latency_shapes"] = {
-            k: {s.name: [_batch(s), *s.shape[1:]] if s.shape else [] for s in v}
+            k: {s.name: [batch, *s.shape[1:]] if s.shape else [] for s in v}
             for k, v in timed.items()
         }
     return record
-
-
-def _batch(spec: InputSpec) -> int:
-    return spec.shape[0] if isinstance(spec.shape[0], int) else 1
 
 
 def _at(spec: InputSpec, shape: tuple[int, ...]) -> InputSpec:
@@ -289,7 +289,7 @@ th{{background:#f3f3f3}}tr.diff td{{background:#fff3cd}}</style></head><body>
 <table><tr><th></th><th>A</th><th>B</th></tr>
 <tr><td>bundle</td><td>{cell(record["a"])}</td><td>{cell(record["b"])}</td></tr>
 <tr><td>parameters</td><td>{record["params"]["a"]:,}</td><td>{record["params"]["b"]:,}</td></tr>
-<tr><td>p50 latency (ms, CPU, batch 1, at the compared shapes)</td>
+<tr><td>p50 latency (ms, CPU, batch {record.get("latency_batch", 1)}, at the compared shapes)</td>
 <td>{cell(record["latency_ms"]["a"])}</td><td>{cell(record["latency_ms"]["b"])}</td></tr></table>
 <h2>Output agreement (B against A)</h2>
 <table><tr><th>max abs diff</th><th>cosine</th><th>top-1 agreement</th></tr>

@@ -152,7 +152,8 @@ def compare_table(record: dict[str, Any]) -> Table:
     )
     table.add_row("parameters", f"{record['params']['a']:,}", f"{record['params']['b']:,}")
     lat = record["latency_ms"]
-    table.add_row("p50 ms (cpu, batch 1)", _num(lat["a"], ".2f"), _num(lat["b"], ".2f"))
+    at = f"cpu, batch {record.get('latency_batch', 1)}"
+    table.add_row(f"p50 ms ({at})", _num(lat["a"], ".2f"), _num(lat["b"], ".2f"))
     out = record["outputs"]
     table.add_row(  # B's numbers against A: one cell, A is the reference
         "agreement (B vs A)",

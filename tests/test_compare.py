@@ -374,6 +374,16 @@ def test_latency_is_timed_at_the_shapes_compared(cli, tmp_path):
     record = json.loads(stdout)
     assert record["latency_shapes"] == {"a": {"x": [1, 3, 32, 32]}, "b": {"x": [1, 3, 32, 32]}}
     assert record["outputs"]["max_abs_diff"] == 0.0
+    # a model fixed at batch 4: both timed at 4 (a free batch at 1 beside it read 4x faster)
+    spec = "x:float32[4,3,32,32]"
+    code, _, err = cli("convert", model_ref("gated"), "-o", tmp_path / "b4", "--input", spec,
+                       "--no-bench")  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = cli("compare", tmp_path / "dyn", tmp_path / "b4", "--json")
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert record["latency_batch"] == 4
+    assert record["latency_shapes"] == {"a": {"x": [4, 3, 32, 32]}, "b": {"x": [4, 3, 32, 32]}}
 
 
 def test_inputs_of_another_rank_and_a_bundle_as_html_say_what_to_do(cli, tmp_path, mlp_bundle):
