@@ -72,13 +72,14 @@ class InputSpec:
             )
         dims: list[Dim] = []
         for raw in (d.strip() for d in dims_text.split(",")) if dims_text.strip() else ():
-            if raw.isdigit() and int(raw) > 0:
+            if raw.isdigit() and 0 < int(raw) <= MAX_DIM:
                 dims.append(int(raw))
             elif _SYMBOL_RE.match(raw):
                 dims.append(raw)
             else:
                 raise InputError(
-                    f"--input {text!r}: dim {raw!r} is neither a positive int nor a symbol name."
+                    f"--input {text!r}: dim {raw!r} is neither a positive int (at most "
+                    f"{MAX_DIM}, ONNX's int64) nor a symbol name."
                 )
         return cls(name=name, dtype=dtype, shape=tuple(dims))
 
@@ -228,6 +229,9 @@ def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]
             candidate += 1
     return sizes
 
+
+MAX_DIM = 2**63 - 1
+"""The largest dim ONNX can declare (int64)."""
 
 MAX_SAMPLE_BYTES = 2 << 30
 """The largest array onnxpipe generates for one input (2 GiB)."""

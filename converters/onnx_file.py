@@ -110,7 +110,8 @@ def _bound(path: Path, value: ir.Value, given: InputSpec) -> InputSpec:
     """``given`` (an ``--input`` spec) for the model's input ``value``, or InputError.
 
     The spec's dtype and dims must not contradict what the model declares: a fixed size
-    stays that size, a free one may be fixed or named.
+    stays that size (a symbol there too: the graph's ops were built for it), a free one may
+    be fixed or named.
     """
     declared = np.dtype(value.dtype.numpy()).name if value.dtype is not None else None
     if declared is not None and declared != given.dtype:
@@ -121,10 +122,7 @@ def _bound(path: Path, value: ir.Value, given: InputSpec) -> InputSpec:
     dims = list(value.shape or ()) if value.shape is not None else None
     if dims is not None and (
         len(dims) != len(given.shape)
-        or any(
-            isinstance(d, int) and isinstance(g, int) and d != g
-            for d, g in zip(dims, given.shape, strict=False)
-        )
+        or any(isinstance(d, int) and d != g for d, g in zip(dims, given.shape, strict=False))
     ):
         shown = [d if isinstance(d, int) else (str(d.value) if d.value else "?") for d in dims]
         raise InputError(
@@ -141,13 +139,50 @@ def bind_inputs(model: ir.Model, specs: list[InputSpec], given: Collection[str] 
     was ``null`` in it, and an ``--input`` that named or fixed dims changed only the samples.
     """
     by_name = {s.name: s for s in specs}
+    changed = False
     for value in model.graph.inputs:
         spec = by_name.get(value.name or "")
         if spec is None:
             continue
         value.dtype = ir.DataType.from_numpy(np.dtype(spec.dtype))
         if value.shape is not None or spec.name in given:  # an unknown rank stays unknown
+            before = list(value.shape or ())
             value.shape = ir.Shape(list(spec.shape))
+            changed |= before != list(value.shape)
+    if changed and given:
+        _reinfer_shapes(model)
+
+
+def _reinfer_shapes(model: ir.Model) -> None:
+    """Output and inner shapes inferred again from the inputs ``--input`` fixed or named.
+
+    Left as the file declared them they contradicted the inputs (``[batch, 3, h, None]``
+    for an output of an input fixed to ``[batch, 3, 16, 16]``). Where ONNX cannot infer a
+    shape (custom ops) the declared one stays.
+    """
+    declared = {v: v.shape for v in model.graph.outputs}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for out in node.outputs:
+            out.shape = None
+    from onnx_ir.passes.common import ShapeInferencePass  # noqa: PLC0415
+
+    try:
+        inferred = ShapeInferencePass(strict_mode=False)(model).model
+    except Exception as e:  # noqa: BLE001 - best effort: parity checks the model either way
+        logger.info("shape inference after --input failed: %s", e)
+        inferred = model
+    if inferred is not model:  # the pass may build a new model: take its shapes by name
+        shapes = {
+            out.name: out.shape
+            for node in ir.traversal.RecursiveGraphIterator(inferred.graph)
+            for out in node.outputs
+        }
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for out in node.outputs:
+                out.shape = shapes.get(out.name)
+    for value, shape in declared.items():
+        if value.shape is None:
+            value.shape = shape
 
 
 def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAttempt]:

@@ -210,9 +210,11 @@ def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, 
 
     def entry(value: ir.Value) -> dict[str, Any]:
         dtype = value.dtype.numpy().name if value.dtype is not None else None
-        shape: list[int | str | None] = []
-        for dim in value.shape or ():
-            shape.append(dim if isinstance(dim, int) else (dim.value or None))
+        shape: list[int | str] = []
+        for axis, dim in enumerate(value.shape or ()):
+            # an unnamed free dim gets a symbol: the contract's dims are ints or symbols
+            unnamed = f"{value.name}_d{axis}".replace(".", "_").replace(":", "_")
+            shape.append(dim if isinstance(dim, int) else (dim.value or unnamed))
         return {"name": value.name, "dtype": dtype, "shape": shape}
 
     inputs = []

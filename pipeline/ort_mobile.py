@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx
 
-from onnxpipe.converters.base import InputSpec
+from onnxpipe.converters.base import MAX_DIM, InputSpec
 from onnxpipe.errors import InputError
 from onnxpipe.modelio import MOBILE_MODEL
 from onnxpipe.runtime import ORT_ERRORS
@@ -63,10 +63,10 @@ def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dic
                 f"{', '.join(by_name)}."
             )
         dims = [int(d) for d in dims_text.replace(" ", "").split(",") if d]
-        if len(dims) != len(spec.shape) or any(d < 1 for d in dims):
+        if len(dims) != len(spec.shape) or any(not 1 <= d <= MAX_DIM for d in dims):
             raise InputError(
                 f"--fixed-shape {text!r}: {name} has shape {list(spec.shape)} (rank "
-                f"{len(spec.shape)}); give {len(spec.shape)} positive dims."
+                f"{len(spec.shape)}); give {len(spec.shape)} positive dims (at most {MAX_DIM})."
             )
         clash = [
             (a, d) for a, d in zip(spec.shape, dims, strict=True) if isinstance(a, int) and a != d

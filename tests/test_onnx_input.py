@@ -282,7 +282,14 @@ def test_input_specs_are_the_models_own(cli, tmp_path):
     code, stdout, err = cli("convert", unnamed, "-o", tmp_path / "b", "--no-bench", "--json",
                             "--input", "x:float32[n,4]")  # fmt: skip
     assert code == 0 and json.loads(stdout)["inputs"][0]["shape"] == ["n", 4], err
-    # what the model fixes cannot be given otherwise
+    # the outputs follow the inputs (they kept the file's shapes: null or stale symbols)
+    code, stdout, err = cli("convert", unnamed, "-o", tmp_path / "e", "--no-bench", "--json",
+                            "--input", "x:float32[2,4]")  # fmt: skip
+    assert code == 0 and json.loads(stdout)["outputs"][0]["shape"] == [2, 3], err
+    # what the model fixes cannot be given otherwise, a symbol included
+    fixed = _matmul(tmp_path / "fixed.onnx", [1, 4])
+    code, _, err = cli("convert", fixed, "-o", tmp_path / "d", "--input", "x:float32[batch,4]")
+    assert code == 2 and "contradicts" in err, err
     for spec, needle in (("x:float32[n,5]", "contradicts"), ("x:int64[n,4]", "not int64")):
         code, _, err = cli("convert", unnamed, "-o", tmp_path / "d", "--input", spec)
         assert code == 2 and needle in err and not (tmp_path / "d").exists(), err
