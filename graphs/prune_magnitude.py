@@ -122,7 +122,7 @@ class PruneMagnitudePass(GraphPass[PruneMagnitudeConfig]):
             raise PassError(
                 f"nothing to prune: --ratio {cfg.ratio:g} zeros no weight that was not zero "
                 f"already ({100 * sparsity_before:.1f}% zeros, {len(weights)} weights, "
-                f"{cfg.scope} scope). Raise --ratio, e.g. --ratio 0.5."
+                f"{cfg.scope} scope). Raise --ratio above the share already zero."
             )
         logger.info("magnitude pruning: %d weights, %.1f%% zeros", len(weights), 100 * sparsity)
         self.metrics = {
