@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 from pydantic import Field
 
-from onnxpipe.graphs.base import GraphPass, PassConfig
+from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model
 from onnxpipe.graphs.quant_exclude import split_exclude
 from onnxpipe.graphs.quant_utils import from_proto, refuse_float16, refuse_quantized, to_proto
 
@@ -54,6 +54,10 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Return the float16 model (a new object)."""
+        from onnx_ir.passes.common import (  # noqa: PLC0415
+            IdentityEliminationPass,
+            LiftConstantsToInitializersPass,
+        )
         from onnxruntime.transformers.float16 import (  # noqa: PLC0415
             DEFAULT_OP_BLOCK_LIST,
             convert_float_to_float16,
@@ -65,7 +69,13 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
         blocked = set(DEFAULT_OP_BLOCK_LIST) | op_types
         if self.config.block_sensitive:
             blocked |= set(SENSITIVE_OPS)
-        proto = to_proto(model)
+        # weights held by Constant nodes or read through Identity reach a kept node as
+        # initializers, which restore_float32_weights gives it in float32 (it read a float16
+        # copy cast back: 2e-3 off)
+        work = copy_model(model)
+        work = LiftConstantsToInitializersPass(lift_all_constants=True)(work).model
+        work = IdentityEliminationPass()(work).model
+        proto = to_proto(work)
         if any(n.domain == "com.microsoft" for n in model.graph):
             proto = _typed(proto)
         proto = convert_float_to_float16(
@@ -83,9 +93,8 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
             # value_info calls them float16: the ONNX checker refuses the mismatch.
             if value.const_value is not None:
                 value.dtype = value.const_value.dtype
-        dropped = restore_float32_weights(result.graph, model.graph) + drop_round_trips(
-            result.graph
-        )
+        restored = restore_float32_weights(result.graph, work.graph)
+        dropped = restored + drop_round_trips(result.graph)
         kept = [n.name for n in model.graph if n.op_type in blocked or n.name in nodes]
         self.metrics = {"blocked_op_types": sorted(blocked & {n.op_type for n in model.graph}),
                         "float32_nodes": len(kept)}  # fmt: skip
