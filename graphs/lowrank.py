@@ -169,7 +169,11 @@ class LowRankPass(GraphPass[LowRankConfig]):
                 + (f" / --energy {cfg.energy:g}" if cfg.energy is not None else "")
                 + f": no weight's factored form is small enough ({reasons}"
                 + (", ..." if len(skipped) > 3 else "")
-                + "). Raise --ratio (or lower --energy), e.g. --ratio 0.5."
+                + (
+                    "). Lower --energy: its floor sets the rank here."
+                    if cfg.energy is not None
+                    else f"). Raise --ratio{', e.g. --ratio 0.5' if cfg.ratio < 0.5 else ''}."
+                )
             )
         if layers:
             logger.info("low-rank: factored %d weights", len(layers))

@@ -159,13 +159,14 @@ def compare_bundles(
             ("nchw->nhwc" if m == NCHW_TO_NHWC else "nhwc->nchw") if m else None for m in maps
         ],
     }
+    # both timed at the shapes compared (A at its default 8x8 and a fixed B at 256x256
+    # showed the same model 75x faster), at batch 1 unless one model fixes its batch (a
+    # fixed 64 timed beside a free batch at 1 read 36x slower)
+    fixed = [s.shape[0] for s in (*specs["a"], *specs["b"]) if s.shape]
+    batch = next((d for d in fixed if isinstance(d, int)), 1)
+    record["latency_batch"] = batch
     if bench:
-        # both at the shapes compared (A at its default 8x8 and a fixed B at 256x256 showed
-        # the same model 75x faster), at batch 1 unless one model fixes its batch (a fixed
-        # 64 timed beside a free batch at 1 read 36x slower)
         first = feeds_a[0]
-        fixed = [s.shape[0] for s in (*specs["a"], *specs["b"]) if s.shape]
-        batch = next((d for d in fixed if isinstance(d, int)), 1)
         config = BenchConfig(runs=runs, warmup=3, batches=(batch,))
         timed = {
             "a": [_at(x, first[x.name].shape) for x in specs["a"]],
@@ -180,7 +181,6 @@ def compare_bundles(
             spec_json = [s.to_json() for s in timed[key]]
             result = bench_model(path / MODEL_FILE, spec_json, config)[0]
             record["latency_ms"][key] = result["latency_ms"]["p50"]
-        record["latency_batch"] = batch
         record["latency_shapes"] = {
             k: {s.name: [batch, *s.shape[1:]] if s.shape else [] for s in v}
             for k, v in timed.items()

@@ -141,6 +141,19 @@ def _finite_pair(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return ref, got
 
 
+def _shared_bounded(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The infinities both hold in one place as +-1e30, for the softmax.
+
+    A shared +inf logit made it inf - inf (kl inf, a failed gate) where both put all mass
+    on that class.
+    """
+    shared = np.isinf(ref) & (ref == got)
+    if not shared.any():
+        return ref, got
+    bounded = np.where(ref > 0, 1e30, -1e30)
+    return np.where(shared, bounded, ref), np.where(shared, bounded, got)
+
+
 def _broken_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     """Rows (samples) where one side holds a NaN or infinity the other does not."""
     special = ~np.isfinite(ref) | ~np.isfinite(got)
@@ -193,7 +206,7 @@ def gate_metrics(
                 broken = _broken_rows(ref, got)  # argmax took a NaN row's first class
                 agree.append((ref.argmax(1) == got.argmax(1)) & ~broken)
                 with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                    kl = _kl(ref, got)
+                    kl = _kl(*_shared_bounded(ref, got))
                 kls.append(np.where(broken | ~np.isfinite(kl), np.inf, kl))
     per_output = [np.concatenate(c) for c in cosines]
     for j, pairs in scalars.items():

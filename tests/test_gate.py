@@ -194,6 +194,10 @@ def test_infinities_in_the_same_place_are_equal():
     moved[0, 1] = 0.0  # an infinity on one side only fails
     one_sided = gate_metrics([[ref]], [[moved]])
     assert one_sided["max_abs"] == np.inf and one_sided["cosine_min"] == 0.0
+    # a +inf both hold: the softmax took inf - inf (kl inf, every kl gate failed)
+    plus = np.array([[1.0, np.inf, 2.0], [0.5, 1.0, 3.0]])
+    shared = gate_metrics([[plus]], [[plus + np.array([[1e-4, 0, 0], [0, 0, 1e-4]])]])
+    assert shared["top1"] == 1.0 and shared["kl"] < 1e-6
 
 
 def test_nan_outputs_fail_every_metric():
