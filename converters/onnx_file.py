@@ -77,6 +77,9 @@ def signature(
                     "the sequence is built (or split) inside it, then convert that."
                 )
     specs = []
+    # a symbol --input names or fixes on one input does so on every input sharing it
+    # (x and y both [batch, 8] with --input x:float32[2,8] got y at another batch: exit 2)
+    renamed = _renamed_symbols(model, overrides or {})
     for value in model.graph.inputs:
         if value.const_value is not None or value.name in model.graph.initializers:
             continue
@@ -98,12 +101,27 @@ def signature(
         for axis, dim in enumerate(value.shape or ()):
             if isinstance(dim, int) and dim > 0:
                 dims.append(dim)
+            elif isinstance(dim, ir.SymbolicDim) and dim.value in renamed:
+                dims.append(renamed[dim.value])
             elif isinstance(dim, ir.SymbolicDim) and dim.value and dim.value.isidentifier():
                 dims.append(dim.value)
             else:
                 dims.append(f"{value.name}_d{axis}".replace(".", "_").replace(":", "_"))
         specs.append(InputSpec(value.name or "", dtype, tuple(dims)))
     return specs
+
+
+def _renamed_symbols(model: ir.Model, overrides: Mapping[str, InputSpec]) -> dict[str, int | str]:
+    """The file's symbols that ``--input`` specs fix or rename, with what they became."""
+    renamed: dict[str, int | str] = {}
+    for value in model.graph.inputs:
+        given = overrides.get(value.name or "")
+        if given is None or value.shape is None or len(value.shape) != len(given.shape):
+            continue
+        for dim, new in zip(value.shape, given.shape, strict=True):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value != new:
+                renamed.setdefault(dim.value, new)
+    return renamed
 
 
 def _bound(path: Path, value: ir.Value, given: InputSpec) -> InputSpec:
@@ -149,7 +167,7 @@ def bind_inputs(model: ir.Model, specs: list[InputSpec], given: Collection[str] 
             before = list(value.shape or ())
             value.shape = ir.Shape(list(spec.shape))
             changed |= before != list(value.shape)
-    if changed and given:
+    if changed:
         _reinfer_shapes(model)
 
 
@@ -180,9 +198,16 @@ def _reinfer_shapes(model: ir.Model) -> None:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             for out in node.outputs:
                 out.shape = shapes.get(out.name)
+    symbols = {
+        d.value for v in model.graph.inputs for d in v.shape or () if isinstance(d, ir.SymbolicDim)
+    }
     for value, shape in declared.items():
-        if value.shape is None:
-            value.shape = shape
+        if value.shape is None and shape is not None:  # not inferred (a custom op's output)
+            # its sizes stay; a symbol no input has any more is left unnamed (the manifest
+            # names it <output>_d<axis>), not kept as the file's stale one
+            value.shape = ir.Shape(
+                [d if isinstance(d, int) or d.value in symbols else None for d in shape]
+            )
 
 
 def attempts(source: str | object, config: ConvertConfig) -> Iterator[ExportAttempt]:

@@ -286,6 +286,20 @@ def test_input_specs_are_the_models_own(cli, tmp_path):
     code, stdout, err = cli("convert", unnamed, "-o", tmp_path / "e", "--no-bench", "--json",
                             "--input", "x:float32[2,4]")  # fmt: skip
     assert code == 0 and json.loads(stdout)["outputs"][0]["shape"] == [2, 3], err
+    # a symbol fixed on one input is fixed on every input sharing it (y kept another batch)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["z"])], "g",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", 8]) for n in "xy"],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["batch", 8])],
+    )  # fmt: skip
+    shared = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), shared)
+    code, stdout, err = cli("convert", shared, "-o", tmp_path / "s", "--no-bench", "--json",
+                            "--input", "x:float32[2,8]")  # fmt: skip
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert [i["shape"] for i in record["inputs"]] == [[2, 8], [2, 8]]
+    assert record["outputs"][0]["shape"] == [2, 8]
     # what the model fixes cannot be given otherwise, a symbol included
     fixed = _matmul(tmp_path / "fixed.onnx", [1, 4])
     code, _, err = cli("convert", fixed, "-o", tmp_path / "d", "--input", "x:float32[batch,4]")
