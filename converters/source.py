@@ -105,6 +105,22 @@ def stderr_kept_back(active: bool) -> Iterator[None]:
             os.close(saved)
 
 
+@contextlib.contextmanager
+def importable_from(*folders: Path) -> Iterator[None]:
+    """``folders`` on the import path (after what is there) for the block, in that order.
+
+    Those already on it stay where they are; the others are taken off again afterwards.
+    """
+    added = [d for d in dict.fromkeys(str(f) for f in folders) if d not in sys.path]
+    sys.path.extend(added)
+    try:
+        yield
+    finally:
+        for d in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(d)
+
+
 def load_callable(ref: str) -> Callable[[], Any]:
     """Import the callable named by ``pkg.module:callable`` or ``path/file.py:callable``.
 
@@ -138,12 +154,8 @@ def load_callable(ref: str) -> Callable[[], Any]:
             sys.path.remove(str(path.resolve().parent))
     else:
         # A module in the working directory imports as `python -m` (or uvicorn) would find it.
-        cwd = str(Path.cwd())
-        added = cwd not in sys.path
-        if added:
-            sys.path.append(cwd)
         try:
-            with stderr_kept_back(quiet_imports()):
+            with importable_from(Path.cwd()), stderr_kept_back(quiet_imports()):
                 module = importlib.import_module(target)
         except ImportError as e:
             raise InputError(
@@ -151,9 +163,6 @@ def load_callable(ref: str) -> Callable[[], Any]:
                 or f"{ref}: cannot import module {target!r} ({e}). Install it or pass "
                 "path/file.py:callable instead."
             ) from e
-        finally:
-            if added:
-                sys.path.remove(cwd)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

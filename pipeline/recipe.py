@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from onnxpipe.bundle import (
     write_failure_report,
 )
 from onnxpipe.card import write_docs
-from onnxpipe.converters.source import named_path
+from onnxpipe.converters.source import importable_from, named_path
 from onnxpipe.derived_steps import MODEL_CHANGING, as_recipes
 from onnxpipe.errors import GateFailed, InputError, OnnxPipeError
 from onnxpipe.modelio import MODEL_FILE, describe_model, io_signature, sha256
@@ -71,25 +70,13 @@ def _beside(recipe: Path, value: Any, key: str) -> Any:
     )
 
 
-@contextlib.contextmanager
-def modules_beside(recipe: Path) -> Iterator[None]:
+def modules_beside(recipe: Path) -> contextlib.AbstractContextManager[None]:
     """Module references (``pkg.module:make``) import from the working dir, else the recipe's.
 
     For the recipe's run only: a recipe kept beside its code runs from anywhere, as one beside
     its files does.
     """
-    added = [
-        d
-        for d in dict.fromkeys((str(Path.cwd()), str(recipe.resolve().parent)))
-        if d not in sys.path
-    ]
-    sys.path.extend(added)
-    try:
-        yield
-    finally:
-        for d in added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(d)
+    return importable_from(Path.cwd(), recipe.resolve().parent)
 
 
 _NEGATIONS = {

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from onnxpipe.converters.source import Loaded, call_factory, framework_of_object, is_callable_ref
+from onnxpipe.converters.source import (
+    Loaded,
+    call_factory,
+    framework_of_object,
+    importable_from,
+    is_callable_ref,
+)
 from onnxpipe.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -139,17 +144,11 @@ def _unsafe_load(path: Path) -> Any:
     ``module:callable`` source (the model's ``model.py`` usually sits there).
     """
     logger.warning("%s: full-pickle torch.load (--unsafe-load)", path)
-    added = [
-        d for d in dict.fromkeys((str(Path.cwd()), str(path.resolve().parent))) if d not in sys.path
-    ]
-    sys.path.extend(added)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        with importable_from(Path.cwd(), path.resolve().parent):
+            return torch.load(str(path), map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError, RuntimeError) as e:
         raise InputError(
             f"{path}: could not be unpickled ({type(e).__name__}: {str(e)[:200]}). The classes "
             "it was saved with must be importable; pass path/file.py:callable instead."
         ) from e
-    finally:
-        for d in added:
-            sys.path.remove(d)
