@@ -230,6 +230,11 @@ def example_sizes(specs: Sequence[InputSpec], offset: int = 0) -> dict[str, int]
     return sizes
 
 
+def unnamed_dim(name: str | None, axis: int) -> str:
+    """The symbol onnxpipe gives a free dim a model left unnamed: ``<name>_d<axis>``."""
+    return f"{name}_d{axis}".replace(".", "_").replace(":", "_")
+
+
 MAX_DIM = 2**63 - 1
 """The largest dim ONNX can declare (int64)."""
 

@@ -24,6 +24,7 @@ from onnxpipe.converters.base import (
     ExportAttempt,
     Feeds,
     InputSpec,
+    unnamed_dim,
 )
 from onnxpipe.errors import InputError
 from onnxpipe.runtime import ORT_ERRORS
@@ -106,7 +107,7 @@ def signature(
             elif isinstance(dim, ir.SymbolicDim) and dim.value and dim.value.isidentifier():
                 dims.append(dim.value)
             else:
-                dims.append(f"{value.name}_d{axis}".replace(".", "_").replace(":", "_"))
+                dims.append(unnamed_dim(value.name, axis))
         specs.append(InputSpec(value.name or "", dtype, tuple(dims)))
     return specs
 

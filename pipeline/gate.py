@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.errors import GateFailed, InputError
+from onnxpipe.parity import unmatched_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ def _shared_bounded(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _broken_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     """Rows (samples) where one side holds a NaN or infinity the other does not."""
-    special = ~np.isfinite(ref) | ~np.isfinite(got)
-    same = (ref == got) | (np.isnan(ref) & np.isnan(got))
-    return (special & ~same).reshape(len(ref), -1).any(1)
+    return np.asarray(unmatched_nonfinite(ref, got).reshape(len(ref), -1).any(1))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

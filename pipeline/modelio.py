@@ -9,6 +9,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxpipe.converters.base import unnamed_dim
 from onnxpipe.graphs.base import ID_PASS, attr_int
 
 logger = logging.getLogger(__name__)
@@ -213,8 +214,9 @@ def io_signature(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, 
         shape: list[int | str] = []
         for axis, dim in enumerate(value.shape or ()):
             # an unnamed free dim gets a symbol: the contract's dims are ints or symbols
-            unnamed = f"{value.name}_d{axis}".replace(".", "_").replace(":", "_")
-            shape.append(dim if isinstance(dim, int) else (dim.value or unnamed))
+            shape.append(
+                dim if isinstance(dim, int) else (dim.value or unnamed_dim(value.name, axis))
+            )
         return {"name": value.name, "dtype": dtype, "shape": shape}
 
     inputs = []

@@ -14,6 +14,13 @@ Feeds = dict[str, np.ndarray]
 Runner = Callable[[Feeds], list[np.ndarray]]
 
 
+def unmatched_nonfinite(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Where one side holds a NaN or infinity the other does not hold in that place."""
+    special = ~np.isfinite(ref) | ~np.isfinite(got)
+    same = (ref == got) | (np.isnan(ref) & np.isnan(got))
+    return special & ~same
+
+
 def tolerance_for(reference: np.ndarray, atol: float) -> float:
     """``atol`` scaled by the output's magnitude: float32 error grows with the values.
 
@@ -59,8 +66,7 @@ def compare_outputs(
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
         # inf and NaN agree where both sides hold the same one (masked logits: -inf)
         special = ~np.isfinite(ref64) | ~np.isfinite(got64)
-        same = (ref64 == got64) | (np.isnan(ref64) & np.isnan(got64))
-        finite = not bool((special & ~same).any())
+        finite = not bool(unmatched_nonfinite(ref64, got64).any())
         diff = np.abs(np.where(special, 0.0, ref64 - got64))
         tol = tolerance_for(ref, atol)
         max_abs = float(diff.max()) if diff.size else 0.0
