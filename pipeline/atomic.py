@@ -47,13 +47,26 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         finally:  # a signal held back during the swap is raised as the block ends
             if swapped and old is not None:
                 _remove(old)
-            report = out.parent / f"{out.name}.failed.json"
+            report = failure_report(out)
             # an earlier failed run's report would contradict the bundle (not a user's folder)
-            if swapped and report.is_file() and not report.is_symlink():
+            if swapped and report_writable(report):
                 report.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def failure_report(out: Path) -> Path:
+    """Where a failed run's numbers for ``out`` go: ``<out>.failed.json`` beside it."""
+    return out.parent / f"{out.name}.failed.json"
+
+
+def report_writable(report: Path) -> bool:
+    """Whether onnxpipe may write or remove ``report``: absent, or a plain file.
+
+    A link or a folder of the user's at that path is left as it is.
+    """
+    return not os.path.lexists(report) or (report.is_file() and not report.is_symlink())
 
 
 def _check_still_free(out: Path, overwrite: bool) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.atomic import write_json_atomic
+from onnxpipe.atomic import failure_report, report_writable, write_json_atomic
 from onnxpipe.bundle_checks import check_manifest, check_out_path, module_source
 from onnxpipe.converters.source import named_path
 from onnxpipe.errors import InputError
@@ -112,8 +112,8 @@ def write_failure_report(out: Path, record: dict[str, Any]) -> str:
     the numbers are for the message: a folder or link of the user's at that path is left as
     it is and the message says so (the numbers are printed with the failure anyway).
     """
-    report = out.parent / f"{out.name}.failed.json"
-    if os.path.lexists(report) and (report.is_symlink() or not report.is_file()):
+    report = failure_report(out)
+    if not report_writable(report):
         return f"this message ({report} is not a file, left as it is)"
     write_json_atomic(report, {"status": "gate_failed", **record})
     return str(report)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
@@ -50,6 +50,12 @@ class Work:
         )
 
 
+Atol = Annotated[
+    float, Field(gt=0, allow_inf_nan=False, description="Parity tolerance, scaled by magnitude.")
+]
+"""A parity tolerance: finite and above 0 (``--atol inf`` passed parity at max abs 969)."""
+
+
 class StepConfig(BaseModel):
     """Base of every step's settings: frozen, no unknown keys, JSON-serialisable."""
 
@@ -77,12 +83,7 @@ class ConvertStep(StepConfig):
         default="auto", description="PyTorch exporter; auto = dynamo, then TorchScript."
     )
     nchw: bool = Field(default=False, description="NCHW image inputs for TensorFlow models.")
-    atol: float = Field(
-        default=1e-4,
-        gt=0,
-        allow_inf_nan=False,
-        description="Parity tolerance, scaled by magnitude.",
-    )
+    atol: Atol = 1e-4
     data: str | None = Field(default=None, description="User DATA for parity, besides generated.")
     unsafe_load: bool = Field(default=False, description="Allow full-pickle loading.")
     signature: str | None = Field(
@@ -163,12 +164,7 @@ class ValidateStep(StepConfig):
     ep: tuple[str, ...] = Field(default=("cpu",), description="EPs to validate on.")
     require: tuple[str, ...] = Field(default=(), description="EPs whose absence is a failure.")
     data: str | None = Field(default=None, description="User DATA for parity.")
-    atol: float = Field(
-        default=1e-4,
-        gt=0,
-        allow_inf_nan=False,
-        description="Parity tolerance, scaled by magnitude.",
-    )
+    atol: Atol = 1e-4
 
     @field_validator("ep", "require", mode="before")
     @classmethod
