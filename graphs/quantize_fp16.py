@@ -149,19 +149,28 @@ def drop_round_trips(graph: ir.Graph) -> int:
     return dropped
 
 
-def _same_value(node: ir.Node) -> ir.Value | None:
-    """The value a Cast's output equals exactly (float32 for a float32 result), else None."""
-    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+def _cast_to(node: ir.Node | None) -> ir.DataType | None:
+    """The type a Cast node casts its input to; None for any other node."""
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
         return None
     attr = node.attributes.get("to")
-    to = ir.DataType(attr.as_int()) if attr is not None else None
-    src = node.inputs[0]
+    return ir.DataType(attr.as_int()) if attr is not None and node.inputs[0] is not None else None
+
+
+def _same_value(node: ir.Node) -> ir.Value | None:
+    """The value a Cast's output equals exactly (float32 for a float32 result), else None."""
+    to = _cast_to(node)
+    src = node.inputs[0] if to is not None else None
+    if src is None:
+        return None
     if to == src.dtype and to == ir.DataType.FLOAT:
         return src
     producer = src.producer()
-    if producer is None or producer.op_type != "Cast" or producer.inputs[0] is None:
+    if producer is None or _cast_to(producer) is None:
         return None
     origin = producer.inputs[0]
+    if origin is None:
+        return None
     if to == ir.DataType.FLOAT and src.dtype == ir.DataType.FLOAT16:
         return origin if origin.dtype == ir.DataType.FLOAT else None
     if to == ir.DataType.FLOAT16 and src.dtype == ir.DataType.FLOAT:
@@ -178,9 +187,8 @@ def restore_float32_weights(graph: ir.Graph, original: ir.Graph) -> int:
     """
     restored = 0
     for node in list(graph):
-        source = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
-        attr = node.attributes.get("to")
-        if source is None or attr is None or attr.as_int() != ir.DataType.FLOAT:
+        source = node.inputs[0] if _cast_to(node) == ir.DataType.FLOAT else None
+        if source is None:
             continue
         kept = original.initializers.get(source.name or "")
         if source.dtype != ir.DataType.FLOAT16 or kept is None or kept.const_value is None:
