@@ -169,11 +169,9 @@ def compare_bundles(
         first = feeds_a[0]
         config = BenchConfig(runs=runs, warmup=3, batches=(batch,))
         timed = {
-            "a": [_at(x, first[x.name].shape) for x in specs["a"]],
+            "a": [_at(x, first[x.name].shape, batch) for x in specs["a"]],
             "b": [
-                _at(y, tuple(np.empty(first[x.name].shape, np.bool_).transpose(m).shape))
-                if m
-                else _at(y, first[x.name].shape)
+                _at(y, tuple(first[x.name].shape[i] for i in m or range(len(y.shape))), batch)
                 for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)
             ],
         }
@@ -181,18 +179,15 @@ def compare_bundles(
             spec_json = [s.to_json() for s in timed[key]]
             result = bench_model(path / MODEL_FILE, spec_json, config)[0]
             record["latency_ms"][key] = result["latency_ms"]["p50"]
-        record["latency_shapes"] = {
-            k: {s.name: [batch, *s.shape[1:]] if s.shape else [] for s in v}
-            for k, v in timed.items()
-        }
+        record["latency_shapes"] = {k: {s.name: list(s.shape) for s in v} for k, v in timed.items()}
     return record
 
 
-def _at(spec: InputSpec, shape: tuple[int, ...]) -> InputSpec:
-    """``spec`` with every dim but the batch at ``shape`` (the sizes compared)."""
+def _at(spec: InputSpec, shape: tuple[int, ...], batch: int) -> InputSpec:
+    """``spec`` at ``shape`` (the sizes compared), with ``batch`` on axis 0."""
     if not spec.shape:
         return spec
-    return replace(spec, shape=(spec.shape[0], *shape[1:]))
+    return replace(spec, shape=(batch, *shape[1:]))
 
 
 def _fixed_by(x: InputSpec, y: InputSpec, layout: tuple[int, ...] | None) -> InputSpec:
