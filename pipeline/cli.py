@@ -167,16 +167,15 @@ def cmd_package(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``onnxpipe quantize BUNDLE -o OUT --mode ...``: a gated, quantized bundle."""
     from onnxpipe.quantize import (  # noqa: PLC0415
-        check_preprocess,
         quantize_bundle,
         settings_from,
-        with_preprocess,
+        with_preprocess_all,
     )
 
-    check_preprocess(args.preprocess, args.calib, args.eval)
+    calib, eval_data = with_preprocess_all(args.preprocess, args.calib, args.eval)
     settings = settings_from(
         mode=args.mode,
-        calib=with_preprocess(args.calib, args.preprocess),
+        calib=calib,
         method=args.method,
         per_channel=args.per_channel,
         rounding=args.rounding,
@@ -193,7 +192,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             args.bundle,
             args.out,
             settings,
-            with_preprocess(args.eval, args.preprocess),
+            eval_data,
             args.overwrite,
         )
     emit(args, manifest, [summary_table(manifest, args.out)])

@@ -117,16 +117,13 @@ class QuantizeStep(DerivedStep):
     def derive(self) -> Derive:
         """``quantize_bundle`` with these settings and ``preprocess`` on calib/eval images."""
         from onnxpipe.quantize import (  # noqa: PLC0415
-            check_preprocess,
             quantize_bundle,
             settings_from,
-            with_preprocess,
+            with_preprocess_all,
         )
 
-        check_preprocess(self.preprocess, self.settings.get("calib"), self.eval)
-        calib = with_preprocess(self.settings.get("calib"), self.preprocess)
+        calib, data = with_preprocess_all(self.preprocess, self.settings.get("calib"), self.eval)
         settings = settings_from(**{**self.settings, "calib": calib})
-        data = with_preprocess(self.eval, self.preprocess)
         return lambda bundle, out: quantize_bundle(bundle, out, settings, data)
 
 

@@ -324,16 +324,22 @@ def check_cpu_kernels(path: Path, ctx: TransformContext) -> None:
         ) from e
 
 
-def check_preprocess(preprocess: str | None, calib: str | None, eval_data: str | None) -> None:
-    """InputError when ``--preprocess`` would apply to nothing (it was ignored, exit 0)."""
-    if preprocess is None:
-        return
-    if all(with_preprocess(d, preprocess) == d for d in (calib, eval_data)):
+def with_preprocess_all(
+    preprocess: str | None, calib: str | None, eval_data: str | None
+) -> tuple[str | None, str | None]:
+    """``calib`` and ``eval_data`` with ``--preprocess SPEC`` attached where it applies.
+
+    Raises:
+        InputError: ``--preprocess`` would apply to neither (it was ignored, exit 0).
+    """
+    attached = with_preprocess(calib, preprocess), with_preprocess(eval_data, preprocess)
+    if preprocess is not None and attached == (calib, eval_data):
         raise InputError(
             f"--preprocess {preprocess}: neither --calib nor --eval is a folder of images "
             "without its own spec (DIR?SPEC), so it would apply to nothing; arrays are fed as "
             "they are. Drop --preprocess, or give a folder of images."
         )
+    return attached
 
 
 def with_preprocess(data: str | None, preprocess: str | None) -> str | None:
