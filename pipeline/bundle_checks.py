@@ -137,7 +137,11 @@ def check_renders(path: Path, data: _Record) -> dict[str, str]:
 
 def _where(loc: tuple[Any, ...]) -> str:
     """A pydantic error location as a manifest key path: steps[0].metrics, model.bytes."""
-    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p not in _UNIONS]
+    parts = [
+        f"[{p}]" if isinstance(p, int) else f".{p}"
+        for p in loc
+        if p not in _UNIONS and not str(p).startswith("literal[")
+    ]
     return "".join(parts).lstrip(".")
 
 

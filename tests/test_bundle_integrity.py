@@ -532,6 +532,7 @@ def test_a_damaged_manifest_is_exit_2(cli, bundle, change, needle):
     for args in (("validate", bundle), ("bench", bundle, "--runs", "2")):
         code, _, err = cli(*args)
         assert code == 2 and needle in err and "the manifest is damaged" in err, err
+        assert "literal[" not in err  # a union branch's name is no manifest key
     assert tree_hash(bundle) == before  # validate rewrote the manifest, then crashed (exit 3)
 
 
