@@ -13,7 +13,7 @@ from onnxpipe.bench import BenchConfig, bench_model
 from onnxpipe.bundle import MANIFEST, open_bundle, read_manifest
 from onnxpipe.bundle_checks import check_recordable, check_renders
 from onnxpipe.card import write_docs
-from onnxpipe.converters.base import InputSpec
+from onnxpipe.converters.base import InputSpec, unnamed_dim
 from onnxpipe.data import recorded_sizes
 from onnxpipe.errors import GateFailed
 from onnxpipe.modelio import MODEL_FILE
@@ -28,7 +28,7 @@ def bundle_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
     specs = []
     for entry in manifest["inputs"]:
         shape = tuple(
-            d if isinstance(d, int) else (d or f"{entry['name']}_d{i}")
+            d if isinstance(d, int) else (d or unnamed_dim(entry["name"], i))
             for i, d in enumerate(entry["shape"])
         )
         specs.append(InputSpec(entry["name"], entry["dtype"], shape, entry.get("index_limit")))

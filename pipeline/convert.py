@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.converters import get_converter
-from onnxpipe.converters.base import ConversionResult, ConvertConfig, InputSpec
+from onnxpipe.converters.base import ConversionResult, ConvertConfig, InputSpec, unnamed_dim
 from onnxpipe.converters.source import (
     Loaded,
     call_factory,
@@ -220,7 +220,7 @@ def free_output_dims(
                 continue
             if not isinstance(dim, int) or seen <= {dim}:
                 continue
-            dims[axis] = _symbol_for(axis, index, samples, specs) or f"{value.name}_d{axis}"
+            dims[axis] = _symbol_for(axis, index, samples, specs) or unnamed_dim(value.name, axis)
             changed.append(f"{value.name}[{axis}] {dim} -> {dims[axis]}")
             value.shape = ir.Shape(dims)
     if not changed:

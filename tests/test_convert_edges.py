@@ -634,3 +634,19 @@ def test_unsafe_load_finds_the_model_class_beside_the_file(cli, tmp_path, monkey
         sys.modules.pop("saved_net_mod", None)
     assert code == 0, err
     assert str(tmp_path) not in sys.path  # only while unpickling
+
+
+def test_freed_output_dims_are_named_like_every_unnamed_dim():
+    """A freed output dim no input symbol explains gets the symbol unnamed dims get elsewhere."""
+    import onnx_ir as ir
+
+    from onnxpipe.convert import free_output_dims
+    from onnxpipe.converters.base import InputSpec
+
+    out = ir.Value(name="pool.out:0", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph(inputs=[], outputs=[out], nodes=[], opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=10)
+    samples = [({"x": np.zeros((n, 2), np.float32)}, [np.zeros(2 * n, np.float32)]) for n in (2, 3)]
+    note = free_output_dims(model, samples, [InputSpec("x", "float32", ("batch", 2))])
+    assert note is not None and "pool.out:0[0] 3 -> pool_out_0_d0" in note
+    assert [str(d) for d in model.graph.outputs[0].shape] == ["pool_out_0_d0"]
