@@ -23,31 +23,20 @@ from typing import Any
 
 from rich.markup import escape
 
-from onnxpipe.cli_args import build_parser
+from onnxpipe.cli_args import build_parser, int_list, symbol_sizes
 from onnxpipe.cli_output import emit, err, progress_steps, quiet, working
 from onnxpipe.errors import (
     GateFailed,
     InputError,
     OnnxPipeError,
     Terminated,
-    clear_signals,
     invalid_settings,
-    signal_received,
-    written,
+    terminate_cleanly,
+    what_stands,
 )
 from onnxpipe.tables import bench_table, compare_table, summary_table, validation_table
 
 logger = logging.getLogger(__name__)
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise InputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8.") from e
-    if not values:
-        raise InputError(f"{flag}: give at least one value.")
-    return values
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -127,28 +116,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(
         eps=tuple(parse_eps(args.ep)),
-        batches=_ints(args.batch, "--batch"),
-        threads=_ints(args.threads, "--threads"),
+        batches=int_list(args.batch, "--batch"),
+        threads=int_list(args.threads, "--threads"),
         runs=args.runs,
         warmup=args.warmup,
-        sizes=_symbol_sizes(args.size),
+        sizes=symbol_sizes(args.size),
     )
     with err.status("benchmarking", spinner="dots") if not args.json else contextlib.nullcontext():
         records = bench_existing(args.bundle, config)
     emit(args, records, [bench_table(records)])
     return 0
-
-
-def _symbol_sizes(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
-    """``--size SYMBOL=N`` flags as (symbol, size) pairs."""
-    from onnxpipe.bench import parse_sizes  # noqa: PLC0415
-
-    try:
-        return parse_sizes(texts)
-    except ValueError as e:
-        raise InputError(
-            f"--size {str(e)!r}: write SYMBOL=N with N >= 1, e.g. --size seq=128."
-        ) from e
 
 
 def cmd_package(args: argparse.Namespace) -> int:
@@ -310,38 +287,6 @@ COMMANDS = {
 }
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    signal_received(signum)  # kept, in case the exception is lost on the way (see there)
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-
-def _terminate_cleanly() -> dict[int, Any]:
-    """Handle SIGINT and SIGTERM as :class:`Terminated`/KeyboardInterrupt, remembered.
-
-    Returns the handlers to restore. A killed run (``timeout``, a CI runner) otherwise left
-    its scratch files behind: 476 MB of GPTQ statistics for a ResNet-50. Only the main thread
-    may set handlers.
-    """
-    clear_signals()
-    previous: dict[int, Any] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            if signal.getsignal(signum) == signal.SIG_IGN:
-                continue  # ignored by whoever started us (`cmd &`, nohup): stays ignored
-            previous[signum] = signal.signal(signum, _on_signal)
-        except ValueError:
-            break
-    return previous
-
-
-def _what_stands() -> str:
-    """For the message on a signal: nothing was written, or the bundle that was complete."""
-    done = written()
-    if not done:
-        return "nothing was written"
-    return f"{', '.join(done)} was already complete and stands"
-
-
 def _check_runtime() -> None:
     """Every command runs models on ONNX Runtime: its absence is an install to fix, exit 2.
 
@@ -364,14 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    previous = _terminate_cleanly()
+    previous = terminate_cleanly()
     args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         _check_runtime()
         return COMMANDS[args.command](args)
     except Terminated:
-        err.print(f"onnxpipe: terminated; {_what_stands()}.")
+        err.print(f"onnxpipe: terminated; {what_stands()}.")
         return 143
     except OnnxPipeError as e:
         if debug:
@@ -388,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return e.exit_code
     except KeyboardInterrupt:
-        err.print(f"onnxpipe: interrupted; {_what_stands()}.")
+        err.print(f"onnxpipe: interrupted; {what_stands()}.")
         return 130
     except BrokenPipeError:
         # stdout's reader went away (| head): the work is done, the rest of the output unread

@@ -7,6 +7,7 @@ as bad input is.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     _common(p)
     return parser
+
+
+def int_list(text: str, flag: str) -> tuple[int, ...]:
+    """A flag's comma-separated integers (``--batch 1,8``)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise InputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8.") from e
+    if not values:
+        raise InputError(f"{flag}: give at least one value.")
+    return values
+
+
+def symbol_sizes(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``--size SYMBOL=N`` flags as (symbol, size) pairs."""
+    from onnxpipe.bench import parse_sizes  # noqa: PLC0415
+
+    try:
+        return parse_sizes(texts)
+    except ValueError as e:
+        raise InputError(
+            f"--size {str(e)!r}: write SYMBOL=N with N >= 1, e.g. --size seq=128."
+        ) from e

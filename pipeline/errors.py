@@ -1,11 +1,14 @@
 """The onnxpipe error tree; each error knows the CLI exit code it maps to.
 
 Every layer raises these so the CLI can turn them into one clear paragraph and the
-contract's exit code: 1 a gate failed, 2 bad input or usage, 3 internal error.
+contract's exit code: 1 a gate failed, 2 bad input or usage, 3 internal error. SIGINT and
+SIGTERM become KeyboardInterrupt and :class:`Terminated` (:func:`terminate_cleanly`), so a
+killed run cleans up as a Ctrl-C'd one does.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 
@@ -117,7 +120,37 @@ def clear_signals() -> None:
 
 def raise_if_interrupted() -> None:
     """Raise :class:`Terminated` / KeyboardInterrupt if a signal came; before lasting work."""
-    import signal  # noqa: PLC0415
-
     if _RECEIVED:
         raise Terminated if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    signal_received(signum)  # kept, in case the exception is lost on the way (see there)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def terminate_cleanly() -> dict[int, Any]:
+    """Handle SIGINT and SIGTERM as :class:`Terminated`/KeyboardInterrupt, remembered.
+
+    Returns the handlers to restore. A killed run (``timeout``, a CI runner) otherwise left
+    its scratch files behind: 476 MB of GPTQ statistics for a ResNet-50. Only the main thread
+    may set handlers.
+    """
+    clear_signals()
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # ignored by whoever started us (`cmd &`, nohup): stays ignored
+            previous[signum] = signal.signal(signum, _on_signal)
+        except ValueError:
+            break
+    return previous
+
+
+def what_stands() -> str:
+    """For the message on a signal: nothing was written, or the bundle that was complete."""
+    done = written()
+    if not done:
+        return "nothing was written"
+    return f"{', '.join(done)} was already complete and stands"

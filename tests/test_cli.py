@@ -318,7 +318,7 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(cli, mlp_bundle, tmp_path, monkey
     import signal  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
-    import onnxpipe.cli as cli_module  # noqa: PLC0415
+    import onnxpipe.errors as errors  # noqa: PLC0415
     import onnxpipe.quantize as quantize  # noqa: PLC0415
 
     scratch = tmp_path / "tmp"
@@ -338,8 +338,8 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(cli, mlp_bundle, tmp_path, monkey
                        "--calib", tmp_path / "calib.npz")  # fmt: skip
     assert code == 143 and "terminated; nothing was written" in err, err
     assert not list(scratch.iterdir()) and not (tmp_path / "q").exists()
-    assert signal.getsignal(signal.SIGTERM) is not cli_module._on_signal  # restored
-    assert signal.getsignal(signal.SIGINT) is not cli_module._on_signal
+    assert signal.getsignal(signal.SIGTERM) is not errors._on_signal  # restored
+    assert signal.getsignal(signal.SIGINT) is not errors._on_signal
 
 
 def test_a_ctrl_c_the_exporter_swallowed_still_stops_the_run(cli, tmp_path):
@@ -600,11 +600,11 @@ def test_a_signal_ignored_by_the_caller_stays_ignored():
     """`onnxpipe ... &` in a script inherits SIGINT ignored; onnxpipe made it fatal again."""
     import signal  # noqa: PLC0415
 
-    from onnxpipe.cli import _terminate_cleanly  # noqa: PLC0415
+    from onnxpipe.errors import terminate_cleanly  # noqa: PLC0415
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        previous = _terminate_cleanly()
+        previous = terminate_cleanly()
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         assert signal.SIGINT not in previous and signal.SIGTERM in previous
         for signum, handler in previous.items():
