@@ -2,7 +2,9 @@
 
 ORT's ``GatherBlockQuantized`` stores a table in 4-bit blocks but does not check its ids, so a
 table is quantized only where its ids are known to stay inside it (see
-:func:`unbounded_tables`); 4-bit tables need opset 21 (:func:`at_opset_21`).
+:func:`unbounded_tables`). Tables are stored as uint8 bytes (:func:`byte_packed_tables`), so
+the model keeps its opset; only a table of odd width keeps UINT4 tensors, which need opset 21
+(:func:`at_opset_21`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,28 @@ from onnxpipe.graphs.base import ID_PASS, attr_int
 
 def embedding_tables(model: ir.Model, keep: set[str]) -> int:
     """Gather nodes reading a constant 2-D table (embeddings), not named in ``keep``."""
-    return sum(
-        1
+    return len(_table_widths(model, keep))
+
+
+def byte_packable(model: ir.Model, keep: set[str]) -> bool:
+    """Whether every embedding table's rows fill whole bytes at 4 bits (an even width).
+
+    Such tables end as uint8 (:func:`byte_packed_tables`) and the model keeps its opset;
+    an odd width keeps ORT's UINT4 tensors, which need opset 21 (:func:`at_opset_21`).
+    """
+    return all(width % 2 == 0 for width in _table_widths(model, keep))
+
+
+def _table_widths(model: ir.Model, keep: set[str]) -> list[int]:
+    return [
+        int(node.inputs[0].const_value.shape.numpy()[1])  # type: ignore[union-attr]
         for node in model.graph
         if node.op_type == "Gather"
         and node.name not in keep
         and node.inputs[0] is not None
         and node.inputs[0].const_value is not None
         and len(node.inputs[0].const_value.shape) == 2
-    )
+    ]
 
 
 _SAME_VALUES = ID_PASS | {"Slice", "Expand", "Tile", "Transpose", "Gather", "GatherElements",
@@ -120,3 +135,51 @@ def at_opset_21(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds; tables stay float
         return proto, f"opset {version} -> 21 conversion failed ({type(e).__name__}: {e})"[:300]
     return converted, None
+
+
+def byte_packed_tables(model: ir.Model) -> int:
+    """Store GatherBlockQuantized tables as uint8 bytes (two 4-bit values each); returns how many.
+
+    ORT's quantizer writes the table and its zero points as UINT4/INT4 tensors, for which
+    ORT's CPU kernel reads every value through its 4-bit element type: on all-MiniLM-L6-v2 its
+    3 lookups of 12 tokens took 110 us of a 2.5 ms run, against 9 us for the same table as
+    uint8 bytes with ``bits=4`` (the form ORT also accepts; values and outputs are the same).
+    Signed values (symmetric tables, no zero points) move to unsigned with the default zero
+    point of uint8 data, 8. In place, in ``model``.
+    """
+    done = 0
+    for node in model.graph:
+        data = node.inputs[0] if node.op_type == "GatherBlockQuantized" else None
+        tensor = data.const_value if data is not None else None
+        if data is None or tensor is None:
+            continue
+        if tensor.dtype not in (ir.DataType.UINT4, ir.DataType.INT4):
+            continue
+        values = tensor.numpy()
+        if attr_int(node, "quantize_axis", 1) != values.ndim - 1 or values.shape[-1] % 2:
+            continue  # uint8 tables are blocked along their last axis, whole bytes per row
+        zeros = node.inputs[3] if len(node.inputs) > 3 else None
+        zero_tensor = zeros.const_value if zeros is not None else None
+        if zeros is not None and (zero_tensor is None or zero_tensor.dtype != tensor.dtype):
+            continue
+        shift = 8 if tensor.dtype == ir.DataType.INT4 else 0
+        _set_bytes(data, _bytes(values, shift))
+        if zeros is not None and zero_tensor is not None:
+            _set_bytes(zeros, _bytes(zero_tensor.numpy(), shift))
+        node.attributes["bits"] = ir.AttrInt64("bits", 4)
+        done += 1
+    return done
+
+
+def _set_bytes(value: ir.Value, packed: np.ndarray) -> None:
+    value.const_value = ir.tensor(packed, name=value.name)
+    value.dtype, value.shape = ir.DataType.UINT8, ir.Shape(packed.shape)
+
+
+def _bytes(values: np.ndarray, shift: int) -> np.ndarray:
+    """4-bit ``values`` [..., n] (plus ``shift``) as uint8 [..., ceil(n / 2)], low nibble first."""
+    q = values.astype(np.int16) + shift
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), q.dtype)], axis=-1)
+    pairs = q.astype(np.uint8).reshape(*q.shape[:-1], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)

@@ -139,7 +139,8 @@ def check_mobile_tensors(model: onnx.ModelProto, where: Path) -> None:
     """Refuse 4-bit tensors, which the ORT format cannot store.
 
     ORT writes the .ort file, then cannot load it ("Unsupported tensor data type"); the
-    4-bit tensors come from ``quantize --mode int4``'s embedding tables.
+    4-bit tensors come from ``quantize --mode int4``'s embedding tables of odd width (even
+    ones are stored as uint8 bytes).
 
     Raises:
         InputError: naming the tensors and the fix.
