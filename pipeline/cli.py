@@ -178,8 +178,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     """``onnxpipe optimize BUNDLE -o OUT``: the cleanup pass as a bundle step."""
-    from onnxpipe.compress import optimize_bundle  # noqa: PLC0415
     from onnxpipe.graphs.cleanup import CleanupConfig  # noqa: PLC0415
+    from onnxpipe.optimize import optimize_bundle  # noqa: PLC0415
 
     try:
         config = CleanupConfig(

@@ -1,4 +1,4 @@
-"""``onnxpipe optimize`` and ``onnxpipe prune``: cleanup and compression as gated bundle steps.
+"""``onnxpipe prune``: compression as a gated bundle step.
 
 ``prune`` runs the cleanup pass (standard ONNX ops only), then one compression method. With
 ``--gate``, ``channels`` and ``lowrank`` search per-layer settings: each layer is first tried
@@ -30,7 +30,7 @@ from onnxpipe.errors import GateFailed, PassError
 from onnxpipe.gate import Gate, gate_metrics
 from onnxpipe.graphs.base import GraphPass, copy_model, parameter_count
 from onnxpipe.graphs.channel_refit import collect_inputs
-from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
+from onnxpipe.graphs.cleanup import CleanupPass
 from onnxpipe.graphs.lowrank import LowRankPass, factorable, input_covariances
 from onnxpipe.graphs.prune_channels import PruneChannelsPass, nchwc_block
 from onnxpipe.graphs.prune_magnitude import PruneMagnitudePass, zipped_size
@@ -40,27 +40,6 @@ from onnxpipe.prune_settings import PruneSettings, check_ratio
 from onnxpipe.transform import TransformContext, derive_bundle
 
 logger = logging.getLogger(__name__)
-
-
-def optimize_bundle(
-    bundle: Path, out: Path, config: CleanupConfig, overwrite: bool = False
-) -> dict[str, Any]:
-    """``onnxpipe optimize``: the cleanup pass as a bundle step (gate: max_abs vs input)."""
-
-    def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
-        before = parameter_count(model)
-        model, metrics = _apply(CleanupPass(config), model)
-        after = parameter_count(model)
-        if after > 2 * before + 1024:  # weights the model computed (ConstantOfShape) now stored
-            metrics["note"] = (
-                f"parameters {before:,} -> {after:,}: constant folding stored weights the model "
-                "computes at run time (e.g. from ConstantOfShape, as in the onnx test zoo), so "
-                "the file grew. That is what quantize and prune need; to keep the small file, "
-                "ship the input bundle."
-            )
-        return model, {**metrics, "params_before": before, "params_after": after}
-
-    return derive_bundle(bundle, out, "optimize", config, transform, (), None, overwrite)
 
 
 def prune_bundle(
@@ -85,9 +64,9 @@ def prune_bundle(
         metrics: dict[str, Any] = {"params_before": parameter_count(model)}
         metrics["zipped_bytes_before"] = zipped_size(model)
         if settings.cleanup:
-            model, metrics["cleanup"] = _apply(CleanupPass(level="none"), model)
+            model, metrics["cleanup"] = apply_pass(CleanupPass(level="none"), model)
         if settings.method == "magnitude":
-            model, metrics["pass"] = _apply(
+            model, metrics["pass"] = apply_pass(
                 PruneMagnitudePass(ratio=settings.ratio, scope=settings.scope), model
             )
             metrics["sparsity"] = metrics["pass"]["sparsity"]
@@ -111,7 +90,8 @@ def prune_bundle(
     return derive_bundle(bundle, out, name, settings, transform, gates, eval_data, overwrite)
 
 
-def _apply(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:
+def apply_pass(graph_pass: GraphPass[Any], model: ir.Model) -> tuple[ir.Model, dict[str, Any]]:
+    """``graph_pass`` on ``model``: the result and the pass's metrics."""
     result = graph_pass(model)
     return result.model, dict(graph_pass.metrics)
 
@@ -148,7 +128,7 @@ def _channels(
             inputs=stats,
             multiple_of=settings.multiple_of,
         )
-        return _apply(graph_pass, copy_model(model))
+        return apply_pass(graph_pass, copy_model(model))
 
     if not gates:
         pruned, metrics = build(None)
@@ -245,7 +225,7 @@ def _lowrank(
     criterion = "activation-aware svd" if stats else "svd"
     probe = LowRankPass(ratio=settings.ratio, energy=settings.energy, covariances=stats)
     if not gates:
-        pruned, metrics = _apply(probe, model)
+        pruned, metrics = apply_pass(probe, model)
         return pruned, {"pass": metrics, "criterion": criterion}
     units = [w.name or "" for _, w in factorable(model, probe.config.min_elements)]
     if not units:
@@ -260,7 +240,7 @@ def _lowrank(
             k, n = shapes[name]
             ranks[name] = max(1, math.floor((1 - ratio) * k * n / (k + n)))
         graph_pass = LowRankPass(ratio=settings.ratio, ranks=ranks, covariances=covariances)
-        return _apply(graph_pass, copy_model(model))
+        return apply_pass(graph_pass, copy_model(model))
 
     return _gated_search(units, settings.ratio, build, ctx, gates, criterion, collect)
 

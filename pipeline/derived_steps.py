@@ -165,8 +165,8 @@ class OptimizeStep(DerivedStep):
 
     def derive(self) -> Derive:
         """``optimize_bundle`` with these settings."""
-        from onnxpipe.compress import optimize_bundle  # noqa: PLC0415
         from onnxpipe.graphs.cleanup import CleanupConfig  # noqa: PLC0415
+        from onnxpipe.optimize import optimize_bundle  # noqa: PLC0415
 
         config = CleanupConfig(**{"fold_constants": True, **self.settings})
         return lambda bundle, out: optimize_bundle(bundle, out, config)

@@ -243,6 +243,74 @@ def test_cli_optimize_writes_a_bundle(cli, tmp_path):
     assert manifest["validation"]["cpu"]["status"] == "passed"
 
 
+ATTENTION = """
+import torch
+
+class Attn(torch.nn.Module):
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.ln = torch.nn.LayerNorm(d)
+
+    def forward(self, x, mask):
+        b, s, d = x.shape
+        q, k, v = (f(x).view(b, s, self.h, d // self.h).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2) / (d // self.h) ** 0.5
+        scores = scores + (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        a = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, s, d)
+        return self.ln(x + self.o(a))
+
+def make():
+    torch.manual_seed(0)
+    return Attn().eval()
+"""
+
+
+def test_optimize_with_heads_the_graph_lacks_is_refused(cli, tmp_path):
+    """Its heads come from the input's shape at run time, so ORT took the 8 given for 4, fused
+    the attention into the wrong heads (outputs 0.16 off) and said nothing: exit 0."""
+    (tmp_path / "attn.py").write_text(ATTENTION)
+    bundle = tmp_path / "attn"
+    code, _, err = cli("convert", f"{tmp_path / 'attn.py'}:make", "-o", bundle, "--no-bench",
+                       "--exporter", "torchscript", "--input", "x:float32[batch,seq,32]",
+                       "--input", "mask:int64[batch,seq]")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("optimize", bundle, "-o", tmp_path / "wrong", "--transformer", "bert",
+                       "--num-heads", "8", "--hidden-size", "32")  # fmt: skip
+    assert code == 2 and "--num-heads 8 --hidden-size 32" in err, err
+    assert "outputs moved by" in err and "leave both out" in err, err
+    assert not (tmp_path / "wrong").exists()
+    code, stdout, err = cli("optimize", bundle, "-o", tmp_path / "right", "--transformer", "bert",
+                            "--num-heads", "4", "--hidden-size", "32", "--json")  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads(stdout)["steps"][-1]["metrics"]
+    assert metrics["transformer_fusions"]["Attention"] == 1 and metrics["gate"]["max_abs"] < 1e-5
+
+
+def test_an_optimization_that_changes_the_math_is_not_written(cli, mlp_bundle, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    """A fusion that moves outputs past float rounding is a broken rewrite (exit 1)."""
+    from onnxpipe import optimize  # noqa: PLC0415
+
+    real = optimize.apply_pass
+
+    def perturbed(graph_pass, model):
+        model, metrics = real(graph_pass, model)
+        weight = next(v for v in model.graph.initializers.values() if v.const_value.size > 16)
+        weight.const_value = ir.tensor(weight.const_value.numpy() * 1.01, name=weight.name)
+        return model, metrics
+
+    monkeypatch.setattr(optimize, "apply_pass", perturbed)
+    out = tmp_path / "opt"
+    code, _, stderr = cli("optimize", mlp_bundle, "-o", out)
+    assert code == 1 and "outputs moved by" in stderr and "lower --level" in stderr, stderr
+    assert not out.exists()
+    report = json.loads((tmp_path / "opt.failed.json").read_text())
+    assert report["metrics"]["max_abs"] > 1e-3
+
+
 def test_cli_optimize_bad_level_exits_2(cli, tmp_path):
     code, _, _ = cli("optimize", tmp_path, "-o", tmp_path / "o", "--level", "max")
     assert code == 2
