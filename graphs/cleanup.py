@@ -115,6 +115,7 @@ class CleanupPass(GraphPass[CleanupConfig]):
             model.ir_version = 4
             steps.append("ir_version 4")
         model = common.RemoveInitializersFromInputsPass()(model).model
+        interface = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
         fused: dict[str, int] | None = None
         if cfg.transformer:
             # first: ORT's fusion scripts match the graph as its exporter wrote it; after the
@@ -142,6 +143,7 @@ class CleanupPass(GraphPass[CleanupConfig]):
             model = _ort_optimize(model, cfg.level)
             steps.append(f"onnxruntime offline optimization ({cfg.level})")
         model = common.RemoveUnusedOpsetsPass()(model).model  # ORT declares every domain
+        _keep_interface(model, *interface)
         after = op_counts(model)
         logger.info("cleanup: %d -> %d nodes", sum(before.values()), sum(after.values()))
         self.metrics = {
@@ -165,6 +167,35 @@ class CleanupPass(GraphPass[CleanupConfig]):
             )
             logger.warning("%s", self.metrics["note"])
         return ir.passes.PassResult(model, modified=True)
+
+
+def _keep_interface(model: ir.Model, inputs: list[str | None], outputs: list[str | None]) -> None:
+    """Give the graph its input names back where a pass renamed them, in place.
+
+    A graph output that is also a graph input (a model returning its input) is valid ONNX;
+    onnx_ir's OutputFixPass (run by the onnxscript optimizer) renamed the input ``x_orig``
+    and added ``Identity(x_orig) -> x``, and the model then asked its callers for ``x_orig``.
+    Such an output goes back to being the input itself.
+    """
+    graph = model.graph
+    if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
+        return  # not a renaming
+    renamed = {
+        value: name for value, name in zip(graph.inputs, inputs, strict=True) if value.name != name
+    }
+    for index, value in enumerate(graph.outputs):
+        node = value.producer()
+        source = node.inputs[0] if node is not None and node.op_type == "Identity" else None
+        if (
+            node is not None
+            and source in renamed
+            and value.name == renamed[source] == outputs[index]
+        ):
+            graph.outputs[index] = source
+            if not value.uses():
+                graph.remove(node, safe=True)
+    for value, name in renamed.items():
+        value.name = name
 
 
 def _slim(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:

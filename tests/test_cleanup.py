@@ -358,3 +358,30 @@ def test_optimize_says_when_folding_stores_computed_weights(cli, tmp_path):
     metrics = json.loads((out / "manifest.json").read_text())["steps"][-1]["metrics"]
     assert metrics["params_after"] > 2 * metrics["params_before"]
     assert "note: parameters" in err and "constant folding stored weights" in err
+
+
+def test_a_model_returning_its_input_keeps_its_input_name(cli, tmp_path):
+    """onnx_ir's OutputFixPass renamed the input 'x_orig' behind an Identity to output 'x':
+    the optimized model asked for 'x_orig' and optimize failed naming a scratch file."""
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "passthru",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    assert cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "b", "--no-bench")[0] == 0
+    for flags in ([], ["--level", "all"]):
+        out = tmp_path / f"o{len(flags)}"
+        code, _, err = cli("optimize", tmp_path / "b", "-o", out, *flags)
+        assert code == 0, err
+        model = onnx.load(out / "model.onnx")
+        assert [v.name for v in model.graph.input] == ["x"]
+        assert [v.name for v in model.graph.output] == ["y", "x"]
+        x = np.array([[-1, 2, -3, 4]], np.float32)
+        y, same = ort_run(out / "model.onnx", {"x": x})
+        np.testing.assert_array_equal(same, x)
+        np.testing.assert_array_equal(y, np.maximum(x, 0))
