@@ -9,6 +9,7 @@ killed run cleans up as a Ctrl-C'd one does.
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -51,6 +52,10 @@ class GateFailed(OnnxPipeError):
         self.report = report  # what ``<out>.failed.json`` holds, once written
 
 
+POSITIONAL = {"source": "SOURCE"}
+"""Settings the command line takes as positional arguments, as its usage names them."""
+
+
 def invalid_settings(what: str, error: ValueError, flags: bool = False) -> InputError:
     """InputError for settings that failed validation, one clause per field.
 
@@ -63,12 +68,17 @@ def invalid_settings(what: str, error: ValueError, flags: bool = False) -> Input
         return InputError(f"{what}: {error}.")
 
     def named(loc: object) -> str:
+        if flags and loc in POSITIONAL:
+            return POSITIONAL[str(loc)]
         return f"--{str(loc).replace('_', '-')}" if flags else str(loc)
+
+    def where(loc: Sequence[object]) -> str:  # ("threads", 0) -> threads[0]
+        return named(loc[0]) + "".join(f"[{part}]" for part in loc[1:]) if loc else ""
 
     clauses = "; ".join(
         " ".join(
             [
-                *map(named, item["loc"]),
+                *([where(item["loc"])] if item["loc"] else []),
                 "is not a setting of it"
                 if item.get("type") == "extra_forbidden"
                 else item["msg"].removeprefix("Value error, "),

@@ -55,7 +55,7 @@ def _beside(recipe: Path, value: Any, key: str) -> Any:
     A path found in neither place is an InputError naming both (a module reference such as
     ``package.module:make`` is left to the import: see :func:`modules_beside`).
     """
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():  # blank: the step says what it is
         return value
     target, rest = named_path(value)
     if not target or Path(target).is_absolute() or Path(target).exists():
@@ -132,6 +132,13 @@ def load_recipe(path: Path) -> list[StepConfig]:
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
         raise InputError(f"{path}: a recipe is a mapping with a 'steps' list (see README).")
     shared = _cli_spellings({k: v for k, v in doc.items() if k != "steps"}, str(path))
+    unknown = [k for k in shared if k not in ConvertStep.model_fields and k != "no_bench"]
+    if unknown:
+        raise InputError(
+            f"{path}: unknown top-level key {unknown[0]!r}: the top level holds 'steps' and "
+            f"convert's settings ({', '.join(ConvertStep.model_fields)}); other steps' "
+            "settings go under their step."
+        )
     steps: list[StepConfig] = []
     for entry in doc["steps"]:
         if isinstance(entry, str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
 
 from onnxpipe.bench import BenchConfig, bench_model, parse_sizes
 from onnxpipe.bundle import save_parity_samples, versions
@@ -89,6 +89,16 @@ class ConvertStep(StepConfig):
     signature: str | None = Field(
         default=None, min_length=1, description="TensorFlow SavedModel signature to convert."
     )
+
+    @field_validator("source")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        """An empty source read as the working directory ("is a directory, not a SavedModel")."""
+        if not value.strip():
+            raise ValueError(
+                "is empty: give the model, as module:callable, file.py:callable or a model path"
+            )
+        return value
 
     def run(self, work: Work, source_object: object | None = None) -> None:
         """Convert into ``work.dir`` and fill the model, I/O, source and parity records.
@@ -207,8 +217,12 @@ class BenchStep(StepConfig):
 
     name: ClassVar[str] = "bench"
     ep: tuple[str, ...] = Field(default=("cpu",), description="EPs to time.")
-    batch: tuple[int, ...] = Field(default=(1,), description="Batch sizes (first symbolic dim).")
-    threads: tuple[int, ...] = Field(default=(0,), description="intra-op threads; 0 = ORT default.")
+    batch: tuple[PositiveInt, ...] = Field(
+        default=(1,), description="Batch sizes (first symbolic dim)."
+    )
+    threads: tuple[NonNegativeInt, ...] = Field(
+        default=(0,), description="intra-op threads; 0 = ORT default."
+    )
     runs: int = Field(default=50, ge=1, description="Timed runs per configuration.")
     warmup: int = Field(default=5, ge=0, description="Untimed runs first.")
     size: dict[str, PositiveInt] = Field(

@@ -248,6 +248,30 @@ def test_recipe_steps_take_the_cli_spellings_of_no_bench_and_size(tmp_path):
         load_recipe(unknown)
 
 
+def test_recipe_keys_and_settings_are_checked_before_any_step_runs(tmp_path):
+    """A top-level typo was blamed on convert; bench's threads were checked after convert ran;
+    an empty source was read as the working directory ("is a directory, not a SavedModel")."""
+    from onnxpipe.errors import InputError
+    from onnxpipe.recipe import load_recipe
+
+    typo = _recipe(tmp_path, "  - convert\n")
+    typo.write_text("foo: 1\nno_bench: true\n" + typo.read_text())
+    with pytest.raises(InputError, match="unknown top-level key 'foo'.*go under their step"):
+        load_recipe(typo)
+    threads = _recipe(tmp_path, "  - convert\n  - bench: {threads: [2, -1]}\n")
+    with pytest.raises(InputError, match=r"step 'bench': invalid settings: threads\[1\] Input"):
+        load_recipe(threads)
+    empty = _recipe(tmp_path, "  - convert\n", source="' '")
+    with pytest.raises(InputError, match="source is empty: give the model"):
+        load_recipe(empty)
+
+
+def test_an_empty_source_on_the_command_line_is_named(cli, tmp_path):
+    code, _, err = cli("convert", "", "-o", tmp_path / "out", "--no-bench")
+    assert code == 2 and "SOURCE is empty" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_step_refusal_names_the_recipes_model_not_its_scratch_copy(cli, tmp_path):
     recipe = _recipe(tmp_path, "  - convert\n  - bench: {size: [seq=16], runs: 2}\n")
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
