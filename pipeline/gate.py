@@ -225,6 +225,29 @@ def gate_metrics(
     return metrics
 
 
+def output_drift(
+    reference: Sequence[Outputs], candidate: Sequence[Outputs]
+) -> list[tuple[float, float]]:
+    """Per output: the largest absolute difference and the largest finite reference value.
+
+    For a rewrite that must keep the math: every position counts (padding too), and each
+    output is judged at its own scale, so a small output's change is not hidden by a large
+    output beside it. NaN/inf on one side only is an infinite difference (:func:`_finite_pair`).
+    """
+    count = len(reference[0]) if reference else 0
+    moved, scale = [0.0] * count, [0.0] * count
+    for ref_out, got_out in zip(reference, candidate, strict=True):
+        for j, (ref_j, got_j) in enumerate(zip(ref_out, got_out, strict=True)):
+            if not ref_j.size or ref_j.dtype.kind not in "biuf":
+                continue
+            ref, got = _finite_pair(ref_j, got_j)
+            moved[j] = max(moved[j], float(np.max(np.abs(ref - got))))
+            finite = np.abs(ref_j[np.isfinite(ref_j)]) if ref_j.dtype.kind == "f" else ref_j
+            if finite.size:
+                scale[j] = max(scale[j], float(np.max(np.abs(finite.astype(np.float64)))))
+    return list(zip(moved, scale, strict=True))
+
+
 def _cosine_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     """Cosine of each row pair of two ``[rows, values]`` arrays (finite, from _finite_pair)."""
     ref_norm = np.linalg.norm(ref, axis=1)

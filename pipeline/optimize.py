@@ -53,13 +53,13 @@ def _require_preserved(
         InputError: with ``--num-heads``/``--hidden-size`` given (the likely cause).
         GateFailed: otherwise, with the numbers.
     """
-    moved, limit, gate = ctx.drift(model)
+    output, moved, limit, gate = ctx.drift(model)
     if moved <= limit:
         return
     what = (
-        f"the optimized model's outputs moved by {moved:.3g} from the input model's (a "
-        f"cleanup moves them by float rounding, at most {limit:.3g}) on {gate['samples']} "
-        f"samples. Nothing was written at {out}."
+        f"the optimized model's output {output!r} moved by {moved:.3g} from the input "
+        f"model's (a cleanup moves it by float rounding, at most {limit:.3g}) on "
+        f"{gate['samples']} samples. Nothing was written at {out}."
     )
     if config.transformer and (config.num_heads or config.hidden_size):
         flags = (("--num-heads", config.num_heads), ("--hidden-size", config.hidden_size))

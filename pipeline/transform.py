@@ -43,7 +43,7 @@ from onnxpipe.data import (
     sized_like,
 )
 from onnxpipe.errors import GateFailed, InputError, PassError
-from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics
+from onnxpipe.gate import Gate, check_applicable, enforce, gate_metrics, output_drift
 from onnxpipe.modelio import MODEL_FILE, random_outputs, save_model
 from onnxpipe.recipe import finalize
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
@@ -122,19 +122,26 @@ class TransformContext:
         masks = [f.get("attention_mask") for f in self.eval_feeds]
         return gate_metrics(self.reference(), self.run(model), masks)
 
-    def drift(self, model: ir.Model) -> tuple[float, float, dict[str, Any]]:
-        """How far ``model``'s outputs moved from the input model's on the eval feeds.
+    def drift(self, model: ir.Model) -> tuple[str, float, float, dict[str, Any]]:
+        """The output of ``model`` that moved most from the input model's, for the eval feeds.
 
-        Returns the largest absolute difference, the most a rewrite that keeps the math may
-        move them (:data:`PRESERVED_RTOL` of the largest reference output, at least of 1),
-        and the gate metrics.
+        Returns its name, how far it moved, the most a rewrite that keeps the math may move it
+        (:data:`PRESERVED_RTOL` of its largest reference value, at least of 1) and the gate
+        metrics. "Most" is relative to each output's limit.
         """
-        gate = self.measure(self.save(model, "rewritten"))
-        scale = max(
-            (float(np.max(np.abs(a))) for outs in self.reference() for a in outs if a.size),
-            default=0.0,
-        )
-        return gate["max_abs"], PRESERVED_RTOL * max(1.0, scale), gate
+        path = self.save(model, "rewritten")
+        outputs = self.run(path)
+        masks = [f.get("attention_mask") for f in self.eval_feeds]
+        gate = gate_metrics(self.reference(), outputs, masks)
+        names = [str(v.name) for v in model.graph.outputs if v.name not in self.random]
+        found = [
+            (name, moved, PRESERVED_RTOL * max(1.0, scale))
+            for name, (moved, scale) in zip(
+                names, output_drift(self.reference(), outputs), strict=True
+            )
+        ]
+        name, moved, limit = max(found, key=lambda f: f[1] / f[2], default=("", 0.0, 1.0))
+        return name, moved, limit, gate
 
     def save(self, model: ir.Model, name: str) -> Path:
         """Save ``model`` under the scratch dir (``name/model.onnx``) and return its path."""
