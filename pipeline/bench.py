@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from onnxpipe.benchworker import DEFAULT_SIZE, feed_sizes
+from onnxpipe.benchworker import (
+    DEFAULT_SIZE,
+    RUN_FAILED_EXIT,
+    WORKER_TIMEOUT_S,
+    batch_input,
+    batch_symbols,
+    feed_sizes,
+)
 from onnxpipe.converters.base import InputSpec, check_sample_bytes
 from onnxpipe.errors import InputError, OnnxPipeError
 from onnxpipe.modelio import MOBILE_MODEL
@@ -33,6 +41,12 @@ from onnxpipe.runtime import (
 
 logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+"""The most ``--threads`` bench takes. ORT starts one OS thread per intra-op thread: past the
+cores they only take turns, and thousands make the session itself the benchmark (5000 took
+107 s to create; 3e9 is refused by ORT's SessionOptions). Four per core still times an
+oversubscribed pool; 64 at least, so a recipe's matrix for a larger machine runs on a small one.
+"""
 
 
 @dataclass(frozen=True)
@@ -49,24 +63,41 @@ class BenchConfig:
     """Sizes of dynamic dims other than the batch (default 8): (symbol, size) pairs."""
 
     def __post_init__(self) -> None:
+        # One record per (ep, batch, threads), as the contract says: --batch 1,1 timed twice.
+        for key in ("eps", "batches", "threads"):
+            object.__setattr__(self, key, tuple(dict.fromkeys(getattr(self, key))))
         if self.runs < 1 or self.warmup < 0 or any(b < 1 for b in self.batches):
             raise InputError("bench: --runs and every --batch must be >= 1, --warmup >= 0.")
         if any(t < 0 for t in self.threads):
             raise InputError("bench: every --threads must be >= 0 (0: ORT's default).")
+        too_many = next((t for t in self.threads if t > MAX_THREADS), None)
+        if too_many is not None:
+            raise InputError(
+                f"bench: --threads {too_many}: at most {MAX_THREADS} here (four per core of "
+                f"this machine's {os.cpu_count()}, 64 at least): past the cores threads only "
+                "take turns, and thousands take minutes to start. Give --threads 0 (ORT's "
+                f"default) or at most {MAX_THREADS}."
+            )
 
 
 def bench_model(
-    model: Path, inputs: Sequence[dict[str, Any]], config: BenchConfig
+    model: Path,
+    inputs: Sequence[dict[str, Any]],
+    config: BenchConfig,
+    framework: str | None = None,
 ) -> list[dict[str, Any]]:
     """One record per (ep, batch, threads), with the manifest ``bench`` keys.
 
-    An EP this machine lacks is left out with a warning, unless it lacks them all.
+    An EP this machine lacks is left out with a warning, unless it lacks them all. A model
+    with a fixed batch is timed at that batch once, with a warning naming the batches asked
+    for that it cannot take. ``framework`` (the bundle's ``source.framework``) picks the hint
+    for a batch the model cannot take.
 
     Raises:
         InputError: a batch size the model's fixed batch dim cannot take, or no EP asked for
             is available here.
     """
-    _check_batches(model, inputs, config.batches)
+    _check_batches(model, inputs, config.batches, framework)
     _check_sizes(model, inputs, config.sizes)
     _check_bytes(inputs, config)
     missing: dict[str, str] = {}
@@ -84,18 +115,11 @@ def bench_model(
             missing[ep] = str(e)
     records = []
     for ep in (ep for ep in config.eps if ep not in missing):
-        target, specs, batches = model, inputs, config.batches
+        target, specs = model, inputs
         if ep == "mobile":
             target = model.parent / MOBILE_MODEL
             specs = _ort_inputs(target, inputs)
-            fixed = specs[0]["shape"][0] if specs and specs[0]["shape"] else None
-            batches = (fixed,) if isinstance(fixed, int) else config.batches
-            if isinstance(fixed, int) and set(config.batches) != {fixed}:
-                logger.warning(
-                    "--ep mobile: %s takes batch %d only (packaged with --fixed-shape); "
-                    "timed at that batch, not %s",
-                    MOBILE_MODEL, fixed, ",".join(map(str, config.batches)),
-                )  # fmt: skip
+        batches = _timed_batches(target, specs, config.batches, ep)
         try:
             for batch in batches:
                 for threads in config.threads:
@@ -120,6 +144,11 @@ def bench_model(
     for ep, reason in missing.items():
         logger.warning("--ep %s not benched: %s", ep, reason)
     return records
+
+
+_SHAPE_WORDS = re.compile(r"shape|dimension|\bdims?\b|broadcast|kernel|pad", re.IGNORECASE)
+"""What ORT's message says when a run failed on its inputs' sizes (Conv: 'Invalid input
+shape', Reshape: 'requested shape', Add: 'cannot broadcast'); other failures are the model's."""
 
 
 class _Unavailable(Exception):
@@ -152,19 +181,58 @@ def isolated_ms(
     return medians
 
 
-def _check_batches(model: Path, inputs: Sequence[dict[str, Any]], batches: Sequence[int]) -> None:
-    shapes = [s["shape"] for s in inputs if s["shape"]]
-    if not shapes or any(isinstance(shape[0], str) for shape in shapes):
-        return
-    fixed = shapes[0][0]
-    wrong = [b for b in batches if b not in (1, fixed)]  # 1: the model's own batch
-    if wrong:
+def _specs(inputs: Sequence[dict[str, Any]]) -> list[InputSpec]:
+    return [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in inputs]
+
+
+def _fixed_batch(inputs: Sequence[dict[str, Any]]) -> int | None:
+    """The batch a model without a batch symbol takes (the worker's batch input's axis 0)."""
+    specs = _specs(inputs)
+    lead = batch_input(specs)
+    return None if lead is None or batch_symbols(specs) else int(lead.shape[0])
+
+
+def _timed_batches(
+    model: Path, inputs: Sequence[dict[str, Any]], batches: tuple[int, ...], ep: str
+) -> tuple[int, ...]:
+    """``batches``, or a fixed-batch model's one batch, with a warning for those left out.
+
+    Each batch asked for became a record of the fixed batch (--batch 1,4: two batch-4 records).
+    """
+    fixed = _fixed_batch(inputs)
+    if fixed is None:
+        return batches
+    if set(batches) != {fixed}:
         signature = ", ".join(f"{s['name']}{s['shape']}" for s in inputs)
-        raise InputError(
-            f"{model}: --batch {wrong[0]} cannot run: the batch dim is fixed at {fixed} "
-            f"({signature}). Bench at --batch {fixed}, or convert again with a symbolic batch "
-            "dim (e.g. --input name:float32[batch,...])."
+        logger.warning(
+            "--ep %s: %s takes batch %d only (%s); timed at that batch, not %s",
+            ep, model.name if ep != "mobile" else MOBILE_MODEL, fixed, signature,
+            ",".join(str(b) for b in batches if b != fixed),
+        )  # fmt: skip
+    return (fixed,)
+
+
+def _check_batches(
+    model: Path, inputs: Sequence[dict[str, Any]], batches: Sequence[int], framework: str | None
+) -> None:
+    fixed = _fixed_batch(inputs)
+    wrong = [b for b in batches if b not in (1, fixed)]  # 1: the model's own batch
+    if fixed is None or not wrong:
+        return
+    signature = ", ".join(f"{s['name']}{s['shape']}" for s in inputs)
+    if framework == "onnx":  # convert keeps an ONNX file's fixed dims ("contradicts the model's")
+        fix = (
+            "re-export the model from its framework with a dynamic batch dim (torch.onnx.export "
+            "dynamic_shapes or dynamic_axes, tf2onnx with a None batch in its input signature) "
+            "and convert that file, or convert the framework model itself with --input "
+            "name:float32[batch,...]; ONNX Runtime's tools can fix a dim, not free one."
         )
+    else:
+        fix = "convert again with a symbolic batch dim (e.g. --input name:float32[batch,...])."
+    raise InputError(
+        f"{model}: --batch {wrong[0]} cannot run: the batch dim is fixed at {fixed} "
+        f"({signature}). Bench at --batch {fixed}, or {fix}"
+    )
 
 
 def parse_sizes(texts: Sequence[str]) -> tuple[tuple[str, int], ...]:
@@ -200,7 +268,7 @@ def _ort_inputs(path: Path, inputs: Sequence[dict[str, Any]]) -> list[dict[str, 
 
 def _check_bytes(inputs: Sequence[dict[str, Any]], config: BenchConfig) -> None:
     """InputError before a worker asks numpy for terabytes (a MemoryError there: exit 3)."""
-    specs = [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in inputs]
+    specs = _specs(inputs)
     for batch in config.batches:
         sizes = feed_sizes(specs, batch, dict(config.sizes))
         for spec in specs:
@@ -232,9 +300,17 @@ def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
             [sys.executable, "-m", "onnxpipe.benchworker", f.name],
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=WORKER_TIMEOUT_S,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
+    except subprocess.TimeoutExpired as e:
+        raise InputError(
+            f"{request['model']}: one benchmark (batch {request['batch']}, threads "
+            f"{request['threads'] or 'default'}) ran past {WORKER_TIMEOUT_S} s: --warmup and "
+            f"--runs stop after {request.get('max_seconds', 60)} s each, but a run started is "
+            "finished and up to 10 are timed, and this model's runs are that slow here. Give a "
+            "smaller --runs and --warmup, or a smaller --batch or --size."
+        ) from e
     finally:
         os.unlink(f.name)
     if proc.returncode == UNAVAILABLE_EXIT:
@@ -246,7 +322,8 @@ def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
                 d for s in request["inputs"] for d in s["shape"][1:] if isinstance(d, str)
             )
         )
-        if symbols:  # an image model at 8x8 pixels: the size, not the model, is wrong
+        about_shapes = proc.returncode == RUN_FAILED_EXIT and _SHAPE_WORDS.search(tail[0])
+        if symbols and about_shapes:  # an image model at 8x8 pixels: the size is wrong
             at = ", ".join(f"{d}={request['sizes'].get(d, DEFAULT_SIZE)}" for d in symbols)
             raise InputError(
                 f"{request['model']}: ONNX Runtime cannot run the model with its dynamic dims "

@@ -73,7 +73,8 @@ def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
     inputs = bundle_inputs(manifest)
     if not config.sizes:  # where it was timed before (its --data sizes), not 8x8 pixels
         config = replace(config, sizes=recorded_sizes(inputs, manifest))
-    records = bench_model(bundle / MODEL_FILE, [s.to_json() for s in inputs], config)
+    framework = (manifest.get("source") or {}).get("framework")
+    records = bench_model(bundle / MODEL_FILE, [s.to_json() for s in inputs], config, framework)
 
     def change(m: dict[str, Any]) -> None:
         m["bench"] = records[0]

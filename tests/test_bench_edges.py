@@ -1,0 +1,134 @@
+"""bench on the edges a bug sweep found: which dim is the batch, what a fixed batch times,
+bounded warmup and threads. Each on a hand-built graph of a few nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import tree_hash
+
+
+def _save(path: Path, nodes, inputs, outputs, initializers=()) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _bundle(cli, tmp_path: Path, name: str, *graph) -> Path:
+    out = tmp_path / name
+    code, _, err = cli("convert", _save(tmp_path / f"{name}.onnx", *graph), "-o", out, "--no-bench")
+    assert code == 0, err
+    return out
+
+
+def _tensor(name: str, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _fixed(cli, tmp_path: Path, batch: int = 4) -> Path:
+    """x [batch, 3] -> Relu: an ONNX file exported at a fixed batch."""
+    relu = [helper.make_node("Relu", ["x"], ["y"])]
+    return _bundle(
+        cli, tmp_path, "fixed", relu, [_tensor("x", [batch, 3])], [_tensor("y", [batch, 3])]
+    )
+
+
+@pytest.mark.parametrize("first", [[], [1, 4]], ids=["scalar", "fixed"])
+def test_bench_takes_the_batch_from_the_batched_input(cli, tmp_path, first):
+    """A scalar or fixed [1, 4] first input: the worker read axis 0 of the first feed, so the
+    batch-4 record said batch 1 (and a quarter of its throughput)."""
+    bundle = _bundle(
+        cli, tmp_path, "b", [helper.make_node("Mul", ["x", "s"], ["y"])],
+        [_tensor("s", first), _tensor("x", ["N", 4])], [_tensor("y", ["N", 4])],
+    )  # fmt: skip
+    code, out, err = cli("bench", bundle, "--batch", "1,4", "--runs", "3", "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert [r["batch"] for r in records] == [1, 4]
+    assert [r["shapes"]["x"][0] for r in records] == [1, 4]
+    four = records[1]
+    assert four["throughput_per_s"] == pytest.approx(4000 / np.median(four["samples_ms"]), rel=0.2)
+
+
+def test_bench_gives_one_record_per_key_and_times_a_fixed_batch_once(cli, tmp_path, caplog):
+    bundle = _fixed(cli, tmp_path)
+    caplog.set_level(logging.WARNING)
+    code, out, err = cli("bench", bundle, "--batch", "1,4", "--runs", "3", "--json")
+    assert code == 0, err
+    assert [r["batch"] for r in json.loads(out)] == [4]  # was two batch-4 records
+    assert "takes batch 4 only" in caplog.text and "not 1" in caplog.text
+    code, out, err = cli("bench", bundle, "--batch", "4,4", "--threads", "1,1", "--ep", "cpu,cpu",
+                         "--runs", "3", "--json")  # fmt: skip
+    assert code == 0, err
+    assert [(r["ep"], r["batch"], r["threads"]) for r in json.loads(out)] == [("cpu", 4, 1)]
+
+
+def test_the_fixed_batch_hint_of_an_onnx_source_is_one_convert_takes(cli, tmp_path):
+    """'convert again with --input name:float32[batch,...]' is refused for an ONNX file whose
+    batch is fixed ('contradicts the model's [4, 3]'): the model must be exported again."""
+    bundle = _fixed(cli, tmp_path)
+    code, _, err = cli("bench", bundle, "--batch", "8", "--runs", "3")
+    assert code == 2 and "--batch 8" in err and "re-export the model" in err, err
+    assert "convert again" not in err
+    code, _, err = cli("convert", tmp_path / "fixed.onnx", "-o", tmp_path / "again", "--input",
+                       "x:float32[batch,3]")  # fmt: skip
+    assert code == 2 and "contradicts" in err  # what the old hint led to
+
+
+@pytest.mark.parametrize("threads", ["3000000000", "99999999999999999999", "5000"])
+def test_bench_refuses_thread_counts_past_its_maximum_up_front(cli, tmp_path, threads):
+    from onnxpipe.bench import MAX_THREADS
+
+    bundle = _fixed(cli, tmp_path)
+    before = tree_hash(bundle)
+    code, _, err = cli("bench", bundle, "--threads", f"1,{threads}", "--runs", "3")
+    assert code == 2 and f"--threads {threads}" in err and f"at most {MAX_THREADS}" in err, err
+    assert tree_hash(bundle) == before
+    assert MAX_THREADS >= 64
+
+
+def test_warmup_stops_at_the_time_limit_and_says_how_many_ran(cli, tmp_path):
+    from onnxpipe.benchworker import run
+
+    bundle = _fixed(cli, tmp_path)
+    request = {"model": str(bundle / "model.onnx"), "inputs": [
+        {"name": "x", "dtype": "float32", "shape": [4, 3]}], "ep": "cpu", "batch": 4,
+        "threads": 1, "runs": 3, "warmup": 10**7, "max_seconds": 0.2}  # fmt: skip
+    record = run(request)
+    assert 0 < record["warmup_runs"] < 10**7 and record["runs"] == 3
+
+
+def test_a_worker_past_its_time_is_exit_2_naming_runs_and_warmup(cli, tmp_path, monkeypatch):
+    bundle = _fixed(cli, tmp_path)
+
+    def slow(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], kwargs["timeout"])
+
+    monkeypatch.setattr("onnxpipe.bench.subprocess.run", slow)
+    code, _, err = cli("bench", bundle, "--warmup", "80000")
+    assert code == 2 and "--runs" in err and "--warmup" in err and "Traceback" not in err, err
+
+
+def test_only_a_failure_about_shapes_blames_the_dynamic_dims(cli, tmp_path, monkeypatch):
+    bundle = _bundle(
+        cli, tmp_path, "seq", [helper.make_node("Relu", ["x"], ["y"])],
+        [_tensor("x", ["batch", "seq"])], [_tensor("y", ["batch", "seq"])],
+    )  # fmt: skip
+    failed = subprocess.CompletedProcess([], 1, "", "MemoryError: std::bad_alloc")
+    monkeypatch.setattr("onnxpipe.bench.subprocess.run", lambda *a, **k: failed)
+    code, _, err = cli("bench", bundle, "--runs", "3")
+    assert code == 3 and "bad_alloc" in err and "dynamic dims" not in err and "--size" not in err
+    from onnxpipe.benchworker import RUN_FAILED_EXIT
+
+    shape = "run failed: InvalidArgument: [ONNXRuntimeError] : 2 : Got invalid dimensions"
+    failed = subprocess.CompletedProcess([], RUN_FAILED_EXIT, "", shape)
+    code, _, err = cli("bench", bundle, "--runs", "3")
+    assert code == 2 and "dynamic dims at seq=8" in err and "--size seq=N" in err, err
