@@ -289,6 +289,13 @@ def partitions(model_path: Path) -> dict[str, dict[str, Any]]:
             "nodes_supported": info.num_supported_nodes,
             "nodes_total": info.num_nodes,
             "unsupported_ops": sorted(info.unsupported_ops),
-            "suitability": info.suitability().name.lower(),
         }
+        if info.num_nodes == 0:  # ORT folded it all (Shape of a fixed input): suitability()
+            results[ep]["suitability"] = "none"  # divides by the node count
+            results[ep]["reason"] = (
+                "the optimized graph has no nodes (ORT folded the model into constants): "
+                "nothing runs on the EP"
+            )
+        else:
+            results[ep]["suitability"] = info.suitability().name.lower()
     return results

@@ -1,5 +1,6 @@
-"""bench on the edges a bug sweep found: which dim is the batch, what a fixed batch times,
-bounded warmup and threads. Each on a hand-built graph of a few nodes."""
+"""bench and package on the edges a bug sweep found: which dim is the batch, what a fixed batch
+times, bounded warmup and threads, graphs ORT folds away, unrecorded mobile files and manifest
+index limits. Each on a hand-built graph of a few nodes."""
 
 from __future__ import annotations
 
@@ -132,3 +133,23 @@ def test_only_a_failure_about_shapes_blames_the_dynamic_dims(cli, tmp_path, monk
     failed = subprocess.CompletedProcess([], RUN_FAILED_EXIT, "", shape)
     code, _, err = cli("bench", bundle, "--runs", "3")
     assert code == 2 and "dynamic dims at seq=8" in err and "--size seq=N" in err, err
+
+
+def _shape_of_fixed_input(cli, tmp_path) -> Path:
+    """Shape -> Cast of a fixed [2, 4] input: ORT folds it all into a constant."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]  # fmt: skip
+    return _bundle(cli, tmp_path, "shp", nodes, [_tensor("x", [2, 4])], [_tensor("y", [2])])
+
+
+def test_package_of_a_graph_ort_folds_to_no_nodes(cli, tmp_path):
+    """partitions() divided by the optimized graph's node count: ZeroDivisionError, exit 3."""
+    out = tmp_path / "pkg"
+    code, _, err = cli("package", _shape_of_fixed_input(cli, tmp_path), "-o", out, "--target",
+                       "mobile")  # fmt: skip
+    assert code == 0, err
+    mobile = json.loads((out / "manifest.json").read_text())["mobile"]
+    for ep in ("nnapi", "coreml"):
+        assert mobile[ep]["nodes_total"] == 0 and mobile[ep]["partitions"] == 0
+        assert mobile[ep]["suitability"] == "none" and "no nodes" in mobile[ep]["reason"]
+    assert cli("validate", out, "--ep", "mobile")[0] == 0
