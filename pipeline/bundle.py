@@ -147,14 +147,20 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
 
     Checks that ``model.onnx`` (and its external data, where the manifest lists it) is there
     with the recorded sha256, that ``parity.npz`` is there where the manifest has a parity
-    record (onnxpipe stores its samples with it), and that a packaged bundle's
-    ``.ort`` file is there, so no command works on, or ships, a model the manifest does not
-    describe.
+    record (onnxpipe stores its samples with it), that a packaged bundle's ``.ort`` file is
+    there and an unpackaged one holds none, and that no input's ``index_limit`` exceeds the
+    rows of the table it indexes, so no command works on, or ships, a model the manifest does
+    not describe.
 
     Raises:
         InputError: not a bundle, or a file is missing or changed since the manifest was written.
     """
-    from onnxpipe.modelio import DATA_FILE, MODEL_FILE, sha256  # noqa: PLC0415 - modelio loads onnx_ir
+    from onnxpipe.modelio import (  # noqa: PLC0415 - modelio loads onnx_ir
+        DATA_FILE,
+        MOBILE_MODEL,
+        MODEL_FILE,
+        sha256,
+    )
 
     manifest = read_manifest(bundle)
     check_manifest(bundle / MANIFEST, manifest)
@@ -164,10 +170,17 @@ def open_bundle(bundle: Path) -> dict[str, Any]:
             f"{bundle}: holds {DATA_FILE}, which its manifest does not record, so nothing "
             "vouches for those weights. Re-create the bundle with onnxpipe."
         )
+    mobile = (manifest.get("mobile") or {}).get("ort_file")
+    if (bundle / MOBILE_MODEL).exists() and mobile != MOBILE_MODEL:
+        # bench --ep mobile timed such a file (another bundle's) and recorded it as this one's
+        raise InputError(
+            f"{bundle}: {MOBILE_MODEL} is not recorded in the manifest, so nothing says it is "
+            f"this bundle's model; run package again (onnxpipe package {bundle} -o OUT --target "
+            f"mobile), or remove {bundle / MOBILE_MODEL}."
+        )
     files = [(MODEL_FILE, model.get("sha256"))]
     if model.get("external_data"):
         files.append((DATA_FILE, model["external_data"].get("sha256")))
-    mobile = (manifest.get("mobile") or {}).get("ort_file")
     if mobile and manifest["mobile"].get("ort_sha256"):
         files.append((mobile, manifest["mobile"]["ort_sha256"]))
     parity = [PARITY_FILE] if manifest.get("parity") else []  # stored with the parity record
@@ -225,6 +238,15 @@ def _check_signature(bundle: Path, manifest: dict[str, Any]) -> None:
                 f"{bundle / MANIFEST}: its {key} are not those of {MODEL_FILE} ({wrong[0]} where "
                 f"the model has {wrong[1]}); the manifest was edited or damaged. Re-create the "
                 "bundle with onnxpipe."
+            )
+    for i, (entry, own) in enumerate(zip(manifest["inputs"], inputs, strict=True)):
+        # generated ids are drawn below the recorded limit: past the table, ORT's Gather fails
+        limit, rows = entry.get("index_limit"), own.get("index_limit")
+        if limit is not None and rows is not None and limit > rows:
+            raise InputError(
+                f"{bundle / MANIFEST}: inputs[{i}].index_limit is {limit}, but "
+                f"{entry.get('name')} indexes a table of {rows} rows in {MODEL_FILE}; the "
+                "manifest was edited or damaged. Re-create the bundle with onnxpipe."
             )
 
 

@@ -58,6 +58,11 @@ class _Parity(_Loose):
     outputs: list[_Record] | None = None
 
 
+class _Input(_Loose):
+    index_limit: int | None = Field(default=None, ge=1)
+    """Rows of the table the ids index: generated ids are drawn below it (package, bench)."""
+
+
 class _Validation(_Loose):
     status: str
 
@@ -82,7 +87,7 @@ class _Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
     schema_name: str = Field(alias="schema")
     model: _Described
-    inputs: list[_Record]
+    inputs: list[_Input]
     outputs: list[_Record]
     steps: list[_Step]
     source: _Record | None = None

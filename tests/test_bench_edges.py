@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import tree_hash
 
@@ -153,3 +154,48 @@ def test_package_of_a_graph_ort_folds_to_no_nodes(cli, tmp_path):
         assert mobile[ep]["nodes_total"] == 0 and mobile[ep]["partitions"] == 0
         assert mobile[ep]["suitability"] == "none" and "no nodes" in mobile[ep]["reason"]
     assert cli("validate", out, "--ep", "mobile")[0] == 0
+
+
+def test_an_unrecorded_mobile_model_is_refused(cli, tmp_path):
+    """Another bundle's mobile/ folder copied in was timed by bench --ep mobile and recorded."""
+    packaged = tmp_path / "pkg"
+    assert cli("package", _shape_of_fixed_input(cli, tmp_path), "-o", packaged, "--target",
+               "mobile")[0] == 0  # fmt: skip
+    bundle = _fixed(cli, tmp_path, batch=2)
+    shutil.copytree(packaged / "mobile", bundle / "mobile")
+    before = tree_hash(bundle)
+    for args in (("bench", bundle, "--ep", "mobile", "--runs", "3"),
+                 ("validate", bundle, "--ep", "mobile")):  # fmt: skip
+        code, _, err = cli(*args)
+        assert code == 2 and "mobile/model.ort is not recorded in the manifest" in err, err
+        assert "run package again" in err
+    assert tree_hash(bundle) == before
+    (packaged / "mobile" / "model.ort").write_bytes(b"other")  # recorded, but changed
+    code, _, err = cli("bench", packaged, "--ep", "mobile", "--runs", "3")
+    assert code == 2 and "changed since onnxpipe wrote the bundle" in err
+
+
+@pytest.mark.parametrize(("limit", "needle"), [
+    ("abc", "inputs[0].index_limit missing or of the wrong type"),
+    (0, "inputs[0].index_limit missing or of the wrong type"),
+    (1000000, "inputs[0].index_limit is 1000000, but ids indexes a table of 50 rows"),
+])  # fmt: skip
+def test_a_damaged_index_limit_is_exit_2_before_any_run(cli, tmp_path, limit, needle):
+    """1000000 on a 50-row table crashed package (ORT Gather out of range) and optimize."""
+    table = numpy_helper.from_array(np.ones((50, 4), np.float32), "table")
+    bundle = _bundle(
+        cli, tmp_path, "emb", [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [_tensor("ids", ["batch", "seq"], TensorProto.INT64)], [_tensor("y", ["batch", "seq", 4])],
+        [table],
+    )  # fmt: skip
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["inputs"][0]["index_limit"] == 50
+    manifest["inputs"][0]["index_limit"] = limit
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    for args in (
+        ("package", bundle, "-o", tmp_path / "p", "--target", "mobile"),
+        ("optimize", bundle, "-o", tmp_path / "o"),
+        ("bench", bundle, "--runs", "2"),
+    ):
+        code, _, err = cli(*args)
+        assert code == 2 and needle in err and "Traceback" not in err, err
