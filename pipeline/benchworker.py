@@ -30,7 +30,6 @@ RUN_FAILED_EXIT = 5
 WORKER_TIMEOUT_S = 600
 """How long the parent waits for one worker: session creation plus warmup and timed runs,
 each of those two stopping after ``max_seconds``."""
-"""A worker's exit status when the session was made but running it failed (stderr: why)."""
 
 
 def batch_symbols(specs: list[InputSpec]) -> set[str]:
