@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-from onnxpipe.bench import BenchConfig, bench_model, parse_sizes
+from onnxpipe.bench import MAX_THREADS, BenchConfig, bench_model, parse_sizes
 from onnxpipe.bundle import save_parity_samples, versions
 from onnxpipe.converters.base import ConvertConfig, InputSpec
 from onnxpipe.data import data_sizes, load_data
@@ -220,8 +220,8 @@ class BenchStep(StepConfig):
     batch: tuple[PositiveInt, ...] = Field(
         default=(1,), description="Batch sizes (first symbolic dim)."
     )
-    threads: tuple[NonNegativeInt, ...] = Field(
-        default=(0,), description="intra-op threads; 0 = ORT default."
+    threads: tuple[Annotated[int, Field(ge=0, le=MAX_THREADS)], ...] = Field(
+        default=(0,), description="intra-op threads; 0 = ORT default (see bench.MAX_THREADS)."
     )
     runs: int = Field(default=50, ge=1, description="Timed runs per configuration.")
     warmup: int = Field(default=5, ge=0, description="Untimed runs first.")

@@ -261,6 +261,9 @@ def test_recipe_keys_and_settings_are_checked_before_any_step_runs(tmp_path):
     threads = _recipe(tmp_path, "  - convert\n  - bench: {threads: [2, -1]}\n")
     with pytest.raises(InputError, match=r"step 'bench': invalid settings: threads\[1\] Input"):
         load_recipe(threads)
+    many = _recipe(tmp_path, "  - convert\n  - bench: {threads: [100000]}\n")
+    with pytest.raises(InputError, match=r"threads\[0\] Input should be less than or equal"):
+        load_recipe(many)  # 100000 threads took 16 GB before convert's result was benched
     empty = _recipe(tmp_path, "  - convert\n", source="' '")
     with pytest.raises(InputError, match="source is empty: give the model"):
         load_recipe(empty)
