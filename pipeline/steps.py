@@ -217,11 +217,13 @@ class BenchStep(StepConfig):
 
     name: ClassVar[str] = "bench"
     ep: tuple[str, ...] = Field(default=("cpu",), description="EPs to time.")
-    batch: tuple[PositiveInt, ...] = Field(
-        default=(1,), description="Batch sizes (first symbolic dim)."
+    batch: tuple[Annotated[int, Field(strict=True, ge=1)], ...] = Field(
+        default=(1,), min_length=1, description="Batch sizes (first symbolic dim)."
     )
-    threads: tuple[Annotated[int, Field(ge=0, le=MAX_THREADS)], ...] = Field(
-        default=(0,), description="intra-op threads; 0 = ORT default (see bench.MAX_THREADS)."
+    threads: tuple[Annotated[int, Field(strict=True, ge=0, le=MAX_THREADS)], ...] = Field(
+        default=(0,),
+        min_length=1,
+        description="intra-op threads; 0 = ORT default (see bench.MAX_THREADS).",
     )
     runs: int = Field(default=50, ge=1, description="Timed runs per configuration.")
     warmup: int = Field(default=5, ge=0, description="Untimed runs first.")

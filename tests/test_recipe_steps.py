@@ -264,6 +264,10 @@ def test_recipe_keys_and_settings_are_checked_before_any_step_runs(tmp_path):
     many = _recipe(tmp_path, "  - convert\n  - bench: {threads: [100000]}\n")
     with pytest.raises(InputError, match=r"threads\[0\] Input should be less than or equal"):
         load_recipe(many)  # 100000 threads took 16 GB before convert's result was benched
+    for setting in ("batch: []", "threads: []", "batch: [true]"):  # StopIteration; batch 1
+        odd = _recipe(tmp_path, f"  - convert\n  - bench: {{{setting}}}\n")
+        with pytest.raises(InputError, match="step 'bench': invalid settings"):
+            load_recipe(odd)
     empty = _recipe(tmp_path, "  - convert\n", source="' '")
     with pytest.raises(InputError, match="source is empty: give the model"):
         load_recipe(empty)
