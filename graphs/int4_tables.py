@@ -19,21 +19,23 @@ from onnxpipe.graphs.base import ID_PASS, attr_int
 
 def embedding_tables(model: ir.Model, keep: set[str]) -> int:
     """Gather nodes reading a constant 2-D table (embeddings), not named in ``keep``."""
-    return len(_table_widths(model, keep))
+    return len(_tables(model, keep))
 
 
 def byte_packable(model: ir.Model, keep: set[str]) -> bool:
-    """Whether every embedding table's rows fill whole bytes at 4 bits (an even width).
+    """Whether every embedding table can be uint8 bytes (:func:`byte_packed_tables`).
 
-    Such tables end as uint8 (:func:`byte_packed_tables`) and the model keeps its opset;
-    an odd width keeps ORT's UINT4 tensors, which need opset 21 (:func:`at_opset_21`).
+    ORT reads uint8 tables gathered along axis 0 and blocked along their rows, whose 4-bit
+    values fill whole bytes (an even width). Then the model keeps its opset; otherwise ORT's
+    UINT4 tensors stay, which need opset 21 (:func:`at_opset_21`).
     """
-    return all(width % 2 == 0 for width in _table_widths(model, keep))
+    return all(width % 2 == 0 and axis == 0 for width, axis in _tables(model, keep))
 
 
-def _table_widths(model: ir.Model, keep: set[str]) -> list[int]:
+def _tables(model: ir.Model, keep: set[str]) -> list[tuple[int, int]]:
+    """(width, gather axis) of each Gather reading a constant 2-D table, not in ``keep``."""
     return [
-        int(node.inputs[0].const_value.shape.numpy()[1])  # type: ignore[union-attr]
+        (int(node.inputs[0].const_value.shape.numpy()[1]), attr_int(node, "axis", 0))  # type: ignore[union-attr]
         for node in model.graph
         if node.op_type == "Gather"
         and node.name not in keep
@@ -147,25 +149,35 @@ def byte_packed_tables(model: ir.Model) -> int:
     Signed values (symmetric tables, no zero points) move to unsigned with the default zero
     point of uint8 data, 8. In place, in ``model``.
     """
-    done = 0
+    done, packed = 0, set()
     for node in model.graph:
         data = node.inputs[0] if node.op_type == "GatherBlockQuantized" else None
+        if data is not None and data in packed:  # a table two lookups share: packed once
+            node.attributes["bits"] = ir.AttrInt64("bits", 4)
+            done += 1
+            continue
         tensor = data.const_value if data is not None else None
         if data is None or tensor is None:
             continue
         if tensor.dtype not in (ir.DataType.UINT4, ir.DataType.INT4):
             continue
         values = tensor.numpy()
-        if attr_int(node, "quantize_axis", 1) != values.ndim - 1 or values.shape[-1] % 2:
-            continue  # uint8 tables are blocked along their last axis, whole bytes per row
+        if (
+            attr_int(node, "quantize_axis", 1) != values.ndim - 1
+            or attr_int(node, "gather_axis", 0) != 0
+            or values.shape[-1] % 2
+        ):
+            continue  # uint8 tables: gathered along rows, blocked along them, whole bytes
         zeros = node.inputs[3] if len(node.inputs) > 3 else None
         zero_tensor = zeros.const_value if zeros is not None else None
         if zeros is not None and (zero_tensor is None or zero_tensor.dtype != tensor.dtype):
             continue
         shift = 8 if tensor.dtype == ir.DataType.INT4 else 0
         _set_bytes(data, _bytes(values, shift))
-        if zeros is not None and zero_tensor is not None:
+        if zeros is not None and zero_tensor is not None and zeros not in packed:
             _set_bytes(zeros, _bytes(zero_tensor.numpy(), shift))
+            packed.add(zeros)
+        packed.add(data)
         node.attributes["bits"] = ir.AttrInt64("bits", 4)
         done += 1
     return done

@@ -578,6 +578,54 @@ def test_int4_tables_are_bytes_and_the_model_keeps_its_opset(tmp_path, monkeypat
     }
 
 
+def _gather_model(axis: int) -> onnx.ModelProto:
+    """Opset 13: one table read by two Gathers (along ``axis``), and a MatMul."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["a"], axis=axis, name="first"),
+        helper.make_node("Gather", ["table", "ids"], ["b"], axis=axis, name="second"),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+        helper.make_node("MatMul", ["x", "w"], ["z"], name="proj"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "shared",
+        [value("ids", TensorProto.INT64, [2, 3]), value("x", TensorProto.FLOAT, [2, 64])],
+        [value("y", TensorProto.FLOAT, [2, 3, 64] if axis == 0 else [64, 2, 3]),
+         value("z", TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.normal(size=(64, 16)).astype(np.float32), "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_int4_tables_shared_or_gathered_along_columns(tmp_path, axis):
+    """A table two Gathers share was packed once but counted twice: the opset stayed
+    relabelled 21 unconverted (ReduceMean's axes then refused); uint8 tables cannot be
+    gathered along axis 1 (ORT: 'gather_axis must be 0'): those keep UINT4 at opset 21."""
+    from onnxpipe.graphs.quantize_int4 import QuantizeInt4Pass  # noqa: PLC0415
+
+    result = QuantizeInt4Pass()(ir.from_proto(_gather_model(axis))).model
+    tables = [n for n in result.graph if n.op_type == "GatherBlockQuantized"]
+    assert len(tables) == 2
+    if axis == 0:
+        assert result.opset_imports[""] == 13
+        assert all(n.attributes["bits"].value == 4 for n in tables)
+        assert tables[0].inputs[0] is tables[1].inputs[0]  # still one table
+    else:
+        assert result.opset_imports[""] == 21
+        assert {n.inputs[0].dtype for n in tables} == {ir.DataType.UINT4}
+    ir.save(result, tmp_path / "m.onnx")
+    feeds = {"ids": np.array([[0, 5, 63], [1, 2, 3]], np.int64), "x": np.ones((2, 64), np.float32)}
+    got = ort_run(tmp_path / "m.onnx", feeds)[0]
+    ir.save(ir.from_proto(_gather_model(axis)), tmp_path / "f.onnx")
+    want = ort_run(tmp_path / "f.onnx", feeds)[0]
+    assert got.shape == want.shape and np.abs(got - want).max() < 0.2 * np.abs(want).max()
+
+
 def test_odd_width_int4_tables_are_refused_for_mobile(cli, tmp_path):
     """ORT writes a .ort file with 4-bit tensors, then cannot load it (exit 3 before)."""
     onnx.save(_position_tables_model(33, opset=18), tmp_path / "odd.onnx")
