@@ -170,12 +170,14 @@ class CleanupPass(GraphPass[CleanupConfig]):
 
 
 def _keep_interface(model: ir.Model, inputs: list[str | None], outputs: list[str | None]) -> None:
-    """Give the graph its input names back where a pass renamed them, in place.
+    """Give the graph its input and output names back where passes changed them, in place.
 
     A graph output that is also a graph input (a model returning its input) is valid ONNX;
     onnx_ir's OutputFixPass (run by the onnxscript optimizer) renamed the input ``x_orig``
     and added ``Identity(x_orig) -> x``, and the model then asked its callers for ``x_orig``.
-    Such an output goes back to being the input itself.
+    Such an output goes back to being the input itself. Identity removal made outputs ``[y,
+    Identity(y) -> z]`` into ``[z, z]``: an output whose value another output, an input or an
+    initializer also names gets an Identity of its own name again.
     """
     graph = model.graph
     if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
@@ -196,6 +198,21 @@ def _keep_interface(model: ir.Model, inputs: list[str | None], outputs: list[str
                 graph.remove(node, safe=True)
     for value, name in renamed.items():
         value.name = name
+    for index, (value, name) in enumerate(zip(graph.outputs, outputs, strict=True)):
+        if name is None or value.name == name:
+            continue
+        shared = value.is_graph_input() or value.is_initializer()
+        if shared or value.name in outputs or list(graph.outputs).count(value) > 1:
+            copy = ir.node("Identity", [value], name=f"{name}_output")
+            copy.outputs[0].name, copy.outputs[0].type, copy.outputs[0].shape = (
+                name,
+                value.type,
+                value.shape,
+            )
+            graph.append(copy)
+            graph.outputs[index] = copy.outputs[0]
+        else:
+            value.name = name
 
 
 def _slim(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:

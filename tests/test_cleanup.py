@@ -373,6 +373,34 @@ def test_optimize_says_when_folding_stores_computed_weights(cli, tmp_path):
     assert "note: parameters" in err and "constant folding stored weights" in err
 
 
+def test_outputs_keep_their_names_when_they_share_a_value(cli, tmp_path):
+    """Identity removal made outputs [y, Identity(y) -> z] into [z, z] (asking for y failed)."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", ["y"], ["z"]),
+         helper.make_node("Identity", ["x"], ["x.copy:0"])], "shared",
+        [value("x", TensorProto.FLOAT, ["N", 4])],
+        [value("y", TensorProto.FLOAT, ["N", 4]), value("z", TensorProto.FLOAT, ["N", 4]),
+         value("x.copy:0", TensorProto.FLOAT, ["N", 4]), value("W", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.arange(4, dtype=np.float32), "W")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    assert cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "b", "--no-bench")[0] == 0
+    code, _, err = cli("optimize", tmp_path / "b", "-o", tmp_path / "o")
+    assert code == 0, err
+    model = onnx.load(tmp_path / "o" / "model.onnx")
+    assert [v.name for v in model.graph.output] == ["y", "z", "x.copy:0", "W"]
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    y, z, copy, w = ort_run(tmp_path / "o" / "model.onnx", {"x": x})
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    np.testing.assert_array_equal(z, y)
+    np.testing.assert_array_equal(copy, x)
+    np.testing.assert_array_equal(w, np.arange(4))
+
+
 def test_a_model_returning_its_input_keeps_its_input_name(cli, tmp_path):
     """onnx_ir's OutputFixPass renamed the input 'x_orig' behind an Identity to output 'x':
     the optimized model asked for 'x_orig' and optimize failed naming a scratch file."""
