@@ -143,7 +143,7 @@ class CleanupPass(GraphPass[CleanupConfig]):
             model = _ort_optimize(model, cfg.level)
             steps.append(f"onnxruntime offline optimization ({cfg.level})")
         model = common.RemoveUnusedOpsetsPass()(model).model  # ORT declares every domain
-        _keep_interface(model, *interface)
+        keep_interface(model, *interface)
         after = op_counts(model)
         logger.info("cleanup: %d -> %d nodes", sum(before.values()), sum(after.values()))
         self.metrics = {
@@ -169,7 +169,7 @@ class CleanupPass(GraphPass[CleanupConfig]):
         return ir.passes.PassResult(model, modified=True)
 
 
-def _keep_interface(model: ir.Model, inputs: list[str | None], outputs: list[str | None]) -> None:
+def keep_interface(model: ir.Model, inputs: list[str | None], outputs: list[str | None]) -> None:
     """Give the graph its input and output names back where passes changed them, in place.
 
     A graph output that is also a graph input (a model returning its input) is valid ONNX;

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model
+from onnxpipe.graphs.cleanup import keep_interface
 from onnxpipe.graphs.quant_exclude import split_exclude
 from onnxpipe.graphs.quant_utils import from_proto, refuse_float16, refuse_quantized, to_proto
 
@@ -73,8 +74,11 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
         # initializers, which restore_float32_weights gives it in float32 (it read a float16
         # copy cast back: 2e-3 off)
         work = copy_model(model)
+        interface = [v.name for v in work.graph.inputs], [v.name for v in work.graph.outputs]
         work = LiftConstantsToInitializersPass(lift_all_constants=True)(work).model
         work = IdentityEliminationPass()(work).model
+        keep_interface(work, *interface)
+        returned = _own_outputs(work.graph)
         proto = to_proto(work)
         if any(n.domain == "com.microsoft" for n in model.graph):
             proto = _typed(proto)
@@ -85,6 +89,10 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
             node_block_list=nodes,
         )
         result = from_proto(proto)
+        for index, name in returned:  # inputs the model returns, float32 as they came
+            result.graph.outputs.insert(
+                index, next(v for v in result.graph.inputs if v.name == name)
+            )
         # The converter appends its input/output Casts after the nodes that read them; ORT
         # runs that, the ONNX checker (and so `validate`) refuses it.
         result.graph.sort()
@@ -100,6 +108,34 @@ class QuantizeFp16Pass(GraphPass[QuantizeFp16Config]):
                         "float32_nodes": len(kept)}  # fmt: skip
         logger.info("quantize_fp16: %d nodes kept float32, %d Casts dropped", len(kept), dropped)
         return ir.passes.PassResult(result, modified=True)
+
+
+def _own_outputs(graph: ir.Graph) -> list[tuple[int, str]]:
+    """Give each output a node of its own for the converter's output Casts, in place.
+
+    ``keep_io_types`` renames the node that produces an output and adds a Cast back to the
+    output's name: an output that is an initializer or a graph input, or two outputs of one
+    value, were then declared twice (a SerdeError, exit 3). An initializer output is read
+    through an Identity (the initializer renamed); graph inputs returned as outputs are taken
+    out and returned as (position, name), to put back after the conversion.
+    """
+    returned = []
+    for index in reversed(range(len(graph.outputs))):
+        if graph.outputs[index].is_graph_input():
+            returned.append((index, str(graph.outputs.pop(index).name)))
+    for index, value in enumerate(graph.outputs):
+        if value.is_initializer() or value.producer() is None:
+            name = str(value.name)
+            value.name = f"{name}_value"
+            copy = ir.node("Identity", [value], name=f"{name}_output")
+            copy.outputs[0].name, copy.outputs[0].type, copy.outputs[0].shape = (
+                name,
+                value.type,
+                value.shape,
+            )
+            graph.append(copy)
+            graph.outputs[index] = copy.outputs[0]
+    return sorted(returned)
 
 
 def _typed(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -639,6 +639,35 @@ def test_odd_width_int4_tables_are_refused_for_mobile(cli, tmp_path):
     assert not package.exists()
 
 
+def test_fp16_keeps_outputs_that_share_a_value_or_are_not_computed(tmp_path):
+    """Outputs [y, Identity(y) -> z], an initializer output and a returned input: the
+    converter's output Casts declared them twice (SerdeError, exit 3)."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    from onnxpipe.graphs.quantize_fp16 import QuantizeFp16Pass  # noqa: PLC0415
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Identity", ["y"], ["z"])],
+        "shared",
+        [value("x", TensorProto.FLOAT, ["N", 4])],
+        [value("y", TensorProto.FLOAT, ["N", 4]), value("z", TensorProto.FLOAT, ["N", 4]),
+         value("W", TensorProto.FLOAT, [4, 4]), value("x", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "W")],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = QuantizeFp16Pass()(ir.from_proto(proto)).model
+    assert [v.name for v in result.graph.outputs] == ["y", "z", "W", "x"]
+    ir.save(result, tmp_path / "m.onnx")
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    y, z, w, same = ort_run(tmp_path / "m.onnx", {"x": x})
+    assert all(a.dtype == np.float32 for a in (y, z, w, same))
+    np.testing.assert_array_equal(y, 2 * x)
+    np.testing.assert_array_equal(z, y)
+    np.testing.assert_array_equal(w, np.eye(4) * 2)
+    np.testing.assert_array_equal(same, x)
+
+
 def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
     out = tmp_path / "fp16"
     code, _, err = cli("quantize", mlp, "-o", out, "--mode", "fp16", "--gate", "cosine>=0.999")
