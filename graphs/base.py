@@ -170,6 +170,15 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def identity_output(graph: ir.Graph, value: ir.Value, name: str) -> ir.Value:
+    """Append ``Identity(value)`` whose output is named ``name`` (typed as ``value``)."""
+    node = ir.node("Identity", [value], name=f"{name}_output")
+    out = node.outputs[0]
+    out.name, out.type, out.shape = name, value.type, value.shape
+    graph.append(node)
+    return out
+
+
 ID_PASS = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 """Ops that hand integer ids on unchanged: ids from an input through them are the input's own,
 which onnxpipe checks against an embedding table before it runs data."""

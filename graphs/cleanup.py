@@ -28,7 +28,7 @@ import onnx_ir.passes.common as common
 from pydantic import Field, model_validator
 
 from onnxpipe.errors import PassError
-from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model, ort_graph_level
+from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model, identity_output, ort_graph_level
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +203,7 @@ def keep_interface(model: ir.Model, inputs: list[str | None], outputs: list[str 
             continue
         shared = value.is_graph_input() or value.is_initializer()
         if shared or value.name in outputs or list(graph.outputs).count(value) > 1:
-            copy = ir.node("Identity", [value], name=f"{name}_output")
-            copy.outputs[0].name, copy.outputs[0].type, copy.outputs[0].shape = (
-                name,
-                value.type,
-                value.shape,
-            )
-            graph.append(copy)
-            graph.outputs[index] = copy.outputs[0]
+            graph.outputs[index] = identity_output(graph, value, name)
         else:
             value.name = name
 

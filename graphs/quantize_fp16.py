@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 from pydantic import Field
 
-from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model
+from onnxpipe.graphs.base import GraphPass, PassConfig, copy_model, identity_output
 from onnxpipe.graphs.cleanup import keep_interface
 from onnxpipe.graphs.quant_exclude import split_exclude
 from onnxpipe.graphs.quant_utils import from_proto, refuse_float16, refuse_quantized, to_proto
@@ -127,14 +127,7 @@ def _own_outputs(graph: ir.Graph) -> list[tuple[int, str]]:
         if value.is_initializer() or value.producer() is None:
             name = str(value.name)
             value.name = f"{name}_value"
-            copy = ir.node("Identity", [value], name=f"{name}_output")
-            copy.outputs[0].name, copy.outputs[0].type, copy.outputs[0].shape = (
-                name,
-                value.type,
-                value.shape,
-            )
-            graph.append(copy)
-            graph.outputs[index] = copy.outputs[0]
+            graph.outputs[index] = identity_output(graph, value, name)
     return sorted(returned)
 
 
