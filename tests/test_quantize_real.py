@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxpipe.cli import main
@@ -98,6 +99,9 @@ def test_minilm_dynamic_int8_keeps_pooled_cosine(bench, minilm, tmp_path):
     step = json.loads((out / "manifest.json").read_text())["steps"][-1]
     fusion = step["metrics"]["quantize_dynamic"]["transformer_fusion"]
     assert fusion["applied"], fusion
+    # SkipLayerNormalization is not fused: slower here than Add + LayerNormalization
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert "QAttention" in ops and "SkipLayerNormalization" not in ops, ops
     # 6 fused attentions + 12 FFN MatMuls + 6 attention-output MatMuls
     smoothing = step["metrics"]["quantize_dynamic"]["smoothing"]
     assert smoothing["smoothed_nodes"] == 24 and smoothing["statistics"] == "calib"
