@@ -242,7 +242,7 @@ def output_drift(
                 continue
             ref, got = _finite_pair(ref_j, got_j)
             moved[j] = max(moved[j], float(np.max(np.abs(ref - got))))
-            finite = np.abs(ref_j[np.isfinite(ref_j)]) if ref_j.dtype.kind == "f" else ref_j
+            finite = ref_j[np.isfinite(ref_j)] if ref_j.dtype.kind == "f" else ref_j
             if finite.size:
                 scale[j] = max(scale[j], float(np.max(np.abs(finite.astype(np.float64)))))
     return list(zip(moved, scale, strict=True))

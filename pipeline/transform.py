@@ -119,8 +119,11 @@ class TransformContext:
 
     def measure(self, model: ir.Model | Path) -> dict[str, Any]:
         """Gate metrics of ``model`` against the input model on the eval feeds."""
+        return self._metrics(self.run(model))
+
+    def _metrics(self, outputs: list[Outputs]) -> dict[str, Any]:
         masks = [f.get("attention_mask") for f in self.eval_feeds]
-        return gate_metrics(self.reference(), self.run(model), masks)
+        return gate_metrics(self.reference(), outputs, masks)
 
     def drift(self, model: ir.Model) -> tuple[str, float, float, dict[str, Any]]:
         """The output of ``model`` that moved most from the input model's, for the eval feeds.
@@ -129,10 +132,8 @@ class TransformContext:
         (:data:`PRESERVED_RTOL` of its largest reference value, at least of 1) and the gate
         metrics. "Most" is relative to each output's limit.
         """
-        path = self.save(model, "rewritten")
-        outputs = self.run(path)
-        masks = [f.get("attention_mask") for f in self.eval_feeds]
-        gate = gate_metrics(self.reference(), outputs, masks)
+        outputs = self.run(self.save(model, "rewritten"))
+        gate = self._metrics(outputs)
         names = [str(v.name) for v in model.graph.outputs if v.name not in self.random]
         found = [
             (name, moved, PRESERVED_RTOL * max(1.0, scale))
