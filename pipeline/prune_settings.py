@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from onnxpipe.errors import InputError
+from onnxpipe.option_scope import read_settings, refuse_unread
 
 Method = Literal["magnitude", "channels", "lowrank"]
 
@@ -42,10 +43,7 @@ class PruneSettings(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> PruneSettings:
         # an option the method would ignore is refused: it read in the manifest as applied
-        for name in sorted(self.model_fields_set):
-            method = _APPLIES.get(name)
-            if method is not None and self.method != method:
-                raise ValueError(f"--{name.replace('_', '-')} applies to --method {method} only")
+        refuse_unread(self.model_fields_set, _APPLIES, self.method, "--method")
         if self.energy is not None and self.gates:
             raise ValueError(
                 "--energy applies without --gate only: the gated search picks each layer's "
@@ -56,11 +54,10 @@ class PruneSettings(BaseModel):
     @model_serializer(mode="wrap")
     def _applied(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """The settings the method uses: what the manifest records as applied."""
-        data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if _APPLIES.get(k, self.method) == self.method}
+        return read_settings(handler(self), _APPLIES, self.method)
 
 
-_APPLIES = {"scope": "magnitude", "energy": "lowrank", "multiple_of": "channels"}
+_APPLIES = {"scope": ("magnitude",), "energy": ("lowrank",), "multiple_of": ("channels",)}
 """The settings only one method reads."""
 
 

@@ -29,6 +29,7 @@ from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
 from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_float16, refuse_quantized
 from onnxpipe.modelio import MODEL_FILE
+from onnxpipe.option_scope import read_settings, refuse_unread
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 from onnxpipe.transform import TransformContext, derive_bundle
 
@@ -84,11 +85,7 @@ class QuantizeSettings(BaseModel):
         # an option the mode would ignore is refused, even at its default value: it would
         # read in the manifest as if it applied
         given = self.model_fields_set
-        for name in sorted(given):
-            modes = _APPLIES.get(name)
-            if modes is not None and self.mode not in modes:
-                flag = _FLAGS.get(name, f"--{name.replace('_', '-')}")
-                raise ValueError(f"{flag} applies to --mode {' and '.join(modes)} only")
+        refuse_unread(given, _APPLIES, self.mode, "--mode", _FLAGS)
         if self.format == "qop" and {"rounding", "empirical_bias"} & given:
             raise ValueError(
                 "--rounding and --no-empirical-bias apply to --format qdq only (QOperator "
@@ -117,8 +114,7 @@ class QuantizeSettings(BaseModel):
     @model_serializer(mode="wrap")
     def _applied(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """The settings the mode uses: what the manifest records as applied."""
-        data = handler(self)
-        applied = {k: v for k, v in data.items() if self.mode in _APPLIES.get(k, (self.mode,))}
+        applied = read_settings(handler(self), _APPLIES, self.mode)
         if self.mode == "int4" and not self.calib:
             applied["rounding"] = "nearest"  # GPTQ rounds on calibration data only
         if self.mode == "static" and self.format == "qop":
