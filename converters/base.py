@@ -96,6 +96,11 @@ class InputSpec:
         """The symbolic (dynamic) dims, in order."""
         return [d for d in self.shape if isinstance(d, str)]
 
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> InputSpec:
+        """The spec :meth:`to_json` wrote."""
+        return cls(entry["name"], entry["dtype"], tuple(entry["shape"]), entry.get("index_limit"))
+
     def to_json(self) -> dict[str, Any]:
         """The manifest form ``{name, dtype, shape}`` (+ ``index_limit`` for table ids)."""
         entry = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}

@@ -182,7 +182,7 @@ def isolated_ms(
 
 
 def _specs(inputs: Sequence[dict[str, Any]]) -> list[InputSpec]:
-    return [InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in inputs]
+    return [InputSpec.from_json(s) for s in inputs]
 
 
 def _fixed_batch(inputs: Sequence[dict[str, Any]]) -> int | None:

@@ -65,10 +65,7 @@ def feed_sizes(specs: list[InputSpec], batch: int, given: dict[str, int]) -> dic
 
 def run(request: dict) -> dict:
     """Time ``runs`` inferences after ``warmup``; latency percentiles, throughput, RSS."""
-    specs = [
-        InputSpec(s["name"], s["dtype"], tuple(s["shape"]), s.get("index_limit"))
-        for s in request["inputs"]
-    ]
+    specs = [InputSpec.from_json(s) for s in request["inputs"]]
     sizes = feed_sizes(specs, int(request["batch"]), request.get("sizes") or {})
     feeds = random_feeds(specs, sizes, seed=0)
     if request.get("feeds"):  # given inputs (e.g. a real sentence) instead of random ones
