@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpipe.bench import BenchConfig, bench_model
+from onnxpipe.benchworker import batch_input
 from onnxpipe.bundle import open_bundle
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
@@ -162,8 +163,7 @@ def compare_bundles(
     # both timed at the shapes compared (A at its default 8x8 and a fixed B at 256x256
     # showed the same model 75x faster), at batch 1 unless one model fixes its batch (a
     # fixed 64 timed beside a free batch at 1 read 36x slower)
-    fixed = [s.shape[0] for s in (*specs["a"], *specs["b"]) if s.shape]
-    batch = next((d for d in fixed if isinstance(d, int)), 1)
+    batch = _latency_batch(specs["a"], specs["b"])
     record["latency_batch"] = batch
     if bench:
         first = feeds_a[0]
@@ -183,11 +183,24 @@ def compare_bundles(
     return record
 
 
+def _latency_batch(*models: list[InputSpec]) -> int:
+    """1, or the batch a model fixes on axis 0 of its batch input (as ``bench`` reads it).
+
+    Another input's fixed axis 0 is not the batch: with ``s[2, 4]`` beside ``x[N, 4]`` both
+    models were timed with x at batch 2.
+    """
+    for specs in models:
+        spec = batch_input(specs)
+        if spec is not None and isinstance(spec.shape[0], int):
+            return spec.shape[0]
+    return 1
+
+
 def _at(spec: InputSpec, shape: tuple[int, ...], batch: int) -> InputSpec:
-    """``spec`` at ``shape`` (the sizes compared), with ``batch`` on axis 0."""
+    """``spec`` at ``shape`` (the sizes compared), with ``batch`` on a free axis 0."""
     if not spec.shape:
         return spec
-    return replace(spec, shape=(batch, *shape[1:]))
+    return replace(spec, shape=(batch if isinstance(spec.shape[0], str) else shape[0], *shape[1:]))
 
 
 def _fixed_by(x: InputSpec, y: InputSpec, layout: tuple[int, ...] | None) -> InputSpec:

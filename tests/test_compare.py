@@ -386,6 +386,29 @@ def test_latency_is_timed_at_the_shapes_compared(cli, tmp_path):
     assert record["latency_shapes"] == {"a": {"x": [4, 3, 32, 32]}, "b": {"x": [4, 3, 32, 32]}}
 
 
+def test_latency_batch_is_the_batch_inputs_not_another_fixed_input(cli, tmp_path):
+    """s[2, 4] beside x[N, 4]: compare timed x at batch 2 (s's axis 0), where bench says 1."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Add", ["x", "b"], ["y"]), helper.make_node("Neg", ["s"], ["t"])]
+    shapes = {"s": [2, 4], "x": ["N", 4], "y": ["N", 4], "t": [2, 4]}
+    tensors = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()}
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [4], [0.5] * 4)
+    graph = helper.make_graph(nodes, "g", [tensors["s"], tensors["x"]], [tensors["y"],
+                              tensors["t"]], [bias])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    code, _, err = cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "a", "--no-bench")
+    assert code == 0, err
+    code, stdout, err = cli("compare", tmp_path / "a", tmp_path / "a", "--json")
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert record["latency_batch"] == 1
+    assert record["latency_shapes"]["a"] == {"s": [2, 4], "x": [1, 4]}
+    assert record["latency_shapes"]["b"] == record["latency_shapes"]["a"]
+
+
 def test_inputs_of_another_rank_and_a_bundle_as_html_say_what_to_do(cli, tmp_path, mlp_bundle):
     """'input x has rank 4, x 2.' named neither bundle; --html BUNDLE suggested a page inside
     the bundle, which is refused."""
