@@ -10,7 +10,12 @@ per-channel-quantized weights. ``Gemm`` is a target because cleanup fuses MatMul
 it (a Keras ``Dense`` stack exported by tf2onnx arrives as ``Gemm`` nodes).
 
 The division is an inserted ``Mul`` by a constant (BERT's post-LN residual stream also
-feeds the next block, so it cannot be folded into the LayerNorm). Measured on
+feeds the next block, so it cannot be folded into the LayerNorm), except behind a fused
+``Attention`` whose output only that node reads: its output channels are the V projection's
+columns (mixed across tokens by weights that sum to 1), so the division goes into those
+columns and the V bias (:func:`_fold_into_attention`). On all-MiniLM-L6-v2 that is 6 of the 24
+Muls, the only ones whose smoothing measured no gain (pooled cosine 0.9963 with them, 0.9964
+without) but that cost time like the others. Measured on
 all-MiniLM-L6-v2 (dynamic int8, per-channel, 60 held-out sentences): pooled cosine 0.9924
 without smoothing, 0.9862 at a = 0.5, 0.9958 at 0.7, 0.9955 at 0.8, 0.9949 at 1.0; latency
 unchanged within noise.
@@ -93,7 +98,13 @@ def smooth_model(
     graph_nodes = list(proto.graph.node)
     maxima = input_maxima(proto, feeds, sorted({graph_nodes[i].input[0] for i in targets}))
     inits = {i.name: i for i in proto.graph.initializer}
+    producers = {name: node for node in graph_nodes for name in node.output}
+    uses: dict[str, int] = {}
+    for node in graph_nodes:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
     inserted: dict[int, onnx.NodeProto] = {}
+    folded = 0
     for index in targets:
         node = graph_nodes[index]
         x_max = maxima[node.input[0]].astype(np.float64)
@@ -108,6 +119,10 @@ def smooth_model(
         inits[node.input[1]].CopyFrom(
             numpy_helper.from_array(scaled.T if rows is not weight else scaled, node.input[1])
         )
+        attention = producers.get(node.input[0])
+        if attention is not None and _fold_into_attention(attention, 1 / scale, inits, uses):
+            folded += 1
+            continue
         stem = f"{node.name or node.op_type}_{index}_smooth"
         proto.graph.initializer.append(
             numpy_helper.from_array((1 / scale).astype(np.float32), f"{stem}_scale")
@@ -127,5 +142,39 @@ def smooth_model(
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     onnx.save(proto, str(out))
-    logger.info("smooth_quant: %d nodes smoothed (alpha %.2f)", len(inserted), alpha)
-    return {"alpha": alpha, "smoothed_nodes": len(inserted)}
+    smoothed = len(inserted) + folded
+    logger.info("smooth_quant: %d nodes smoothed (alpha %.2f)", smoothed, alpha)
+    return {"alpha": alpha, "smoothed_nodes": smoothed, "folded_into_attention": folded}
+
+
+def _fold_into_attention(
+    node: onnx.NodeProto,
+    factor: np.ndarray,
+    inits: dict[str, onnx.TensorProto],
+    uses: dict[str, int],
+) -> bool:
+    """Multiply the V columns and V bias of a fused ``Attention`` by ``factor``, if it can.
+
+    ``Attention(x, W[K, q+k+v], b[q+k+v])`` outputs ``v`` channels, each a weighted sum of V
+    rows with weights summing to 1, so scaling V's columns and bias scales the output
+    channels the same way. Not folded (False): another op type, an output something else
+    reads, a weight or bias not its own, or widths that do not add up.
+    """
+    if node.op_type != "Attention" or node.domain != "com.microsoft" or len(node.input) < 3:
+        return False
+    weight, bias = inits.get(node.input[1]), inits.get(node.input[2])
+    if weight is None or bias is None or len(weight.dims) != 2 or len(node.output) != 1:
+        return False
+    if uses.get(node.output[0]) != 1 or uses[node.input[1]] != 1 or uses[node.input[2]] != 1:
+        return False
+    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
+    width = int(weight.dims[1])
+    v = sizes[2] if sizes else width // 3
+    if v != factor.shape[0] or (sizes and sum(sizes) != width) or list(bias.dims) != [width]:
+        return False
+    w, b = numpy_helper.to_array(weight).copy(), numpy_helper.to_array(bias).copy()
+    w[:, width - v :] *= factor.astype(w.dtype)
+    b[width - v :] *= factor.astype(b.dtype)
+    weight.CopyFrom(numpy_helper.from_array(w, node.input[1]))
+    bias.CopyFrom(numpy_helper.from_array(b, node.input[2]))
+    return True

@@ -50,6 +50,45 @@ def test_smoothing_keeps_the_float_function(tmp_path):
     )
 
 
+def _attention_model(rng, qkv_sizes: list[int] | None) -> onnx.ModelProto:
+    """x[1, 6, 32] -> com.microsoft Attention (4 heads) -> MatMul(v x 24), as optimize fuses."""
+    q, k, v = qkv_sizes or (32, 32, 32)
+    attrs = {"num_heads": 4, **({"qkv_hidden_sizes": qkv_sizes} if qkv_sizes else {})}
+    nodes = [
+        helper.make_node("Attention", ["x", "wqkv", "bqkv"], ["a"], name="att",
+                         domain="com.microsoft", **attrs),
+        helper.make_node("MatMul", ["a", "wo"], ["y"], name="out"),
+    ]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(32, q + k + v)).astype(np.float32) / 6, "wqkv"),
+        numpy_helper.from_array(rng.normal(size=(q + k + v,)).astype(np.float32), "bqkv"),
+        numpy_helper.from_array(rng.normal(size=(v, 24)).astype(np.float32) / 5, "wo"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 24])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_smoothing_behind_attention_goes_into_the_v_columns(tmp_path):
+    """The MatMul reading a fused Attention is smoothed without a Mul, same float function."""
+    rng = np.random.default_rng(2)
+    for sizes in (None, [32, 32, 16]):
+        src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+        onnx.save(_attention_model(rng, sizes), src)
+        x = rng.normal(size=(1, 6, 32)).astype(np.float32)
+        x[..., 5] *= 30
+        done = smooth_model(src, out, [{"x": x}], alpha=0.7)
+        assert done["smoothed_nodes"] == 2 and done["folded_into_attention"] == 1, sizes
+        smoothed = onnx.load(str(out))
+        assert [n.op_type for n in smoothed.graph.node] == ["Mul", "Attention", "MatMul"]
+        # no Mul before "out": only the rescaled V columns and bias keep the function
+        np.testing.assert_allclose(
+            ort_run(out, {"x": x})[0], ort_run(src, {"x": x})[0], rtol=1e-4, atol=1e-4
+        )
+
+
 def _dense_model(rng, trans_b: int) -> onnx.ModelProto:
     """x[batch, 64] -> Dense -> Relu -> Dense, as tf2onnx writes Keras ``Dense`` layers.
 
