@@ -109,6 +109,34 @@ def test_cli_lowrank_with_gate(cli, mlp_bundle, tmp_path):
     assert all(layer["activation_aware"] for layer in metrics["pass"]["layers"].values())
 
 
+def test_gate_that_limits_the_cut_says_so(cli, mlp_bundle, tmp_path):
+    """A gated EfficientNet-Lite0 at --ratio 0.3 came back 0.5% smaller, and nothing said the
+    gate, not the ratio, had decided."""
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((32, 64)).astype("f4"))
+    flags = ("--method", "lowrank", "--ratio", "0.5", "--eval", data)
+    code, _, stderr = cli(
+        "prune", mlp_bundle, "-o", tmp_path / "a", *flags, "--gate", "cosine>=0.9"
+    )
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "a" / "manifest.json").read_text())["steps"][-1]["metrics"]
+    assert metrics["ratios"] == {"2.weight": 0.25}  # one of two layers, at half the ratio
+    note = metrics["note"]
+    assert "let 1 of 2 layers be cut, 0 at --ratio 0.5 and 1 at 0.25" in note
+    assert "cosine>=0.9" in note and "searched as" not in note  # no margin on cosine
+    assert "note: the gate cosine>=0.9" in " ".join(stderr.split())
+    code, _, stderr = cli(
+        "prune", mlp_bundle, "-o", tmp_path / "b", *flags, "--gate", "cosine>=0.5"
+    )
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "b" / "manifest.json").read_text())["steps"][-1]["metrics"]
+    assert set(metrics["ratios"].values()) == {0.5} and "note" not in metrics
+    code, _, stderr = cli("prune", mlp_bundle, "-o", tmp_path / "c", *flags, "--gate", "top1>=0.99")
+    assert code == 1 and "top1>=0.99 (searched as top1>=1: one standard error)" in " ".join(
+        stderr.split()
+    ), stderr
+
+
 def test_energy_is_a_floor_under_the_ratio(cli, mlp_bundle, tmp_path):
     """--energy 0.3 with --ratio 0.5 and 0.9 wrote one model while recording two ratios."""
     params = {}
