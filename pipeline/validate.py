@@ -129,7 +129,9 @@ def validate_bundle(
             ep_feeds = feeds_list[:stored]
         try:
             if ep == "mobile":
-                session, ep_feeds, expected, source, repeated = _mobile_session(bundle, feeds_list)
+                session, ep_feeds, expected, source, repeated = _mobile_session(
+                    bundle, feeds_list, data, stored
+                )
             else:
                 session = make_session(model, SessionOptions(ep=ep))
         except ProviderUnavailable as e:
@@ -187,7 +189,7 @@ def _stored_reference(manifest: dict[str, Any]) -> str:
 
 
 def _mobile_session(
-    bundle: Path, feeds_list: list[dict[str, np.ndarray]]
+    bundle: Path, feeds_list: list[dict[str, np.ndarray]], data: str | None = None, stored: int = 0
 ) -> tuple[Any, list[dict[str, np.ndarray]], dict[int, list[np.ndarray]], str, int]:
     """The ``.ort`` model's session, fitting feeds, expected outputs, source, repeated samples.
 
@@ -199,6 +201,10 @@ def _mobile_session(
     int8 or float16 models those differ by far more than a conversion error (MiniLM dynamic
     int8: max abs 1.39, cosine 0.9989).
     When none of the shared feeds fit, feeds are generated at the ORT model's shapes.
+
+    Raises:
+        InputError: a ``data`` batch (the feeds after the ``stored`` ones) does not fit the
+            package's fixed shapes: it was left out and the EP passed on generated samples.
     """
     path = bundle / MOBILE_MODEL
     if not path.is_file():
@@ -226,11 +232,20 @@ def _mobile_session(
         )
     recorded = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
     fitting, repeated = [], 0
-    for part in feeds_list:
+    for index, part in enumerate(feeds_list):
         batches, short = _rebatched(part, shapes)
         if all(fits(f) for f in batches):
             fitting += batches
             repeated += short
+        elif data and index >= stored:
+            given = ", ".join(f"{k}{list(v.shape)}" for k, v in part.items())
+            fixed = ", ".join(f"{k}{list(d)}" for k, d in shapes.items())
+            raise InputError(
+                f"{data}: samples at {given} do not fit {bundle / MOBILE_MODEL}, packaged with "
+                f"the fixed shapes {fixed} (a batch other than the fixed one is regrouped). "
+                "Give --data at those shapes, or package again with --fixed-shape at the "
+                "shapes to validate."
+            )
     if not fitting:
         limits = {e["name"]: e.get("index_limit") for e in recorded.get("inputs", [])}
         specs = [

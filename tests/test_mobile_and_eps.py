@@ -360,6 +360,24 @@ def test_validate_mobile_runs_the_data_at_a_fixed_batch_and_ids_in_their_table(c
     assert code == 0 and json.loads(stdout)["mobile"]["samples"] == stored + 3, stdout
 
 
+def test_validate_mobile_refuses_data_the_fixed_shapes_cannot_take(cli, tmp_path):
+    """Ids at length 9 on a package fixed at length 5 were left out, and validation.mobile
+    passed on 8 generated samples instead: now exit 2 naming the data and the fixed shapes,
+    with nothing recorded."""
+    src = tmp_path / "vocab"
+    assert cli("convert", model_ref("small_vocab"), "-o", src, "--input",
+               "ids:int64[batch,seq]", "--no-bench")[0] == 0  # fmt: skip
+    out = tmp_path / "pkg"
+    code, _, err = cli("package", src, "-o", out, "--target", "mobile", "--fixed-shape", "ids:2,5")
+    assert code == 0, err
+    manifest = (out / "manifest.json").read_bytes()
+    np.savez(tmp_path / "long.npz", ids=np.random.default_rng(0).integers(0, 10, (6, 9)))
+    code, _, err = cli("validate", out, "--ep", "cpu,mobile", "--data", tmp_path / "long.npz")
+    assert code == 2, err
+    assert "long.npz" in err and "ids[2, 5]" in err and "--fixed-shape" in err
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
 def test_a_model_too_small_at_the_default_size_is_timed_at_the_data_sizes(cli, tmp_path):
     """convert of an image model with free height and width and --data (224x224 photos) was
     exit 3: its bench ran at 8x8 pixels, which its kernels do not fit."""
