@@ -204,13 +204,18 @@ def _at(spec: InputSpec, shape: tuple[int, ...], batch: int) -> InputSpec:
 
 
 def _fixed_by(x: InputSpec, y: InputSpec, layout: tuple[int, ...] | None) -> InputSpec:
-    """A's input spec with the dims that only B fixes fixed, so generated feeds fit both."""
+    """A's input spec with the dims that only B fixes fixed, so generated feeds fit both.
+
+    Generated ids stay inside the smaller of the two tables (A's 50 rows against B's 30
+    made ids B could not look up: exit 2 asking for --data).
+    """
     dims_b = y.shape if layout is None else tuple(y.shape[layout.index(i)] for i in range(4))
     shape = tuple(
         db if isinstance(db, int) and not isinstance(da, int) else da
         for da, db in zip(x.shape, dims_b, strict=True)
     )
-    return replace(x, shape=shape)
+    limits = [h for h in (x.high, y.high) if h is not None]
+    return replace(x, shape=shape, high=min(limits) if limits else None)
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], bundle: Path) -> list[np.ndarray]:

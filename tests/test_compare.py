@@ -420,3 +420,32 @@ def test_inputs_of_another_rank_and_a_bundle_as_html_say_what_to_do(cli, tmp_pat
     assert code == 2 and str(image) in err and str(mlp_bundle) in err and "ranks differ" in err
     code, _, err = cli("compare", image, image, "--html", image)
     assert code == 2 and "e.g. compare.html" in err, err
+
+
+def test_generated_ids_fit_the_smaller_table_of_the_two(cli, tmp_path):
+    """A with a 50-row table against B with its first 30 rows: ids came from A's table alone,
+    B could not look them up and compare was exit 2 asking for --data."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    table = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+
+    def bundle(name, rows):
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["w", "ids"], ["y"])],
+            name,
+            [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n", "seq"])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "seq", 4])],
+            [numpy_helper.from_array(table[:rows], "w")],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")  # fmt: skip
+        out = tmp_path / name
+        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
+        return out
+
+    a, b = bundle("a", 50), bundle("b", 30)
+    for first, second in ((a, b), (b, a)):
+        code, out, err = cli("compare", first, second, "--json", "--no-bench")
+        assert code == 0, err
+        assert json.loads(out)["outputs"]["max_abs_diff"] == 0.0
