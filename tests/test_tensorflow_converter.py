@@ -687,3 +687,25 @@ def test_package_at_a_size_the_model_cannot_take_names_the_bundle(cli, tmp_path)
                        "--fixed-shape", "input:1,15,23,3")  # fmt: skip
     assert code == 2 and f"{bundle / 'model.onnx'}:" in err and "input:1,15,23,3" in err
     assert "onnxpipe-mobile-" not in err
+
+
+def test_saved_model_signature_dtype_given_otherwise_says_which(cli, tmp_path):
+    """--input k:int64 for a signature taking int32 was exit 2 blaming tf2onnx and a
+    'PartitionedCall' op; now it names the input and the signature's dtype."""
+    module = tf.Module()
+    module.v = tf.Variable(tf.ones((4,)))
+    scale = tf.function(
+        lambda q, k: {"out": q * module.v * tf.cast(k[:, None], tf.float32)},
+        input_signature=[tf.TensorSpec((None, 4), tf.float32, name="q"),
+                         tf.TensorSpec((None,), tf.int32, name="k")],
+    )  # fmt: skip
+    path = tmp_path / "sm"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": scale})
+    out = tmp_path / "out"
+    code, _, err = cli("convert", path, "-o", out, "--no-bench",
+                       "--input", "q:float32[batch,4]", "--input", "k:int64[batch]")  # fmt: skip
+    assert code == 2 and "k as int32, not int64" in err and "PartitionedCall" not in err, err
+    assert not out.exists()
+    code, _, err = cli("convert", path, "-o", out, "--no-bench",
+                       "--input", "q:float32[batch,4]", "--input", "k:int32[batch]")  # fmt: skip
+    assert code == 0, err

@@ -77,6 +77,8 @@ def resolve_specs(
             )
         declared = [d[0] for d in src.inputs] if src.inputs is not None else None
         onnx_specs = in_declared_order(user, declared, src.where)
+        if src.signature is not None and src.inputs is not None:
+            _check_signature_dtypes(src, onnx_specs)
         tf_specs = [_permute(s, TO_NHWC) if nchw else s for s in onnx_specs]
     else:
         tf_specs = [_declared_spec(src, d) for d in _require_declared(src)]
@@ -87,6 +89,22 @@ def resolve_specs(
             f"({', '.join(str(s) for s in onnx_specs)}). Drop --nchw."
         )
     return onnx_specs, tf_specs
+
+
+def _check_signature_dtypes(src: TFSource, specs: list[InputSpec]) -> None:
+    """Refuse ``--input`` dtypes a SavedModel signature does not take.
+
+    A signature runs on its own dtypes only: given others, tf2onnx failed on the call
+    (exit 2 blaming a ``PartitionedCall`` op and the model's layers). A Keras model casts
+    its inputs, so there a dtype may be overridden.
+    """
+    for spec, (name, dtype, _) in zip(specs, src.inputs or [], strict=False):
+        if spec.dtype != dtype:
+            raise InputError(
+                f"{src.where}: --input {spec.name}: signature {src.signature!r} takes "
+                f"{name} as {dtype}, not {spec.dtype}. Give {spec.name}:{dtype}[...], or "
+                "export a signature with the dtype to convert."
+            )
 
 
 def _require_declared(src: TFSource) -> list[tuple[str, str, tuple[int | None, ...] | None]]:
