@@ -27,7 +27,7 @@ from onnxpipe.converters.base import (
     unnamed_dim,
 )
 from onnxpipe.errors import InputError
-from onnxpipe.runtime import ORT_ERRORS
+from onnxpipe.runtime import ORT_ERRORS, ort_options
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +278,15 @@ def _reference_session(path: Path, model: ir.Model) -> ort.InferenceSession:
     """
     providers = ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), providers=providers)
+        return ort.InferenceSession(str(path), ort_options(), providers=providers)
     except ORT_ERRORS as e:
         first = e
     proto = ir.serde.serialize_model(model)
     if proto.ByteSize() < 2**31 - 1:
         try:
-            session = ort.InferenceSession(proto.SerializeToString(), providers=providers)
+            session = ort.InferenceSession(
+                proto.SerializeToString(), ort_options(), providers=providers
+            )
         except ORT_ERRORS:
             pass
         else:

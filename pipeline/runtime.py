@@ -84,14 +84,24 @@ class SessionOptions:
     level: str | None = None  # graph optimizations: none/basic/extended/all (None: ORT's, all)
 
 
+def ort_options() -> ort.SessionOptions:
+    """ORT session options that log errors only with ``--debug`` (the DEBUG log level).
+
+    ORT logs a failed run before raising it: that line came ahead of the one-paragraph
+    message of an exit 2 (ids outside a table). The exception carries the same text.
+    """
+    so = ort.SessionOptions()
+    so.log_severity_level = 3 if logger.isEnabledFor(logging.DEBUG) else 4
+    return so
+
+
 def make_session(model: Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
     """A session on ``options.ep``; raises if ORT does not have it or quietly fell back."""
     check_provider(options.ep)
     provider = EP_PROVIDERS[options.ep]
-    so = ort.SessionOptions()
+    so = ort_options()
     if options.threads:
         so.intra_op_num_threads = options.threads
-    so.log_severity_level = 3
     if options.level is not None:
         so.graph_optimization_level = ort_graph_level(options.level)
     providers = (

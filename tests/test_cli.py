@@ -645,3 +645,33 @@ def test_a_reader_that_goes_away_or_a_closed_stdout_keeps_the_exit_code(tmp_path
     done = subprocess.run(f"'{script}' validate '{bundle}' >&-", shell=True, capture_output=True,
                           text=True)  # fmt: skip
     assert done.returncode == 0 and "Traceback" not in done.stderr, done
+
+
+def test_data_the_model_cannot_run_is_one_paragraph_without_onnx_runtimes_log(cli, tmp_path):
+    """Ids past a 5-row table: ORT's own log line ('[E:onnxruntime:...] Non-zero status code
+    ...') came ahead of the exit 2 message; it shows with --debug only."""
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["w", "ids"], ["y"])],
+        "table",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(np.ones((5, 2), np.float32), "w")],
+    )
+    source = tmp_path / "table.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    bundle = tmp_path / "bundle"
+    assert cli("convert", source, "-o", bundle, "--no-bench")[0] == 0
+    np.savez(tmp_path / "ids.npz", ids=np.array([1, 9], np.int64))
+    data = str(tmp_path / "ids.npz")
+    for args, debug in (
+        (["validate", str(bundle), "--data", data], []),
+        (["validate", str(bundle), "--data", data], ["--debug"]),
+        (["convert", str(source), "-o", str(tmp_path / "again"), "--data", data], []),
+    ):
+        done = subprocess.run([sys.executable, "-m", "onnxpipe", *args, *debug],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert ("E:onnxruntime" in done.stderr) == bool(debug), done.stderr
+        assert debug or done.stderr.startswith("onnxpipe: error:"), done.stderr
