@@ -254,8 +254,12 @@ def _agreement(
     encoder's outputs at padding mean nothing. Outputs that differ in shape are errors;
     ``random`` ones (fed by a random op) are left out.
     """
-    errors = [r["error"] for r in rows if "error" in r]
-    bad = {r["output"] for r in rows if "error" in r}
+    # one line per output, naming it: a shape mismatch showed once per feed, unnamed
+    first: dict[str, str] = {}
+    for r in rows:
+        if "error" in r:
+            first.setdefault(r["output"], f"output {r['output']}: {r['error']}")
+    errors, bad = list(first.values()), set(first)
     keep = [i for i, name in enumerate(names) if name not in random and name not in bad]
     if not ran or not keep:
         return {"max_abs_diff": None, "cosine": None, "top1_agreement": None, "errors": errors[:5]}

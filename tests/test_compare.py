@@ -449,3 +449,34 @@ def test_generated_ids_fit_the_smaller_table_of_the_two(cli, tmp_path):
         code, out, err = cli("compare", first, second, "--json", "--no-bench")
         assert code == 0, err
         assert json.loads(out)["outputs"]["max_abs_diff"] == 0.0
+
+
+def test_outputs_that_cannot_be_paired_are_named_once(cli, tmp_path):
+    """A's [n, 1] output paired by position with B's [n, 3]: the record listed 'shape [3, 1]
+    vs [3, 3]' once per feed, naming no output."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def bundle(name, widths):
+        outputs = [f"{name}{i}" for i in range(len(widths))]
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"w{i}"], [o]) for i, o in enumerate(outputs)],
+            name,
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, ["n", w])
+             for o, w in zip(outputs, widths, strict=True)],
+            [numpy_helper.from_array(np.ones((4, w), np.float32), f"w{i}")
+             for i, w in enumerate(widths)],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")  # fmt: skip
+        out = tmp_path / name
+        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
+        return out
+
+    code, out, err = cli("compare", bundle("a", [1, 3]), bundle("b", [3, 3]), "--json",
+                         "--no-bench")  # fmt: skip
+    assert code == 0, err
+    record = json.loads(out)["outputs"]
+    assert record["errors"] == ["output a0: shape [3, 1] vs [3, 3]"]
+    assert record["max_abs_diff"] == 0.0  # a1 against b1
