@@ -132,6 +132,7 @@ def compare_bundles(
     for name, index in zip(names, order, strict=False):
         if names_b[index] in random_b:
             random.setdefault(name, random_b[names_b[index]])
+    back = _output_map(maps, *(_nhwc_outputs(manifests[k]) for k in ("a", "b")))
     rows: list[dict[str, Any]] = []
     ran: list[tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]] = []
     for feeds in feeds_a:
@@ -142,7 +143,7 @@ def compare_bundles(
         out_a = _run(sessions["a"], feeds, a)
         ran_b = _run(sessions["b"], feeds_b, b)
         out_b = [ran_b[i] for i in order]
-        out_b = [_like(o_b, o_a, maps) for o_a, o_b in zip(out_a, out_b, strict=False)]
+        out_b = [_like(o_b, o_a, back) for o_a, o_b in zip(out_a, out_b, strict=False)]
         compared = compare_outputs(out_a, out_b, names[: len(out_b)], atol=1e-4)
         rows.extend(r for r in compared if r["output"] not in random)
         ran.append((out_a, out_b, feeds.get("attention_mask")))
@@ -229,12 +230,39 @@ def _run(session: Any, feeds: dict[str, np.ndarray], bundle: Path) -> list[np.nd
         ) from e
 
 
-def _like(out_b: np.ndarray, out_a: np.ndarray, maps: list[tuple[int, ...] | None]) -> np.ndarray:
-    """Bring a rank-4 output of B into A's layout when the inputs needed a transpose."""
+def _nhwc_outputs(manifest: dict[str, Any]) -> bool:
+    """Whether the bundle came from ``convert --nchw``: NCHW inputs, the model's NHWC outputs."""
+    return any(
+        step.get("name") == "convert" and (step.get("config") or {}).get("nchw") is True
+        for step in manifest.get("steps", [])
+        if isinstance(step, dict)
+    )
+
+
+def _output_map(
+    maps: list[tuple[int, ...] | None], nhwc_a: bool, nhwc_b: bool
+) -> tuple[int, ...] | None:
+    """The transpose taking B's rank-4 outputs to A's layout, or None.
+
+    Outputs are in their inputs' layout, except those of a ``--nchw`` bundle, which
+    transposes its inputs only: against the Keras model it came from (NHWC inputs, the
+    same outputs) its [N, 8, 8, 8] maps were moved all the same (cosine 0.06 for one model).
+    """
     layout = next((m for m in maps if m), None)
-    if layout is None or out_b.ndim != 4:
+    if nhwc_a == nhwc_b:  # outputs differ as the inputs do
+        if layout is None:
+            return None
+        return NHWC_TO_NCHW if layout == NCHW_TO_NHWC else NCHW_TO_NHWC
+    if layout is not None:  # the --nchw side's inputs moved, its outputs did not
+        return None
+    # same (NCHW) inputs: the --nchw side's outputs are NHWC, the other's NCHW
+    return NHWC_TO_NCHW if nhwc_b else NCHW_TO_NHWC
+
+
+def _like(out_b: np.ndarray, out_a: np.ndarray, back: tuple[int, ...] | None) -> np.ndarray:
+    """Bring a rank-4 output of B into A's layout (``back``, see :func:`_output_map`)."""
+    if back is None or out_b.ndim != 4:
         return out_b
-    back = NHWC_TO_NCHW if layout == NCHW_TO_NHWC else NCHW_TO_NHWC
     moved = out_b.transpose(back)
     # B's layout is the other one: a map whose channels equal its width ([N, 8, 8, 8]) has
     # the same shape either way and is moved all the same
