@@ -71,16 +71,7 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
     # at a time.
     batch = fixed_batch(specs) or batch
     if is_callable_ref(data):
-        produced = call_factory(data, "return an iterable of feed dicts {input name: array}")
-        try:
-            feeds_list = [dict(f) for f in produced]
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{data}: must return an iterable of feed dicts ({e}).") from e
-        except Exception as e:  # noqa: BLE001 - the user's generator may raise anything
-            raise InputError(
-                f"{data}: raised {type(e).__name__} while producing samples: {e}. Fix the callable."
-            ) from e
-        feeds_list = [{k: _as_array(v, data, k) for k, v in f.items()} for f in feeds_list]
+        feeds_list = _from_callable(data)
     else:
         data, image_spec = split_image_data(data)
         path = Path(data)
@@ -172,6 +163,44 @@ def _read_file(path: Path, specs: Sequence[InputSpec], batch: int) -> list[Feeds
             f"{batch}; give a multiple of {batch} samples."
         )
     return [{k: a[i : i + batch] for k, a in arrays.items()} for i in range(0, n, batch)]
+
+
+MAX_CALLABLE_BYTES = 4 << 30
+MAX_CALLABLE_FEEDS = 100_000
+
+
+def _from_callable(data: str) -> list[Feeds]:
+    """The feed dicts a DATA callable yields, up to ``MAX_CALLABLE_BYTES`` and ``_FEEDS``.
+
+    An endless generator (a training loader that cycles) was read until the kernel killed
+    the process: a minute and the machine's 24 GiB for a feed of 64 floats.
+
+    Raises:
+        InputError: the callable yields no dicts, raises, or yields more than the budget.
+    """
+    produced = call_factory(data, "return an iterable of feed dicts {input name: array}")
+    feeds_list: list[Feeds] = []
+    held = 0
+    try:
+        for item in produced:
+            feeds_list.append({k: _as_array(v, data, k) for k, v in dict(item).items()})
+            held += sum(v.nbytes for v in feeds_list[-1].values())
+            if held > MAX_CALLABLE_BYTES or len(feeds_list) > MAX_CALLABLE_FEEDS:
+                raise InputError(
+                    f"{data}: yielded more than {MAX_CALLABLE_FEEDS} feed dicts or "
+                    f"{MAX_CALLABLE_BYTES >> 30} GiB of samples ({len(feeds_list)}, "
+                    f"{held / 2**30:.1f} GiB) and was stopped: an endless generator? "
+                    "Yield a finite set, e.g. itertools.islice(loader, 64)."
+                )
+    except InputError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{data}: must return an iterable of feed dicts ({e}).") from e
+    except Exception as e:  # noqa: BLE001 - the user's generator may raise anything
+        raise InputError(
+            f"{data}: raised {type(e).__name__} while producing samples: {e}. Fix the callable."
+        ) from e
+    return feeds_list
 
 
 def _as_array(value: Any, data: str, name: str) -> np.ndarray:

@@ -141,3 +141,25 @@ def test_data_folder_and_file_messages_say_what_is_wrong(tmp_path):
     np.save(arrays / "x.npy", np.ones((2, 3, 8, 8), np.float32))
     with pytest.raises(InputError, match="holds arrays, not images"):
         load_data(f"{arrays}?crop=8", specs)
+
+
+def test_an_endless_data_callable_is_exit_2_not_the_machines_memory(
+    cli, mlp_bundle, tmp_path, monkeypatch
+):
+    """A loader that cycles forever was read until the kernel killed onnxpipe (24 GiB in a
+    minute): now reading stops at a number of feed dicts or bytes, with exit 2."""
+    import onnxpipe.data
+
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np\n\n"
+        "def endless():\n"
+        "    while True:\n"
+        "        yield {'x': np.zeros((8, 64), np.float32)}\n"
+    )
+    before = (mlp_bundle / "manifest.json").read_bytes()
+    code, _, err = cli("validate", mlp_bundle, "--data", f"{tmp_path / 'loader.py'}:endless")
+    assert code == 2 and "endless generator" in err and "loader.py:endless" in err, err
+    monkeypatch.setattr(onnxpipe.data, "MAX_CALLABLE_BYTES", 1 << 20)
+    code, _, err = cli("validate", mlp_bundle, "--data", f"{tmp_path / 'loader.py'}:endless")
+    assert code == 2 and "(513, " in err and "islice" in err, err  # 513 feeds of 2 KiB
+    assert (mlp_bundle / "manifest.json").read_bytes() == before
