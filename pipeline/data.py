@@ -20,6 +20,7 @@ from onnxpipe.bundle import NPZ_ERRORS, read_npz, unreadable_numpy
 from onnxpipe.converters.base import InputSpec, example_sizes, fixed_batch, random_feeds
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError
+from onnxpipe.graphs.quant_utils import regroup
 from onnxpipe.images import image_files, load_images, split_image_data
 from onnxpipe.modelio import unchecked_tables
 
@@ -365,3 +366,29 @@ def recorded_sizes(
             if isinstance(v, list) and all(isinstance(d, int) for d in v)
         },
     )
+
+
+def rebatched(
+    feeds: dict[str, np.ndarray], shapes: dict[str, Any]
+) -> tuple[list[dict[str, np.ndarray]], int]:
+    """``feeds`` cut into the fixed batch of an ORT model packaged with one (else as is).
+
+    Stored and ``--data`` samples come 8 to a batch; a model packaged at batch 1 takes them
+    one at a time. A remainder (3 samples at batch 2) is filled up with the first samples
+    again, so every sample runs (they were left out, and the samples counted were fewer);
+    how many were repeated comes back too.
+    """
+    fixed = {shapes[k][0] for k, v in feeds.items() if k in shapes and shapes[k] and v.ndim}
+    batch = next(iter(fixed)) if len(fixed) == 1 else None
+    sizes = {v.shape[0] for v in feeds.values() if v.ndim}
+    if not isinstance(batch, int) or batch < 1 or len(sizes) != 1:
+        return [feeds], 0
+    size = sizes.pop()
+    if size == batch:
+        return [feeds], 0
+    short = -size % batch
+    if short:  # the last batch filled up with the first samples again (they were left out)
+        feeds = {
+            k: np.concatenate([v, np.resize(v, (short, *v.shape[1:]))]) for k, v in feeds.items()
+        }
+    return regroup([feeds], batch), short

@@ -34,7 +34,7 @@ from onnxpipe.bundle import (
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import parity_feeds, recorded_sizes, samples_in, sized_like
+from onnxpipe.data import parity_feeds, rebatched, recorded_sizes, samples_in, sized_like
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
 from onnxpipe.modelio import MODEL_FILE, random_outputs, sha256
@@ -110,7 +110,7 @@ def package_mobile(
                     else ""
                 )
                 raise InputError(f"{bundle / MODEL_FILE}: {reason.rstrip('.')}.{hint}") from e
-            feeds = _mobile_feeds(bundle, inputs, fixed)
+            feeds, repeated = _mobile_feeds(bundle, inputs, fixed)
             reference = make_session(source, SessionOptions(level=level))
             mobile = make_session(ort_path, SessionOptions())
             names = [o.name for o in reference.get_outputs()]
@@ -126,7 +126,7 @@ def package_mobile(
                 "status": "passed" if parity["passed"] else "failed",
                 "reason": None if parity["passed"] else (parity["errors"] or ["max abs diff"])[0],
                 "reference": "model.onnx on ORT CPU",
-                "samples": samples_in(feeds),  # those that fit the packaged shapes
+                "samples": samples_in(feeds) - repeated,  # those that fit the packaged shapes
                 "max_abs_diff": parity["max_abs_diff"],
                 "cosine": parity["cosine"],
             }
@@ -214,17 +214,28 @@ def _run(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def _mobile_feeds(
     bundle: Path, inputs: Sequence[InputSpec], fixed: dict[str, list[int]]
-) -> list[dict[str, np.ndarray]]:
-    """Stored samples that fit the fixed shapes, plus generated ones at those shapes."""
+) -> tuple[list[dict[str, np.ndarray]], int]:
+    """Stored samples that fit the fixed shapes, plus generated ones at those shapes.
+
+    Stored samples are cut into a fixed batch, as ``validate --ep mobile`` does: a derived
+    bundle stores its eval data 8 to a batch, and packaged at batch 1 its .ort model was
+    proven on 8 generated samples only. The count of samples repeated to fill up the last
+    batch comes back too.
+    """
     specs = [replace(s, shape=tuple(fixed.get(s.name, s.shape))) for s in inputs]
     stored = (
         [feeds for feeds, _ in load_parity_samples(bundle)]
         if (bundle / PARITY_FILE).exists()
         else []
     )
-    fits = [
-        f
-        for f in stored
-        if all(list(f[s.name].shape) == fixed.get(s.name, list(f[s.name].shape)) for s in inputs)
-    ]
-    return fits + parity_feeds(sized_like(specs, stored))
+    fits, repeated = [], 0
+    for feeds in stored:
+        batches, short = rebatched(feeds, fixed)
+        if all(
+            list(f[s.name].shape) == fixed.get(s.name, list(f[s.name].shape))
+            for f in batches
+            for s in inputs
+        ):
+            fits += batches
+            repeated += short
+    return fits + parity_feeds(sized_like(specs, stored)), repeated

@@ -18,9 +18,8 @@ import onnx
 
 from onnxpipe.bundle import MANIFEST, load_parity_samples, read_manifest
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import check_table_ids, load_data, parity_feeds, samples_in
+from onnxpipe.data import check_table_ids, load_data, parity_feeds, rebatched, samples_in
 from onnxpipe.errors import InputError
-from onnxpipe.graphs.quant_utils import regroup
 from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs
 from onnxpipe.parity import measure_parity, not_compared_note
 from onnxpipe.runtime import (
@@ -233,7 +232,7 @@ def _mobile_session(
     recorded = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
     fitting, repeated = [], 0
     for index, part in enumerate(feeds_list):
-        batches, short = _rebatched(part, shapes)
+        batches, short = rebatched(part, shapes)
         if all(fits(f) for f in batches):
             fitting += batches
             repeated += short
@@ -262,32 +261,6 @@ def _mobile_session(
     cpu = make_session(bundle / MODEL_FILE, SessionOptions(ep="cpu", level=level))
     expected = {id(feeds): list(cpu.run(None, feeds)) for feeds in fitting}
     return session, fitting, expected, f"{MODEL_FILE} on ORT CPU at level {level}", repeated
-
-
-def _rebatched(
-    feeds: dict[str, np.ndarray], shapes: dict[str, Any]
-) -> tuple[list[dict[str, np.ndarray]], int]:
-    """``feeds`` cut into the fixed batch of an ORT model packaged with one (else as is).
-
-    Stored and ``--data`` samples come 8 to a batch; a model packaged at batch 1 takes them
-    one at a time. A remainder (3 samples at batch 2) is filled up with the first samples
-    again, so every sample runs (they were left out, and the samples counted were fewer);
-    how many were repeated comes back too.
-    """
-    fixed = {shapes[k][0] for k, v in feeds.items() if k in shapes and shapes[k] and v.ndim}
-    batch = next(iter(fixed)) if len(fixed) == 1 else None
-    sizes = {v.shape[0] for v in feeds.values() if v.ndim}
-    if not isinstance(batch, int) or batch < 1 or len(sizes) != 1:
-        return [feeds], 0
-    size = sizes.pop()
-    if size == batch:
-        return [feeds], 0
-    short = -size % batch
-    if short:  # the last batch filled up with the first samples again (they were left out)
-        feeds = {
-            k: np.concatenate([v, np.resize(v, (short, *v.shape[1:]))]) for k, v in feeds.items()
-        }
-    return regroup([feeds], batch), short
 
 
 _ORT_TYPES = {

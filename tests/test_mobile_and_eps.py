@@ -447,3 +447,18 @@ def test_the_fixed_shape_hint_uses_batch_1_and_the_timed_sizes():
     assert _fixed_example(["batch", 3, 224, 224], {}) == "1,3,224,224"
     assert _fixed_example(["batch", "seq"], {"seq": 128}) == "1,128"  # not a 1-token sequence
     assert _fixed_example(["batch", "seq"], {}) == "1,8"  # the benchmark's default size
+
+
+def test_package_proves_the_ort_model_on_the_stored_samples_at_its_fixed_batch(
+    cli, mlp_bundle, tmp_path
+):
+    """The stored samples (batches of 3, 1 and 4) did not fit a package at batch 2, so the
+    .ort model was proven on 8 generated samples only (a derived bundle's eval data, 8 to a
+    batch, never fitted batch 1); they are now cut into the fixed batch, as validate does."""
+    stored = sum(len(a) for k, a in np.load(mlp_bundle / "parity.npz").items() if k[:2] == "in")
+    out = tmp_path / "pkg"
+    code, _, err = cli("package", mlp_bundle, "-o", out, "--target", "mobile",
+                       "--fixed-shape", "x:2,64")  # fmt: skip
+    assert code == 0, err
+    mobile = json.loads((out / "manifest.json").read_text())["validation"]["mobile"]
+    assert mobile["status"] == "passed" and mobile["samples"] == stored + 8, (stored, mobile)
