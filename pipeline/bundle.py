@@ -91,6 +91,8 @@ def _probe_writable(out: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         missing.append(parent)  # innermost first
         parent = parent.parent
+    if not parent.is_dir():  # mkdir said "File exists", naming neither the file nor the fix
+        raise InputError(f"{out}: {parent} is a file, not a folder; pick a -o outside it.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
