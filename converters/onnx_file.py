@@ -42,11 +42,27 @@ def load_onnx(path: Path) -> ir.Model:
         raise InputError(f"{path}: no such file.")
     try:
         model = ir.load(path)
-        return ir.external_data.load_to_model(model)
     except (DecodeError, ValueError, RuntimeError) as e:
         raise InputError(
             f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:160]}). Check that "
             "the file is a complete .onnx export (not truncated, not another format)."
+        ) from e
+    try:
+        return ir.external_data.load_to_model(model)
+    except (ValueError, RuntimeError) as e:
+        # the .onnx read fine: its message blamed it ("complete .onnx export") for a short
+        # or misplaced external data file
+        files = sorted(
+            {
+                str(v.const_value.location)
+                for v in model.graph.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor)
+            }
+        )
+        raise InputError(
+            f"{path}: its external data ({', '.join(files) or 'beside it'}) cannot be read "
+            f"({type(e).__name__}: {str(e)[:200]}). Copy the data file(s) again, complete and "
+            f"next to {path.name}, as the exporter wrote them."
         ) from e
     except FileNotFoundError as e:
         raise InputError(

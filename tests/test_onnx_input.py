@@ -163,11 +163,18 @@ def test_missing_external_data_is_named(cli, tmp_path):
         location="mm.onnx.data",
         size_threshold=0,
     )
+    data = (tmp_path / "mm.onnx.data").read_bytes()
     (tmp_path / "mm.onnx.data").unlink()
     code, _, err = cli("convert", tmp_path / "mm.onnx", "-o", tmp_path / "out")
     assert code == 2 and "mm.onnx" in err and "Traceback" not in err
     assert "Keep mm.onnx.data next to mm.onnx" in err.replace("\n", " "), err  # the user's files
     assert not (tmp_path / "out").exists()
+    # a short data file (a copy cut off) blamed the .onnx: "a complete .onnx export"
+    (tmp_path / "mm.onnx.data").write_bytes(data[:100])
+    code, _, err = cli("convert", tmp_path / "mm.onnx", "-o", tmp_path / "out")
+    err = err.replace("\n", " ")
+    assert code == 2 and "external data (mm.onnx.data) cannot be read" in err, err
+    assert "complete .onnx export" not in err and not (tmp_path / "out").exists()
 
 
 def _noisy_model(path: Path, deterministic_output: bool) -> Path:
