@@ -28,7 +28,7 @@ from onnxpipe.errors import InputError
 from onnxpipe.gate import gate_metrics
 from onnxpipe.graphs.base import parameter_count
 from onnxpipe.modelio import MODEL_FILE, random_outputs
-from onnxpipe.parity import compare_outputs
+from onnxpipe.parity import compare_outputs, not_compared_note
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
 
 logger = logging.getLogger(__name__)
@@ -325,6 +325,11 @@ def render_html(record: dict[str, Any]) -> str:
         for x, y in zip(record["inputs"]["a"], record["inputs"]["b"], strict=False)
     )
     out = record["outputs"]
+    # outputs left out of the numbers above (random, or unpaired), as the table lists them
+    skipped = [n for n in (not_compared_note(out),) if n] + [
+        f"not compared: {e}" for e in out.get("errors") or []
+    ]
+    skipped_rows = "".join(f"<tr><td colspan=3>{cell(line)}</td></tr>" for line in skipped)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>onnxpipe compare</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1000px}}
@@ -339,7 +344,7 @@ th{{background:#f3f3f3}}tr.diff td{{background:#fff3cd}}</style></head><body>
 <h2>Output agreement (B against A)</h2>
 <table><tr><th>max abs diff</th><th>cosine</th><th>top-1 agreement</th></tr>
 <tr><td>{cell(out["max_abs_diff"])}</td><td>{cell(out["cosine"])}</td>
-<td>{cell(out["top1_agreement"])}</td></tr></table>
+<td>{cell(out["top1_agreement"])}</td></tr>{skipped_rows}</table>
 <h2>Inputs</h2><table><tr><th>A</th><th>B</th></tr>{io_rows}</table>
 <h2>Operators</h2><table><tr><th>op</th><th>A</th><th>B</th></tr>{op_rows}</table>
 </body></html>

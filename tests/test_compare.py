@@ -474,12 +474,15 @@ def test_outputs_that_cannot_be_paired_are_named_once(cli, tmp_path):
         assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
         return out
 
+    page = tmp_path / "compare.html"
     code, out, err = cli("compare", bundle("a", [1, 3]), bundle("b", [3, 3]), "--json",
-                         "--no-bench")  # fmt: skip
+                         "--no-bench", "--html", page)  # fmt: skip
     assert code == 0, err
     record = json.loads(out)["outputs"]
     assert record["errors"] == ["output a0: shape [3, 1] vs [3, 3]"]
     assert record["max_abs_diff"] == 0.0  # a1 against b1
+    # the page showed the numbers alone, as if every output agreed
+    assert "not compared: output a0: shape [3, 1] vs [3, 3]" in page.read_text()
 
 
 def test_a_nchw_bundle_keeps_its_keras_outputs_layout(cli, tmp_path):
