@@ -129,8 +129,11 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     """
     path = bundle / MANIFEST
     if not path.is_file():
+        if (bundle.parent / MANIFEST).is_file():  # a bundle's model.onnx given for the bundle
+            raise InputError(f"{bundle}: inside the bundle {bundle.parent}; pass that folder.")
+        what = f"no {MANIFEST}" if bundle.exists() else "no such folder"
         raise InputError(
-            f"{bundle}: not an onnxpipe bundle (no {MANIFEST}). Create one with onnxpipe "
+            f"{bundle}: not an onnxpipe bundle ({what}). Create one with onnxpipe "
             "convert SOURCE -o OUT (an .onnx file is a valid SOURCE)."
         )
     try:

@@ -380,11 +380,14 @@ def test_an_output_that_cannot_be_created_is_exit_2_before_any_work(cli, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
-def test_usage_errors_are_exit_2(cli, tmp_path):
+def test_usage_errors_are_exit_2(cli, tmp_path, mlp_bundle):
     code, _, err = cli("convert")
     assert code == 2 and "--help" in err
     code, _, err = cli("validate", "/nonexistent/bundle")
-    assert code == 2 and "not an onnxpipe bundle" in err
+    assert code == 2 and "not an onnxpipe bundle (no such folder)" in err
+    # a bundle's model.onnx for the bundle: "not an onnxpipe bundle (no manifest.json)"
+    code, _, err = cli("validate", mlp_bundle / "model.onnx")
+    assert code == 2 and f"inside the bundle {mlp_bundle}; pass" in err.replace("\n", ""), err
     # convert's own steps are not the user's: no "step 1 (convert):" as from a recipe
     code, _, err = cli("convert", tmp_path / "model.pt", "-o", tmp_path / "out")
     assert code == 2 and err.startswith(f"onnxpipe: error: {tmp_path / 'model.pt'}"), err
