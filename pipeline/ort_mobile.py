@@ -69,10 +69,15 @@ def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dic
                 f"{len(spec.shape)}); give {len(spec.shape)} positive dims (at most {MAX_DIM})."
             )
         clash = [
-            (a, d) for a, d in zip(spec.shape, dims, strict=True) if isinstance(a, int) and a != d
+            f"axis {i} is {a}, not {d}"
+            for i, (a, d) in enumerate(zip(spec.shape, dims, strict=True))
+            if isinstance(a, int) and a != d
         ]
-        if clash:
-            raise InputError(f"--fixed-shape {text!r}: {name}'s static dims {clash} cannot change.")
+        if clash:  # it listed "[(64, 65)]", which read as a dim of 64 x 65
+            raise InputError(
+                f"--fixed-shape {text!r}: {name} has shape {list(spec.shape)}, whose fixed "
+                f"sizes cannot change ({'; '.join(clash)}). Fix only its symbolic dims."
+            )
         if name in fixed and fixed[name] != dims:
             raise InputError(f"--fixed-shape: {name} is given twice ({fixed[name]} and {dims}).")
         fixed[name] = dims
