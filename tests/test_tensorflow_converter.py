@@ -709,3 +709,19 @@ def test_saved_model_signature_dtype_given_otherwise_says_which(cli, tmp_path):
     code, _, err = cli("convert", path, "-o", out, "--no-bench",
                        "--input", "q:float32[batch,4]", "--input", "k:int32[batch]")  # fmt: skip
     assert code == 0, err
+
+
+def test_nhwc_input_spec_with_nchw_says_to_give_the_nchw_shape(cli, tmp_path):
+    """--nchw reads --input as the ONNX model's NCHW shape: an NHWC spec was moved to
+    [batch, 16, 3, 16] and TensorFlow's rejection named that shape, not the user's."""
+    inputs = keras.Input((16, 16, 3), name="image")
+    keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs)).save(tmp_path / "cnn.keras")
+    out = tmp_path / "out"
+    code, _, err = cli("convert", tmp_path / "cnn.keras", "-o", out, "--no-bench", "--nchw",
+                       "--input", "image:float32[batch,16,16,3]")  # fmt: skip
+    err = err.replace("\n", " ")
+    assert code == 2 and "Give image:float32[batch,3,16,16], or drop --nchw" in err, err
+    assert not out.exists()
+    code, _, err = cli("convert", tmp_path / "cnn.keras", "-o", out, "--no-bench", "--nchw",
+                       "--input", "image:float32[batch,3,16,16]")  # fmt: skip
+    assert code == 0, err

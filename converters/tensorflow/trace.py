@@ -80,6 +80,8 @@ def resolve_specs(
         if src.signature is not None and src.inputs is not None:
             _check_signature_dtypes(src, onnx_specs)
         tf_specs = [_permute(s, TO_NHWC) if nchw else s for s in onnx_specs]
+        if nchw:
+            _check_nchw_specs(src, onnx_specs, tf_specs)
     else:
         tf_specs = [_declared_spec(src, d) for d in _require_declared(src)]
         onnx_specs = [_permute(s, TO_NCHW) if nchw else s for s in tf_specs]
@@ -89,6 +91,30 @@ def resolve_specs(
             f"({', '.join(str(s) for s in onnx_specs)}). Drop --nchw."
         )
     return onnx_specs, tf_specs
+
+
+def _check_nchw_specs(src: TFSource, given: list[InputSpec], moved: list[InputSpec]) -> None:
+    """Refuse NHWC ``--input`` shapes given with ``--nchw``, which reads them as NCHW.
+
+    TensorFlow then rejected the transposed shape ([batch, 16, 3, 16]) with a message about
+    a shape the user never wrote.
+    """
+    for spec, tf_spec, (_, _, shape) in zip(given, moved, src.inputs or [], strict=False):
+        if shape is None or len(shape) != 4 or len(spec.shape) != 4:
+            continue
+        if _fits_dims(spec.shape, shape) and not _fits_dims(tf_spec.shape, shape):
+            nchw = ",".join(str(d) for d in _permute(spec, TO_NCHW).shape)
+            raise InputError(
+                f"{src.where}: --input {spec}: with --nchw, --input gives the ONNX model's "
+                f"NCHW shape, and this one is the Keras model's NHWC. Give "
+                f"{spec.name}:{spec.dtype}[{nchw}], or drop --nchw."
+            )
+
+
+def _fits_dims(dims: tuple[Dim, ...], declared: tuple[int | None, ...]) -> bool:
+    return all(
+        not isinstance(d, int) or w is None or d == w for d, w in zip(dims, declared, strict=True)
+    )
 
 
 def _check_signature_dtypes(src: TFSource, specs: list[InputSpec]) -> None:
