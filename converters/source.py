@@ -244,6 +244,11 @@ def detect_framework(source: str) -> Framework:
         return "tf"
     if zipfile.is_zipfile(path):
         return "torch"
+    if path.name in ("saved_model.pb", "saved_model.pbtxt"):  # was "unknown model file type .pb"
+        raise InputError(
+            f"{source}: is the graph file of the SavedModel {path.resolve().parent}; pass that "
+            "directory."
+        )
     raise InputError(
         f"{source}: unknown model file type {suffix or '(none)'}. Use .onnx, .pt (TorchScript), "
         ".pt2 (torch.export), .keras, .h5, a SavedModel directory, or pass --framework."

@@ -650,3 +650,13 @@ def test_freed_output_dims_are_named_like_every_unnamed_dim():
     note = free_output_dims(model, samples, [InputSpec("x", "float32", ("batch", 2))])
     assert note is not None and "pool.out:0[0] 3 -> pool_out_0_d0" in note
     assert [str(d) for d in model.graph.outputs[0].shape] == ["pool_out_0_d0"]
+
+
+def test_a_saved_models_graph_file_points_to_its_directory(cli, tmp_path):
+    """SOURCE saved_model.pb was 'unknown model file type .pb'; the directory is the model."""
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"\0")
+    code, _, err = cli("convert", folder / "saved_model.pb", "-o", tmp_path / "out")
+    err = err.replace("\n", "")
+    assert code == 2 and f"SavedModel {folder.resolve()}; pass that directory" in err, err
