@@ -23,7 +23,7 @@ from onnxpipe.benchworker import batch_input
 from onnxpipe.bundle import open_bundle
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import load_data, parity_feeds
+from onnxpipe.data import check_table_ids, load_data, parity_feeds
 from onnxpipe.errors import InputError
 from onnxpipe.gate import gate_metrics
 from onnxpipe.graphs.base import parameter_count
@@ -135,11 +135,17 @@ def compare_bundles(
     back = _output_map(maps, *(_nhwc_outputs(manifests[k]) for k in ("a", "b")))
     rows: list[dict[str, Any]] = []
     ran: list[tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]] = []
-    for feeds in feeds_a:
-        feeds_b = {
+    all_b = [
+        {
             y.name: (feeds[x.name].transpose(m) if m else feeds[x.name])
             for x, y, m in zip(specs["a"], specs["b"], maps, strict=True)
         }
+        for feeds in feeds_a
+    ]
+    if data:  # ORT reads ids past a 4-bit table unchecked: two int4 bundles agreed on garbage
+        for key, path, feeds_list in (("a", a, feeds_a), ("b", b, all_b)):
+            check_table_ids(feeds_list, path / MODEL_FILE, f"{data} (for {key.upper()}, {path})")
+    for feeds, feeds_b in zip(feeds_a, all_b, strict=True):
         out_a = _run(sessions["a"], feeds, a)
         ran_b = _run(sessions["b"], feeds_b, b)
         out_b = [ran_b[i] for i in order]
