@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.converters.base import ConversionResult
-from onnxpipe.data import load_data, parity_feeds, samples_in
+from onnxpipe.data import check_table_ids, load_data, parity_feeds, samples_in
 from onnxpipe.errors import InputError
 from onnxpipe.modelio import index_limit, random_outputs
 from onnxpipe.parity import measure_parity
@@ -122,6 +122,8 @@ def _parity_checked(
     result.inputs = [replace(s, high=limits.get(s.name)) if s.integer else s for s in result.inputs]
     generated = parity_feeds(result.inputs)
     user = load_data(data, result.inputs) if data else []
+    if data:  # an int4 ONNX source: both sides read past a 4-bit table and "agreed"
+        check_table_ids(user, model_path, data)
     try:
         ort_refused: list[str] = []
         parity, samples = _parity_on(

@@ -475,6 +475,10 @@ def test_int4_stores_embedding_tables_in_4_bits(cli, bert_bundle, tmp_path):
     # compare ran them: two int4 bundles agreed (max abs 0) on what both read past the table
     code, _, err = cli("compare", int4, int4, "--data", tmp_path / "bad.npz", "--no-bench")
     assert code == 2 and "4-bit table has 200 rows" in err, err
+    # and so did convert of the int4 model.onnx: its parity passed, both sides reading past it
+    code, _, err = cli("convert", int4 / "model.onnx", "-o", tmp_path / "file", "--no-bench",
+                       "--data", tmp_path / "bad.npz")  # fmt: skip
+    assert code == 2 and "4-bit table has 200 rows" in err, err
 
 
 def _position_tables_model(width: int = 64, opset: int = 21) -> onnx.ModelProto:
