@@ -107,9 +107,13 @@ def measure_parity(
     worst: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     top1: list[float] = []
+    first: dict[int, np.ndarray] = {}  # each output of the first sample
+    varies, seen = False, 0
     for feeds in feeds_list:
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         want = reference(feeds)
+        varies = _differs_from(want, first) or varies
+        seen += len(want[0]) if want and np.ndim(want[0]) else 0
         try:
             got = candidate(feeds)
         except RuntimeError as e:
@@ -134,6 +138,7 @@ def measure_parity(
     per_output = list(worst.values())
     compared = bool(per_output) or bool(random)
     passed = not errors and compared and all(r["passed"] for r in per_output)
+    constant = not varies and seen > 1 and bool(per_output)
     return {
         "max_abs_diff": max((r["max_abs_diff"] for r in per_output), default=None),
         "max_rel_diff": max((r["max_rel_diff"] for r in per_output), default=None),
@@ -143,8 +148,39 @@ def measure_parity(
         "passed": passed,
         "outputs": per_output,
         **({"not_compared": random} if random else {}),
+        **({"constant_reference": True} if constant else {}),
         "errors": errors,
     }
+
+
+CONSTANT_NOTE = (
+    "the reference gives the same outputs for every sample (an untrained or saturated model?), "
+    "so agreeing with it shows little about the conversion; check a trained model or --data"
+)
+
+
+def _differs_from(outputs: Sequence[Any], first: dict[int, np.ndarray]) -> bool:
+    """Whether any sample's ``outputs`` differ from the first sample's (kept in ``first``).
+
+    A random-init Keras MobileNetV3Small outputs 0.1 for every class of every image: its
+    parity read "max abs 0, top-1 1, passed" as if the conversion had been proven.
+    """
+    differs = False
+    for i, value in enumerate(outputs):
+        array = np.asarray(value)
+        if array.ndim == 0 or array.shape[0] == 0:
+            continue
+        base = first.setdefault(i, array[:1])
+        if array.shape[1:] != base.shape[1:] or not np.array_equal(
+            array, np.broadcast_to(base, array.shape), equal_nan=array.dtype.kind == "f"
+        ):
+            differs = True
+    return differs
+
+
+def constant_note(record: dict[str, Any]) -> str | None:
+    """:data:`CONSTANT_NOTE` when a parity record's reference never varied."""
+    return CONSTANT_NOTE if record.get("constant_reference") else None
 
 
 def not_compared_note(record: dict[str, Any]) -> str | None:

@@ -314,3 +314,27 @@ def test_input_specs_are_the_models_own(cli, tmp_path):
     for spec, needle in (("x:float32[n,5]", "contradicts"), ("x:int64[n,4]", "not int64")):
         code, _, err = cli("convert", unnamed, "-o", tmp_path / "d", "--input", spec)
         assert code == 2 and needle in err and not (tmp_path / "d").exists(), err
+
+
+def test_parity_says_when_the_reference_never_varies(cli, tmp_path):
+    """A random-init Keras MobileNetV3Small outputs 0.1 for every class of every image: parity
+    read 'max abs 0, top-1 1, passed' as proof of the conversion."""
+    for name, op, constant in (("flat", "Mul", True), ("live", "Add", False)):
+        nodes = [
+            helper.make_node(op, ["x", "zero"], ["h"]),
+            helper.make_node("Softmax", ["h"], ["y"]),
+        ]
+        zero = numpy_helper.from_array(np.zeros(4, np.float32), "zero")
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [zero],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp_path / f"{name}.onnx")  # fmt: skip
+        code, out, err = cli(
+            "convert", tmp_path / f"{name}.onnx", "-o", tmp_path / name, "--no-bench"
+        )
+        assert code == 0, err
+        parity = json.loads((tmp_path / name / "manifest.json").read_text())["parity"]
+        assert parity["passed"] and parity.get("constant_reference", False) is constant
+        assert ("same outputs for every sample" in " ".join(out.split())) is constant
