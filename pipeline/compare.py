@@ -154,9 +154,13 @@ def compare_bundles(
         rows.extend(r for r in compared if r["output"] not in random)
         ran.append((out_a, out_b, feeds.get("attention_mask")))
     models = {k: ir.load(p / MODEL_FILE) for k, p in (("a", a), ("b", b))}
+    # named apart, paired by position: say which with which (logits/probs against
+    # probs/logits of one shape compare as if they were the same output)
+    pairs = {n: names_b[i] for n, i in zip(names, order, strict=True) if n != names_b[i]}
     record: dict[str, Any] = {
         "a": str(a),
         "b": str(b),
+        **({"paired_by_position": pairs} if pairs else {}),
         "inputs": {k: m["inputs"] for k, m in manifests.items()},
         "outputs": _agreement(rows, ran, names, random)
         | ({"not_compared": random} if random else {}),
@@ -332,9 +336,14 @@ def render_html(record: dict[str, Any]) -> str:
     )
     out = record["outputs"]
     # outputs left out of the numbers above (random, or unpaired), as the table lists them
+    pairs = record.get("paired_by_position") or {}
     skipped = [n for n in (not_compared_note(out),) if n] + [
         f"not compared: {e}" for e in out.get("errors") or []
     ]
+    if pairs:  # named apart: which output of A met which of B
+        skipped.insert(
+            0, "paired by position: " + ", ".join(f"{x} ~ {y}" for x, y in pairs.items())
+        )
     skipped_rows = "".join(f"<tr><td colspan=3>{cell(line)}</td></tr>" for line in skipped)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>onnxpipe compare</title>

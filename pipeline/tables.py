@@ -161,6 +161,9 @@ def compare_table(record: dict[str, Any]) -> Table:
         f"max abs {_num(out['max_abs_diff'])}, cosine {_num(out['cosine'], '.7f')}, "
         f"top-1 {_num(out['top1_agreement'])}",
     )
+    if pairs := record.get("paired_by_position"):  # names differ: which output met which
+        shown = ", ".join(f"{x} ~ {y}" for x, y in pairs.items())
+        table.add_row("paired by position", escape(shown), "")
     if note := not_compared_note(out):
         table.add_row("", escape(note), "")
     for error in out.get("errors") or []:  # outputs that could not be compared, and why

@@ -481,8 +481,13 @@ def test_outputs_that_cannot_be_paired_are_named_once(cli, tmp_path):
     record = json.loads(out)["outputs"]
     assert record["errors"] == ["output a0: shape [3, 1] vs [3, 3]"]
     assert record["max_abs_diff"] == 0.0  # a1 against b1
+    # names differ, so outputs met by position: the record and the table say which with which
+    assert json.loads(out)["paired_by_position"] == {"a0": "b0", "a1": "b1"}
+    code, table, err = cli("compare", tmp_path / "a", tmp_path / "b", "--no-bench")
+    assert code == 0 and "a0 ~ b0, a1 ~ b1" in table, err
     # the page showed the numbers alone, as if every output agreed
     assert "not compared: output a0: shape [3, 1] vs [3, 3]" in page.read_text()
+    assert "paired by position: a0 ~ b0, a1 ~ b1" in page.read_text()
 
 
 def test_a_nchw_bundle_keeps_its_keras_outputs_layout(cli, tmp_path):
