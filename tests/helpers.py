@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -58,3 +59,13 @@ def matmul_model(w: np.ndarray, opset: int = 17) -> ir.Model:
     return ir.serde.deserialize_model(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     )
+
+
+def graph_bundle(cli, folder: Path, name: str, graph: onnx.GraphProto) -> Path:
+    """``graph`` at opset 17 saved as ``folder/name.onnx`` and converted to ``folder/name``."""
+    source = folder / f"{name}.onnx"
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, source)
+    code, _, err = cli("convert", source, "-o", folder / name, "--no-bench")
+    assert code == 0, err
+    return folder / name

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import model_ref
+from tests.helpers import graph_bundle
 
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
@@ -226,11 +227,7 @@ def test_compare_matches_inputs_by_name_in_any_order(cli, tmp_path):
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
             [w],
         )
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp_path / f"{name}.onnx")  # fmt: skip
-        out = tmp_path / name
-        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
-        return out
+        return graph_bundle(cli, tmp_path, name, graph)
 
     a = bundle("a", ["feat", "extra"])
     b = bundle("b", ["extra", "feat"])
@@ -274,11 +271,7 @@ def test_compare_measures_real_tokens_as_the_gates_do(cli, tmp_path):
              numpy_helper.from_array(np.array(100.0 if name == "b" else 0.0, np.float32),
                                      "shift")],
         )  # fmt: skip
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp_path / f"{name}.onnx")  # fmt: skip
-        out = tmp_path / name
-        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
-        return out
+        return graph_bundle(cli, tmp_path, name, graph)
 
     a, b = bundle("a", 0.5), bundle("b", 0.501)
     ids = np.array([[1, 2, 3, 4], [5, 6, 0, 0]], np.int64)
@@ -333,11 +326,7 @@ def test_nhwc_output_with_as_many_channels_as_its_width_is_moved_back(cli, tmp_p
             nodes, name, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8, 8, 8])], [w],
         )  # fmt: skip
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp_path / f"{name}.onnx")  # fmt: skip
-        assert (
-            cli("convert", tmp_path / f"{name}.onnx", "-o", tmp_path / name, "--no-bench")[0] == 0
-        )
+        graph_bundle(cli, tmp_path, name, graph)
 
     save("nchw", False)
     save("nhwc", True)
@@ -388,7 +377,6 @@ def test_latency_is_timed_at_the_shapes_compared(cli, tmp_path):
 
 def test_latency_batch_is_the_batch_inputs_not_another_fixed_input(cli, tmp_path):
     """s[2, 4] beside x[N, 4]: compare timed x at batch 2 (s's axis 0), where bench says 1."""
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Add", ["x", "b"], ["y"]), helper.make_node("Neg", ["s"], ["t"])]
@@ -397,11 +385,8 @@ def test_latency_batch_is_the_batch_inputs_not_another_fixed_input(cli, tmp_path
     bias = helper.make_tensor("b", TensorProto.FLOAT, [4], [0.5] * 4)
     graph = helper.make_graph(nodes, "g", [tensors["s"], tensors["x"]], [tensors["y"],
                               tensors["t"]], [bias])  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              tmp_path / "m.onnx")  # fmt: skip
-    code, _, err = cli("convert", tmp_path / "m.onnx", "-o", tmp_path / "a", "--no-bench")
-    assert code == 0, err
-    code, stdout, err = cli("compare", tmp_path / "a", tmp_path / "a", "--json")
+    a = graph_bundle(cli, tmp_path, "a", graph)
+    code, stdout, err = cli("compare", a, a, "--json")
     assert code == 0, err
     record = json.loads(stdout)
     assert record["latency_batch"] == 1
@@ -438,11 +423,7 @@ def test_generated_ids_fit_the_smaller_table_of_the_two(cli, tmp_path):
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "seq", 4])],
             [numpy_helper.from_array(table[:rows], "w")],
         )
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp_path / f"{name}.onnx")  # fmt: skip
-        out = tmp_path / name
-        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
-        return out
+        return graph_bundle(cli, tmp_path, name, graph)
 
     a, b = bundle("a", 50), bundle("b", 30)
     for first, second in ((a, b), (b, a)):
@@ -468,11 +449,7 @@ def test_outputs_that_cannot_be_paired_are_named_once(cli, tmp_path):
             [numpy_helper.from_array(np.ones((4, w), np.float32), f"w{i}")
              for i, w in enumerate(widths)],
         )  # fmt: skip
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp_path / f"{name}.onnx")  # fmt: skip
-        out = tmp_path / name
-        assert cli("convert", tmp_path / f"{name}.onnx", "-o", out, "--no-bench")[0] == 0
-        return out
+        return graph_bundle(cli, tmp_path, name, graph)
 
     page = tmp_path / "compare.html"
     code, out, err = cli("compare", bundle("a", [1, 3]), bundle("b", [3, 3]), "--json",
