@@ -27,7 +27,12 @@ from onnxpipe.data import Feeds, check_table_ids, load_data
 from onnxpipe.errors import InputError, PassError, invalid_settings
 from onnxpipe.gate import Gate, primary
 from onnxpipe.graphs.base import GraphPass
-from onnxpipe.graphs.quant_utils import refuse_cpu_fused, refuse_float16, refuse_quantized
+from onnxpipe.graphs.quant_utils import (
+    quantized_nodes,
+    refuse_cpu_fused,
+    refuse_float16,
+    refuse_quantized,
+)
 from onnxpipe.modelio import MODEL_FILE
 from onnxpipe.option_scope import read_settings, refuse_unread
 from onnxpipe.runtime import ORT_ERRORS, SessionOptions, make_session
@@ -173,6 +178,7 @@ def quantize_bundle(
         refuse_float16(model, f"quantize --mode {settings.mode}")
         refuse_cpu_fused(model, f"quantize --mode {settings.mode}", "Quantize")
         result, metrics = _quantize(model, ctx, settings, gates, eval_data is not None)
+        refuse_unchanged(result, settings)
         check_cpu_kernels(ctx.save(result, "ep-check"), ctx)
         return result, metrics
 
@@ -185,6 +191,36 @@ def quantize_bundle(
         gates,
         eval_data,
         overwrite,
+    )
+
+
+def refuse_unchanged(result: ir.Model, settings: QuantizeSettings) -> None:
+    """Raise :class:`PassError` when ``result`` holds nothing quantized (all stayed float).
+
+    ``--exclude`` naming every node the mode quantizes (``--exclude Gemm`` on an MLP) gave a
+    "quantize" step holding the float model unchanged, with exit 0.
+    """
+    if settings.mode == "fp16":  # a float16 weight, or a Cast into float16 compute
+        done = any(v.dtype == ir.DataType.FLOAT16 for v in result.graph.initializers.values())
+        done = done or any(
+            n.op_type == "Cast" and n.attributes.get_int("to") == ir.DataType.FLOAT16
+            for n in result.graph
+        )
+    else:
+        done = bool(quantized_nodes(result)) or any(
+            n.op_type == "GatherBlockQuantized" for n in result.graph
+        )
+    if done:
+        return
+    ops = ", ".join(sorted({n.op_type for n in result.graph})) or "none"
+    why = (
+        f"with --exclude {' '.join(settings.exclude)}, every node it would convert stays float"
+        if settings.exclude
+        else f"the model has no node it converts (ops: {ops})"
+    )
+    raise PassError(
+        f"quantize --mode {settings.mode}: nothing to quantize: {why}, so the result would be "
+        "the input model. Exclude fewer nodes, or keep the float bundle as it is."
     )
 
 

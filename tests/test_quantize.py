@@ -691,14 +691,23 @@ def test_fp16_keeps_float32_io(cli, mlp, tmp_path):
     np.testing.assert_allclose(ort_run(out / "model.onnx", {"x": x})[0], want, atol=2e-2)
     # nodes kept float32 read float32: between two of them the converter rounded the tensor
     # to float16 and back (every node excluded: 3e-4 off, 1.01x larger)
+    matmuls = [n.name for n in onnx.load(str(mlp / "model.onnx")).graph.node
+               if n.op_type == "MatMul"]  # fmt: skip
     kept = tmp_path / "kept"
     code, _, err = cli("quantize", mlp, "-o", kept, "--mode", "fp16", "--exclude", "Relu",
-                       "--exclude", "MatMul")  # fmt: skip
+                       "--exclude", matmuls[0], "--exclude", matmuls[1])  # fmt: skip
     assert code == 0, err
-    np.testing.assert_array_equal(ort_run(kept / "model.onnx", {"x": x})[0], want)
     model = onnx.load(str(kept / "model.onnx"))
-    assert [n.op_type for n in model.graph.node].count("Cast") <= 1  # the output's, if any
-    assert all(i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer)
+    # one Cast into the float16 MatMul, one out of it: none between the nodes kept
+    assert [n.op_type for n in model.graph.node].count("Cast") <= 2
+    assert sorted(i.data_type for i in model.graph.initializer) == [
+        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]  # fmt: skip
+    np.testing.assert_allclose(ort_run(kept / "model.onnx", {"x": x})[0], want, atol=2e-2)
+    # every node excluded: nothing would change (3 Casts added, 1.01x larger), so exit 2
+    code, _, err = cli("quantize", mlp, "-o", tmp_path / "all", "--mode", "fp16", "--exclude",
+                       "Relu", "--exclude", "MatMul")  # fmt: skip
+    assert code == 2 and "nothing to quantize" in err, err
+    assert not (tmp_path / "all").exists()
 
 
 def test_fp16_keeps_a_shared_weight_float32_for_the_node_kept(cli, tmp_path):
@@ -993,7 +1002,9 @@ def test_exclude_reaches_a_matmul_that_preprocessing_fused_into_gemm(cli, tmp_pa
 
     assert quantized_inputs() == {"dense1", "dense2"}
     assert quantized_inputs("dense1/MatMul") == {"dense2"}
-    assert quantized_inputs("MatMul") == set()
+    code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "qm", "--mode", "static",
+                       "--calib", tmp_path / "c.npz", "--exclude", "MatMul")  # fmt: skip
+    assert code == 2 and "nothing to quantize" in err, err  # both fused Gemms excluded
     assert quantized_inputs("dense1/Add") == {"dense2"}  # the Add is fused with its MatMul
     code, _, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "qa", "--mode", "static",
                        "--calib", tmp_path / "c.npz", "--exclude", "dense1/Ad")  # fmt: skip
@@ -1018,7 +1029,13 @@ def test_dynamic_and_int4_exclusions_of_gemm_and_matmul_hold(cli, mlp, mlp_bundl
 
     assert integer_nodes()[0] == len(gemms)
     assert integer_nodes("--exclude", gemms[0]) == (len(gemms) - 1, [gemms[0]])
-    assert integer_nodes("--exclude", "Gemm") == (0, gemms)
+    # every Gemm excluded: the float model came back as a "quantize" step, exit 0
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).normal(size=(8, 64)).astype("f4"))
+    for mode, data in (("dynamic", []), ("static", ["--calib", tmp_path / "c.npz"])):
+        code, _, err = cli("quantize", mlp_bundle, "-o", tmp_path / mode, "--mode", mode,
+                           "--exclude", "Gemm", *data)  # fmt: skip
+        assert code == 2 and "nothing to quantize: with --exclude Gemm" in err, err
+        assert not (tmp_path / mode).exists()
     code, _, err = cli("quantize", mlp, "-o", tmp_path / "i", "--mode", "int4", "--exclude",
                        "MatMul")  # fmt: skip
     assert code == 2 and "leaves nothing to quantize" in err
