@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.bundle import NPZ_ERRORS, read_npz, unreadable_numpy
+from onnxpipe.bundle import MANIFEST, NPZ_ERRORS, read_npz, unreadable_numpy
 from onnxpipe.converters.base import InputSpec, example_sizes, fixed_batch, random_feeds
 from onnxpipe.converters.source import call_factory, is_callable_ref
 from onnxpipe.errors import InputError
@@ -78,6 +78,12 @@ def load_data(data: str, specs: Sequence[InputSpec], batch: int = 8) -> list[Fee
         path = Path(data)
         if not path.exists():
             raise InputError(f"{data}: no such file or directory (expected .npz or a directory).")
+        if path.is_dir() and (path / MANIFEST).is_file():
+            raise InputError(  # its parity.npz mixes inputs and outputs at several shapes
+                f"{data}: is an onnxpipe bundle, not data. Give a .npz with one array per "
+                "input (samples on axis 0), a folder of .npy/.npz or of images; given no data, "
+                "onnxpipe runs the bundle's stored samples itself."
+            )
         files = (
             [path]
             if path.is_file()

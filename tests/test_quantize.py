@@ -848,6 +848,20 @@ def test_empty_dir_unreadable_image_and_bad_gate_exit_2(cli, cnn, tmp_path):
     assert code == 2 and "--calib" in err
 
 
+def test_a_bundle_given_as_data_is_named_as_one(cli, cnn, tmp_path):
+    """A bundle folder as --calib/--eval read its parity.npz (inputs and outputs at several
+    shapes): exit 2 'cnn/parity.npz: arrays have different sample counts [1, 3, 4]'."""
+    for flag in ("--calib", "--eval"):
+        calib = [] if flag == "--calib" else ["--calib", cnn]
+        code, _, err = cli("quantize", cnn, "-o", tmp_path / "q", "--mode", "static", flag, cnn,
+                           *calib)  # fmt: skip
+        assert code == 2 and f"{cnn}: is an onnxpipe bundle, not data" in err, err
+        assert "parity.npz" not in err and not (tmp_path / "q").exists()
+    code, _, err = cli("prune", cnn, "-o", tmp_path / "p", "--method", "channels", "--ratio",
+                       "0.5", "--eval", cnn)  # fmt: skip
+    assert code == 2 and "is an onnxpipe bundle, not data" in err, err
+
+
 def test_distribution_calibration_is_refused_for_int8(cli, cnn, tmp_path):
     """ORT's Distribution calibrator is for float8: int8 models came out wrecked, exit 0."""
     from onnxpipe.errors import PassError
