@@ -180,7 +180,27 @@ def load_recipe(path: Path) -> list[StepConfig]:
                 f"{path}: step 'package' comes before {', '.join(repr(n) for n in later)}, "
                 "which would change the model after it was packed. Move 'package' after them."
             )
+    _check_order(path, steps)
     return steps
+
+
+def _check_order(path: Path, steps: Sequence[StepConfig]) -> None:
+    """Refuse a quantize or prune step after a quantize step, whose model they refuse.
+
+    A recipe 'quantize, prune' ran convert and quantize (minutes with ``auto``) before prune
+    said 'the model is already quantized' (exit 2); quantize after fp16 did the same. Prune
+    takes an fp16 model.
+    """
+    mode: str | None = None
+    for step in steps:
+        if mode and step.name in ("quantize", "prune") and (step.name, mode) != ("prune", "fp16"):
+            raise InputError(
+                f"{path}: step '{step.name}' comes after 'quantize' (mode {mode}), whose model "
+                f"it refuses as already quantized. Move '{step.name}' before that step (prune "
+                "first, then quantize once)."
+            )
+        if step.name == "quantize":
+            mode = mode or str(getattr(step, "settings", {}).get("mode"))
 
 
 def run_steps(

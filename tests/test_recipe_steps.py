@@ -139,6 +139,15 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         ("bench: 5", "takes a mapping"),
         ("validate: {ep: [CPU, gpu]}", "gpu"),
         ("quantize: {mode: fp16}\n  - convert", "may only be the first step"),
+        # refused by the later step only once convert and quantize had run
+        (
+            "quantize: {mode: dynamic}\n  - prune: {method: magnitude, ratio: 0.5}",
+            "step 'prune' comes after 'quantize' (mode dynamic)",
+        ),
+        (
+            "quantize: {mode: fp16}\n  - quantize: {mode: dynamic}",
+            "step 'quantize' comes after 'quantize' (mode fp16)",
+        ),
     ],
 )
 def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needle):
@@ -147,6 +156,16 @@ def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needl
     assert code == 2 and needle in err and "Traceback" not in err
     assert str(recipe) in err  # the message names the recipe it is about
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_after_fp16_runs(cli, tmp_path):
+    """Prune takes an fp16 model, so the step-order check lets it follow quantize fp16."""
+    recipe = _recipe(tmp_path, "  - convert\n  - quantize: {mode: fp16}\n"
+                     "  - prune: {method: magnitude, ratio: 0.5}\n")  # fmt: skip
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]][-2:] == ["quantize", "prune_magnitude"]
 
 
 def test_package_step_writes_the_mobile_package_of_the_final_model(cli, tmp_path, eval_npz):
