@@ -302,10 +302,12 @@ def check_applicable(gates: Sequence[Gate], reference: Sequence[Outputs]) -> Non
             )
         if metrics.get(gate.metric) is None:
             shape = "x".join(map(str, np.shape(reference[0][0]))) if reference else "?"
+            # one value per sample: cosine is refused above, so point to max_abs alone
+            instead = "max_abs instead, e.g. --gate max_abs<=0.01" if single else (
+                "cosine or max_abs instead, e.g. --gate cosine>=0.99")  # fmt: skip
             raise InputError(
                 f"--gate {gate}: {gate.metric} needs class scores [batch, classes] as the "
-                f"first output, and this model's is {shape}. Gate on cosine or max_abs "
-                "instead, e.g. --gate cosine>=0.99."
+                f"first output, and this model's is {shape}. Gate on {instead}."
             )
 
 

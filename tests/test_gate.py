@@ -141,6 +141,13 @@ def test_one_value_per_sample_is_compared_over_the_samples_and_refused_as_a_cosi
     with pytest.raises(InputError, match="one value per sample"):
         check_applicable([Gate.parse("cosine>=0.99")], [[ref]])
     check_applicable([Gate.parse("max_abs<=0.1")], [[ref]])  # the gate that measures it
+    # top1/kl pointed to cosine, the gate refused just above
+    for text in ("top1>=0.99", "kl<=0.01"):
+        with pytest.raises(InputError, match="needs class scores") as refused:
+            check_applicable([Gate.parse(text)], [[ref]])
+        assert "Gate on max_abs instead" in str(refused.value) and "cosine" not in str(
+            refused.value
+        )
 
 
 def test_cosine_holds_on_every_output():
