@@ -222,7 +222,26 @@ def gate_metrics(
     if agree and len(agree) == len(cosines[0]):
         metrics["top1"] = float(np.concatenate(agree).mean())
         metrics["kl"] = float(np.concatenate(kls).mean())
+    if metrics["samples"] > 1 and _constant(reference):
+        metrics["constant_reference"] = True
     return metrics
+
+
+def _constant(reference: Sequence[Outputs]) -> bool:
+    """Whether every sample's outputs equal the first sample's (an untrained model's 0.1s).
+
+    A random-init Keras MobileNetV2 gave 0.1 per class for every image: a gated quantize of
+    it read "top1 1, cosine 1, passed", which agreeing with such a reference always gives.
+    """
+    firsts = [np.asarray(out)[:1] for out in reference[0]]
+    for outputs in reference:
+        for out, first in zip(outputs, firsts, strict=True):
+            array = np.asarray(out)
+            if array.shape[1:] != first.shape[1:] or not np.array_equal(
+                array, np.broadcast_to(first, array.shape), equal_nan=True
+            ):
+                return False
+    return True
 
 
 def output_drift(

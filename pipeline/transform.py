@@ -328,6 +328,7 @@ def _parity_record(
         "tolerance": [str(g) for g in gates] or None,
         "passed": all(g.passes(gate) for g in gates) if gates else None,
         **({"not_compared": random} if random else {}),
+        **({"constant_reference": True} if gate.get("constant_reference") else {}),
         "source_parity": manifest.get("parity"),
     }
 

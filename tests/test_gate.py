@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +245,32 @@ def test_a_result_with_nan_outputs_is_no_result(cli, tmp_path):
 def test_a_negative_bound_that_can_never_hold_is_refused(text):
     with pytest.raises(InputError, match="never negative"):
         Gate.parse(text)
+
+
+def test_a_derived_bundle_flags_a_reference_that_never_varies(cli, tmp_path):
+    """A random-init Keras MobileNetV2 outputs 0.1 per class for every image: its gated
+    quantize read 'top1 1, cosine 1, passed' with nothing to say the gate proved nothing."""
+    import onnx  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    weight = numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")  # a dead layer
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        "dead",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        [weight, bias],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "dead.onnx")  # fmt: skip
+    assert cli("convert", tmp_path / "dead.onnx", "-o", tmp_path / "b", "--no-bench")[0] == 0
+    code, out, err = cli("quantize", tmp_path / "b", "-o", tmp_path / "q", "--mode", "fp16",
+                         "--gate", "top1>=0.99", "--json")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads(out)
+    assert manifest["parity"]["constant_reference"] is True
+    assert manifest["steps"][-1]["metrics"]["gate"]["constant_reference"] is True
+    rng = np.random.default_rng(0)
+    varied = [[rng.standard_normal((4, 3))], [rng.standard_normal((4, 3))]]
+    assert "constant_reference" not in gate_metrics(varied, varied)
