@@ -59,15 +59,15 @@ def _require_preserved(
     what = (
         f"the optimized model's output {output!r} moved by {moved:.3g} from the input "
         f"model's (a cleanup moves it by float rounding, at most {limit:.3g}) on "
-        f"{gate['samples']} samples. Nothing was written at {out}."
+        f"{gate['samples']} samples."
     )
     if config.transformer and (config.num_heads or config.hidden_size):
         flags = (("--num-heads", config.num_heads), ("--hidden-size", config.hidden_size))
         given = " ".join(f"{flag} {value}" for flag, value in flags if value)
         raise InputError(
             f"optimize --transformer {config.transformer} {given}: "
-            f"{what} The heads or hidden size do not match the graph: leave both out to read "
-            "them from the graph, or give the model's own."
+            f"{what} Nothing was written at {out}. The heads or hidden size do not match the "
+            "graph: leave both out to read them from the graph, or give the model's own."
         )
     raise GateFailed(
         f"optimize: {what} An optimization changed the math: try a lower --level, or leave "

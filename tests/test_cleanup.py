@@ -320,6 +320,7 @@ def test_an_optimization_that_changes_the_math_is_not_written(cli, tmp_path, mon
     code, _, stderr = cli("optimize", tmp_path / "b", "-o", out)
     assert code == 1 and "output 'small' moved by" in stderr, stderr
     assert "lower --level" in stderr and not out.exists()
+    assert stderr.count("Nothing was written") == 1, stderr  # it was said twice
     report = json.loads((tmp_path / "opt.failed.json").read_text())
     assert report["metrics"]["max_abs"] < 1e-3  # far under the big output's 0.1 budget
 
