@@ -112,7 +112,7 @@ def measure_parity(
     for feeds in feeds_list:
         shapes = {k: list(v.shape) for k, v in feeds.items()}
         want = reference(feeds)
-        varies = _differs_from(want, first) or varies
+        varies = differs_from(want, first) or varies
         seen += len(want[0]) if want and np.ndim(want[0]) else 0
         try:
             got = candidate(feeds)
@@ -155,11 +155,11 @@ def measure_parity(
 
 CONSTANT_NOTE = (
     "the reference gives the same outputs for every sample (an untrained or saturated model?), "
-    "so agreeing with it shows little about the conversion; check a trained model or --data"
+    "so agreeing with it proves little; check with a trained model or real --data"
 )
 
 
-def _differs_from(outputs: Sequence[Any], first: dict[int, np.ndarray]) -> bool:
+def differs_from(outputs: Sequence[Any], first: dict[int, np.ndarray]) -> bool:
     """Whether any sample's ``outputs`` differ from the first sample's (kept in ``first``).
 
     A random-init Keras MobileNetV3Small outputs 0.1 for every class of every image: its
