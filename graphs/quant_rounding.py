@@ -157,6 +157,8 @@ def gptq_round(
     (0, 1), (2, 3)... (symmetric weights only). ``order``: the columns in the order to round
     them (GPTQ's act-order: largest ``H`` diagonal first, so the columns that matter most are
     rounded while the most columns are left to absorb their error); not with ``paired``.
+    Exact zeros stay zero, their share of the error spread like any other (SparseGPT's mask):
+    a magnitude-pruned MLP at 50% zeros came out of static int8 at 47-48%.
     """
     if order is not None:
         if paired:
@@ -178,6 +180,7 @@ def gptq_round(
     # have negative scales (the largest magnitude maps to -8)
     s = np.where(s != 0, s, 1.0)
     zp = _per_weight(zero_point, weights.shape).reshape(groups, -1, k)
+    pruned = (weights == 0).reshape(groups, -1, k)
     upper = _inverse_cholesky(hessian)
     q = np.zeros_like(w)
     lo, hi = limits
@@ -188,7 +191,7 @@ def gptq_round(
         errors = np.zeros((groups, w.shape[1], stop - start))
         for j in range(start, stop):
             column, sj, zj = w[:, :, j], s[:, :, j], zp[:, :, j]
-            qj = np.clip(np.round(column / sj) + zj, lo, hi)
+            qj = np.where(pruned[:, :, j], zj, np.clip(np.round(column / sj) + zj, lo, hi))
             if paired and j % 2:
                 room = PAIR_BOUND + 1 - np.abs(q[:, :, j - 1] - zj)
                 qj = np.clip(qj - zj, -room, room) + zj

@@ -73,6 +73,28 @@ def test_gptq_rounding_lowers_output_error_and_keeps_limits_and_pairs():
     assert error(paired, safe) < error(nearest, safe) * 0.85
 
 
+def test_gptq_keeps_pruned_zeros_zero_and_still_compensates():
+    """A magnitude-pruned MLP at 50% zeros came out of static int8 at 47-48%: GPTQ spread
+    rounding errors onto the zeros."""
+    rng = np.random.default_rng(4)
+    k = 32
+    x = rng.normal(size=(4096, k)) @ rng.normal(size=(k, k))
+    w = rng.normal(size=(16, k))
+    w[np.abs(w) < np.median(np.abs(w))] = 0.0  # half the weights pruned
+    hessian = (x.T @ x / len(x))[None]
+    scale = np.abs(w).max(1) / 127
+    for order in (None, qr.act_order(hessian)):
+        gptq = qr.gptq_round(w, scale, np.zeros(16), hessian, (-127, 127), False, order)
+        assert (gptq[w == 0] == 0).all()
+        nearest = np.clip(np.round(w / scale[:, None]), -127, 127)
+        error = [np.linalg.norm(x @ (w - q * scale[:, None]).T) for q in (gptq, nearest)]
+        assert error[0] < error[1] * 0.9, error
+    # an asymmetric int4 block: zero sits at the zero point, which stays exactly 0 as float
+    zp = np.full(16, 8.0)
+    q4 = qr.gptq_round(w, np.abs(w).max(1) / 7, zp, hessian, (0, 15), False)
+    assert (q4[w == 0] == 8).all()
+
+
 def test_static_pass_with_gptq_rounding_is_closer_to_float_on_ort():
     rng = np.random.default_rng(2)
     w = rng.normal(size=(16, 24, 1, 1)).astype(np.float32)
