@@ -50,10 +50,25 @@ def _shape(shape: list[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _example_feed(inputs: list[dict[str, Any]]) -> str:
+def _example_sizes(manifest: dict[str, Any]) -> dict[str, int]:
+    """Sizes of the symbolic dims but the batch where the bundle ran: last timed, or --data.
+
+    An image model with free height and width runs at its data's 16x16, not at 1x1.
+    """
+    from onnxpipe.converters.base import InputSpec  # noqa: PLC0415 - card stays light
+    from onnxpipe.data import recorded_sizes  # noqa: PLC0415
+
+    specs = [InputSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in manifest["inputs"]]
+    return dict(recorded_sizes(specs, manifest))
+
+
+def _example_feed(inputs: list[dict[str, Any]], sizes: dict[str, int]) -> str:
     lines = []
     for spec in inputs:
-        dims = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        dims = [
+            d if isinstance(d, int) else (sizes.get(d, 1) if axis else 1)
+            for axis, d in enumerate(spec["shape"])
+        ]
         dtype = spec["dtype"] or "float32"
         maker = "np.random.random" if dtype.startswith("float") else "np.ones"
         shape = f"({', '.join(map(str, dims))}{',' if len(dims) == 1 else ''})"  # () for a scalar
@@ -122,7 +137,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         "",
         f'session = ort.InferenceSession("{model["file"]}", providers=["CPUExecutionProvider"])',
         "feeds = {",
-        _example_feed(manifest["inputs"]),
+        _example_feed(manifest["inputs"], _example_sizes(manifest)),
         "}",
         "outputs = session.run(None, feeds)",
         "```",
