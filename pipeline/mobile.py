@@ -55,6 +55,18 @@ from onnxpipe.runtime import ORT_ERRORS
 logger = logging.getLogger(__name__)
 
 
+def _dynamic_counts(analysis: dict[str, Any]) -> str:
+    """What dynamic inputs did to the NNAPI/CoreML counts, as the counts show it.
+
+    ORT's checker leaves out the nodes on dynamic shapes: on a plain float CNN that is every
+    node, but an fp16 MLP kept 4 of 8 and an int8 CNN at level basic 6 of 20 on NNAPI.
+    """
+    counts = [(analysis.get(ep) or {}).get("nodes_supported") for ep in ("nnapi", "coreml")]
+    if not any(counts):
+        return "the counts are 0 for that reason"
+    return "the counts leave out every node on a dynamic shape"
+
+
 def package_mobile(
     bundle: Path,
     out: Path,
@@ -165,11 +177,10 @@ def package_mobile(
             if level_note:
                 section["level_note"] = level_note
             if dynamic:
-                # ORT's checker counts no NNAPI/CoreML node on a model with dynamic inputs
                 section["dynamic_inputs"] = dynamic
                 section["hint"] = (
-                    "NNAPI and CoreML take fixed input shapes only (counts above are 0 for that "
-                    "reason): package with "
+                    f"NNAPI and CoreML take fixed input shapes only ({_dynamic_counts(analysis)}):"
+                    " package with "
                     + " ".join(
                         f"--fixed-shape {n}:{_fixed_example(d, sizes)}" for n, d in dynamic.items()
                     )

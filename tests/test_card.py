@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,15 @@ def test_the_card_snippet_runs_a_model_with_free_image_sizes(cli, tmp_path):
         )  # fmt: skip
         assert code == 0, err
         assert _run_card_snippet(tmp_path / name)[0].shape == (1, 2, 8, 8)  # at the data's 12x12
+
+
+def test_the_mobile_hint_says_what_dynamic_shapes_did_to_the_counts(cli, tmp_path, mlp_bundle):
+    """An fp16 MLP packaged with a dynamic batch: NNAPI 4/8, not the '0' the hint claimed."""
+    half, packed = tmp_path / "half", tmp_path / "packed"
+    assert cli("quantize", mlp_bundle, "-o", half, "--mode", "fp16")[0] == 0
+    code, _, err = cli("package", half, "-o", packed, "--target", "mobile")
+    assert code == 0, err
+    mobile = json.loads((packed / "manifest.json").read_text())["mobile"]
+    assert mobile["nnapi"]["nodes_supported"] > 0  # what it counts on a dynamic batch
+    assert "are 0" not in mobile["hint"] and "leave out every node on a dynamic" in mobile["hint"]
+    assert mobile["hint"] in (packed / "README.md").read_text()
