@@ -288,7 +288,9 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
             "<h2>Mobile package</h2>",
             f"<p><code>{_e(mobile['ort_file'])}</code> ({_e(mobile.get('ort_bytes'))} bytes), "
             f"<code>{_e(mobile['operators_config'])}</code>, fixed shapes "
-            f"{_e(mobile.get('fixed_shapes') or 'none')}</p>",
+            f"{_e(mobile.get('fixed_shapes') or 'none')}, ORT optimization level "
+            f"{_e(mobile.get('optimization_level'))}</p>",
+            f"<p>{_e(mobile['level_note'])}</p>" if mobile.get("level_note") else "",
             f"<p>{_e(mobile['hint'])}</p>" if mobile.get("hint") else "",
             _table(
                 ["EP", "partitions", "nodes supported", "nodes total", "unsupported ops"],

@@ -51,3 +51,22 @@ def test_the_mobile_hint_says_what_dynamic_shapes_did_to_the_counts(cli, tmp_pat
     assert mobile["nnapi"]["nodes_supported"] > 0  # what it counts on a dynamic batch
     assert "are 0" not in mobile["hint"] and "leave out every node on a dynamic" in mobile["hint"]
     assert mobile["hint"] in (packed / "README.md").read_text()
+
+
+def test_the_report_says_the_mobile_level_the_card_says():
+    """report.html named neither the .ort file's ORT level nor the level note the card gives."""
+    from onnxpipe.report import render_report
+
+    mobile = {
+        "ort_file": "mobile/model.ort", "operators_config": "mobile/required_operators.config",
+        "fixed_shapes": {}, "optimization_level": "basic",
+        "level_note": "level basic keeps the int8 model's QuantizeLinear/DequantizeLinear groups "
+        "unfused: model.ort runs its layers in float",
+    }  # fmt: skip
+    manifest = {
+        "model": {"file": "model.onnx", "opset": 17, "bytes": 10, "sha256": "0"},
+        "inputs": [], "outputs": [], "mobile": mobile,
+    }  # fmt: skip
+    page = render_report(manifest)
+    assert "ORT optimization level basic" in page
+    assert "model.ort runs its layers in float" in page
