@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.parity import verdict
+from onnxpipe.parity import constant_note, not_compared_note, verdict
 
 REPORT_FILE = "report.html"
 BENCH_COLUMNS = (
@@ -105,6 +105,11 @@ def _samples_note(parity: dict[str, Any], inputs: Sequence[dict[str, Any]]) -> s
     return f"{count} samples; generated ones at sizes of the symbolic dims the export never saw."
 
 
+def parity_notes(parity: dict[str, Any]) -> list[str]:
+    """What a bare ``passed`` would hide: outputs left out, a reference that never varied."""
+    return [n for n in (not_compared_note(parity), constant_note(parity)) if n]
+
+
 def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
     """Markdown: I/O table, a runnable ONNX Runtime snippet, parity, validation and latency."""
     model = manifest["model"]
@@ -156,6 +161,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
             f"{_fmt(parity.get('cosine'), 7)} | {_fmt(parity.get('top1_agreement'))} | "
             f"{verdict(parity)} |",
             "",
+            *[f"{n[:1].upper()}{n[1:]}.\n" for n in parity_notes(parity)],
         ]
     validation = manifest.get("validation")
     if validation:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from onnxpipe.card import BENCH_COLUMNS, bench_row
+from onnxpipe.card import BENCH_COLUMNS, bench_row, parity_notes
 from onnxpipe.parity import verdict
 
 _PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
@@ -230,6 +230,7 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
                     ]
                 ],
             ),
+            *[f"<p>{_e(note)}</p>" for note in parity_notes(parity)],
         ]
     validation = manifest.get("validation", {})
     if validation:

@@ -70,3 +70,31 @@ def test_the_report_says_the_mobile_level_the_card_says():
     page = render_report(manifest)
     assert "ORT optimization level basic" in page
     assert "model.ort runs its layers in float" in page
+
+
+def test_the_card_and_report_say_what_parity_left_out(cli, tmp_path):
+    """A bare 'passed' in the card and report where the CLI said 'not compared: noise'."""
+    from tests.helpers import graph_bundle
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]),
+         helper.make_node("RandomNormalLike", ["x"], ["noise"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 4])],
+    )  # fmt: skip
+    bundle = graph_bundle(cli, tmp_path, "noisy", graph)
+    note = "not compared: noise (random: RandomNormalLike)"
+    assert json.loads((bundle / "manifest.json").read_text())["parity"]["not_compared"]
+    assert "Not compared: noise (random: RandomNormalLike)." in (bundle / "README.md").read_text()
+    assert note in (bundle / "report.html").read_text()
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "zero"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.zeros(4, np.float32), "zero")],
+    )  # fmt: skip
+    bundle = graph_bundle(cli, tmp_path, "constant", graph)
+    assert json.loads((bundle / "manifest.json").read_text())["parity"]["constant_reference"]
+    for doc in ("README.md", "report.html"):
+        assert "so agreeing with it proves little" in (bundle / doc).read_text()
