@@ -181,7 +181,26 @@ def load_recipe(path: Path) -> list[StepConfig]:
                 "which would change the model after it was packed. Move 'package' after them."
             )
     _check_order(path, steps)
+    _check_mobile(path, steps)
     return steps
+
+
+def _check_mobile(path: Path, steps: Sequence[StepConfig]) -> None:
+    """Refuse ``ep: mobile`` in a validate or bench step no package step comes before.
+
+    ``mobile`` runs ``mobile/model.ort``, which only ``package`` writes: a bench step before
+    it ran convert, then was exit 2 telling the user to run ``onnxpipe package the recipe's
+    bundle -o OUT``; a validate step recorded ``mobile: unavailable`` and went on.
+    """
+    packaged = False
+    for step in steps:
+        packaged = packaged or step.name == "package"
+        if not packaged and "mobile" in getattr(step, "ep", ()):
+            raise InputError(
+                f"{path}: step '{step.name}' has ep mobile, which runs mobile/model.ort, but no "
+                "'package' step comes before it to write that file. Put "
+                "'- package: {target: mobile}' before it, or drop mobile from its ep."
+            )
 
 
 def _check_order(path: Path, steps: Sequence[StepConfig]) -> None:

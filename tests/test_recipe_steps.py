@@ -148,6 +148,10 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
             "quantize: {mode: fp16}\n  - quantize: {mode: dynamic}",
             "step 'quantize' comes after 'quantize' (mode fp16)",
         ),
+        # bench: exit 2 once convert had run, saying 'onnxpipe package the recipe's bundle';
+        # validate: 'mobile: unavailable', exit 0
+        ("bench: {ep: mobile}\n  - package: {target: mobile}", "step 'bench' has ep mobile"),
+        ("validate: {ep: 'cpu,mobile'}", "no 'package' step comes before it"),
     ],
 )
 def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needle):
