@@ -59,6 +59,18 @@ class DerivedStep(StepConfig):
         own = {k: v for k, v in value.items() if k in cls.own}
         return {**own, "settings": {k: v for k, v in value.items() if k not in cls.own}}
 
+    @field_validator("settings")
+    @classmethod
+    def _gates_parse(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A gate that does not parse is refused with the recipe, not after convert ran."""
+        from onnxpipe.gate import Gate  # noqa: PLC0415
+
+        gates = value.get("gates") or ()
+        for gate in gates if isinstance(gates, list | tuple) else [gates]:
+            if isinstance(gate, str):  # other types: the step's own settings say what is wrong
+                Gate.parse(gate)
+        return value
+
     def derive(self) -> Derive:
         """``(bundle, out) -> manifest``: the command's bundle function with these settings."""
         raise NotImplementedError(type(self).__name__)
