@@ -126,6 +126,23 @@ class QuantizeStep(DerivedStep):
         settings_from(**value)
         return value
 
+    @model_validator(mode="after")
+    def _applies(self) -> QuantizeStep:
+        """Options the command refuses only once it has its model, refused with the recipe.
+
+        ``smooth_alpha`` with no data to smooth on and ``preprocess`` with no image folder
+        were exit 2 only after convert (and the steps before) had run.
+        """
+        from onnxpipe.quantize import (  # noqa: PLC0415
+            settings_from,
+            with_preprocess_all,
+            without_statistics,
+        )
+
+        with_preprocess_all(self.preprocess, self.settings.get("calib"), self.eval)
+        without_statistics(settings_from(**self.settings), self.eval is not None)
+        return self
+
     def derive(self) -> Derive:
         """``quantize_bundle`` with these settings and ``preprocess`` on calib/eval images."""
         from onnxpipe.quantize import (  # noqa: PLC0415

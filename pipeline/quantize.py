@@ -171,7 +171,7 @@ def quantize_bundle(
         GateFailed: the result misses a gate (nothing written at ``out``).
     """
     gates = [Gate.parse(g) for g in settings.gates]
-    settings = _without_statistics(settings, eval_data is not None)
+    settings = without_statistics(settings, eval_data is not None)
 
     def transform(model: ir.Model, ctx: TransformContext) -> tuple[ir.Model, dict[str, Any]]:
         refuse_quantized(model, f"quantize --mode {settings.mode}")
@@ -224,7 +224,7 @@ def refuse_unchanged(result: ir.Model, settings: QuantizeSettings) -> None:
     )
 
 
-def _without_statistics(settings: QuantizeSettings, eval_given: bool) -> QuantizeSettings:
+def without_statistics(settings: QuantizeSettings, eval_given: bool) -> QuantizeSettings:
     """Dynamic mode with no data to smooth on: smoothing is off, and recorded so (0).
 
     A ``--smooth-alpha`` the user gave then does nothing, so it is an InputError.

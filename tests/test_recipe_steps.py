@@ -156,6 +156,9 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         ("quantize: {mode: dynamic, gate: 'top1>0.9'}", "'top1>0.9' does not parse"),
         ("prune: {method: magnitude, ratio: 0.5, gate: ['cos>=0.9']}", "'cos>=0.9' does not"),
         ("quantize: {mode: dynamic, gate: 5}", "gates"),
+        # refused by the quantize command only once convert had run
+        ("quantize: {mode: dynamic, smooth_alpha: 0.5}", "smoothing needs activation"),
+        ("quantize: {mode: fp16, preprocess: 'resize=8'}", "it would apply to nothing"),
     ],
 )
 def test_bad_step_settings_are_exit_2_before_any_work(cli, tmp_path, step, needle):
