@@ -98,3 +98,20 @@ def test_the_card_and_report_say_what_parity_left_out(cli, tmp_path):
     assert json.loads((bundle / "manifest.json").read_text())["parity"]["constant_reference"]
     for doc in ("README.md", "report.html"):
         assert "so agreeing with it proves little" in (bundle / doc).read_text()
+
+
+def test_packaging_again_forgets_the_old_packages_timing(cli, tmp_path, mlp_bundle):
+    """Packaged again at batch 2, the card kept the batch-1 model.ort's 'mobile | 1' row."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli("package", mlp_bundle, "-o", first, "--target", "mobile",
+               "--fixed-shape", "x:1,64")[0] == 0  # fmt: skip
+    assert cli("bench", first, "--ep", "cpu,mobile", "--runs", "5")[0] == 0
+    code, _, err = cli("package", first, "-o", second, "--target", "mobile",
+                       "--fixed-shape", "x:2,64")  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert [r["ep"] for r in manifest["bench_records"]] == ["cpu"]
+    assert manifest["bench"]["ep"] == "cpu"
+    assert "| mobile | 1 |" not in (second / "README.md").read_text()
+    assert cli("bench", second, "--ep", "mobile", "--runs", "5")[0] == 0
+    assert "| mobile | 2 |" in (second / "README.md").read_text()
