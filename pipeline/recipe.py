@@ -190,16 +190,18 @@ def _check_mobile(path: Path, steps: Sequence[StepConfig]) -> None:
 
     ``mobile`` runs ``mobile/model.ort``, which only ``package`` writes: a bench step before
     it ran convert, then was exit 2 telling the user to run ``onnxpipe package the recipe's
-    bundle -o OUT``; a validate step recorded ``mobile: unavailable`` and went on.
+    bundle -o OUT``; a validate step recorded ``mobile: unavailable`` and went on, or with
+    ``require: mobile`` was exit 1 naming the recipe's temp folder.
     """
     packaged = False
     for step in steps:
         packaged = packaged or step.name == "package"
-        if not packaged and "mobile" in getattr(step, "ep", ()):
+        asked = {*getattr(step, "ep", ()), *getattr(step, "require", ())}
+        if not packaged and "mobile" in asked:
             raise InputError(
                 f"{path}: step '{step.name}' has ep mobile, which runs mobile/model.ort, but no "
                 "'package' step comes before it to write that file. Put "
-                "'- package: {target: mobile}' before it, or drop mobile from its ep."
+                "'- package: {target: mobile}' before it, or drop mobile from it."
             )
 
 

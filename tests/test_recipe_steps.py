@@ -152,6 +152,8 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         # validate: 'mobile: unavailable', exit 0
         ("bench: {ep: mobile}\n  - package: {target: mobile}", "step 'bench' has ep mobile"),
         ("validate: {ep: 'cpu,mobile'}", "no 'package' step comes before it"),
+        # exit 1 after convert, naming the recipe's temp folder
+        ("validate: {require: mobile}\n  - package: {}", "step 'validate' has ep mobile"),
         # a gate that does not parse: exit 2 once convert had run, the recipe unnamed
         ("quantize: {mode: dynamic, gate: 'top1>0.9'}", "'top1>0.9' does not parse"),
         ("prune: {method: magnitude, ratio: 0.5, gate: ['cos>=0.9']}", "'cos>=0.9' does not"),
