@@ -46,7 +46,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _shape(shape: list[Any]) -> str:
+def shape_text(shape: list[Any]) -> str:
+    """``[batch, 3, 224, 224]``: a manifest shape as the card, report and tables print it."""
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
@@ -131,7 +132,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
     ]
     for kind in ("inputs", "outputs"):
         for v in manifest[kind]:
-            out.append(f"| {kind[:-1]} | `{v['name']}` | {v['dtype']} | {_shape(v['shape'])} |")
+            out.append(f"| {kind[:-1]} | `{v['name']}` | {v['dtype']} | {shape_text(v['shape'])} |")
     out += ["", *_dims_note(manifest["inputs"], manifest["outputs"])]
     out += [
         "## Run it",
@@ -203,7 +204,9 @@ def _mobile_section(mobile: dict[str, Any] | None) -> list[str]:
     if not mobile:
         return []
     fixed = mobile.get("fixed_shapes") or {}
-    shapes = ", ".join(f"{k} {_shape(v)}" for k, v in fixed.items()) or "as model.onnx (dynamic)"
+    shapes = (
+        ", ".join(f"{k} {shape_text(v)}" for k, v in fixed.items()) or "as model.onnx (dynamic)"
+    )
     out = [
         "## Mobile package",
         "",

@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from onnxpipe.card import BENCH_COLUMNS, bench_row, parity_notes
+from onnxpipe.card import BENCH_COLUMNS, bench_row, parity_notes, shape_text
 from onnxpipe.parity import verdict
 
 _PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
@@ -208,7 +208,7 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
         + "</p>",
     ]
     io_rows = [
-        [kind[:-1], f"<code>{_e(v['name'])}</code>", _e(v["dtype"]), _e(v["shape"])]
+        [kind[:-1], f"<code>{_e(v['name'])}</code>", _e(v["dtype"]), _e(shape_text(v["shape"]))]
         for kind in ("inputs", "outputs")
         for v in manifest[kind]
     ]
@@ -285,11 +285,13 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
         parts.append(_candidate_sections(steps))
     mobile = manifest.get("mobile")
     if mobile:
+        fixed = mobile.get("fixed_shapes") or {}
         parts += [
             "<h2>Mobile package</h2>",
             f"<p><code>{_e(mobile['ort_file'])}</code> ({_e(mobile.get('ort_bytes'))} bytes), "
             f"<code>{_e(mobile['operators_config'])}</code>, fixed shapes "
-            f"{_e(mobile.get('fixed_shapes') or 'none')}, ORT optimization level "
+            f"{_e(', '.join(f'{k} {shape_text(v)}' for k, v in fixed.items()) or 'none')}, "
+            "ORT optimization level "
             f"{_e(mobile.get('optimization_level'))}</p>",
             f"<p>{_e(mobile['level_note'])}</p>" if mobile.get("level_note") else "",
             f"<p>{_e(mobile['hint'])}</p>" if mobile.get("hint") else "",

@@ -115,3 +115,21 @@ def test_packaging_again_forgets_the_old_packages_timing(cli, tmp_path, mlp_bund
     assert "| mobile | 1 |" not in (second / "README.md").read_text()
     assert cli("bench", second, "--ep", "mobile", "--runs", "5")[0] == 0
     assert "| mobile | 2 |" in (second / "README.md").read_text()
+
+
+def test_the_report_prints_shapes_as_the_card_does():
+    """report.html showed "['batch', 1, 8, 8]" and "{'input': [1, 1, 8, 8]}" (Python reprs)."""
+    from onnxpipe.card import render_card
+    from onnxpipe.report import render_report
+
+    mobile = {"ort_file": "mobile/model.ort", "operators_config": "ops.config",
+              "fixed_shapes": {"input": [1, 1, 8, 8]}, "optimization_level": "basic"}  # fmt: skip
+    manifest = {
+        "model": {"file": "model.onnx", "opset": 17, "ir_version": 8, "bytes": 10, "sha256": "0"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}],
+        "outputs": [], "mobile": mobile,
+    }  # fmt: skip
+    page, card = render_report(manifest), render_card(manifest)
+    assert "<td>[batch, 1, 8, 8]</td>" in page and "| [batch, 1, 8, 8] |" in card
+    assert "fixed shapes input [1, 1, 8, 8]," in page and "input [1, 1, 8, 8]." in card
+    assert "&#x27;" not in page.split("<details>")[0]  # no quoted Python strings
