@@ -190,6 +190,7 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         "Steps: "
         + ", ".join(f"{s['name']} ({s['seconds']:.1f} s)" for s in manifest.get("steps", [])),
         "",
+        *_step_notes(manifest.get("steps", [])),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items()),
         "",
         "Check the file: `sha256sum model.onnx` must print the sha256 above. "
@@ -197,6 +198,16 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _step_notes(steps: Sequence[dict[str, Any]]) -> list[str]:
+    """Each step's ``note``, which the command printed under its table (no speedup, ...)."""
+    notes = [
+        f"Note from {s['name']}: {s['metrics']['note'].rstrip('.')}."
+        for s in steps
+        if isinstance((s.get("metrics") or {}).get("note"), str)
+    ]
+    return [line for note in notes for line in (note, "")]
 
 
 def _mobile_section(mobile: dict[str, Any] | None) -> list[str]:

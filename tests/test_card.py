@@ -133,3 +133,13 @@ def test_the_report_prints_shapes_as_the_card_does():
     assert "<td>[batch, 1, 8, 8]</td>" in page and "| [batch, 1, 8, 8] |" in card
     assert "fixed shapes input [1, 1, 8, 8]," in page and "input [1, 1, 8, 8]." in card
     assert "&#x27;" not in page.split("<details>")[0]  # no quoted Python strings
+
+
+def test_the_card_keeps_the_note_the_step_printed(cli, tmp_path, mlp_bundle):
+    """prune --method magnitude printed 'expect no speedup' on the terminal only, not the card."""
+    out = tmp_path / "sparse"
+    code, _, err = cli("prune", mlp_bundle, "-o", out, "--method", "magnitude", "--ratio", "0.5")
+    assert code == 0 and "note: unstructured sparsity" in err
+    card = (out / "README.md").read_text()
+    assert "Note from prune_magnitude: unstructured sparsity" in card
+    assert "expect no speedup" in card and "..\n" not in card
