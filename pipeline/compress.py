@@ -148,6 +148,12 @@ def _refuse_uncut(probe: PruneChannelsPass, channels: list[int], ratio: float) -
     if any(probe.keep_count(n, ratio) < n for n in channels):
         return
     cfg = probe.config
+    if max(channels) <= cfg.min_channels:  # no ratio or multiple helps: say so
+        raise PassError(
+            f"nothing to cut: the prunable layers have {', '.join(map(str, sorted(set(channels))))}"
+            f" output channels, and channel pruning keeps at least {cfg.min_channels} in each. "
+            "This model's layers are too narrow to prune channels; try --method magnitude."
+        )
     rounding = (
         f"multiples of {cfg.multiple_of}"
         if cfg.multiple_of

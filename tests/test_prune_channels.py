@@ -19,7 +19,7 @@ from onnxpipe.graphs.prune_channels import PruneChannelsPass, apply_cut, channel
 from onnxpipe.progress import reporting
 from onnxpipe.tables import summary_table
 from tests.conftest import model_ref
-from tests.helpers import assert_close, ort_run
+from tests.helpers import assert_close, graph_bundle, ort_run
 
 X = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
 
@@ -650,6 +650,27 @@ def test_cli_ratio_that_cuts_nothing_exits_2_and_multiple_of_1_cuts(
     if not gate:
         assert sorted(metrics["pass"]["channels"].values()) == [[16, 14], [24, 22], [32, 29]]
     assert metrics["params_after"] < metrics["params_before"]
+
+
+def test_layers_too_narrow_to_cut_say_so(cli, tmp_path):
+    """An 8-channel CNN at --ratio 0.9 --multiple-of 1 was told to raise --ratio or pass
+    --multiple-of 1: neither helps, as every layer keeps at least 8 channels."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"])],
+        "narrow", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype("f4"), "w1"),
+         numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype("f4"), "w2")],
+    )  # fmt: skip
+    bundle = graph_bundle(cli, tmp_path, "narrow", graph)
+    code, _, err = cli("prune", bundle, "-o", tmp_path / "p", "--method", "channels",
+                       "--ratio", "0.9", "--multiple-of", "1")  # fmt: skip
+    message = " ".join(err.split())
+    assert code == 2 and "keeps at least 8 in each" in message and "--multiple-of" not in message
+    assert not (tmp_path / "p").exists()
 
 
 def _dense_stack() -> ir.Model:
