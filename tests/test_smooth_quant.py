@@ -173,6 +173,8 @@ def test_dynamic_cli_smooths_with_calib_statistics_and_records_them(cli, tmp_pat
         if name == "calib":  # measured against plain dynamic int8; kept only if not worse
             assert smoothing["kept"] == (smoothing["smoothed"] >= smoothing["plain"])
             assert smoothing["compared_on"] == "cosine"
+            # no --eval: compared on the calibration data, not the bundle's generated samples
+            assert smoothing["compared_data"] == "calib"
     assert seen == {"calib": ("calib", True), "none": (None, False), "off": ("calib", False)}
     # a strength with nothing to smooth on would do nothing
     code, _, err = cli("quantize", mlp, "-o", tmp_path / "idle", "--mode", "dynamic",
@@ -199,4 +201,5 @@ def test_dynamic_cli_on_a_keras_style_dense_stack(cli, tmp_path):
     step = json.loads((tmp_path / "q" / "manifest.json").read_text())["steps"][-1]
     metrics = step["metrics"]["quantize_dynamic"]
     assert metrics["smoothing"]["smoothed_nodes"] == 2
+    assert metrics["smoothing"]["compared_data"] == "eval"  # the data the user gave
     assert metrics["integer_nodes"] == 2
