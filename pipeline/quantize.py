@@ -299,8 +299,9 @@ def _quantize(
                 QuantizeDynamicPass(exclude=s.exclude, per_channel=s.per_channel), model
             )
             metric, higher = primary(gates)
-            data = "eval" if eval_given or not s.calib else "calib"
-            measure = ctx.measure if data == "eval" else _measure_on(ctx, statistics, s.calib)
+            on_calib = s.calib if s.calib and not eval_given else None
+            measure = _measure_on(ctx, statistics, on_calib) if on_calib else ctx.measure
+            data = "calib" if on_calib else "eval"
             measured = measure(result), measure(plain)
             if any(m.get(metric) is None for m in measured):
                 metric, higher = "cosine", True
