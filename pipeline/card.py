@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.parity import constant_note, not_compared_note, verdict
+from onnxpipe.parity import parity_notes, verdict
 
 REPORT_FILE = "report.html"
 BENCH_COLUMNS = (
@@ -51,6 +51,11 @@ def shape_text(shape: list[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def fixed_shapes_text(fixed: dict[str, list[int]]) -> str:
+    """``input [1, 3, 224, 224]``: a package's fixed shapes, '' when there are none."""
+    return ", ".join(f"{k} {shape_text(v)}" for k, v in fixed.items())
+
+
 def _example_sizes(manifest: dict[str, Any]) -> dict[str, int]:
     """Sizes of the symbolic dims but the batch where the bundle ran: last timed, or --data.
 
@@ -59,7 +64,7 @@ def _example_sizes(manifest: dict[str, Any]) -> dict[str, int]:
     from onnxpipe.converters.base import InputSpec  # noqa: PLC0415 - card stays light
     from onnxpipe.data import recorded_sizes  # noqa: PLC0415
 
-    specs = [InputSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in manifest["inputs"]]
+    specs = [InputSpec.from_json(v) for v in manifest["inputs"]]
     return dict(recorded_sizes(specs, manifest))
 
 
@@ -104,11 +109,6 @@ def _samples_note(parity: dict[str, Any], inputs: Sequence[dict[str, Any]]) -> s
     if "source_parity" in parity or not _symbolic(inputs):
         return f"{count} samples."
     return f"{count} samples; generated ones at sizes of the symbolic dims the export never saw."
-
-
-def parity_notes(parity: dict[str, Any]) -> list[str]:
-    """What a bare ``passed`` would hide: outputs left out, a reference that never varied."""
-    return [n for n in (not_compared_note(parity), constant_note(parity)) if n]
 
 
 def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
@@ -214,10 +214,7 @@ def _mobile_section(mobile: dict[str, Any] | None) -> list[str]:
     """The packaged ORT-format model: file, shapes, level, operators and NNAPI/CoreML fit."""
     if not mobile:
         return []
-    fixed = mobile.get("fixed_shapes") or {}
-    shapes = (
-        ", ".join(f"{k} {shape_text(v)}" for k, v in fixed.items()) or "as model.onnx (dynamic)"
-    )
+    shapes = fixed_shapes_text(mobile.get("fixed_shapes") or {}) or "as model.onnx (dynamic)"
     out = [
         "## Mobile package",
         "",

@@ -178,6 +178,11 @@ def differs_from(outputs: Sequence[Any], first: dict[int, np.ndarray]) -> bool:
     return differs
 
 
+def parity_notes(record: dict[str, Any]) -> list[str]:
+    """What a bare ``passed`` would hide: outputs left out, a reference that never varied."""
+    return [n for n in (not_compared_note(record), constant_note(record)) if n]
+
+
 def constant_note(record: dict[str, Any]) -> str | None:
     """:data:`CONSTANT_NOTE` when a parity record's reference never varied."""
     return CONSTANT_NOTE if record.get("constant_reference") else None

@@ -12,8 +12,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from onnxpipe.card import BENCH_COLUMNS, bench_row, parity_notes, shape_text
-from onnxpipe.parity import verdict
+from onnxpipe.card import BENCH_COLUMNS, bench_row, fixed_shapes_text, shape_text
+from onnxpipe.parity import parity_notes, verdict
 
 _PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#111}
@@ -285,12 +285,11 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
         parts.append(_candidate_sections(steps))
     mobile = manifest.get("mobile")
     if mobile:
-        fixed = mobile.get("fixed_shapes") or {}
         parts += [
             "<h2>Mobile package</h2>",
             f"<p><code>{_e(mobile['ort_file'])}</code> ({_e(mobile.get('ort_bytes'))} bytes), "
             f"<code>{_e(mobile['operators_config'])}</code>, fixed shapes "
-            f"{_e(', '.join(f'{k} {shape_text(v)}' for k, v in fixed.items()) or 'none')}, "
+            f"{_e(fixed_shapes_text(mobile.get('fixed_shapes') or {}) or 'none')}, "
             "ORT optimization level "
             f"{_e(mobile.get('optimization_level'))}</p>",
             f"<p>{_e(mobile['level_note'])}</p>" if mobile.get("level_note") else "",

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.card import BENCH_COLUMNS, bench_row
-from onnxpipe.parity import constant_note, not_compared_note, verdict
+from onnxpipe.parity import not_compared_note, parity_notes, verdict
 
 
 def _num(value: Any, fmt: str = ".3g") -> str:
@@ -49,7 +49,7 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
             f"max abs {_num(parity['max_abs_diff'])}, cosine "
             f"{_num(parity['cosine'], '.7f')}, top-1 {_num(parity['top1_agreement'])}, "
             f"{parity['samples']} samples, {verdict(parity)}"
-            + "".join(f"; {n}" for n in (not_compared_note(parity), constant_note(parity)) if n),
+            + "".join(f"; {n}" for n in parity_notes(parity)),
         )
     step = _step_summary(manifest.get("steps", []))
     if step:
