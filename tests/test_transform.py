@@ -113,3 +113,26 @@ def test_result_that_fails_validation_is_not_written(source, tmp_path):
     assert not (tmp_path / "out").exists()
     report = json.loads((tmp_path / "out.failed.json").read_text())
     assert report["failed_step"] == "unsort" and "topologically" in report["error"]
+
+
+def test_the_result_runs_on_the_eval_data_once(source, tmp_path, monkeypatch):
+    # optimize checks its result's drift, the gate measures it, the bundle records its
+    # outputs as parity samples: the same model on the same feeds, run once (it was thrice).
+    import onnxpipe.transform as transform
+
+    opened: list[str] = []
+    make_session = transform.make_session
+
+    def counting(path, options):
+        opened.append(sha256(path))
+        return make_session(path, options)
+
+    def check_then_scale(model: ir.Model, ctx):
+        model, _ = scale_weights(1.001)(model, ctx)
+        assert 0 < ctx.drift(model)[1] < 0.1
+        return model, {}
+
+    monkeypatch.setattr(transform, "make_session", counting)
+    derive_bundle(source, tmp_path / "out", "scale", PassConfig(), check_then_scale, bench_runs=5)
+    result = sha256(tmp_path / "out" / "model.onnx")
+    assert opened.count(result) == 1 and opened.count(sha256(source / "model.onnx")) == 1
