@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxpipe.parity import parity_notes, verdict
+from onnxpipe.parity import parity_notes, tolerance_text, verdict
 
 REPORT_FILE = "report.html"
 BENCH_COLUMNS = (
@@ -154,7 +154,8 @@ def render_card(manifest: dict[str, Any], title: str | None = None) -> str:
         out += [
             "## Parity",
             "",
-            f"Reference: {parity.get('reference')}; {_samples_note(parity, manifest['inputs'])}",
+            f"Reference: {parity.get('reference')}; {_samples_note(parity, manifest['inputs'])}"
+            + (f" Judged at {tolerance}." if (tolerance := tolerance_text(parity)) else ""),
             "",
             "| max abs diff | max rel diff | cosine | top-1 agreement | passed |",
             "|---|---|---|---|---|",

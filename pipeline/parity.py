@@ -179,8 +179,33 @@ def differs_from(outputs: Sequence[Any], first: dict[int, np.ndarray]) -> bool:
 
 
 def parity_notes(record: dict[str, Any]) -> list[str]:
-    """What a bare ``passed`` would hide: outputs left out, a reference that never varied."""
-    return [n for n in (not_compared_note(record), constant_note(record)) if n]
+    """What a bare ``passed`` would hide: outputs left out, a constant reference, a relaxed atol."""
+    notes = (not_compared_note(record), constant_note(record), relaxed_note(record))
+    return [n for n in notes if n]
+
+
+def tolerance_text(record: dict[str, Any]) -> str | None:
+    """What a parity record's ``passed`` was judged against: its atol or its gates."""
+    tolerance = record.get("tolerance")
+    if isinstance(tolerance, list) and tolerance:
+        return "gates " + ", ".join(tolerance)
+    if isinstance(tolerance, dict) and isinstance(tolerance.get("atol"), int | float):
+        return f"atol {tolerance['atol']:.3g}, scaled by max(1, max|reference|) per output"
+    return None
+
+
+def relaxed_note(record: dict[str, Any]) -> str | None:
+    """The tolerance when convert relaxed atol to twice the source model's own noise."""
+    tolerance = record.get("tolerance")
+    if not isinstance(tolerance, dict) or "source_noise" not in tolerance:
+        return None
+    return (
+        f"tolerance relaxed from the atol {tolerance.get('asked_atol', 0):.3g} asked to "
+        f"{tolerance['atol']:.3g}: the source model differs from itself by "
+        f"{tolerance['source_noise']:.3g} "
+        "(a batch against one sample at a time, or eager against traced), and no export can "
+        "be held closer than that"
+    )
 
 
 def constant_note(record: dict[str, Any]) -> str | None:

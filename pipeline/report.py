@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from onnxpipe.card import BENCH_COLUMNS, bench_row, fixed_shapes_text, shape_text
-from onnxpipe.parity import parity_notes, verdict
+from onnxpipe.parity import parity_notes, tolerance_text, verdict
 
 _PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#111}
@@ -217,7 +217,9 @@ def render_report(manifest: dict[str, Any], title: str | None = None) -> str:
     if parity:
         parts += [
             "<h2>Parity</h2>",
-            f"<p>reference: {_e(parity.get('reference'))}, {_e(parity.get('samples'))} samples</p>",
+            f"<p>reference: {_e(parity.get('reference'))}, {_e(parity.get('samples'))} samples"
+            + (f"; judged at {_e(tolerance)}" if (tolerance := tolerance_text(parity)) else "")
+            + "</p>",
             _table(
                 ["max abs diff", "max rel diff", "cosine", "top-1 agreement", "passed"],
                 [

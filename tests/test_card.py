@@ -143,3 +143,36 @@ def test_the_card_keeps_the_note_the_step_printed(cli, tmp_path, mlp_bundle):
     card = (out / "README.md").read_text()
     assert "Note from prune_magnitude: unstructured sparsity" in card
     assert "expect no speedup" in card and "..\n" not in card
+
+
+def test_the_card_and_report_say_what_passed_was_judged_at():
+    """The card and report said 'passed' without the atol, or that convert had relaxed it."""
+    from onnxpipe.card import render_card
+    from onnxpipe.report import render_report
+    from onnxpipe.tables import summary_table
+
+    def manifest(tolerance):
+        return {
+            "model": {"file": "model.onnx", "opset": 17, "ir_version": 8, "bytes": 10,
+                      "sha256": "0"},
+            "inputs": [], "outputs": [],
+            "parity": {"reference": "torch", "samples": 4, "max_abs_diff": 2e-4,
+                       "max_rel_diff": 1e-3, "cosine": 1.0, "top1_agreement": 1.0,
+                       "passed": True, "tolerance": tolerance},
+        }  # fmt: skip
+
+    relaxed = manifest({"atol": 4e-4, "asked_atol": 1e-4, "source_noise": 2e-4})
+    card, page = render_card(relaxed), render_report(relaxed)
+    for doc in (card, page):
+        assert "judged at atol 0.0004" in doc.lower()
+        assert "tolerance relaxed from the atol 0.0001 asked to 0.0004" in doc.lower()
+        assert "differs from itself by 0.0002" in doc
+    from rich.console import Console
+
+    console = Console(width=400, record=True)
+    console.print(summary_table(relaxed, Path("out")))
+    assert "tolerance relaxed from the atol 0.0001 asked to 0.0004" in console.export_text()
+    gated = render_card(manifest(["top1>=0.97"]))
+    assert "Judged at gates top1>=0.97." in gated and "relaxed" not in gated
+    plain = render_report(manifest({"atol": 1e-4}))
+    assert "judged at atol 0.0001, scaled by max(1, max|reference|)" in plain
