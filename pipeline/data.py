@@ -374,27 +374,35 @@ def recorded_sizes(
     )
 
 
-def rebatched(
-    feeds: dict[str, np.ndarray], shapes: dict[str, Any]
-) -> tuple[list[dict[str, np.ndarray]], int]:
-    """``feeds`` cut into the fixed batch of an ORT model packaged with one (else as is).
+def fitted(
+    feeds: dict[str, np.ndarray], shapes: Mapping[str, Sequence[Any]]
+) -> tuple[list[dict[str, np.ndarray]], int] | None:
+    """``feeds`` cut into the fixed batch of an ORT model packaged with one, if they fit.
 
-    Stored and ``--data`` samples come 8 to a batch; a model packaged at batch 1 takes them
-    one at a time. A remainder (3 samples at batch 2) is filled up with the first samples
-    again, so every sample runs (they were left out, and the samples counted were fewer);
-    how many were repeated comes back too.
+    ``shapes``: the package's input shapes (an int dim is fixed, others free; inputs not
+    named are free). Stored and ``--data`` samples come 8 to a batch; a model packaged at
+    batch 1 takes them one at a time. A remainder (3 samples at batch 2) is filled up with
+    the first samples again, so every sample runs (they were left out, and the samples
+    counted were fewer); how many were repeated comes back too. None when the batches do
+    not fit the other fixed dims.
     """
     fixed = {shapes[k][0] for k, v in feeds.items() if k in shapes and shapes[k] and v.ndim}
     batch = next(iter(fixed)) if len(fixed) == 1 else None
     sizes = {v.shape[0] for v in feeds.values() if v.ndim}
-    if not isinstance(batch, int) or batch < 1 or len(sizes) != 1:
-        return [feeds], 0
-    size = sizes.pop()
-    if size == batch:
-        return [feeds], 0
-    short = -size % batch
-    if short:  # the last batch filled up with the first samples again (they were left out)
-        feeds = {
-            k: np.concatenate([v, np.resize(v, (short, *v.shape[1:]))]) for k, v in feeds.items()
-        }
-    return regroup([feeds], batch), short
+    batches, short = [feeds], 0
+    if isinstance(batch, int) and batch >= 1 and len(sizes) == 1 and (size := sizes.pop()) != batch:
+        short = -size % batch
+        if short:  # the last batch filled up with the first samples again (they were left out)
+            feeds = {
+                k: np.concatenate([v, np.resize(v, (short, *v.shape[1:]))])
+                for k, v in feeds.items()
+            }
+        batches = regroup([feeds], batch)
+    fits = all(
+        len(shapes[k]) == v.ndim
+        and all(not isinstance(d, int) or d == n for d, n in zip(shapes[k], v.shape, strict=True))
+        for part in batches
+        for k, v in part.items()
+        if k in shapes
+    )
+    return (batches, short) if fits else None

@@ -34,7 +34,7 @@ from onnxpipe.bundle import (
 from onnxpipe.bundle_ops import bundle_inputs
 from onnxpipe.card import write_docs
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import parity_feeds, rebatched, recorded_sizes, samples_in, sized_like
+from onnxpipe.data import fitted, parity_feeds, recorded_sizes, samples_in, sized_like
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.graphs.quant_utils import plain_initializers
 from onnxpipe.modelio import MODEL_FILE, random_outputs, sha256
@@ -259,12 +259,7 @@ def _mobile_feeds(
     )
     fits, repeated = [], 0
     for feeds in stored:
-        batches, short = rebatched(feeds, fixed)
-        if all(
-            list(f[s.name].shape) == fixed.get(s.name, list(f[s.name].shape))
-            for f in batches
-            for s in inputs
-        ):
-            fits += batches
-            repeated += short
+        if (cut := fitted(feeds, fixed)) is not None:
+            fits += cut[0]
+            repeated += cut[1]
     return fits + parity_feeds(sized_like(specs, stored)), repeated

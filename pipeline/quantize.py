@@ -9,7 +9,7 @@ result must run on ORT's CPU EP with every op on a CPU kernel before it is writt
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ from pydantic import (
 
 from onnxpipe.data import Feeds, check_table_ids, load_data
 from onnxpipe.errors import InputError, PassError, invalid_settings
-from onnxpipe.gate import Gate, gate_metrics, primary
+from onnxpipe.gate import Gate
 from onnxpipe.graphs.base import GraphPass
 from onnxpipe.graphs.quant_utils import (
     quantized_nodes,
@@ -224,19 +224,6 @@ def refuse_unchanged(result: ir.Model, settings: QuantizeSettings) -> None:
     )
 
 
-def _measure_on(
-    ctx: TransformContext, feeds: Sequence[Feeds], source: str
-) -> Callable[[ir.Model], dict[str, Any]]:
-    """Gate metrics of a model against the input model on ``feeds`` (real data, ``source``).
-
-    Without ``--eval`` the eval feeds are the bundle's samples, often generated: on them a
-    digits MLP's smoothing measured cosine -0.03 and was dropped.
-    """
-    reference = ctx.outputs_on(feeds, source)
-    masks = [f.get("attention_mask") for f in feeds]
-    return lambda model: gate_metrics(reference, ctx.run(model, feeds), masks)
-
-
 def without_statistics(settings: QuantizeSettings, eval_given: bool) -> QuantizeSettings:
     """Dynamic mode with no data to smooth on: smoothing is off, and recorded so (0).
 
@@ -278,42 +265,10 @@ def _quantize(
     model, before = pre(model).model, model
     s = s.model_copy(update={"exclude": fused_add_names(before, model, s.exclude)})
     if s.mode == "dynamic":
-        from onnxpipe.graphs.quantize_dynamic import QuantizeDynamicPass  # noqa: PLC0415
+        from onnxpipe.quant_dynamic import dynamic_int8  # noqa: PLC0415
 
-        # Smoothing statistics: the calibration data, else the eval data the user gave.
-        source = "calib" if s.calib else ("eval" if eval_given else None)
-        statistics = _calibration(s.calib, ctx) if s.calib else ctx.eval_feeds
-        dynamic = QuantizeDynamicPass(
-            exclude=s.exclude,
-            per_channel=s.per_channel,
-            statistics=statistics if source else (),
-            smooth_alpha=s.smooth_alpha,
-        )
-        result, metrics = _apply(dynamic, model)
-        smoothing = metrics["quantize_dynamic"]["smoothing"]
-        smoothing["statistics"] = source
-        if smoothing["smoothed_nodes"]:
-            # Smoothing at a fixed strength can hurt a model without outliers: keep it only
-            # when it measures better than plain dynamic int8 on the eval data.
-            plain, plain_metrics = _apply(
-                QuantizeDynamicPass(exclude=s.exclude, per_channel=s.per_channel), model
-            )
-            metric, higher = primary(gates)
-            on_calib = s.calib if s.calib and not eval_given else None
-            measure = _measure_on(ctx, statistics, on_calib) if on_calib else ctx.measure
-            data = "calib" if on_calib else "eval"
-            measured = measure(result), measure(plain)
-            if any(m.get(metric) is None for m in measured):
-                metric, higher = "cosine", True
-            with_it, without = (m[metric] for m in measured)
-            smoothing.update(
-                compared_on=metric, compared_data=data, smoothed=with_it, plain=without
-            )
-            if (without > with_it) if higher else (without < with_it):
-                plain_metrics["quantize_dynamic"]["smoothing"] = {**smoothing, "kept": False}
-                result, metrics = plain, plain_metrics
-            else:
-                smoothing["kept"] = True
+        statistics = _calibration(s.calib, ctx) if s.calib else None
+        result, metrics = dynamic_int8(model, ctx, s, gates, eval_given, statistics)
         return result, {"preprocess": pre.metrics, **metrics}
     assert s.calib is not None
     calib = _calibration(s.calib, ctx)

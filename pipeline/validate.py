@@ -18,7 +18,7 @@ import onnx
 
 from onnxpipe.bundle import MANIFEST, load_parity_samples, read_manifest
 from onnxpipe.converters.base import InputSpec
-from onnxpipe.data import check_table_ids, load_data, parity_feeds, rebatched, samples_in
+from onnxpipe.data import check_table_ids, fitted, load_data, parity_feeds, samples_in
 from onnxpipe.errors import InputError
 from onnxpipe.modelio import MOBILE_MODEL, MODEL_FILE, random_outputs
 from onnxpipe.parity import measure_parity, not_compared_note
@@ -213,16 +213,6 @@ def _mobile_session(
         )
     session = make_session(path, SessionOptions(ep="cpu"))
     shapes = {i.name: i.shape for i in session.get_inputs()}
-
-    def fits(feeds: dict[str, np.ndarray]) -> bool:
-        return all(
-            len(shapes[k]) == v.ndim
-            and all(
-                not isinstance(d, int) or d == n for d, n in zip(shapes[k], v.shape, strict=True)
-            )
-            for k, v in feeds.items()
-        )
-
     if set(shapes) != {name for feeds in feeds_list[:1] for name in feeds}:
         raise RuntimeError(  # a failed validation (not an unavailable EP)
             f"{MOBILE_MODEL} takes inputs {sorted(shapes)}, not this bundle's model's "
@@ -232,10 +222,9 @@ def _mobile_session(
     recorded = read_manifest(bundle) if (bundle / MANIFEST).is_file() else {}
     fitting, repeated = [], 0
     for index, part in enumerate(feeds_list):
-        batches, short = rebatched(part, shapes)
-        if all(fits(f) for f in batches):
-            fitting += batches
-            repeated += short
+        if (cut := fitted(part, shapes)) is not None:
+            fitting += cut[0]
+            repeated += cut[1]
         elif data and index >= stored:
             given = ", ".join(f"{k}{list(v.shape)}" for k, v in part.items())
             fixed = ", ".join(f"{k}{list(d)}" for k, d in shapes.items())
