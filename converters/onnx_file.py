@@ -96,7 +96,7 @@ def signature(
     specs = []
     # a symbol --input names or fixes on one input does so on every input sharing it
     # (x and y both [batch, 8] with --input x:float32[2,8] got y at another batch: exit 2)
-    renamed = _renamed_symbols(model, overrides or {})
+    renamed = _renamed_symbols(model, overrides or {}, path)
     for value in model.graph.inputs:
         if value.const_value is not None or value.name in model.graph.initializers:
             continue
@@ -128,16 +128,31 @@ def signature(
     return specs
 
 
-def _renamed_symbols(model: ir.Model, overrides: Mapping[str, InputSpec]) -> dict[str, int | str]:
-    """The file's symbols that ``--input`` specs fix or rename, with what they became."""
+def _renamed_symbols(
+    model: ir.Model, overrides: Mapping[str, InputSpec], path: Path | str
+) -> dict[str, int | str]:
+    """The file's symbols that ``--input`` specs fix or rename, with what they became.
+
+    Raises:
+        InputError: two specs give one symbol of the file two sizes or names (``a[n,4]`` and
+            ``b[n,4]`` fixed to 2 and 3: ORT refused the model as "no exporter could convert").
+    """
     renamed: dict[str, int | str] = {}
+    by: dict[str, str] = {}
     for value in model.graph.inputs:
         given = overrides.get(value.name or "")
         if given is None or value.shape is None or len(value.shape) != len(given.shape):
             continue
         for dim, new in zip(value.shape, given.shape, strict=True):
-            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value != new:
-                renamed.setdefault(dim.value, new)
+            if not isinstance(dim, ir.SymbolicDim) or not dim.value:
+                continue
+            if renamed.setdefault(dim.value, new) != new:
+                raise InputError(
+                    f"{path}: --input {by[dim.value]} makes the model's dim {dim.value!r} "
+                    f"{renamed[dim.value]}, --input {given.name} makes it {new}; the inputs "
+                    f"share that dim, so give it the same size or name in both."
+                )
+            by.setdefault(dim.value, given.name)
     return renamed
 
 
