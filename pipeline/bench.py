@@ -89,7 +89,8 @@ def bench_model(
     """One record per (ep, batch, threads), with the manifest ``bench`` keys.
 
     An EP this machine lacks is left out with a warning, unless it lacks them all. A model
-    with a fixed batch is timed at that batch once, with a warning naming the batches asked
+    with a fixed batch is timed at that batch for batch 1 and refused for other batches; a
+    mobile package fixed at a batch is timed at it, with a warning naming the batches asked
     for that it cannot take. ``framework`` (the bundle's ``source.framework``) picks the hint
     for a batch the model cannot take.
 

@@ -43,8 +43,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _is_classifier(array: np.ndarray, outputs: int) -> bool:
-    """A lone 2-D float output with several columns: logits or scores per class."""
-    return outputs == 1 and array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
+    """A lone float output of class scores: ``[batch, classes]`` or ``[batch, classes, 1, 1]``.
+
+    The second is what a CNN without its Flatten gives; the gate reads it the same way.
+    """
+    return (
+        outputs == 1
+        and array.ndim >= 2
+        and array.shape[1] > 1
+        and all(d == 1 for d in array.shape[2:])
+        and array.dtype.kind == "f"
+    )
 
 
 def compare_outputs(
@@ -83,7 +92,10 @@ def compare_outputs(
             passed=bool(finite and max_abs <= tol),
         )
         if _is_classifier(ref, len(reference)):
-            row["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+            scores = ref.shape[:2]
+            row["top1_agreement"] = float(
+                np.mean(ref.reshape(scores).argmax(1) == got.reshape(scores).argmax(1))
+            )
         rows.append(row)
     return rows
 

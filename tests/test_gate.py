@@ -83,6 +83,13 @@ def test_classifier_scores_shaped_n_c_1_1_have_top1():
     metrics = gate_metrics([[ref]], [[got]])
     assert metrics["top1"] == 0.75 and metrics["kl"] > 0
     check_applicable([Gate.parse("top1>=0.5")], [[ref]])
+    # parity (convert's table and the manifest) reads such scores as the gate does
+    from onnxpipe.parity import compare_outputs
+
+    (row,) = compare_outputs([ref.astype(np.float32)], [got.astype(np.float32)], ["y"], 1e-4)
+    assert row["top1_agreement"] == 0.75
+    (row,) = compare_outputs([ref[:, :, :1, :1].repeat(2, 2)], [ref.repeat(2, 2)], ["y"], 1e-4)
+    assert "top1_agreement" not in row  # [N, C, 2, 1] is a map, not class scores
 
 
 def test_cli_top1_gate_on_an_embedding_model_exits_2_before_searching(cli, tmp_path):
