@@ -5,14 +5,14 @@
    them; calibration runs once per method (ORT's calibration cache) and every candidate is
    measured on the eval data.
 2. When none passes, rank the nodes of the best candidate by their own damage: the model
-   with only that node (and the Relu/Clip it alone feeds, see :func:`fallback_units`)
-   quantized, on ORT's real int8 kernels, against the float model on a slice of the
-   calibration data (not the eval data the gate is judged on).
+   with only that node (and the Relu/Clip it alone feeds) quantized, on ORT's real int8
+   kernels, against the float model on a slice of the calibration data (not the eval data
+   the gate is judged on).
 3. Keep units in float, in growing groups, until the gate holds, then bisect back to the
-   fewest that hold it (:func:`fewest_passing`): first those whose float kernels beat ORT's
-   int8 ones here, then by damage per millisecond of float cost (:mod:`onnxpipe.node_cost`,
-   from ORT profiles of the float and the int8 model). Nodes kept in float stay float at
-   run time (``keep_float_weights`` in the static pass).
+   fewest that hold it (:mod:`onnxpipe.quant_fallback`): first those whose float kernels
+   beat ORT's int8 ones here, then by damage per millisecond of float cost
+   (:mod:`onnxpipe.node_cost`, from ORT profiles of the float and the int8 model). Nodes
+   kept in float stay float at run time (``keep_float_weights`` in the static pass).
 4. Of the passing candidates, ship the fastest (batch-1 latency, each timed alone in a
    fresh process, taking turns: :func:`onnxpipe.bench.isolated_ms`).
 5. Apply empirical bias correction (:mod:`onnxpipe.graphs.empirical_bias`) to that one only,
@@ -25,11 +25,10 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxpipe import node_cost
@@ -38,21 +37,25 @@ from onnxpipe.data import Feeds
 from onnxpipe.errors import PassError
 from onnxpipe.gate import Gate, gate_metrics, primary
 from onnxpipe.graphs.base import copy_model
-from onnxpipe.graphs.quant_utils import fixed_batch, is_x86, regroup
+from onnxpipe.graphs.quant_utils import fixed_batch, is_x86
 from onnxpipe.graphs.quantize_static import (
     QuantizeStaticConfig,
     QuantizeStaticPass,
     resolve_activation_type,
 )
 from onnxpipe.progress import report
-from onnxpipe.runtime import ORT_ERRORS
+from onnxpipe.quant_fallback import (
+    calib_slice,
+    cost_order,
+    fallback_units,
+    fewest_passing,
+    one_batch,
+    sample_count,
+)
 from onnxpipe.transform import TransformContext
 
 logger = logging.getLogger(__name__)
 
-# Activations ORT folds into the quantized op before them (their output range is the op's).
-_ACTIVATIONS = {"Relu", "Clip"}
-_PROFILE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, *ORT_ERRORS)
 SENSITIVITY_SAMPLES = 24
 MAX_FLOAT_SHARE = 0.6
 
@@ -281,7 +284,7 @@ def _float_fallback(
     settings, cfg, int8_path = base
     registry = QDQRegistry if cfg.format == "qdq" else QLinearOpsRegistry
     units = fallback_units(model, set(registry) - node_cost.MOVERS, set(cfg.exclude))
-    sens_feeds = _slice(calib, SENSITIVITY_SAMPLES, fixed_batch(model))
+    sens_feeds = calib_slice(calib, SENSITIVITY_SAMPLES, fixed_batch(model))
     ref_path = ctx.save(model, "float-reference")
     reference = ctx.run(ref_path, sens_feeds)
     damage: dict[tuple[str, ...], float] = {}
@@ -294,7 +297,7 @@ def _float_fallback(
         damage[unit] = measured["kl"] if measured["kl"] is not None else 1 - measured["cosine"]
         logger.debug("sensitivity %s: %.5f", unit, damage[unit])
     report("profiling float and int8 kernel times")
-    order, costs = _cost_order(model, ctx, units, damage, (ref_path, int8_path))
+    order, costs = cost_order(model, ctx, units, damage, (ref_path, int8_path))
 
     def passes(count: int) -> bool:
         names = [name for unit in order[:count] for name in unit]
@@ -306,110 +309,10 @@ def _float_fallback(
         {"nodes": list(u), "damage": round(damage[u], 6), "cost_ms": costs.get(u)}
         for u in order[:15]
     ]
-    return {"sensitivity": ranked, "sensitivity_samples": _n(sens_feeds)}
-
-
-def fewest_passing(limit: int, passes: Callable[[int], bool]) -> int | None:
-    """The fewest units kept in float that pass, of counts up to ``limit``; None if none does.
-
-    ``passes(count)`` builds and measures the candidate with the first ``count`` units in
-    float. Damage concentrates in a few units (on EfficientNet-Lite0: the stem conv and the
-    first depthwise conv), so counts grow geometrically from one (1, 2, 3, 4, 6, 9, ...);
-    once one passes, the counts between it and the last that failed are bisected, since a
-    candidate with fewer float units is faster and smaller.
-    """
-    failed, count = 0, 1
-    while count <= limit:
-        if passes(count):
-            while count - failed > 1:
-                middle = (failed + count) // 2
-                if passes(middle):
-                    count = middle
-                else:
-                    failed = middle
-            return count
-        failed, count = count, max(count + 1, round(count * 1.5))
-    return None
-
-
-def _cost_order(
-    model: ir.Model,
-    ctx: TransformContext,
-    units: list[tuple[str, ...]],
-    damage: dict[tuple[str, ...], float],
-    paths: tuple[Path, Path],
-) -> tuple[list[tuple[str, ...]], dict[tuple[str, ...], float]]:
-    """Units in fallback order with their estimated cost (ms).
-
-    By damage alone when the profiles cannot be taken (the order then ignores speed).
-    """
-    feeds = _one_batch(ctx)
-    owners = node_cost.weight_owners(model, {n for u in units for n in u})
-    try:
-        profiles = [
-            node_cost.profile(p, feeds, owners, ctx.scratch / f"profile-{i}")
-            for i, p in enumerate(paths)
-        ]
-    except _PROFILE_ERRORS as e:
-        logger.warning("auto: no per-node profile (%s); float fallbacks by damage alone", e)
-        return sorted(units, key=lambda u: -damage[u]), {}
-    ordered = node_cost.fallback_order(model, units, damage, *profiles)
-    for unit, ms in ordered[:10]:
-        logger.debug("fallback %s: damage %.5f, cost %.3f ms", unit, damage[unit], ms)
-    return [u for u, _ in ordered], {u: round(ms, 4) for u, ms in ordered}
-
-
-def fallback_units(
-    model: ir.Model, quantizable: set[str], exclude: set[str]
-) -> list[tuple[str, ...]]:
-    """The nodes ``--auto`` may keep in float, each with the activation it feeds alone.
-
-    A Conv kept in float while the Relu/Clip after it stays quantized puts a Q/DQ pair on
-    the pre-activation tensor, whose range is far wider than the activation's output: on
-    EfficientNet-Lite0 keeping one depthwise conv in float that way cost 17 points of top-1.
-    Ranked alone, a Conv quantized without its activation shows the same artefact. So a node
-    and the activation that is its only consumer are ranked and kept in float together.
-    """
-    units: list[tuple[str, ...]] = []
-    absorbed: set[str] = set()
-    for node in model.graph:
-        if node.op_type not in quantizable or node.name in exclude or node.name in absorbed:
-            continue
-        unit = [node.name or ""]
-        users = list(node.outputs[0].uses()) if node.outputs else []
-        if len(users) == 1:
-            user = users[0].node
-            if user.op_type in _ACTIVATIONS and user.name not in exclude:
-                unit.append(user.name or "")
-                absorbed.add(user.name or "")
-        units.append(tuple(unit))
-    return units
-
-
-def _slice(feeds: Sequence[Feeds], samples: int, batch: int | None = None) -> list[Feeds]:
-    """``samples`` samples spread across the batches, in one feed dict.
-
-    A model fixed at a ``batch`` gets them that many at a time.
-    """
-    stacked = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-    count = len(next(iter(stacked.values())))
-    index = np.linspace(0, count - 1, min(samples, count)).round().astype(int)
-    picked = [{k: v[index] for k, v in stacked.items()}]
-    return regroup(picked, batch) or regroup(feeds, batch)[:1]
-
-
-def _one_batch(ctx: TransformContext) -> Feeds:
-    """The first eval sample, or batch for a model fixed at one: what latency is timed on."""
-    first = ctx.inputs[0].shape[0] if ctx.inputs and ctx.inputs[0].shape else None
-    size = first if isinstance(first, int) else 1
-    return {k: v[:size] for k, v in ctx.eval_feeds[0].items()}
-
-
-def _n(feeds: Sequence[Feeds]) -> int:
-    return sum(len(next(iter(f.values()))) for f in feeds)
+    return {"sensitivity": ranked, "sensitivity_samples": sample_count(sens_feeds)}
 
 
 def _latencies(paths: dict[int, Path], ctx: TransformContext) -> dict[int, float]:
     """Batch-1 median latency (ms) per model, each timed alone in its own process."""
-    feeds = _one_batch(ctx)
+    feeds = one_batch(ctx)
     return {i: statistics.median(t) for i, t in isolated_ms(paths, feeds, 50, 3).items()}

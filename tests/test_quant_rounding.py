@@ -404,7 +404,7 @@ def test_int4_pass_with_calibration_rounds_by_gptq_closer_to_float_on_ort(symmet
     ],
 )
 def test_fewest_passing_grows_then_bisects_to_the_fewest_float_units(first_passing, tried, found):
-    from onnxpipe.quant_search import fewest_passing  # noqa: PLC0415
+    from onnxpipe.quant_fallback import fewest_passing  # noqa: PLC0415
 
     calls: list[int] = []
 

@@ -114,7 +114,7 @@ def test_bias_correction_metrics_count_the_corrected_nodes(per_channel):
 
 
 def test_fallback_units_keep_a_conv_with_the_activation_it_feeds_alone():
-    from onnxpipe.quant_search import fallback_units
+    from onnxpipe.quant_fallback import fallback_units
 
     w = numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w")
     nodes = [
