@@ -139,8 +139,10 @@ class CleanupPass(GraphPass[CleanupConfig]):
         if cfg.slim:
             model, slim_metrics = _slim(model)
             steps.append("onnxslim")
+        left_out: list[str] = []
         if cfg.level != "none":
-            model = _ort_optimize(model, cfg.level)
+            left_out = non_onnx_fusions(model)
+            model = _ort_optimize(model, cfg.level, left_out)
             steps.append(f"onnxruntime offline optimization ({cfg.level})")
         model = common.RemoveUnusedOpsetsPass()(model).model  # ORT declares every domain
         keep_interface(model, *interface)
@@ -155,6 +157,7 @@ class CleanupPass(GraphPass[CleanupConfig]):
             "ops_before": before,
             "ops_after": after,
             "slim": slim_metrics,
+            "ort_fusions_disabled": left_out,
             **({"transformer_fusions": fused} if fused is not None else {}),
         }
         if fused is not None and not fused.get("Attention") and before.get("Softmax"):
@@ -239,7 +242,21 @@ def _slim(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
     }
 
 
-def _ort_optimize(model: ir.Model, level: str) -> ir.Model:
+def non_onnx_fusions(model: ir.Model) -> list[str]:
+    """ORT's fusions to leave out of a saved model: their op is ORT's, in the ONNX domain.
+
+    ORT registers SimplifiedLayerNormalization (T5's RMSNorm, any opset) and, below opset 17,
+    LayerNormalization as ops of the ONNX domain, which ONNX does not define: the saved model
+    then fails the ONNX checker and every runtime but ORT. LayerNormFusionL1 (basic) fuses
+    LayerNormalization at opset 17 and later only; LayerNormFusionL2 (extended) at any opset.
+    With LayerNormFusionL1 off at opset 17, SimplifiedLayerNormFusion took the tail of every
+    LayerNorm instead, so that one stays on.
+    """
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    return ["SimplifiedLayerNormFusion", *(["LayerNormFusionL2"] if opset < 17 else [])]
+
+
+def _ort_optimize(model: ir.Model, level: str, disabled: list[str]) -> ir.Model:
     import onnxruntime as ort  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="onnxpipe-cleanup-") as tmp:
@@ -250,7 +267,12 @@ def _ort_optimize(model: ir.Model, level: str) -> ir.Model:
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 3
         try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(
+                str(source),
+                options,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=disabled,
+            )
         except (RuntimeError, ValueError) as e:  # ORT's Fail/InvalidGraph derive from these
             raise PassError(f"ONNX Runtime cannot load the model to optimize it: {e}") from e
         return ir.external_data.load_to_model(ir.load(target))

@@ -14,7 +14,7 @@ import pytest
 from onnxpipe.errors import InputError, PassError
 from onnxpipe.graphs.cleanup import CleanupConfig, CleanupPass
 from tests.conftest import model_ref
-from tests.helpers import assert_close, ort_run
+from tests.helpers import assert_close, graph_bundle, ort_run
 
 ZOO = sorted((Path(onnx.__file__).parent / "backend/test/data/light").glob("*.onnx"))
 
@@ -427,3 +427,64 @@ def test_a_model_returning_its_input_keeps_its_input_name(cli, tmp_path):
         y, same = ort_run(out / "model.onnx", {"x": x})
         np.testing.assert_array_equal(same, x)
         np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+def _norm_graph(kind: str) -> onnx.GraphProto:
+    """T5's RMSNorm (``rms``) or a LayerNorm (``ln``) over the last axis, spelled out in ops."""
+    h = onnx.helper
+    x = "d" if kind == "ln" else "x"
+    mean = h.make_node("ReduceMean", ["x"], ["mu"], axes=[-1])
+    centre = [mean, h.make_node("Sub", ["x", "mu"], ["d"])]
+    nodes = [
+        *(centre if kind == "ln" else []),
+        h.make_node("Pow", [x, "two"], ["sq"]),
+        h.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        h.make_node("Add", ["var", "eps"], ["ve"]),
+        h.make_node("Sqrt", ["ve"], ["sd"]),
+        h.make_node("Div", [x, "sd"], ["n"]),
+        h.make_node("Mul", ["n", "w"], ["s" if kind == "ln" else "y"]),
+        *([h.make_node("Add", ["s", "b"], ["y"])] if kind == "ln" else []),
+    ]
+    weights = {
+        "two": np.array(2, np.float32),
+        "eps": np.array(1e-6, np.float32),
+        "w": np.linspace(0.5, 1.5, 8, dtype=np.float32),
+        **({"b": np.full(8, 0.1, np.float32)} if kind == "ln" else {}),
+    }
+    return h.make_graph(
+        nodes, kind,
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("level", ["extended", "all"])
+@pytest.mark.parametrize(("kind", "opset"), [("rms", 17), ("ln", 13), ("ln", 17)])
+def test_ort_levels_leave_out_fusions_into_ops_onnx_does_not_define(kind, opset, level):
+    # ORT fused T5's RMSNorm into SimplifiedLayerNormalization, and a LayerNorm below opset 17
+    # into LayerNormalization, both in the ONNX domain: the checker (and every other runtime)
+    # refused the saved model ("No Op registered for SimplifiedLayerNormalization").
+    proto = onnx.helper.make_model(
+        _norm_graph(kind), opset_imports=[onnx.helper.make_opsetid("", opset)]
+    )
+    model = ir.serde.deserialize_model(proto)
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)}
+    ref = ort_run(model, feeds)
+    graph_pass = CleanupPass(level=level)
+    cleaned = graph_pass(model).model
+    onnx.checker.check_model(ir.serde.serialize_model(cleaned), full_check=True)
+    ops = {n.op_type for n in cleaned.graph}
+    assert "SimplifiedLayerNormalization" not in ops
+    # at opset 17 LayerNormalization is ONNX's own op, and stays fused
+    assert ("LayerNormalization" in ops) == (kind == "ln" and opset >= 17)
+    assert "SimplifiedLayerNormFusion" in graph_pass.metrics["ort_fusions_disabled"]
+    assert_close(ref, cleaned, feeds, atol=1e-5)
+
+
+def test_cli_optimize_extended_writes_an_rmsnorm_model_the_checker_accepts(cli, tmp_path):
+    # was exit 1: the result failed its own validation (ONNX checker), nothing written
+    bundle = graph_bundle(cli, tmp_path, "rms", _norm_graph("rms"))
+    code, _, err = cli("optimize", bundle, "-o", tmp_path / "opt", "--level", "extended")
+    assert code == 0, err
+    onnx.checker.check_model(str(tmp_path / "opt" / "model.onnx"), full_check=True)
