@@ -72,3 +72,89 @@ def fused_add_names(before: ir.Model, after: ir.Model, exclude: Sequence[str]) -
                 if f"{producer.name}{_FUSED}" in now:
                     matmul_of[node.name] = producer.name or ""
     return tuple(dict.fromkeys(matmul_of.get(e, e) for e in exclude))
+
+
+_INDEX_MATH = frozenset(
+    {
+        "Abs", "Add", "Ceil", "Clip", "Div", "Exp", "Floor", "Identity", "Log", "Max", "Min",
+        "Mod", "Mul", "Neg", "Pow", "Reciprocal", "Round", "Sqrt", "Sub", "Where",
+        # shape-only: they carry the float values on unchanged
+        "Expand", "Flatten", "Reshape", "Squeeze", "Transpose", "Unsqueeze",
+    }
+)  # fmt: skip
+"""Ops whose float output is the element-by-element (or moved) image of their float inputs."""
+
+_INTEGER_TYPES = frozenset(
+    {
+        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+    }
+)  # fmt: skip
+
+
+def float_index_math(model: ir.Model) -> list[str]:
+    """Names of the nodes whose float math ends in a Cast to an integer type (index math).
+
+    T5's relative-position buckets are computed in float (``log(pos / max_exact) / log(..)
+    * n``) and cast to int64 to index an embedding table: quantized, they land in the wrong
+    buckets (the -inf of ``log(0)`` gave those tensors an infinite scale, and the indices a
+    Gather refused). The walk runs back from each float-to-integer Cast through elementwise
+    and shape-only ops (float Casts too) and stops at anything else. Unnamed nodes it finds
+    are named, so that ORT can exclude them.
+    """
+    found: dict[int, ir.Node] = {}
+    stack = [
+        n.inputs[0].producer()
+        for n in model.graph
+        if n.op_type == "Cast"
+        and n.inputs[0] is not None
+        and _dtype(n.inputs[0]) in _FLOATS
+        and ir.DataType(n.attributes.get_int("to", 0)) in _INTEGER_TYPES
+    ]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in found or not _float_math(node):
+            continue
+        found[id(node)] = node
+        stack += [v.producer() for v in node.inputs if v is not None and _dtype(v) in _FLOATS]
+    taken = {n.name for n in model.graph}
+    for node in found.values():
+        if not node.name:
+            name = f"{node.op_type}_index_math"
+            while name in taken:
+                name += "_"
+            node.name = name  # a name changes nothing it computes; ORT excludes by name
+            taken.add(name)
+    return sorted(node.name or "" for node in found.values())
+
+
+_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def _float_math(node: ir.Node) -> bool:
+    """Whether ``node`` is elementwise or shape-only math with a float output."""
+    if not node.outputs or _dtype(node.outputs[0]) not in _FLOATS:
+        return False
+    if node.op_type == "Cast":  # float to float: the walk goes on; from integers it stops
+        return node.inputs[0] is not None and _dtype(node.inputs[0]) in _FLOATS
+    return node.domain in ("", "ai.onnx") and node.op_type in _INDEX_MATH
+
+
+def _dtype(value: ir.Value, depth: int = 0) -> ir.DataType | None:
+    """``value``'s element type, followed back through Casts and elementwise ops if unset.
+
+    A graph built by hand (or a pass) may carry no inferred types in between.
+    """
+    if value.dtype is not None or depth > 64:
+        return value.dtype
+    if value.const_value is not None:
+        return value.const_value.dtype
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Cast":
+        return ir.DataType(node.attributes.get_int("to", 0))
+    if node.op_type not in _INDEX_MATH:
+        return None
+    data = node.inputs[1:2] if node.op_type == "Where" else node.inputs[:1]
+    return _dtype(data[0], depth + 1) if data and data[0] is not None else None

@@ -27,7 +27,7 @@ from onnxpipe.graphs.empirical_bias import (
     measured_tensors,
     sample_means,
 )
-from onnxpipe.graphs.quant_exclude import split_exclude
+from onnxpipe.graphs.quant_exclude import float_index_math, split_exclude
 from onnxpipe.graphs.quant_rounding import (
     input_hessians,
     round_weights,
@@ -187,7 +187,8 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             if n.op_type == "Softmax" and n.name not in nodes
             for name in _to_output(n)
         ]
-        nodes = [*nodes, *final_softmax]
+        index_math = [n for n in float_index_math(model) if n not in nodes]
+        nodes = [*nodes, *final_softmax, *index_math]
         activation = resolve_activation_type(cfg.activation_type)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         extra: dict[str, Any] = {"CalibPercentile": cfg.percentile}
@@ -225,9 +226,10 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             "activation_type": activation,
             "weight_type": "int8",
             "vnni": has_vnni(),
-            "excluded_nodes": [n for n in nodes if n not in final_softmax],
+            "excluded_nodes": [n for n in nodes if n not in {*final_softmax, *index_math}],
             "excluded_op_types": sorted(op_types),
             **({"float_output_softmax": final_softmax} if final_softmax else {}),
+            **({"float_index_math": index_math} if index_math else {}),
             "quantize_nodes": quant,
             "saturation_safe_weights": safe,
             # what was applied: GPTQ and the empirical correction work on QDQ weights only
