@@ -34,6 +34,7 @@ from onnxpipe.graphs.quant_rounding import (
     supported,
     weight_shape,
 )
+from onnxpipe.graphs.quant_sentinels import drop_sentinel_qdq
 from onnxpipe.graphs.quant_utils import (
     Feeds,
     FeedsReader,
@@ -217,6 +218,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
                 extra_options=extra,
             )
             result = load_from_ort(out)
+        sentinels = drop_sentinel_qdq(result)  # masks of float min / -inf: scale 1e36 or inf
         rounded = self._round_weights(result, model, safe) if cfg.rounding == "gptq" else []
         corrected = self._correct_biases(result, model) if cfg.bias_correction else []
         kept_float = keep_float_weights(result)
@@ -230,6 +232,7 @@ class QuantizeStaticPass(GraphPass[QuantizeStaticConfig]):
             "excluded_op_types": sorted(op_types),
             **({"float_output_softmax": final_softmax} if final_softmax else {}),
             **({"float_index_math": index_math} if index_math else {}),
+            "float_sentinel_ranges": len(sentinels),
             "quantize_nodes": quant,
             "saturation_safe_weights": safe,
             # what was applied: GPTQ and the empirical correction work on QDQ weights only
