@@ -7,6 +7,7 @@ damaged manifest, a read-only bundle or an OUT that is a link never costs a whol
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -121,6 +122,38 @@ def check_manifest(path: Path, data: Any) -> None:
             f"{path}: {', '.join(wrong)} missing or of the wrong type; the manifest is damaged. "
             "Re-create the bundle with onnxpipe."
         ) from e
+    _check_recorded_sizes(path, data)
+
+
+def _check_recorded_sizes(path: Path, data: _Record) -> None:
+    """InputError unless each recorded size of a symbolic dim is an integer >= 1.
+
+    ``bench.shapes`` and ``source.data_sizes`` size the inputs later commands generate
+    (:func:`~onnxpipe.data.recorded_sizes`): a hand-edited -3 crashed the benchmark (exit 3),
+    0 timed empty tensors, and 2.5, "x" or true were used as 8 or 1 without a word.
+    """
+    recorded: list[tuple[str, str, Any]] = []  # (manifest key, symbol, value)
+    shapes = (data.get("bench") or {}).get("shapes")
+    if isinstance(shapes, dict):
+        for entry in data["inputs"]:
+            dims, shape = shapes.get(entry.get("name")), entry.get("shape")
+            if not isinstance(dims, list) or not isinstance(shape, list):
+                continue
+            for axis, (dim, size) in enumerate(zip(shape, dims, strict=False)):
+                if axis and not isinstance(dim, int):
+                    symbol = dim or f"{entry['name']}_d{axis}"
+                    recorded.append((f"bench.shapes.{entry['name']}[{axis}]", symbol, size))
+    given = (data.get("source") or {}).get("data_sizes")
+    if isinstance(given, dict):
+        recorded += [(f"source.data_sizes.{k}", k, v) for k, v in given.items()]
+    for key, symbol, size in recorded:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise InputError(
+                f"{path}: {key}, the recorded size of dim {symbol!r}, is {json.dumps(size)}; "
+                "a size must be an integer >= 1 (bench and the derived steps generate inputs "
+                "at it). Set it to a size the model runs at, or re-create the bundle with "
+                "onnxpipe."
+            )
 
 
 def check_renders(path: Path, data: _Record) -> dict[str, str]:

@@ -199,3 +199,51 @@ def test_a_damaged_index_limit_is_exit_2_before_any_run(cli, tmp_path, limit, ne
     ):
         code, _, err = cli(*args)
         assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def _two_symbols(cli, tmp_path: Path, *convert_args: str) -> Path:
+    """x [batch, seq] -> Relu, z [batch, hid] -> Relu: two dynamic dims besides the batch."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["z"], ["w"])]
+    graph = helper.make_graph(
+        nodes, "g", [_tensor("x", ["batch", "seq"]), _tensor("z", ["batch", "hid"])],
+        [_tensor("y", ["batch", "seq"]), _tensor("w", ["batch", "hid"])],
+    )  # fmt: skip
+    source = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    out = tmp_path / "two"
+    code, _, err = cli("convert", source, "-o", out, "--no-bench", *convert_args)
+    assert code == 0, err
+    return out
+
+
+def _edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, "x", True], ids=str)
+@pytest.mark.parametrize("key", ["bench.shapes", "source.data_sizes"])
+def test_a_recorded_size_that_is_no_size_is_exit_2_naming_the_manifest(cli, tmp_path, size, key):
+    """-3 crashed the benchmark worker (exit 3), 0 timed empty tensors, and 2.5, "x" and true
+    were timed at 8, 8 and 1 without a word."""
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((2, 6), np.float32), z=np.ones((2, 5), np.float32))
+    bundle = _two_symbols(cli, tmp_path, "--data", data)
+    assert cli("bench", bundle, "--runs", "2")[0] == 0
+
+    def damage(manifest):
+        if key == "bench.shapes":
+            manifest["bench"]["shapes"]["x"][1] = size
+        else:
+            manifest["source"]["data_sizes"]["seq"] = size
+
+    _edit_manifest(bundle, damage)
+    before = tree_hash(bundle)
+    where = "bench.shapes.x[1]" if key == "bench.shapes" else "source.data_sizes.seq"
+    for args in (("bench", bundle, "--runs", "2"), ("validate", bundle)):
+        code, _, err = cli(*args)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{bundle / 'manifest.json'}: {where}, the recorded size of dim 'seq'" in err
+        assert f"is {json.dumps(size)}; a size must be an integer >= 1" in err
+    assert tree_hash(bundle) == before
