@@ -61,6 +61,14 @@ class BenchConfig:
     max_seconds: float = 60.0
     sizes: tuple[tuple[str, int], ...] = ()
     """Sizes of dynamic dims other than the batch (default 8): (symbol, size) pairs."""
+    recorded: tuple[tuple[str, int], ...] = ()
+    """Sizes for the symbols ``sizes`` leaves out: where the bundle was last timed, or its
+    data's. ``--size seq=4`` replaced them all, so a recorded ``hid=5`` went back to 8."""
+
+    @property
+    def all_sizes(self) -> dict[str, int]:
+        """The size of each symbol given or recorded; a given one wins."""
+        return {**dict(self.recorded), **dict(self.sizes)}
 
     def __post_init__(self) -> None:
         # One record per (ep, batch, threads), as the contract says: --batch 1,1 timed twice.
@@ -133,7 +141,7 @@ def bench_model(
                         "runs": config.runs,
                         "warmup": config.warmup,
                         "max_seconds": config.max_seconds,
-                        "sizes": dict(config.sizes),
+                        "sizes": config.all_sizes,
                     }
                     records.append({**_run_worker(request), "ep": ep})
         except _Unavailable as e:  # listed by ORT, but its session fell back to CPU
@@ -271,7 +279,7 @@ def _check_bytes(inputs: Sequence[dict[str, Any]], config: BenchConfig) -> None:
     """InputError before a worker asks numpy for terabytes (a MemoryError there: exit 3)."""
     specs = _specs(inputs)
     for batch in config.batches:
-        sizes = feed_sizes(specs, batch, dict(config.sizes))
+        sizes = feed_sizes(specs, batch, config.all_sizes)
         for spec in specs:
             check_sample_bytes(spec, [sizes[d] if isinstance(d, str) else d for d in spec.shape])
 

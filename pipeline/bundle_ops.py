@@ -71,8 +71,8 @@ def bench_existing(bundle: Path, config: BenchConfig) -> list[dict[str, Any]]:
     check_recordable(bundle, "bench")
     check_renders(bundle / MANIFEST, manifest)  # its card is rewritten: broken values first
     inputs = bundle_inputs(manifest)
-    if not config.sizes:  # where it was timed before (its --data sizes), not 8x8 pixels
-        config = replace(config, sizes=recorded_sizes(inputs, manifest))
+    # where it was timed before (its --data sizes), not 8x8 pixels; --size overrides per symbol
+    config = replace(config, recorded=recorded_sizes(inputs, manifest))
     framework = (manifest.get("source") or {}).get("framework")
     records = bench_model(bundle / MODEL_FILE, [s.to_json() for s in inputs], config, framework)
 

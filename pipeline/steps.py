@@ -260,7 +260,8 @@ class BenchStep(StepConfig):
             threads=self.threads,
             runs=self.runs,
             warmup=self.warmup,
-            sizes=tuple(self.size.items()) or work.sizes,
+            sizes=tuple(self.size.items()),
+            recorded=work.sizes,
         )
         records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
         work.manifest["bench"] = records[0]

@@ -247,3 +247,22 @@ def test_a_recorded_size_that_is_no_size_is_exit_2_naming_the_manifest(cli, tmp_
         assert f"{bundle / 'manifest.json'}: {where}, the recorded size of dim 'seq'" in err
         assert f"is {json.dumps(size)}; a size must be an integer >= 1" in err
     assert tree_hash(bundle) == before
+
+
+def _shapes(out: str) -> list[dict]:
+    return [r["shapes"] for r in json.loads(out)]
+
+
+def test_size_overrides_the_recorded_sizes_of_the_symbols_it_names_only(cli, tmp_path):
+    """--size seq=4 on a bundle timed at seq=16, hid=5 timed hid at 8: the recorded sizes were
+    dropped whole as soon as one --size was given."""
+    bundle = _two_symbols(cli, tmp_path)
+    code, out, err = cli("bench", bundle, "--runs", "2", "--size", "seq=16", "--size", "hid=5",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    assert _shapes(out) == [{"x": [1, 16], "z": [1, 5]}]
+    code, out, err = cli("bench", bundle, "--runs", "2", "--size", "seq=4", "--json")
+    assert code == 0, err
+    assert _shapes(out) == [{"x": [1, 4], "z": [1, 5]}]
+    code, out, err = cli("bench", bundle, "--runs", "2", "--json")  # the last timed sizes
+    assert code == 0 and _shapes(out) == [{"x": [1, 4], "z": [1, 5]}], err
