@@ -128,6 +128,7 @@ def bench_model(
         if ep == "mobile":
             target = model.parent / MOBILE_MODEL
             specs = _ort_inputs(target, inputs)
+            _warn_fixed(specs, config.sizes)
         batches = _timed_batches(target, specs, config.batches, ep)
         try:
             for batch in batches:
@@ -273,6 +274,19 @@ def _ort_inputs(path: Path, inputs: Sequence[dict[str, Any]]) -> list[dict[str, 
         }
         for spec in inputs
     ]
+
+
+def _warn_fixed(specs: Sequence[dict[str, Any]], sizes: Sequence[tuple[str, int]]) -> None:
+    """Warn that the ``--size`` symbols the packaged model fixed are not timed at that size."""
+    free = {d for s in specs for d in s["shape"] if isinstance(d, str)}
+    fixed = [f"{symbol}={size}" for symbol, size in sizes if symbol not in free]
+    if fixed:
+        shapes = ", ".join(f"{s['name']}{s['shape']}" for s in specs)
+        logger.warning(
+            "--ep mobile: --size %s ignored: %s has fixed shapes (%s); package again with "
+            "other --fixed-shape dims to time other sizes",
+            " --size ".join(fixed), MOBILE_MODEL, shapes,
+        )  # fmt: skip
 
 
 def _check_bytes(inputs: Sequence[dict[str, Any]], config: BenchConfig) -> None:

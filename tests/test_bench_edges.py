@@ -266,3 +266,20 @@ def test_size_overrides_the_recorded_sizes_of_the_symbols_it_names_only(cli, tmp
     assert _shapes(out) == [{"x": [1, 4], "z": [1, 5]}]
     code, out, err = cli("bench", bundle, "--runs", "2", "--json")  # the last timed sizes
     assert code == 0 and _shapes(out) == [{"x": [1, 4], "z": [1, 5]}], err
+
+
+def test_size_on_a_fixed_shape_package_is_ignored_with_a_warning(cli, tmp_path, caplog):
+    bundle = _two_symbols(cli, tmp_path)
+    packaged = tmp_path / "pkg"
+    code, _, err = cli("package", bundle, "-o", packaged, "--target", "mobile",
+                       "--fixed-shape", "x:1,16", "--fixed-shape", "z:1,5")  # fmt: skip
+    assert code == 0, err
+    caplog.set_level(logging.WARNING)
+    code, out, err = cli("bench", packaged, "--ep", "mobile", "--size", "seq=4", "--runs", "2",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    assert _shapes(out) == [{"x": [1, 16], "z": [1, 5]}]
+    assert "--size seq=4 ignored: mobile/model.ort has fixed shapes" in caplog.text
+    caplog.clear()
+    code, out, err = cli("bench", packaged, "--ep", "mobile", "--runs", "2", "--json")
+    assert code == 0 and "ignored" not in caplog.text, err
