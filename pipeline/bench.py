@@ -74,10 +74,16 @@ class BenchConfig:
         # One record per (ep, batch, threads), as the contract says: --batch 1,1 timed twice.
         for key in ("eps", "batches", "threads"):
             object.__setattr__(self, key, tuple(dict.fromkeys(getattr(self, key))))
-        if self.runs < 1 or self.warmup < 0 or any(b < 1 for b in self.batches):
-            raise InputError("bench: --runs and every --batch must be >= 1, --warmup >= 0.")
-        if any(t < 0 for t in self.threads):
-            raise InputError("bench: every --threads must be >= 0 (0: ORT's default).")
+        low = next((b for b in self.batches if b < 1), None)
+        floors = (
+            ("--runs", self.runs, 1),
+            ("--warmup", self.warmup, 0),
+            ("--batch", low, 1),
+            ("--threads", min(self.threads), 0),
+        )
+        for flag, value, minimum in floors:
+            if value is not None and value < minimum:
+                raise InputError(f"bench: {flag} {value}: must be >= {minimum}.")
         too_many = next((t for t in self.threads if t > MAX_THREADS), None)
         if too_many is not None:
             raise InputError(

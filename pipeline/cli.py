@@ -116,8 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(
         eps=tuple(parse_eps(args.ep)),
-        batches=int_list(args.batch, "--batch"),
-        threads=int_list(args.threads, "--threads"),
+        batches=int_list(args.batch, "--batch", minimum=1),
+        threads=int_list(args.threads, "--threads", minimum=0),
         runs=args.runs,
         warmup=args.warmup,
         sizes=symbol_sizes(args.size),

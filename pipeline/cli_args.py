@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", default="0", help="comma-separated intra-op threads (default 0: ORT's own)"
     )
-    p.add_argument("--runs", type=int, default=50, help="timed runs per cell (default 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--runs", type=_at_least(1), default=50, help="timed runs per cell (default 50)")
+    p.add_argument("--warmup", type=_at_least(0), default=5, help="untimed runs first (default 5)")
     p.add_argument(
         "--size",
         action="append",
@@ -305,14 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def int_list(text: str, flag: str) -> tuple[int, ...]:
-    """A flag's comma-separated integers (``--batch 1,8``)."""
+def _at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag as typed)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def int_list(text: str, flag: str, minimum: int | None = None) -> tuple[int, ...]:
+    """A flag's comma-separated integers (``--batch 1,8``), each >= ``minimum`` if given."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as e:
         raise InputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8.") from e
     if not values:
         raise InputError(f"{flag}: give at least one value.")
+    low = next((v for v in values if minimum is not None and v < minimum), None)
+    if low is not None:
+        raise InputError(
+            f"{flag} {text!r}: {low} is below {minimum}; every value must be >= {minimum}."
+        )
     return values
 
 

@@ -283,3 +283,35 @@ def test_size_on_a_fixed_shape_package_is_ignored_with_a_warning(cli, tmp_path, 
     caplog.clear()
     code, out, err = cli("bench", packaged, "--ep", "mobile", "--runs", "2", "--json")
     assert code == 0 and "ignored" not in caplog.text, err
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--batch", "1,0"), "--batch '1,0': 0 is below 1"),
+    (("--batch=-2",), "--batch '-2': -2 is below 1"),
+    (("--threads", "2,-1"), "--threads '2,-1': -1 is below 0"),
+    (("--runs", "0"), "argument --runs: '0': must be >= 1"),
+    (("--runs", "abc"), "argument --runs: 'abc' is not an integer"),
+    (("--warmup=-1",), "argument --warmup: '-1': must be >= 0"),
+    (("--size", "seq=0"), "--size 'seq=0'"),
+])  # fmt: skip
+def test_bench_flag_errors_name_the_flag_and_the_value(cli, tmp_path, args, needle):
+    """Each of these read 'bench: --runs and every --batch must be >= 1, --warmup >= 0.',
+    whichever flag was wrong and with no value."""
+    bundle = _fixed(cli, tmp_path)
+    code, _, err = cli("bench", bundle, *args)
+    assert code == 2 and needle in err and "--runs and every --batch" not in err, err
+
+
+def test_bench_config_names_the_flag_it_refuses():
+    from onnxpipe.bench import BenchConfig
+    from onnxpipe.errors import InputError
+
+    refused = (
+        ({"runs": 0}, "--runs 0"),
+        ({"warmup": -1}, "--warmup -1"),
+        ({"batches": (4, 0)}, "--batch 0"),
+        ({"threads": (-2,)}, "--threads -2"),
+    )
+    for kwargs, needle in refused:
+        with pytest.raises(InputError, match=needle):
+            BenchConfig(**kwargs)

@@ -142,7 +142,7 @@ def test_a_required_ep_is_validated_even_when_not_listed(cli, mlp_bundle, tmp_pa
     [
         (("validate", "{b}", "--atol", "-1"), "--atol -1.0: give a tolerance above 0"),
         (("validate", "{b}", "--atol", "nan"), "--atol nan"),
-        (("bench", "{b}", "--threads", "-1"), "every --threads must be >= 0"),
+        (("bench", "{b}", "--threads", "-1"), "--threads '-1': -1 is below 0"),
         (("bench", "{b}", "--ep", "tensorrt"), "--ep tensorrt: TensorrtExecutionProvider"),
         (("optimize", "{b}", "-o", "{t}/o", "--transformer", "foo"), "'foo' is not one ORT"),
         (("optimize", "{b}", "-o", "{t}/o", "--num-heads", "4"), "only apply with transformer"),
