@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,29 @@ def bench_row(record: dict[str, Any]) -> list[str]:
         str(record["ep"]),
         str(record["batch"]),
         str(record.get("threads") or "default"),
-        f"{lat['p50']:.2f}",
-        f"{lat['p90']:.2f}",
-        f"{lat['p99']:.2f}",
-        f"{record['throughput_per_s']:.1f}",
-        f"{record['session_create_ms']:.0f}",
+        sig3(lat["p50"]),
+        sig3(lat["p90"]),
+        sig3(lat["p99"]),
+        sig3(record["throughput_per_s"]),
+        sig3(record["session_create_ms"]),
         f"{record['peak_rss_mb']:.0f}",
     ]
+
+
+def sig3(value: float) -> str:
+    """``value`` to 3 significant figures in plain notation: 0.0123, 4.56, 78.9, 60400.
+
+    Latency was ``.2f`` ms: a model that runs in 4 us read 0.00 ms, and a throughput of
+    60419.3/s was too wide for its table column (``60419…``). ``.3g`` would write 1.23e-05.
+    """
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
+    exponent = math.floor(math.log10(abs(value)))
+    rounded = round(value, 2 - exponent)
+    if rounded and math.floor(math.log10(abs(rounded))) != exponent:  # 9.996 -> 10.0
+        exponent += 1
+        rounded = round(value, 2 - exponent)
+    return f"{rounded:.{max(0, 2 - exponent)}f}"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.card import BENCH_COLUMNS, bench_row
+from onnxpipe.card import BENCH_COLUMNS, bench_row, sig3
 from onnxpipe.parity import not_compared_note, parity_notes, verdict
 
 
@@ -74,8 +74,8 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
         lat = bench["latency_ms"]
         table.add_row(
             "latency",
-            f"{bench['ep']} batch {bench['batch']}: p50 {lat['p50']:.2f} ms, "
-            f"p90 {lat['p90']:.2f}, p99 {lat['p99']:.2f}",
+            f"{bench['ep']} batch {bench['batch']}: p50 {sig3(lat['p50'])} ms, "
+            f"p90 {sig3(lat['p90'])}, p99 {sig3(lat['p99'])}",
         )
     return table
 
@@ -92,7 +92,7 @@ def _step_summary(steps: list[dict[str, Any]]) -> str | None:
         parts.append(f"params {m['params_before']:,} -> {m['params_after']:,} ({change:+.1%})")
     ratio = m["size_ratio"]
     parts.append(f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / max(ratio, 1e-9):.2f}x larger")
-    timing = f"cpu batch 1, p50 {m['p50_ms_before']:.3g} -> {m['p50_ms_after']:.3g} ms"
+    timing = f"cpu batch 1, p50 {sig3(m['p50_ms_before'])} -> {sig3(m['p50_ms_after'])} ms"
     if max(m["p50_ms_before"], m["p50_ms_after"]) < TOO_FAST_MS:
         parts.append(f"speed not compared ({timing}: too fast to time apart)")
     else:
@@ -153,7 +153,8 @@ def compare_table(record: dict[str, Any]) -> Table:
     table.add_row("parameters", f"{record['params']['a']:,}", f"{record['params']['b']:,}")
     lat = record["latency_ms"]
     at = f"cpu, batch {record.get('latency_batch', 1)}"
-    table.add_row(f"p50 ms ({at})", _num(lat["a"], ".2f"), _num(lat["b"], ".2f"))
+    cells = ("n/a" if v is None else sig3(v) for v in (lat["a"], lat["b"]))
+    table.add_row(f"p50 ms ({at})", *cells)
     out = record["outputs"]
     table.add_row(  # B's numbers against A: one cell, A is the reference
         "agreement (B vs A)",

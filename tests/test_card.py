@@ -176,3 +176,41 @@ def test_the_card_and_report_say_what_passed_was_judged_at():
     assert "Judged at gates top1>=0.97." in gated and "relaxed" not in gated
     plain = render_report(manifest({"atol": 1e-4}))
     assert "judged at atol 0.0001, scaled by max(1, max|reference|)" in plain
+
+
+def _fast_manifest() -> dict:
+    """A bundle timed in microseconds: p50 4.1 us, 243,902 samples/s."""
+    record = {"ep": "cpu", "batch": 1, "threads": None, "runs": 50,
+              "latency_ms": {"p50": 0.0041, "p90": 0.00523, "p99": 0.0127},
+              "throughput_per_s": 243902.43, "session_create_ms": 0.374, "peak_rss_mb": 118.2,
+              "samples_ms": [0.0041, 0.0043, 0.0052, 0.0127]}  # fmt: skip
+    return {
+        "model": {"file": "m.onnx", "opset": 17, "ir_version": 8, "bytes": 123456, "sha256": "0"},
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
+        "outputs": [], "bench": record, "bench_records": [record],
+    }  # fmt: skip
+
+
+def test_latency_shows_three_significant_figures_everywhere():
+    """.2f ms printed a 4 us model as 0.00 ms in the card, report and tables, and its
+    throughput 243902.4 was cut to '24390…' in the CLI table's column."""
+    from rich.console import Console
+
+    from onnxpipe.card import render_card, sig3
+    from onnxpipe.report import render_report
+    from onnxpipe.tables import bench_table, summary_table
+
+    assert [sig3(v) for v in (0.0041, 0.0123456, 9.996, 12.345, 123.4, 60419.3, 1e-7, 2.0)] == [
+        "0.00410", "0.0123", "10.0", "12.3", "123", "60400", "0.000000100", "2.00",
+    ]  # fmt: skip
+    manifest = _fast_manifest()
+    card, page = render_card(manifest), render_report(manifest)
+    assert "| cpu | 1 | default | 0.00410 | 0.00523 | 0.0127 | 244000 | 0.374 | 118 |" in card
+    assert "<td>0.00410</td><td>0.00523</td><td>0.0127</td><td>244000</td><td>0.374</td>" in page
+    console = Console(width=100, record=True)
+    console.print(bench_table(manifest["bench_records"]))
+    console.print(summary_table(manifest, Path("b")))
+    shown = console.export_text()
+    assert "0.00410" in shown and "244000" in shown and "…" not in shown, shown
+    assert "p50 0.00410 ms, p90 0.00523, p99 0.0127" in shown
+    assert "0.00 ms" not in shown and "| 0.00 |" not in card
