@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,12 +44,33 @@ def _status(value: str) -> str:
     return f'<span class="{_e(value)}">{_e(value)}</span>'
 
 
+def nice_ticks(top: float, count: int = 5) -> list[float]:
+    """Axis ticks from 0 past ``top`` in steps of 1, 2 or 5 times a power of ten, about ``count``.
+
+    The latency axis was cut in fifths of 1.05x the slowest run, labelled ``.1f``: 0.0, 2.7,
+    5.4, 8.1 ms, and a model timed in microseconds read 0.0 at every tick.
+    """
+    if not math.isfinite(top) or top <= 0:
+        return [0.0, 1.0]
+    raw = top / count
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    steps = max(1, math.ceil(top / step - 1e-9))
+    return [round(i * step, 12) for i in range(steps + 1)]
+
+
+def _tick_digits(ticks: Sequence[float]) -> int:
+    """Decimals that tell ``ticks`` apart without trailing noise (step 0.002: 3)."""
+    return max(0, -math.floor(math.log10(ticks[1] - ticks[0]) + 1e-9))
+
+
 def latency_plot(records: Sequence[dict[str, Any]], width: int = 760) -> str:
     """Strip + box plot of per-run latencies, one row per bench record."""
     rows = [r for r in records if r.get("samples_ms")]
     if not rows:
         return ""
-    top = max(max(r["samples_ms"]) for r in rows) * 1.05
+    ticks = nice_ticks(max(max(r["samples_ms"]) for r in rows) * 1.05)
+    top, digits = ticks[-1], _tick_digits(ticks)
     left, row_h, plot_w = 170, 34, width - 190
     height = 30 + row_h * len(rows) + 30
 
@@ -59,14 +81,14 @@ def latency_plot(records: Sequence[dict[str, Any]], width: int = 760) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         'role="img" aria-label="latency distribution">'
     ]
-    for i in range(6):
-        tick = top * i / 5
+    for tick in ticks:
         parts.append(
             f'<line x1="{x(tick):.1f}" y1="20" x2="{x(tick):.1f}" y2="{height - 28}" '
             'stroke="#e5e7eb"/>'
         )
         parts.append(
-            f'<text x="{x(tick):.1f}" y="{height - 12}" text-anchor="middle">{tick:.1f}</text>'
+            f'<text x="{x(tick):.1f}" y="{height - 12}" text-anchor="middle">'
+            f"{tick:.{digits}f}</text>"
         )
     parts.append(
         f'<text x="{left + plot_w / 2}" y="12" text-anchor="middle">latency per run (ms)</text>'

@@ -214,3 +214,22 @@ def test_latency_shows_three_significant_figures_everywhere():
     assert "0.00410" in shown and "244000" in shown and "…" not in shown, shown
     assert "p50 0.00410 ms, p90 0.00523, p99 0.0127" in shown
     assert "0.00 ms" not in shown and "| 0.00 |" not in card
+
+
+def test_the_latency_plot_ticks_step_by_1_2_or_5():
+    """Ticks were fifths of 1.05x the slowest run labelled .1f (0.0, 2.7, 5.4, 8.1 ms), and
+    every tick of a model timed in microseconds read 0.0."""
+    import re
+
+    from onnxpipe.report import latency_plot, nice_ticks
+
+    assert nice_ticks(8.5) == [0, 2, 4, 6, 8, 10]
+    assert nice_ticks(27.3) == [0, 10, 20, 30]
+    assert nice_ticks(0.0133) == [0, 0.005, 0.01, 0.015]
+    for record, labels in (
+        (_fast_manifest()["bench"], ["0.000", "0.005", "0.010", "0.015"]),
+        ({**_fast_manifest()["bench"], "samples_ms": [2.0, 7.7, 8.1]}, ["0", "2", "4", "6", "8",
+                                                                          "10"]),
+    ):  # fmt: skip
+        svg = latency_plot([record])
+        assert re.findall(r'text-anchor="middle">([0-9.]+)</text>', svg) == labels
