@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from onnxpipe.bench_data import OUT_OF_RANGE, data_feeds, out_of_range_error
 from onnxpipe.benchworker import (
     DEFAULT_SIZE,
     RUN_FAILED_EXIT,
@@ -64,6 +65,8 @@ class BenchConfig:
     recorded: tuple[tuple[str, int], ...] = ()
     """Sizes for the symbols ``sizes`` leaves out: where the bundle was last timed, or its
     data's. ``--size seq=4`` replaced them all, so a recorded ``hid=5`` went back to 8."""
+    data: str | None = None
+    """DATA to time on (its first samples, repeated to each batch) instead of generated values."""
 
     @property
     def all_sizes(self) -> dict[str, int]:
@@ -113,8 +116,13 @@ def bench_model(
             is available here.
     """
     _check_batches(model, inputs, config.batches, framework)
+    if config.data and config.sizes:
+        raise InputError(
+            "bench: --size and --data: the data's arrays set the sizes; give one of them."
+        )
     _check_sizes(model, inputs, config.sizes)
-    _check_bytes(inputs, config)
+    if not config.data:
+        _check_bytes(inputs, config)
     missing: dict[str, str] = {}
     for ep in config.eps:  # before any timing: an EP this ORT build lacks is not benched
         try:
@@ -129,36 +137,55 @@ def bench_model(
         except ProviderUnavailable as e:
             missing[ep] = str(e)
     records = []
-    for ep in (ep for ep in config.eps if ep not in missing):
-        target, specs = model, inputs
-        if ep == "mobile":
-            target = model.parent / MOBILE_MODEL
-            specs = _ort_inputs(target, inputs)
-            _warn_fixed(specs, config.sizes)
-        batches = _timed_batches(target, specs, config.batches, ep)
-        try:
-            for batch in batches:
-                for threads in config.threads:
-                    request = {
-                        "model": str(target),
-                        "inputs": specs,
-                        "ep": "cpu" if ep == "mobile" else ep,
-                        "batch": batch,
-                        "threads": threads,
-                        "runs": config.runs,
-                        "warmup": config.warmup,
-                        "max_seconds": config.max_seconds,
-                        "sizes": config.all_sizes,
-                    }
-                    records.append({**_run_worker(request), "ep": ep})
-        except _Unavailable as e:  # listed by ORT, but its session fell back to CPU
-            missing[ep] = str(e)
-            records = [r for r in records if r["ep"] != ep]
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-bench-") as tmp:
+        for ep in (ep for ep in config.eps if ep not in missing):
+            records += _bench_ep(model, inputs, config, ep, Path(tmp), missing)
     if not records:
         ep, reason = next(iter(missing.items()))
         raise InputError(f"--ep {ep}: {reason}. Bench on an EP this machine has.")
     for ep, reason in missing.items():
         logger.warning("--ep %s not benched: %s", ep, reason)
+    return records
+
+
+def _bench_ep(
+    model: Path,
+    inputs: Sequence[dict[str, Any]],
+    config: BenchConfig,
+    ep: str,
+    tmp: Path,
+    missing: dict[str, str],
+) -> list[dict[str, Any]]:
+    """The records of one EP; none, with the reason in ``missing``, where it fell back."""
+    target, specs = model, inputs
+    if ep == "mobile":
+        target = model.parent / MOBILE_MODEL
+        specs = _ort_inputs(target, inputs)
+        _warn_fixed(specs, config.sizes)
+    records = []
+    try:
+        for batch in _timed_batches(target, specs, config.batches, ep):
+            feeds = None
+            if config.data:  # the data's first samples at this batch, fitted to ``specs``
+                feeds = tmp / f"{ep}-{batch}.npz"
+                np.savez(feeds, **data_feeds(config.data, specs, batch))  # type: ignore[arg-type]
+            for threads in config.threads:
+                request = {
+                    "model": str(target),
+                    "inputs": specs,
+                    "ep": "cpu" if ep == "mobile" else ep,
+                    "batch": batch,
+                    "threads": threads,
+                    "runs": config.runs,
+                    "warmup": config.warmup,
+                    "max_seconds": config.max_seconds,
+                    "sizes": config.all_sizes,
+                    **({"feeds": str(feeds)} if feeds else {}),
+                }
+                records.append({**_run_worker(request), "ep": ep})
+    except _Unavailable as e:  # listed by ORT, but its session fell back to CPU
+        missing[ep] = str(e)
+        return []
     return records
 
 
@@ -351,7 +378,10 @@ def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
                 d for s in request["inputs"] for d in s["shape"][1:] if isinstance(d, str)
             )
         )
-        about_shapes = proc.returncode == RUN_FAILED_EXIT and _SHAPE_WORDS.search(tail[0])
+        run_failed = proc.returncode == RUN_FAILED_EXIT
+        if run_failed and not request.get("feeds") and OUT_OF_RANGE.search(tail[0]):
+            raise out_of_range_error(request["model"], tail[0].removeprefix("run failed: "))
+        about_shapes = run_failed and _SHAPE_WORDS.search(tail[0])
         if symbols and about_shapes:  # an image model at 8x8 pixels: the size is wrong
             at = ", ".join(f"{d}={request['sizes'].get(d, DEFAULT_SIZE)}" for d in symbols)
             raise InputError(

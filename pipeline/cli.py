@@ -121,6 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         warmup=args.warmup,
         sizes=symbol_sizes(args.size),
+        data=args.data,
     )
     with err.status("benchmarking", spinner="dots") if not args.json else contextlib.nullcontext():
         records = bench_existing(args.bundle, config)

@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of a dynamic dim other than the batch (default 8), e.g. --size seq=128 "
         "--size height=224",
     )
+    p.add_argument(
+        "--data",
+        help="DATA to time on instead of generated values (its first samples, repeated to "
+        "each --batch): for a model whose ids generated values overrun",
+    )
     _common(p)
 
     p = sub.add_parser("package", help="package a bundle for a target (mobile: ORT format)")

@@ -37,6 +37,8 @@ class Work:
     inputs: list[InputSpec] = field(default_factory=list)
     sizes: tuple[tuple[str, int], ...] = ()
     """Sizes the user's --data gives dynamic dims other than the batch: what bench times at."""
+    data: str | None = None
+    """convert's --data: bench times on it (a model may refuse generated values)."""
 
     def record_step(self, name: str, config: BaseModel, seconds: float, metrics: dict) -> None:
         """Append ``{name, config, seconds, metrics}`` to the manifest's ``steps``."""
@@ -143,6 +145,7 @@ class ConvertStep(StepConfig):
             "attempts": done.attempts,
         }
         if self.data:  # real sizes (224x224 photos): what later timing uses, not 8x8 pixels
+            work.data = self.data
             work.sizes = data_sizes(result.inputs, load_data(self.data, result.inputs))
             if work.sizes:
                 work.manifest["source"]["data_sizes"] = dict(work.sizes)
@@ -231,6 +234,10 @@ class BenchStep(StepConfig):
         default_factory=dict,
         description="Sizes of dynamic dims other than the batch (default 8), e.g. {seq: 128}.",
     )
+    data: str | None = Field(
+        default=None,
+        description="DATA to time on instead of generated values (default: convert's --data).",
+    )
 
     @field_validator("ep", mode="before")
     @classmethod
@@ -262,6 +269,7 @@ class BenchStep(StepConfig):
             warmup=self.warmup,
             sizes=tuple(self.size.items()),
             recorded=work.sizes,
+            data=self.data or (None if self.size else work.data),
         )
         records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
         work.manifest["bench"] = records[0]

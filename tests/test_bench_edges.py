@@ -315,3 +315,43 @@ def test_bench_config_names_the_flag_it_refuses():
     for kwargs, needle in refused:
         with pytest.raises(InputError, match=needle):
             BenchConfig(**kwargs)
+
+
+def _gather_elements(tmp_path: Path) -> tuple[Path, Path]:
+    """y = GatherElements(x [batch, 4], ids [batch, 2], axis=1): ids index another input, so
+    no index_limit bounds them and bench's random ids (1 to 99) overrun x's 4 columns."""
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["x", "ids"], ["y"], axis=1)], "g",
+        [_tensor("x", ["batch", 4]), _tensor("ids", ["batch", 2], TensorProto.INT64)],
+        [_tensor("y", ["batch", 2])],
+    )  # fmt: skip
+    source = tmp_path / "ge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    data = tmp_path / "ge.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.random((3, 4), np.float32), ids=rng.integers(0, 4, (3, 2)))
+    return source, data
+
+
+def test_generated_values_a_model_refuses_are_exit_2_asking_for_data(cli, tmp_path):
+    """convert --data of such a model was exit 3 ('internal error: benchmark ... failed: ...
+    Out of range value in index tensor'), and so was every bench of the bundle."""
+    source, data = _gather_elements(tmp_path)
+    bundle = tmp_path / "ge"
+    code, _, err = cli("convert", source, "-o", bundle, "--data", data)  # bench on the data
+    assert code == 0, err
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["bench"]["shapes"] == {"x": [1, 4], "ids": [1, 2]}
+    before = tree_hash(bundle)
+    code, _, err = cli("bench", bundle, "--runs", "2")
+    assert code == 2 and "Traceback" not in err and "internal error" not in err, err
+    assert "generated input values are out of the model's range" in err
+    assert "pass --data DATA" in err and "Out of range value in index tensor" in err
+    assert tree_hash(bundle) == before
+    code, out, err = cli("bench", bundle, "--runs", "2", "--batch", "1,5", "--data", data,
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    records = json.loads(out)
+    assert [(r["batch"], r["shapes"]["ids"]) for r in records] == [(1, [1, 2]), (5, [5, 2])]
+    code, _, err = cli("bench", bundle, "--data", data, "--size", "seq=3")
+    assert code == 2 and "--size and --data" in err, err
