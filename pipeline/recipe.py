@@ -206,22 +206,36 @@ def _check_mobile(path: Path, steps: Sequence[StepConfig]) -> None:
 
 
 def _check_order(path: Path, steps: Sequence[StepConfig]) -> None:
-    """Refuse a quantize or prune step after a quantize step, whose model they refuse.
+    """Refuse a quantize or prune step whose input model the command would refuse.
 
     A recipe 'quantize, prune' ran convert and quantize (minutes with ``auto``) before prune
     said 'the model is already quantized' (exit 2); quantize after fp16 did the same. Prune
-    takes an fp16 model.
+    takes an fp16 model. After ``optimize`` at level extended or all, the model holds ONNX
+    Runtime's CPU-fused ops (FusedConv, FusedGemm; all: the NCHWc layout), which both
+    commands refuse: the recipe ran convert and optimize first.
     """
     mode: str | None = None
+    fused: str | None = None
     for step in steps:
+        if fused and step.name in ("quantize", "prune"):
+            raise InputError(
+                f"{path}: step '{step.name}' comes after 'optimize' (level {fused}), whose "
+                "fusions are ONNX Runtime-only ops (FusedConv, FusedGemm"
+                f"{', the NCHWc layout' if fused == 'all' else ''}) that {step.name} cannot see "
+                f"through: onnxpipe {step.name} refuses such a model. Move '{step.name}' "
+                "before that optimize step (optimize the result), or optimize at level basic."
+            )
         if mode and step.name in ("quantize", "prune") and (step.name, mode) != ("prune", "fp16"):
             raise InputError(
                 f"{path}: step '{step.name}' comes after 'quantize' (mode {mode}), whose model "
                 f"it refuses as already quantized. Move '{step.name}' before that step (prune "
                 "first, then quantize once)."
             )
+        settings = getattr(step, "settings", {})
         if step.name == "quantize":
-            mode = mode or str(getattr(step, "settings", {}).get("mode"))
+            mode = mode or str(settings.get("mode"))
+        if step.name == "optimize" and settings.get("level") in ("extended", "all"):
+            fused = fused if fused == "all" else settings["level"]
 
 
 def run_steps(

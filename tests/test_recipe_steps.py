@@ -148,6 +148,16 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
             "quantize: {mode: fp16}\n  - quantize: {mode: dynamic}",
             "step 'quantize' comes after 'quantize' (mode fp16)",
         ),
+        # refused by the command's own check (CPU-fused ops) only once convert and optimize ran
+        (
+            "optimize: {level: extended}\n  - quantize: {mode: dynamic}",
+            "step 'quantize' comes after 'optimize' (level extended), whose fusions are ONNX",
+        ),
+        (
+            "optimize: {level: all}\n  - optimize: {level: basic}\n"
+            "  - prune: {method: magnitude, ratio: 0.5}",
+            "step 'prune' comes after 'optimize' (level all)",
+        ),
         # bench: exit 2 once convert had run, saying 'onnxpipe package the recipe's bundle';
         # validate: 'mobile: unavailable', exit 0
         ("bench: {ep: mobile}\n  - package: {target: mobile}", "step 'bench' has ep mobile"),
