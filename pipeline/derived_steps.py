@@ -34,11 +34,27 @@ _DESCRIBED = ("schema", "model", "inputs", "outputs")
 
 
 def _gates(value: Any) -> Any:
-    """``gate: "top1>=0.9"`` or ``gate: [..]`` in a recipe, as the settings' ``gates`` tuple."""
-    if isinstance(value, dict) and "gate" in value:
-        value = dict(value)
-        gate = value.pop("gate")
-        value["gates"] = [gate] if isinstance(gate, str) else gate
+    """``gate: "top1>=0.9"`` or ``gate: [..]`` in a recipe, as the settings' ``gates`` tuple.
+
+    Raises:
+        ValueError: both ``gate`` and ``gates``.
+        InputError: a gate text that does not parse (refused with the recipe, not after
+            convert ran).
+    """
+    from onnxpipe.gate import Gate  # noqa: PLC0415
+
+    keys = [k for k in ("gate", "gates") if isinstance(value, dict) and k in value]
+    if not keys:
+        return value
+    if len(keys) == 2:
+        raise ValueError("gate and gates both set the step's gates; keep one of them")
+    value = dict(value)
+    gate = value.pop(keys[0])
+    gates = [gate] if isinstance(gate, str) else gate
+    for text in gates if isinstance(gates, list | tuple) else ():
+        if isinstance(text, str):  # other types: the step's own settings say what is wrong
+            Gate.parse(text, keys[0])
+    value["gates"] = gates
     return value
 
 
@@ -68,7 +84,7 @@ class DerivedStep(StepConfig):
         gates = value.get("gates") or ()
         for gate in gates if isinstance(gates, list | tuple) else [gates]:
             if isinstance(gate, str):  # other types: the step's own settings say what is wrong
-                Gate.parse(gate)
+                Gate.parse(gate, "gate")
         return value
 
     def derive(self) -> Derive:
@@ -121,9 +137,10 @@ class QuantizeStep(DerivedStep):
     @field_validator("settings")
     @classmethod
     def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from onnxpipe.quantize import settings_from  # noqa: PLC0415
+        from onnxpipe.quantize import QuantizeSettings  # noqa: PLC0415
 
-        settings_from(**value)
+        # as settings_from does, but its ValidationError keeps where each error is
+        QuantizeSettings(**{k: v for k, v in value.items() if v is not None})
         return value
 
     @model_validator(mode="after")
@@ -166,7 +183,7 @@ class PruneStep(DerivedStep):
     def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
         from onnxpipe.prune_settings import PruneSettings, check_ratio  # noqa: PLC0415
 
-        check_ratio(PruneSettings(**value).ratio)
+        check_ratio(PruneSettings(**value).ratio, "ratio")
         return value
 
     def derive(self) -> Derive:

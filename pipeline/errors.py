@@ -9,7 +9,7 @@ killed run cleans up as a Ctrl-C'd one does.
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -56,12 +56,19 @@ POSITIONAL = {"source": "SOURCE"}
 """Settings the command line takes as positional arguments, as its usage names them."""
 
 
-def invalid_settings(what: str, error: ValueError, flags: bool = False) -> InputError:
+def invalid_settings(
+    what: str,
+    error: ValueError,
+    flags: bool = False,
+    place: Callable[[Sequence[object]], str] | None = None,
+) -> InputError:
     """InputError for settings that failed validation, one clause per field.
 
     pydantic's ValidationError (a ValueError) prints a multi-line dump ending in a link to
     its docs; users see ``what: energy Input should be less than or equal to 1.`` instead,
     or with ``flags`` (settings given on the command line) ``--energy Input should ...``.
+    ``place`` names a field where the user wrote it (a recipe's ``steps[1].prune.energy``),
+    from pydantic's location of the error (``()`` for the settings as a whole).
     """
     details = getattr(error, "errors", None)
     if not callable(details):
@@ -75,17 +82,17 @@ def invalid_settings(what: str, error: ValueError, flags: bool = False) -> Input
     def where(loc: Sequence[object]) -> str:  # ("threads", 0) -> threads[0]
         return named(loc[0]) + "".join(f"[{part}]" for part in loc[1:]) if loc else ""
 
-    clauses = "; ".join(
-        " ".join(
-            [
-                *([where(item["loc"])] if item["loc"] else []),
-                "is not a setting of it"
-                if item.get("type") == "extra_forbidden"
-                else item["msg"].removeprefix("Value error, "),
-            ]
+    def clause(item: Any) -> str:
+        text = (
+            "is not a setting of it"
+            if item.get("type") == "extra_forbidden"
+            else item["msg"].removeprefix("Value error, ")
         )
-        for item in details()
-    )
+        if place is not None:  # "source is empty", "steps[1].bench.runs: Input should be"
+            return f"{place(item['loc'])}{' ' if text.startswith('is ') else ': '}{text}"
+        return f"{where(item['loc'])} {text}" if item["loc"] else text
+
+    clauses = "; ".join(clause(item) for item in details())
     return InputError(f"{what}: {clauses}.")
 
 

@@ -48,8 +48,10 @@ class Gate:
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> Gate:
-        """Parse ``METRIC>=VALUE`` / ``METRIC<=VALUE``.
+    def parse(cls, text: str, flag: str = "--gate") -> Gate:
+        """Parse ``METRIC>=VALUE`` / ``METRIC<=VALUE``; messages call it ``flag``.
+
+        ``flag`` is ``--gate`` on the command line, ``gate`` in a recipe.
 
         Raises:
             InputError: unknown metric, wrong direction for the metric, or a bad number.
@@ -57,29 +59,29 @@ class Gate:
         match = _GATE_RE.match(text)
         if not match:
             raise InputError(
-                f"--gate {text!r} does not parse. Write METRIC>=VALUE or METRIC<=VALUE with "
-                "METRIC one of top1, cosine (>=), max_abs, kl (<=), e.g. --gate top1>=0.98."
+                f"{flag} {text!r} does not parse. Write METRIC>=VALUE or METRIC<=VALUE with "
+                f"METRIC one of top1, cosine (>=), max_abs, kl (<=), e.g. {flag} top1>=0.98."
             )
         metric, op, raw = match.groups()
         try:
             value = float(raw)
         except ValueError as e:
-            raise InputError(f"--gate {text!r}: {raw!r} is not a number.") from e
+            raise InputError(f"{flag} {text!r}: {raw!r} is not a number.") from e
         example = 0.98 if _DIRECTION[metric] == ">=" else 1e-3
         if op != _DIRECTION[metric] or not math.isfinite(value):
             raise InputError(
-                f"--gate {text!r}: {metric} is bounded with {_DIRECTION[metric]} "
+                f"{flag} {text!r}: {metric} is bounded with {_DIRECTION[metric]} "
                 f"(e.g. {metric}{_DIRECTION[metric]}{example})."
             )
         if metric in ("max_abs", "kl") and value < 0:
             raise InputError(
-                f"--gate {text!r}: {metric} is never negative; give a bound >= 0, e.g. "
+                f"{flag} {text!r}: {metric} is never negative; give a bound >= 0, e.g. "
                 f"{metric}<={example}."
             )
         low = {"top1": 0.0, "cosine": -1.0}.get(metric)
         if low is not None and not low <= value <= 1.0:
             raise InputError(
-                f"--gate {text!r}: {metric} lies between {low:g} and 1, e.g. {metric}>=0.98."
+                f"{flag} {text!r}: {metric} lies between {low:g} and 1, e.g. {metric}>=0.98."
             )
         return cls(metric, op, value)
 

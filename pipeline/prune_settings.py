@@ -61,11 +61,11 @@ _APPLIES = {"scope": ("magnitude",), "energy": ("lowrank",), "multiple_of": ("ch
 """The settings only one method reads."""
 
 
-def check_ratio(ratio: float) -> float:
-    """``ratio`` itself, or InputError when it is outside the open interval (0, 1)."""
+def check_ratio(ratio: float, flag: str = "--ratio") -> float:
+    """``ratio`` itself, or InputError naming it ``flag`` when it is outside (0, 1)."""
     if not 0.0 < ratio < 1.0 or math.isnan(ratio):
         raise InputError(
-            f"--ratio {ratio}: must lie strictly between 0 and 1 (the share of weights, "
-            "channels or parameters to remove), e.g. --ratio 0.3."
+            f"{flag} {ratio}: must lie strictly between 0 and 1 (the share of weights, "
+            f"channels or parameters to remove), e.g. {flag} 0.3."
         )
     return ratio

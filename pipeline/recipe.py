@@ -87,11 +87,12 @@ _NEGATIONS = {
 """The CLI's flags that switch a setting off (``--per-tensor``), by the setting they switch."""
 
 
-def _cli_spellings(settings: dict[str, Any], where: str) -> dict[str, Any]:
-    """A step's settings as the commands' long options may also spell them.
+def _cli_spellings(settings: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A step's settings as the commands' long options may also spell them; and the spellings.
 
     ``activation-type`` is ``activation_type``; a flag that turns a setting off
-    (``no_empirical_bias: true``, ``per_tensor: true``) is that setting, false.
+    (``no_empirical_bias: true``, ``per_tensor: true``) is that setting, false. The second
+    dict maps each setting to the key the recipe wrote for it, for messages.
 
     Raises:
         InputError: two spellings of one setting (``per_tensor`` and ``per_channel``).
@@ -101,14 +102,36 @@ def _cli_spellings(settings: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in settings.items():
         name = str(key).replace("-", "_")
         positive = _NEGATIONS.get(name)
-        if positive is not None and isinstance(value, bool):
+        if positive is not None and not isinstance(value, bool):
+            raise InputError(f"{where}: {key} {value!r}: give true or false.")
+        if positive is not None:
             name, value = positive, not value
         if name in out:
             raise InputError(
                 f"{where}: {spelled[name]!r} and {key!r} both set {name}; keep one of them."
             )
         out[name], spelled[name] = value, str(key)
-    return out
+    return out, spelled
+
+
+def _placer(at: str, names: dict[str, str]) -> Callable[[Sequence[object]], str]:
+    """Where a setting sits in the recipe (``steps[2].quantize.per-tensor``), for messages.
+
+    From pydantic's location of an error in the step ``at``; ``names`` maps settings to the
+    place the recipe wrote them (a top-level ``source``, a step's ``per-channel``). A derived
+    step keeps its command's options under ``settings``, which the recipe never writes.
+    """
+
+    def place(loc: Sequence[object]) -> str:
+        parts = [str(part) for part in loc]
+        if parts[:1] == ["settings"]:
+            parts = parts[1:]
+        if not parts:
+            return at
+        head = names.get(parts[0], f"{at}.{parts[0]}")
+        return head + "".join(f"[{part}]" for part in parts[1:])
+
+    return place
 
 
 def load_recipe(path: Path) -> list[StepConfig]:
@@ -131,7 +154,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
         raise InputError(f"{path}: not valid YAML ({e}).") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
         raise InputError(f"{path}: a recipe is a mapping with a 'steps' list (see README).")
-    shared = _cli_spellings({k: v for k, v in doc.items() if k != "steps"}, str(path))
+    shared, top = _cli_spellings({k: v for k, v in doc.items() if k != "steps"}, str(path))
     unknown = [k for k in shared if k not in ConvertStep.model_fields and k != "no_bench"]
     if unknown:
         raise InputError(
@@ -140,7 +163,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
             "settings go under their step."
         )
     steps: list[StepConfig] = []
-    for entry in doc["steps"]:
+    for i, entry in enumerate(doc["steps"]):
         if isinstance(entry, str):
             entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -151,9 +174,14 @@ def load_recipe(path: Path) -> list[StepConfig]:
                 f"{path}: step {name!r} takes a mapping of settings ('{name}: {{key: value}}'), "
                 f"got {settings!r}."
             )
-        settings = _cli_spellings(dict(settings or {}), f"{path}: step {name!r}")
+        at = f"steps[{i}].{name}"
+        settings, spelled = _cli_spellings(dict(settings or {}), f"{path}: {at}")
+        written = {k: f"{at}.{v}" for k, v in spelled.items()}
+        if "gate" in written:  # the derived steps' gates
+            written.setdefault("gates", written["gate"])
         if name == "convert":
             settings = {**shared, **settings}
+            written = {**top, **written}
             # a recipe's convert never times (a bench step does): the CLI's --no-bench holds
             if (no_bench := settings.pop("no_bench", True)) is not True:
                 raise InputError(
@@ -161,10 +189,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
                     "a bench step; drop no_bench and add '- bench' after convert to time it."
                 )
         settings = {k: _beside(path, v, k) if k in PATH_KEYS else v for k, v in settings.items()}
-        try:
-            steps.append(make_step(name, settings))
-        except InputError as e:
-            raise InputError(f"{path}: {e}") from e
+        steps.append(make_step(name, settings, str(path), _placer(at, written)))
     if not steps or not isinstance(steps[0], ConvertStep):
         raise InputError(f"{path}: the first step must be 'convert' (it creates the model).")
     if any(isinstance(step, ConvertStep) for step in steps[1:]):

@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -289,8 +290,16 @@ STEPS: dict[str, type[StepConfig]] = {
 }
 
 
-def make_step(name: str, settings: dict[str, Any]) -> StepConfig:
+def make_step(
+    name: str,
+    settings: dict[str, Any],
+    where: str = "",
+    place: Callable[[Sequence[object]], str] | None = None,
+) -> StepConfig:
     """Build a step from its recipe entry.
+
+    ``where`` (the recipe file) starts each message; ``place`` names a field as the recipe
+    spells it (see :func:`~onnxpipe.errors.invalid_settings`).
 
     Raises:
         InputError: unknown step name or invalid settings.
@@ -298,9 +307,15 @@ def make_step(name: str, settings: dict[str, Any]) -> StepConfig:
     from onnxpipe.derived_steps import DERIVED_STEPS  # noqa: PLC0415 - they import this module
 
     steps = {**STEPS, **DERIVED_STEPS}
+    at = f"{where}: " if where else ""
+    if place is not None:
+        at += f"{place(())}: "
     if name not in steps:
-        raise InputError(f"unknown step {name!r}; steps are: {', '.join(steps)}.")
+        raise InputError(f"{at}unknown step {name!r}; steps are: {', '.join(steps)}.")
     try:
         return steps[name](**settings)
     except ValueError as e:  # pydantic's ValidationError is a ValueError
-        raise invalid_settings(f"step {name!r}: invalid settings", e) from e
+        what = where or f"step {name!r}: invalid settings"
+        raise invalid_settings(what, e, place=place) from e
+    except InputError as e:  # a validator's own refusal: a gate, a ratio, a data path
+        raise InputError(f"{at}{e}") from e

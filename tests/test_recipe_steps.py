@@ -167,7 +167,7 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         # a gate that does not parse: exit 2 once convert had run, the recipe unnamed
         ("quantize: {mode: dynamic, gate: 'top1>0.9'}", "'top1>0.9' does not parse"),
         ("prune: {method: magnitude, ratio: 0.5, gate: ['cos>=0.9']}", "'cos>=0.9' does not"),
-        ("quantize: {mode: dynamic, gate: 5}", "gates"),
+        ("quantize: {mode: dynamic, gate: 5}", "steps[1].quantize.gate:"),
         # refused by the quantize command only once convert had run
         ("quantize: {mode: dynamic, smooth_alpha: 0.5}", "smoothing needs activation"),
         ("quantize: {mode: fp16, preprocess: 'resize=8'}", "it would apply to nothing"),
@@ -301,14 +301,14 @@ def test_recipe_keys_and_settings_are_checked_before_any_step_runs(tmp_path):
     with pytest.raises(InputError, match="unknown top-level key 'foo'.*go under their step"):
         load_recipe(typo)
     threads = _recipe(tmp_path, "  - convert\n  - bench: {threads: [2, -1]}\n")
-    with pytest.raises(InputError, match=r"step 'bench': invalid settings: threads\[1\] Input"):
+    with pytest.raises(InputError, match=r"steps\[1\]\.bench\.threads\[1\]: Input"):
         load_recipe(threads)
     many = _recipe(tmp_path, "  - convert\n  - bench: {threads: [100000]}\n")
-    with pytest.raises(InputError, match=r"threads\[0\] Input should be less than or equal"):
+    with pytest.raises(InputError, match=r"threads\[0\]: Input should be less than or equal"):
         load_recipe(many)  # 100000 threads took 16 GB before convert's result was benched
     for setting in ("batch: []", "threads: []", "batch: [true]"):  # StopIteration; batch 1
         odd = _recipe(tmp_path, f"  - convert\n  - bench: {{{setting}}}\n")
-        with pytest.raises(InputError, match="step 'bench': invalid settings"):
+        with pytest.raises(InputError, match=r"steps\[1\]\.bench\.(batch|threads)"):
             load_recipe(odd)
     empty = _recipe(tmp_path, "  - convert\n", source="' '")
     with pytest.raises(InputError, match="source is empty: give the model"):
@@ -326,3 +326,36 @@ def test_a_step_refusal_names_the_recipes_model_not_its_scratch_copy(cli, tmp_pa
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and "step 2 (bench), after convert: the recipe's model:" in err, err
     assert ".ro.tmp" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("top", "step", "named"),
+    [
+        # pydantic's own names: 'quantize: calib_method', 'settings[energy]', 'gates', 'settings'
+        ("", "quantize: {mode: dynamic, calib_method: entropy}", "steps[1].quantize.calib_method "),
+        ("", "quantize: {mode: dynamic, per-channel: maybe}", "steps[1].quantize.per-channel: "),
+        ("", "quantize: {mode: dynamic, per_tensor: maybe}", "steps[1].quantize: per_tensor "),
+        ("", "prune: {method: magnitude, ratio: 0.5, energy: 3}", "steps[1].prune.energy: "),
+        ("", "prune: {method: magnitude, ratio: 2}", "steps[1].prune: ratio 2.0: "),
+        ("", "optimize: {num-heads: -1}", "steps[1].optimize.num-heads: "),
+        ("", "optimize: {lvl: 1}", "steps[1].optimize.lvl "),
+        ("", "quantize: {mode: dynamic, gate: 'top1>0.9'}", "steps[1].quantize: gate 'top1>0.9'"),
+        ("", "quantize: {mode: dynamic, gate: [5]}", "steps[1].quantize.gate[0]: "),
+        ("", "bench: {threads: [1, -1]}", "steps[1].bench.threads[1]: "),
+        ("", "validate: {atol: 0}", "steps[1].validate.atol: "),
+        ("", "nosuch: {}", "steps[1].nosuch: unknown step"),
+        ("opset: 3\n", "validate", ": opset: Input should be"),  # top-level: convert's
+    ],
+)
+def test_invalid_settings_name_the_field_as_the_recipe_writes_it(tmp_path, top, step, named):
+    from onnxpipe.errors import InputError
+    from onnxpipe.recipe import load_recipe
+
+    recipe = _recipe(tmp_path, f"  - convert\n  - {step}\n")
+    recipe.write_text(top + recipe.read_text())
+    with pytest.raises(InputError) as caught:
+        load_recipe(recipe)
+    message = str(caught.value)
+    assert message.startswith(f"{recipe}: ") and named in message, message
+    for internal in ("settings", "gates", "--ratio", "--gate"):
+        assert internal not in message.removeprefix(str(recipe)), message
