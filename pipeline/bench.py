@@ -67,6 +67,8 @@ class BenchConfig:
     data's. ``--size seq=4`` replaced them all, so a recorded ``hid=5`` went back to 8."""
     data: str | None = None
     """DATA to time on (its first samples, repeated to each batch) instead of generated values."""
+    recipe: bool = False
+    """Messages name a recipe's bench settings (``size``), not the command's flags (``--size``)."""
 
     @property
     def all_sizes(self) -> dict[str, int]:
@@ -120,7 +122,7 @@ def bench_model(
         raise InputError(
             "bench: --size and --data: the data's arrays set the sizes; give one of them."
         )
-    _check_sizes(model, inputs, config.sizes)
+    _check_sizes(model, inputs, config.sizes, "size" if config.recipe else "--size")
     if not config.data:
         _check_bytes(inputs, config)
     missing: dict[str, str] = {}
@@ -182,7 +184,7 @@ def _bench_ep(
                     "sizes": config.all_sizes,
                     **({"feeds": str(feeds)} if feeds else {}),
                 }
-                records.append({**_run_worker(request), "ep": ep})
+                records.append({**_run_worker(request, config.recipe), "ep": ep})
     except _Unavailable as e:  # listed by ORT, but its session fell back to CPU
         missing[ep] = str(e)
         return []
@@ -332,23 +334,28 @@ def _check_bytes(inputs: Sequence[dict[str, Any]], config: BenchConfig) -> None:
 
 
 def _check_sizes(
-    model: Path, inputs: Sequence[dict[str, Any]], sizes: Sequence[tuple[str, int]]
+    model: Path, inputs: Sequence[dict[str, Any]], sizes: Sequence[tuple[str, int]], flag: str
 ) -> None:
-    """InputError for a ``--size`` symbol the model's inputs do not have, or its batch."""
+    """InputError for a ``--size`` symbol the model's inputs do not have, or its batch.
+
+    ``flag`` is what the user gave the sizes as (``--size``, a recipe's ``size``).
+    """
     symbols = [d for s in inputs for d in s["shape"][1:] if isinstance(d, str)]
     batch = {s["shape"][0] for s in inputs if s["shape"] and isinstance(s["shape"][0], str)}
     for symbol, _ in sizes:
         if symbol in batch:
-            raise InputError(f"--size {symbol}: that is the batch dim; set it with --batch.")
+            batch_flag = flag.replace("size", "batch")
+            raise InputError(f"{flag} {symbol}: that is the batch dim; set it with {batch_flag}.")
         if symbol not in symbols:
             known = ", ".join(dict.fromkeys(symbols)) or "none"
             raise InputError(
-                f"{model}: --size {symbol}: no input has a dynamic dim of that name (the "
+                f"{model}: {flag} {symbol}: no input has a dynamic dim of that name (the "
                 f"model's: {known})."
             )
 
 
-def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
+def _run_worker(request: dict[str, Any], recipe: bool = False) -> dict[str, Any]:
+    """One benchmark in its own process; ``recipe``: messages name the recipe's settings."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(request, f)
     try:
@@ -384,10 +391,14 @@ def _run_worker(request: dict[str, Any]) -> dict[str, Any]:
         about_shapes = run_failed and _SHAPE_WORDS.search(tail[0])
         if symbols and about_shapes:  # an image model at 8x8 pixels: the size is wrong
             at = ", ".join(f"{d}={request['sizes'].get(d, DEFAULT_SIZE)}" for d in symbols)
+            fix = (
+                f"the bench step's size: {{{symbols[0]}: N}} (convert takes them from data)"
+                if recipe
+                else f"--size {symbols[0]}=N (size: in a recipe; convert takes them from --data)"
+            )
             raise InputError(
                 f"{request['model']}: ONNX Runtime cannot run the model with its dynamic dims "
-                f"at {at} ({tail[0][:200]}). Bench at sizes it takes: --size {symbols[0]}=N "
-                "(size: in a recipe; convert takes them from --data)."
+                f"at {at} ({tail[0][:200]}). Bench at sizes it takes: {fix}."
             )
         raise OnnxPipeError(f"benchmark of {request['model']} on {request['ep']} failed: {tail[0]}")
     record: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

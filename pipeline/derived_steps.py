@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError, ValidationError
 
 from onnxpipe.errors import GateFailed, InputError
 from onnxpipe.modelio import MODEL_FILE
@@ -33,11 +34,20 @@ Derive = Callable[[Path, Path], dict[str, Any]]
 _DESCRIBED = ("schema", "model", "inputs", "outputs")
 
 
+GATE_FORMS = (
+    "a quoted METRIC>=VALUE or METRIC<=VALUE, or a list of them, e.g. gate: 'top1>=0.98' or "
+    "gate: ['cosine>=0.995', 'max_abs<=1e-3'] (METRIC one of top1, cosine (>=), max_abs, kl (<=))"
+)
+"""The forms a recipe's ``gate`` takes, for messages."""
+
+
 def _gates(value: Any) -> Any:
     """``gate: "top1>=0.9"`` or ``gate: [..]`` in a recipe, as the settings' ``gates`` tuple.
 
     Raises:
-        ValueError: both ``gate`` and ``gates``.
+        ValueError: both ``gate`` and ``gates``, or a gate that is no text (``gate: 0.99``
+            read as 'gates Input should be a valid tuple', naming neither the recipe's field
+            nor the forms it takes).
         InputError: a gate text that does not parse (refused with the recipe, not after
             convert ran).
     """
@@ -51,9 +61,17 @@ def _gates(value: Any) -> Any:
     value = dict(value)
     gate = value.pop(keys[0])
     gates = [gate] if isinstance(gate, str) else gate
-    for text in gates if isinstance(gates, list | tuple) else ():
-        if isinstance(text, str):  # other types: the step's own settings say what is wrong
-            Gate.parse(text, keys[0])
+    if not isinstance(gates, list | tuple) or not all(isinstance(g, str) for g in gates):
+        number = isinstance(gate, int | float) and not isinstance(gate, bool)
+        bare = "is a bare number, which names no metric" if number else "is not a gate"
+        text = f"{gate!r} {bare}: write {GATE_FORMS}"
+        # located at the key the recipe wrote, which a ValueError here would not be
+        error = PydanticCustomError("gate_form", "{text}", {"text": text})
+        raise ValidationError.from_exception_data(
+            "gate", [{"type": error, "loc": ("settings", keys[0]), "input": gate}]
+        )
+    for text in gates:
+        Gate.parse(text, keys[0])
     value["gates"] = gates
     return value
 

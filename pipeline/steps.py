@@ -256,7 +256,8 @@ class BenchStep(StepConfig):
             return dict(parse_sizes(texts))
         except ValueError as e:
             raise ValueError(
-                f"size {value!r}: write {{SYMBOL: N}} or [SYMBOL=N], e.g. [seq=128]"
+                f"{value!r}: write {{SYMBOL: N}} or [SYMBOL=N] with N >= 1, e.g. size: "
+                "{seq: 128} or size: [seq=128]"
             ) from e
 
     def run(self, work: Work) -> None:
@@ -271,6 +272,7 @@ class BenchStep(StepConfig):
             sizes=tuple(self.size.items()),
             recorded=work.sizes,
             data=self.data or (None if self.size else work.data),
+            recipe=bool(self.size),  # given in a recipe: its messages say size, not --size
         )
         records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
         work.manifest["bench"] = records[0]

@@ -167,7 +167,7 @@ def test_failed_gate_in_a_recipe_is_exit_1_and_writes_nothing(cli, tmp_path, eva
         # a gate that does not parse: exit 2 once convert had run, the recipe unnamed
         ("quantize: {mode: dynamic, gate: 'top1>0.9'}", "'top1>0.9' does not parse"),
         ("prune: {method: magnitude, ratio: 0.5, gate: ['cos>=0.9']}", "'cos>=0.9' does not"),
-        ("quantize: {mode: dynamic, gate: 5}", "steps[1].quantize.gate:"),
+        ("quantize: {mode: dynamic, gate: 5}", "steps[1].quantize.gate: 5 is a bare number"),
         # refused by the quantize command only once convert had run
         ("quantize: {mode: dynamic, smooth_alpha: 0.5}", "smoothing needs activation"),
         ("quantize: {mode: fp16, preprocess: 'resize=8'}", "it would apply to nothing"),
@@ -326,6 +326,24 @@ def test_a_step_refusal_names_the_recipes_model_not_its_scratch_copy(cli, tmp_pa
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and "step 2 (bench), after convert: the recipe's model:" in err, err
     assert ".ro.tmp" not in err and not (tmp_path / "out").exists()
+    # the recipe's field, not the command's flag ('--size seq: no input has ...')
+    assert "size seq: no input has a dynamic dim" in err and "--size" not in err, err
+
+
+@pytest.mark.parametrize("gate", ["0.99", "[0.99]", "{top1: 0.99}"])
+def test_a_gate_that_is_no_text_names_the_gate_field_and_its_forms(tmp_path, gate):
+    """``gate: 0.99`` said 'quantize: gates Input should be a valid tuple'."""
+    from onnxpipe.errors import InputError
+    from onnxpipe.recipe import load_recipe
+
+    recipe = _recipe(tmp_path, f"  - convert\n  - quantize: {{mode: dynamic, gate: {gate}}}\n")
+    with pytest.raises(InputError) as caught:
+        load_recipe(recipe)
+    message = str(caught.value)
+    assert f"{recipe}: steps[1].quantize.gate: " in message, message
+    assert "gates" not in message and "gate: 'top1>=0.98'" in message, message
+    if gate == "0.99":
+        assert "0.99 is a bare number, which names no metric" in message
 
 
 @pytest.mark.parametrize(
@@ -340,7 +358,7 @@ def test_a_step_refusal_names_the_recipes_model_not_its_scratch_copy(cli, tmp_pa
         ("", "optimize: {num-heads: -1}", "steps[1].optimize.num-heads: "),
         ("", "optimize: {lvl: 1}", "steps[1].optimize.lvl "),
         ("", "quantize: {mode: dynamic, gate: 'top1>0.9'}", "steps[1].quantize: gate 'top1>0.9'"),
-        ("", "quantize: {mode: dynamic, gate: [5]}", "steps[1].quantize.gate[0]: "),
+        ("", "quantize: {mode: dynamic, gate: [5]}", "steps[1].quantize.gate: [5] is not a"),
         ("", "bench: {threads: [1, -1]}", "steps[1].bench.threads[1]: "),
         ("", "validate: {atol: 0}", "steps[1].validate.atol: "),
         ("", "nosuch: {}", "steps[1].nosuch: unknown step"),
@@ -359,3 +377,28 @@ def test_invalid_settings_name_the_field_as_the_recipe_writes_it(tmp_path, top, 
     assert message.startswith(f"{recipe}: ") and named in message, message
     for internal in ("settings", "gates", "--ratio", "--gate"):
         assert internal not in message.removeprefix(str(recipe)), message
+
+
+def test_a_bench_step_at_sizes_the_model_cannot_take_names_its_size_field(
+    cli, tmp_path, monkeypatch
+):
+    """It said 'Bench at sizes it takes: --size seq=N (size: in a recipe; ...)'."""
+    import subprocess
+
+    from onnx import TensorProto, helper
+
+    from onnxpipe.benchworker import RUN_FAILED_EXIT
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: m.onnx\nsteps:\n  - convert\n  - bench: {size: {seq: 3}, runs: 2}\n")
+    shape = "run failed: InvalidArgument: [ONNXRuntimeError] : 2 : Got invalid dimensions"
+    failed = subprocess.CompletedProcess([], RUN_FAILED_EXIT, "", shape)
+    monkeypatch.setattr("onnxpipe.bench.subprocess.run", lambda *a, **k: failed)
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "dynamic dims at seq=3" in err, err
+    assert "the bench step's size: {seq: N}" in err and "--size" not in err, err
