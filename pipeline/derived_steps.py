@@ -41,6 +41,20 @@ GATE_FORMS = (
 """The forms a recipe's ``gate`` takes, for messages."""
 
 
+def _located(key: str, text: str, value: Any = None, packed: bool = True) -> ValidationError:
+    """A refusal of the setting ``key``, located at it, which a ValueError would not be.
+
+    pydantic places a validator's ValueError at the validated field (``settings``); messages
+    name ``steps[N].STEP.KEY`` from this location. ``packed``: raised before the settings
+    are packed (a model validator); a validator of ``settings`` is located in it already.
+    """
+    error = PydanticCustomError("setting", "{text}", {"text": text})
+    loc = ("settings", key) if packed else (key,)
+    return ValidationError.from_exception_data(
+        "settings", [{"type": error, "loc": loc, "input": value}]
+    )
+
+
 def _gates(value: Any) -> Any:
     """``gate: "top1>=0.9"`` or ``gate: [..]`` in a recipe, as the settings' ``gates`` tuple.
 
@@ -65,11 +79,7 @@ def _gates(value: Any) -> Any:
         number = isinstance(gate, int | float) and not isinstance(gate, bool)
         bare = "is a bare number, which names no metric" if number else "is not a gate"
         text = f"{gate!r} {bare}: write {GATE_FORMS}"
-        # located at the key the recipe wrote, which a ValueError here would not be
-        error = PydanticCustomError("gate_form", "{text}", {"text": text})
-        raise ValidationError.from_exception_data(
-            "gate", [{"type": error, "loc": ("settings", keys[0]), "input": gate}]
-        )
+        raise _located(keys[0], text, gate)
     for text in gates:
         Gate.parse(text, keys[0])
     value["gates"] = gates
@@ -245,19 +255,24 @@ class PackageStep(DerivedStep):
     @field_validator("settings")
     @classmethod
     def _valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from onnxpipe.ort_mobile import LEVELS  # noqa: PLC0415
+        """Each setting checked, its error located at it (``steps[3].package.fixed_shape``)."""
+        from onnxpipe.ort_mobile import LEVELS, fixed_shape_problem  # noqa: PLC0415
 
         unknown = sorted(set(value) - {"target", "fixed_shape", "level"})
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; package takes target, "
-                             "fixed_shape (a list of NAME:DIMS) and level")  # fmt: skip
+            takes = "is not a setting of it: package takes target, fixed_shape and level"
+            raise _located(unknown[0], takes, value[unknown[0]], packed=False)
         if value.get("target", "mobile") != "mobile":
-            raise ValueError(f"target {value['target']!r}: the only target is 'mobile'")
+            raise _located(
+                "target", f"{value['target']!r}: the only target is 'mobile'", packed=False
+            )
         if value.get("level", "auto") not in LEVELS:
-            raise ValueError(f"level {value['level']!r}: use one of {', '.join(LEVELS)}")
-        shapes = value.get("fixed_shape", [])
-        if not isinstance(shapes, list) or not all(isinstance(v, str) for v in shapes):
-            raise ValueError("fixed_shape is a list of NAME:DIMS, e.g. ['input:1,3,224,224']")
+            raise _located(
+                "level", f"{value['level']!r}: use one of {', '.join(LEVELS)}", packed=False
+            )
+        problem = fixed_shape_problem(value.get("fixed_shape", []))
+        if problem:
+            raise _located("fixed_shape", problem, packed=False)
         return value
 
     def derive(self) -> Derive:

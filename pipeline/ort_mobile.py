@@ -35,7 +35,43 @@ LEVELS = ("auto", "basic", "extended", "all")
 ORT_CONVERT_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, FileNotFoundError)
 # Domains an ORT mobile (full or reduced) build has kernels for.
 MOBILE_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
-_FIXED_RE = re.compile(r"^(.+):\[?([0-9,\s]+)\]?$")  # a name may hold ':' (tf2onnx's input:0)
+FIXED_SHAPE_RE = re.compile(r"^(.+):\[?([0-9,\s]+)\]?$")
+"""``NAME:DIMS`` of ``--fixed-shape`` (a recipe's ``fixed_shape`` entry); a name may hold ':'
+(tf2onnx's ``input:0``)."""
+_EXAMPLE = "['input:1,3,224,224']"
+
+
+def fixed_shape_problem(value: object) -> str | None:
+    """What is wrong with a recipe's ``fixed_shape``, a list of quoted ``NAME:DIMS``, or None.
+
+    The answer shows the right form, with the user's own shapes where they can be read:
+    ``'x:1,64'`` (one text), ``{x: [1, 64]}``, and ``[x:1,64]``, which YAML reads as the
+    two entries ``'x:1'`` and ``64``, were all refused as 'a list of NAME:DIMS'; an entry
+    that does not parse (``x=1,64``) only once the steps before package had run.
+    """
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        bad = next((v for v in value if not FIXED_SHAPE_RE.match(v.strip())), None)
+        if bad is None:
+            return None
+        return f"{bad!r} is not NAME:DIMS: write fixed_shape: {_EXAMPLE}"
+    texts: list[str] = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, dict):  # {x: [1, 64]} or [x: [1, 64]]
+            texts += [f"{k}:{','.join(map(str, v if isinstance(v, list) else [v]))}"
+                      for k, v in item.items()]  # fmt: skip
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list) and value and isinstance(value[0], str):
+        if all(isinstance(v, int) for v in value[1:]):  # [x:1,64] read as 'x:1', 64
+            texts = [",".join(map(str, value))]
+    good = bool(texts) and all(FIXED_SHAPE_RE.match(t) for t in texts)
+    example = repr(texts) if good else _EXAMPLE
+    unquoted = ""
+    if isinstance(value, list) and any(isinstance(v, int) for v in value):
+        unquoted = " (unquoted, YAML reads [x:1,64] as the two entries 'x:1' and 64)"
+    return (
+        f"{value!r} is not a list of quoted NAME:DIMS texts{unquoted}: write fixed_shape: {example}"
+    )
 
 
 def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dict[str, list[int]]:
@@ -52,7 +88,7 @@ def parse_fixed_shapes(texts: Sequence[str], inputs: Sequence[InputSpec]) -> dic
     by_name = {s.name: s for s in inputs}
     fixed: dict[str, list[int]] = {}
     for text in texts:
-        match = _FIXED_RE.match(text.strip())
+        match = FIXED_SHAPE_RE.match(text.strip())
         if not match:
             raise InputError(f"--fixed-shape {text!r}: write NAME:DIMS, e.g. input:1,3,224,224.")
         name, dims_text = match.group(1), match.group(2)

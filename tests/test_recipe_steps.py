@@ -402,3 +402,34 @@ def test_a_bench_step_at_sizes_the_model_cannot_take_names_its_size_field(
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and "dynamic dims at seq=3" in err, err
     assert "the bench step's size: {seq: N}" in err and "--size" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("fixed", "says"),
+    [
+        # all four said 'settings fixed_shape is a list of NAME:DIMS', with no example of theirs
+        ("'x:1,64'", "'x:1,64' is not a list of quoted NAME:DIMS texts"),
+        ("[x:1,64]", "YAML reads [x:1,64] as the two entries 'x:1' and 64"),
+        ("{x: [1, 64]}", "{'x': [1, 64]} is not a list"),
+        ("[x: [1, 64]]", "[{'x': [1, 64]}] is not a list"),
+    ],
+)
+def test_a_package_fixed_shape_in_the_wrong_form_shows_the_right_one(tmp_path, fixed, says):
+    from onnxpipe.errors import InputError
+    from onnxpipe.recipe import load_recipe
+
+    recipe = _recipe(tmp_path, f"  - convert\n  - package: {{fixed_shape: {fixed}}}\n")
+    with pytest.raises(InputError) as caught:
+        load_recipe(recipe)
+    message = str(caught.value)
+    assert f"{recipe}: steps[1].package.fixed_shape: " in message and says in message, message
+    assert message.endswith("write fixed_shape: ['x:1,64'].") and "settings" not in message
+
+
+def test_a_package_fixed_shape_that_does_not_parse_is_refused_before_any_work(cli, tmp_path):
+    """'x=1,64' was exit 2 only after convert ran, naming the CLI's --fixed-shape."""
+    recipe = _recipe(tmp_path, "  - convert\n  - package: {fixed_shape: ['x:1,64', 'x=1,64']}\n")
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and f"{recipe}: steps[1].package.fixed_shape: 'x=1,64' is not" in err, err
+    assert "--fixed-shape" not in err and "after convert" not in err
+    assert "write fixed_shape: ['input:1,3,224,224']" in err
