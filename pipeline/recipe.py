@@ -134,6 +134,25 @@ def _placer(at: str, names: dict[str, str]) -> Callable[[Sequence[object]], str]
     return place
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: where, what, and the construct it was in.
+
+    Its own text is a multi-line dump quoting ``<unicode string>`` and the source lines with
+    a caret; the position it names first is where parsing stopped (the end of the file, for
+    an unclosed ``{``), so the construct's start is named as well.
+    """
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+    within = ""
+    if context and start is not None:
+        within = f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        within = f" ({context})"
+    return f"{where}not valid YAML: {problem}{within}. Fix the recipe there."
+
+
 def load_recipe(path: Path) -> list[StepConfig]:
     """Parse a recipe file into steps; top-level ``source``/``inputs``/... go to ``convert``.
 
@@ -151,7 +170,7 @@ def load_recipe(path: Path) -> list[StepConfig]:
             f"{path}: is not UTF-8 text ({e.reason}); save the recipe as UTF-8."
         ) from e
     except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({e}).") from e
+        raise InputError(f"{path}: {_yaml_problem(e)}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
         raise InputError(f"{path}: a recipe is a mapping with a 'steps' list (see README).")
     shared, top = _cli_spellings({k: v for k, v in doc.items() if k != "steps"}, str(path))

@@ -433,3 +433,25 @@ def test_a_package_fixed_shape_that_does_not_parse_is_refused_before_any_work(cl
     assert code == 2 and f"{recipe}: steps[1].package.fixed_shape: 'x=1,64' is not" in err, err
     assert "--fixed-shape" not in err and "after convert" not in err
     assert "write fixed_shape: ['input:1,3,224,224']" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            "steps:\n  - convert\n  - bench: {batch: [1, 4], runs: 3\n",
+            "line 4, column 1: not valid YAML: expected ',' or '}', but got '<stream end>' "
+            "(while parsing a flow mapping that starts at line 3, column 12)",
+        ),
+        ("source: m.py:x\n  steps: 1\n", "line 2, column 8: not valid YAML: mapping values"),
+        ("a: \x01\n", "not valid YAML: unacceptable character #x0001"),
+    ],
+)
+def test_a_yaml_syntax_error_is_one_line_naming_where(cli, tmp_path, text, says):
+    """It was PyYAML's six-line dump: '<unicode string>', the source lines and a caret."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    code, out, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and f"{recipe}: {says}" in err, err
+    assert err.strip().count("\n") == 0 and "<unicode string>" not in err and "^" not in err
+    assert not out and not (tmp_path / "out").exists()
