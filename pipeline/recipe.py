@@ -52,6 +52,8 @@ PATH_KEYS = frozenset({"source", "data", "calib", "eval"})
 def _beside(recipe: Path, value: Any, key: str) -> Any:
     """``value`` pointing into the recipe's folder when it is not found from the working dir.
 
+    ``key`` is where the recipe sets it (``steps[1].quantize.calib``), for the message.
+
     A path found in neither place is an InputError naming both (a module reference such as
     ``package.module:make`` is left to the import: see :func:`modules_beside`).
     """
@@ -60,14 +62,17 @@ def _beside(recipe: Path, value: Any, key: str) -> Any:
     target, rest = named_path(value)
     if not target or Path(target).is_absolute() or Path(target).exists():
         return value
-    moved = recipe.parent / target
+    # resolved: a recipe given as a relative path (r.yaml) has the folder '.', which named
+    # nothing in a message, and its later errors would name the file relative to the cwd
+    moved = recipe.resolve().parent / target
     if moved.exists():
         return str(moved) + rest
     # a path, as a module reference (package.module:make) names no file: target is empty
-    raise InputError(
-        f"{recipe}: {key} {value!r}: {target} is neither in the working directory "
-        f"({Path.cwd()}) nor beside the recipe ({recipe.parent}). Give a path from one of them."
-    )
+    here = Path.cwd() / target
+    where = f"neither {here} (from the working directory) nor {moved} (beside the recipe) exists"
+    if here.resolve() == moved:
+        where = f"{moved} does not exist (the working directory is the recipe's folder)"
+    raise InputError(f"{recipe}: {key} {value!r}: {where}. Give a path from one of them.")
 
 
 def modules_beside(recipe: Path) -> contextlib.AbstractContextManager[None]:
@@ -207,7 +212,10 @@ def load_recipe(path: Path) -> list[StepConfig]:
                     f"{path}: step 'convert': no_bench {no_bench!r}: a recipe times the model in "
                     "a bench step; drop no_bench and add '- bench' after convert to time it."
                 )
-        settings = {k: _beside(path, v, k) if k in PATH_KEYS else v for k, v in settings.items()}
+        settings = {
+            k: _beside(path, v, written.get(k, f"{at}.{k}")) if k in PATH_KEYS else v
+            for k, v in settings.items()
+        }
         steps.append(make_step(name, settings, str(path), _placer(at, written)))
     if not steps or not isinstance(steps[0], ConvertStep):
         raise InputError(f"{path}: the first step must be 'convert' (it creates the model).")

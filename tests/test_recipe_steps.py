@@ -455,3 +455,28 @@ def test_a_yaml_syntax_error_is_one_line_naming_where(cli, tmp_path, text, says)
     assert code == 2 and f"{recipe}: {says}" in err, err
     assert err.strip().count("\n") == 0 and "<unicode string>" not in err and "^" not in err
     assert not out and not (tmp_path / "out").exists()
+
+
+def test_a_recipe_given_by_a_relative_path_names_its_files_in_full(cli, tmp_path, monkeypatch):
+    """'beside the recipe (.)' and 'project/bad.npz': the recipe's folder as the user typed it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    np.savez(project / "bad.npz", y=np.ones((4, 64), np.float32))  # no input named y
+    monkeypatch.chdir(project)
+    recipe = Path("r.yaml")
+    recipe.write_text(
+        f"source: {model_ref('mlp')}\ninputs: ['{MLP}']\nsteps:\n  - convert\n"
+        "  - quantize: {mode: static, calib: sub/missing.npz}\n"
+    )
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    missing = project / "sub" / "missing.npz"
+    assert code == 2 and f"steps[1].quantize.calib 'sub/missing.npz': {missing} does" in err, err
+    monkeypatch.chdir(tmp_path)
+    recipe = Path("project/r.yaml")
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and f"neither {tmp_path / 'sub' / 'missing.npz'} (from the working " in err
+    assert f"nor {missing} (beside the recipe)" in err, err
+    # a file found beside the recipe is named in full by the step that reads it
+    recipe.write_text(recipe.read_text().replace("sub/missing.npz", "bad.npz"))
+    code, _, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 2 and str(project / "bad.npz") in err, err
