@@ -261,7 +261,7 @@ class BenchStep(StepConfig):
             ) from e
 
     def run(self, work: Work) -> None:
-        """Fill ``bench`` (the first record) and ``bench_records`` (all of them)."""
+        """Fill ``bench`` (the first record) and ``bench_records`` (earlier steps' too)."""
         started = time.perf_counter()
         config = BenchConfig(
             eps=self.ep,
@@ -276,13 +276,23 @@ class BenchStep(StepConfig):
         )
         records = bench_model(work.dir / MODEL_FILE, [s.to_json() for s in work.inputs], config)
         work.manifest["bench"] = records[0]
-        work.manifest["bench_records"] = records
+        # an earlier bench step's records time this model too (a step that changes the model
+        # drops them): a recipe's 'bench cpu' then 'bench mobile' kept only the second
+        new = {_config_key(r) for r in records}
+        earlier = [r for r in work.manifest.get("bench_records", []) if _config_key(r) not in new]
+        work.manifest["bench_records"] = earlier + records
         work.record_step(
             self.name,
             self,
             time.perf_counter() - started,
             {"p50_ms": records[0]["latency_ms"]["p50"]},
         )
+
+
+def _config_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What one bench record timed: EP, batch, threads and input shapes."""
+    shapes = sorted((k, tuple(v)) for k, v in (record.get("shapes") or {}).items())
+    return record["ep"], record["batch"], record.get("threads"), tuple(shapes)
 
 
 STEPS: dict[str, type[StepConfig]] = {

@@ -69,15 +69,35 @@ def summary_table(manifest: dict[str, Any], out: Path) -> Table:
         ]
         hint = f"; {mobile['hint']}" if mobile.get("hint") else ""
         table.add_row("mobile", escape(f"{mobile['ort_file']}; " + "; ".join(parts) + hint))
-    bench = manifest.get("bench")
-    if bench:
-        lat = bench["latency_ms"]
-        table.add_row(
-            "latency",
-            f"{bench['ep']} batch {bench['batch']}: p50 {sig3(lat['p50'])} ms, "
-            f"p90 {sig3(lat['p90'])}, p99 {sig3(lat['p99'])}",
-        )
+    latency = _latency_lines(manifest)
+    if latency:
+        table.add_row("latency", escape("\n".join(latency)))
     return table
+
+
+def _latency_lines(manifest: dict[str, Any]) -> list[str]:
+    """One line per bench configuration the bundle records, for the summary table.
+
+    It showed the first only: a recipe's ``bench: {batch: [1, 4]}`` printed batch 1. Threads
+    and input shapes are shown where the configurations differ in them.
+    """
+    records = manifest.get("bench_records") or [manifest.get("bench")]
+    records = [r for r in records if r]
+    threads = len({r.get("threads") for r in records}) > 1
+    # sizes other than the batch (two bench steps at seq 16 and 128)
+    shapes = len({(r["ep"], r["batch"], r.get("threads")) for r in records}) < len(records)
+    lines = []
+    for record in records:
+        lat = record["latency_ms"]
+        what = f"{record['ep']} batch {record['batch']}"
+        if threads:
+            what += f", threads {record.get('threads') or 'default'}"
+        if shapes and record.get("shapes"):
+            what += ", " + ", ".join(f"{k} {v}" for k, v in record["shapes"].items())
+        lines.append(
+            f"{what}: p50 {sig3(lat['p50'])} ms, p90 {sig3(lat['p90'])}, p99 {sig3(lat['p99'])}"
+        )
+    return lines
 
 
 def _step_summary(steps: list[dict[str, Any]]) -> str | None:

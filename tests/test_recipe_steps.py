@@ -480,3 +480,20 @@ def test_a_recipe_given_by_a_relative_path_names_its_files_in_full(cli, tmp_path
     recipe.write_text(recipe.read_text().replace("sub/missing.npz", "bad.npz"))
     code, _, err = cli("run", recipe, "-o", tmp_path / "out")
     assert code == 2 and str(project / "bad.npz") in err, err
+
+
+def test_the_run_summary_lists_every_bench_configuration(cli, tmp_path):
+    """It showed 'cpu batch 1' only, and a second bench step replaced the first's records."""
+    recipe = _recipe(
+        tmp_path,
+        "  - convert\n  - bench: {batch: [1, 2], runs: 2, warmup: 0}\n"
+        "  - bench: {batch: [2], threads: [1], runs: 2, warmup: 0}\n",
+    )
+    code, out, err = cli("run", recipe, "-o", tmp_path / "out")
+    assert code == 0, err
+    for config in ("batch 1, threads default:", "batch 2, threads default:", "batch 2, threads 1:"):
+        assert f"cpu {config} p50" in out, out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    timed = [(r["batch"], r["threads"]) for r in manifest["bench_records"]]
+    assert timed == [(1, None), (2, None), (2, 1)]  # None: ORT's default
+    assert "| cpu | 1 | default |" in (tmp_path / "out" / "README.md").read_text()
